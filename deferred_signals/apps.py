@@ -1,0 +1,15 @@
+"""Django app configuration."""
+
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class DeferredSignalsConfig(AppConfig):
+    name = "deferred_signals"
+    verbose_name = "Deferred signals"
+    default_auto_field = "django.db.models.AutoField"
+
+    def ready(self) -> None:
+        # Registers the system checks; nothing else happens at start-up.
+        from . import checks  # noqa: F401

@@ -1,0 +1,384 @@
+"""Signal arguments to JSON-safe data and back, keeping their Python types.
+
+Plain JSON values (``str``, ``int``, ``float``, ``bool``, ``None``, lists, dicts with string
+keys) travel as they are. Everything else travels as a tagged object ``{"$t": tag, ...}``.
+Model instances and classes are found again through Django's app registry, other classes only
+among modules the worker has already imported, and user types only through codecs registered
+with :func:`register_codec`: decoding never imports a module named by a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import enum
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from django.apps import apps
+from django.db import connections, models
+from django.db.models.fields.files import FieldFile
+
+from .exceptions import MalformedMessageError
+
+TAG = "$t"
+JSON = Any
+
+
+class EncodeError(Exception):
+    """Internal: ``path`` holds a value of a type with no codec. Callers add the handler."""
+
+    def __init__(self, path: str, value: object, hint: str = "") -> None:
+        super().__init__(path, value)
+        self.path = path
+        self.value = value
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class _Custom:
+    tag: str
+    type: type
+    encode: Callable[[Any], JSON]
+    decode: Callable[[JSON], Any]
+
+
+_custom_by_type: dict[type, _Custom] = {}
+_custom_by_tag: dict[str, _Custom] = {}
+
+
+def register_codec(
+    type_: type,
+    *,
+    name: str,
+    encode: Callable[[Any], JSON],
+    decode: Callable[[JSON], Any],
+) -> None:
+    """Teach deferred_signals to send values of ``type_`` (and its subclasses).
+
+    ``encode(value)`` returns JSON-safe data (it may contain any type this codec knows);
+    ``decode(data)`` rebuilds the value on the worker. ``name`` identifies the codec in
+    messages: keep it stable across deployments. Register at import time, e.g. in your
+    ``AppConfig.ready()``, so that web processes and workers both know it.
+    """
+    if not isinstance(type_, type):
+        raise TypeError(f"register_codec() needs a class, not {type_!r}.")
+    tag = f"x:{name}"
+    existing = _custom_by_tag.get(tag)
+    if existing is not None and existing.type is not type_:
+        raise ValueError(
+            f"A codec named {name!r} is already registered for {existing.type.__qualname__}."
+        )
+    codec = _Custom(tag, type_, encode, decode)
+    _custom_by_type[type_] = codec
+    _custom_by_tag[tag] = codec
+
+
+def unregister_codec(type_: type) -> None:
+    """Forget the codec registered for ``type_`` (mostly for tests)."""
+    codec = _custom_by_type.pop(type_, None)
+    if codec is not None:
+        _custom_by_tag.pop(codec.tag, None)
+
+
+# --- encoding ----------------------------------------------------------------------------
+
+
+class Encoder:
+    """Encodes one call's arguments.
+
+    ``fresh``: the worker re-fetches model instances by pk; otherwise it rebuilds them from
+    their field values. ``fields``: send field values (always so when not ``fresh``; with
+    ``fresh`` they are the fallback for ``on_missing="snapshot"``).
+    """
+
+    __slots__ = ("fields", "fresh")
+
+    def __init__(self, *, fresh: bool, fields: bool) -> None:
+        self.fresh = fresh
+        self.fields = fields or not fresh
+
+    def encode(self, value: Any, path: str) -> JSON:
+        kind = type(value)
+        if kind is str or kind is int or kind is bool or kind is float or value is None:
+            return value
+        if kind is list:
+            return [self.encode(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        if kind is dict:
+            if TAG not in value and all(type(key) is str for key in value):
+                return {key: self.encode(item, f"{path}[{key!r}]") for key, item in value.items()}
+            return {
+                TAG: "dict",
+                "v": [
+                    [self.encode(key, f"{path}<key>"), self.encode(item, f"{path}[{key!r}]")]
+                    for key, item in value.items()
+                ],
+            }
+        simple = _SIMPLE_ENCODERS.get(kind)
+        if simple is not None:
+            return {TAG: simple[0], "v": simple[1](value)}
+        if kind is tuple or kind is set or kind is frozenset:
+            items = value if kind is tuple else _stable(value)
+            tag = "tuple" if kind is tuple else kind.__name__
+            return {TAG: tag, "v": [self.encode(item, f"{path}[{i}]") for i, item in enumerate(items)]}
+        return self._encode_other(value, path)
+
+    def _encode_other(self, value: Any, path: str) -> JSON:
+        if isinstance(value, models.Model):
+            return self._encode_instance(value, path)
+        if isinstance(value, type):
+            return _encode_class(value, path)
+        codec = _find_custom(type(value))
+        if codec is not None:
+            return {TAG: codec.tag, "v": self.encode(codec.encode(value), f"{path}<{codec.tag}>")}
+        if isinstance(value, enum.Enum) and isinstance(value, (str, int)):
+            # Django's TextChoices / IntegerChoices: the plain value compares equal.
+            return self.encode(value.value, path)
+        if isinstance(value, (str, int, float)) and not isinstance(value, enum.Enum):
+            # e.g. SafeString: travels as its base type.
+            for base in (str, int, float):
+                if isinstance(value, base):
+                    return base(value)
+        for base, tag in ((datetime.datetime, "dt"), (datetime.date, "date"), (Decimal, "dec")):
+            if isinstance(value, base):
+                return {TAG: tag, "v": _SIMPLE_ENCODERS[base][1](value)}
+        raise EncodeError(path, value)
+
+    def _encode_instance(self, instance: models.Model, path: str) -> JSON:
+        meta = instance._meta
+        pk = instance.pk
+        data: dict[str, JSON] = {
+            TAG: "model",
+            "m": meta.label_lower,
+            "pk": self.encode(pk, f"{path}.pk"),
+            "db": instance._state.db,
+        }
+        if self.fresh and pk is not None:
+            data["fresh"] = True
+        if self.fields or pk is None:
+            deferred = instance.get_deferred_fields()
+            fields = {}
+            for field in meta.concrete_fields:
+                if field.attname in deferred:
+                    continue
+                value = getattr(instance, field.attname)
+                if isinstance(value, FieldFile):
+                    value = value.name
+                fields[field.attname] = self.encode(value, f"{path}.{field.attname}")
+            data["f"] = fields
+        return data
+
+
+def _stable(items: set[Any] | frozenset[Any]) -> list[Any]:
+    try:
+        return sorted(items)
+    except TypeError:
+        return list(items)
+
+
+def _encode_class(cls: type, path: str) -> JSON:
+    meta = getattr(cls, "_meta", None)
+    if isinstance(meta, models.options.Options) and issubclass(cls, models.Model):
+        return {TAG: "modelclass", "v": meta.label}
+    if "<locals>" in cls.__qualname__:
+        raise EncodeError(path, cls, "a class defined inside a function cannot be found again")
+    return {TAG: "class", "v": f"{cls.__module__}:{cls.__qualname__}"}
+
+
+def _find_custom(kind: type) -> _Custom | None:
+    if not _custom_by_type:
+        return None
+    for base in kind.__mro__:
+        codec = _custom_by_type.get(base)
+        if codec is not None:
+            return codec
+    return None
+
+
+def _encode_timedelta(value: datetime.timedelta) -> list[int]:
+    return [value.days, value.seconds, value.microseconds]
+
+
+_SIMPLE_ENCODERS: dict[type, tuple[str, Callable[[Any], JSON]]] = {
+    datetime.datetime: ("dt", datetime.datetime.isoformat),
+    datetime.date: ("date", datetime.date.isoformat),
+    datetime.time: ("time", datetime.time.isoformat),
+    datetime.timedelta: ("td", _encode_timedelta),
+    Decimal: ("dec", str),
+    uuid.UUID: ("uuid", str),
+    bytes: ("bytes", lambda value: base64.b64encode(value).decode("ascii")),
+}
+
+
+# --- decoding ----------------------------------------------------------------------------
+
+
+class Decoder:
+    """Decodes one call's arguments on the worker.
+
+    Model instances come back as placeholders, listed in ``instances``: the caller looks the
+    rows up (or rebuilds snapshots) only once the whole message has parsed, so a database
+    error is never taken for a malformed message, and then calls :func:`resolve`.
+    """
+
+    def __init__(self) -> None:
+        self.instances: list[_InstanceRef] = []
+
+    def decode(self, data: JSON) -> Any:
+        kind = type(data)
+        if kind is str or kind is int or kind is bool or kind is float or data is None:
+            return data
+        if kind is list:
+            return [self.decode(item) for item in data]
+        if kind is not dict:
+            raise MalformedMessageError(f"unexpected {kind.__name__} in arguments")
+        tag = data.get(TAG)
+        if tag is None:
+            return {key: self.decode(item) for key, item in data.items()}
+        try:
+            decode = _TAGS.get(tag)
+            if decode is not None:
+                return decode(self, data["v"])
+            if tag == "model":
+                return self._instance_ref(data)
+            custom = _custom_by_tag.get(tag)
+            if custom is not None:
+                return custom.decode(self.decode(data["v"]))
+        except MalformedMessageError:
+            raise
+        except (KeyError, ValueError, TypeError, LookupError, InvalidOperation) as error:
+            raise MalformedMessageError(f"bad {tag!r} value: {error!r}") from None
+        raise MalformedMessageError(f"unknown type tag {tag!r}")
+
+    def _instance_ref(self, data: dict[str, Any]) -> _InstanceRef:
+        model = apps.get_model(data["m"])
+        db = data["db"]
+        if db is None:
+            db = "default"
+        if not isinstance(db, str) or db not in connections.settings:
+            raise MalformedMessageError(f"unknown database alias {db!r}")
+        fields = data.get("f")
+        if fields is not None:
+            if type(fields) is not dict:
+                raise MalformedMessageError("instance fields must be an object")
+            known = {f.attname for f in model._meta.concrete_fields}
+            fields = {k: self.decode(v) for k, v in fields.items() if k in known}
+        ref = _InstanceRef(model, self.decode(data["pk"]), db, fields, data.get("fresh") is True)
+        if ref.fields is None and not ref.fresh:
+            raise MalformedMessageError("instance has neither field values nor fresh=true")
+        self.instances.append(ref)
+        return ref
+
+
+class _InstanceRef:
+    """Placeholder for a model instance until :func:`resolve` swaps in the real one."""
+
+    __slots__ = ("db", "fields", "fresh", "model", "pk", "resolved")
+
+    def __init__(
+        self,
+        model: type[models.Model],
+        pk: Any,
+        db: str,
+        fields: dict[str, Any] | None,
+        fresh: bool,
+    ) -> None:
+        self.model = model
+        self.pk = pk
+        self.db = db
+        self.fields = fields
+        self.fresh = fresh
+        self.resolved: models.Model | None = None
+
+    def __hash__(self) -> int:
+        return hash((self.model, self.pk))
+
+
+def snapshot_instance(ref: _InstanceRef) -> models.Model:
+    """The instance as it was when the signal was sent, rebuilt from its field values."""
+    assert ref.fields is not None
+    meta = ref.model._meta
+    names = [f.attname for f in meta.concrete_fields]
+    values = [ref.fields.get(name, models.DEFERRED) for name in names]
+    return ref.model.from_db(ref.db, names, values)
+
+
+def resolve(value: Any) -> Any:
+    """Replace every decoded instance placeholder in ``value`` by its resolved instance."""
+    if isinstance(value, _InstanceRef):
+        assert value.resolved is not None
+        return value.resolved
+    kind = type(value)
+    if kind is list:
+        return [resolve(item) for item in value]
+    if kind is tuple:
+        return tuple(resolve(item) for item in value)
+    if kind is dict:
+        return {resolve(key): resolve(item) for key, item in value.items()}
+    if kind is set or kind is frozenset:
+        return kind(resolve(item) for item in value)
+    return value
+
+
+def _find_class(value: str) -> type:
+    module_name, _, qualname = value.partition(":")
+    module = sys.modules.get(module_name)
+    if module is None:
+        # Never import what a message names: only modules the worker already loaded count.
+        raise MalformedMessageError(f"class {value!r}: module {module_name!r} is not loaded")
+    obj: Any = module
+    for part in qualname.split("."):
+        if not part.isidentifier():
+            raise MalformedMessageError(f"class {value!r} is not a qualified name")
+        obj = getattr(obj, part, None)
+    if not isinstance(obj, type):
+        raise MalformedMessageError(f"{value!r} is not a class")
+    return obj
+
+
+def _decode_dict(decoder: Decoder, items: list[list[Any]]) -> dict[Any, Any]:
+    return {decoder.decode(key): decoder.decode(item) for key, item in items}
+
+
+def _decode_list(kind: Callable[[Any], Any]) -> Callable[[Decoder, list[Any]], Any]:
+    def decode(decoder: Decoder, items: list[Any]) -> Any:
+        if type(items) is not list:
+            raise TypeError("expected a list")
+        return kind(decoder.decode(item) for item in items)
+
+    return decode
+
+
+def _decode_string(parse: Callable[[str], Any]) -> Callable[[Decoder, str], Any]:
+    def decode(decoder: Decoder, value: str) -> Any:
+        if type(value) is not str:
+            raise TypeError("expected a string")
+        return parse(value)
+
+    return decode
+
+
+def _decode_timedelta(decoder: Decoder, value: list[int]) -> datetime.timedelta:
+    days, seconds, microseconds = value
+    return datetime.timedelta(days=days, seconds=seconds, microseconds=microseconds)
+
+
+_TAGS: dict[str, Callable[[Decoder, Any], Any]] = {
+    "dict": _decode_dict,
+    "tuple": _decode_list(tuple),
+    "set": _decode_list(set),
+    "frozenset": _decode_list(frozenset),
+    "dt": _decode_string(datetime.datetime.fromisoformat),
+    "date": _decode_string(datetime.date.fromisoformat),
+    "time": _decode_string(datetime.time.fromisoformat),
+    "td": _decode_timedelta,
+    "dec": _decode_string(Decimal),
+    "uuid": _decode_string(uuid.UUID),
+    "bytes": _decode_string(lambda value: base64.b64decode(value, validate=True)),
+    "modelclass": _decode_string(apps.get_model),
+    "class": _decode_string(_find_class),
+}

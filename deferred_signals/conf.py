@@ -1,0 +1,308 @@
+"""``settings.DEFERRED_SIGNALS``: the schema, its validation and the merged options per handler.
+
+Settings are read lazily, through :data:`conf`, and every cached value is dropped on Django's
+``setting_changed`` signal, so ``override_settings`` works in tests.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver as django_receiver
+from django.utils.module_loading import import_string
+
+from .exceptions import DeferredSignalConfigError
+
+SETTING = "DEFERRED_SIGNALS"
+TOP_LEVEL_KEYS = ("DEFAULTS", "HANDLERS", "EAGER", "DELIVERY")
+DELIVERY_MODES = ("on_commit",)
+INSTANCE_MODES = ("fresh", "snapshot")
+ON_MISSING = ("skip", "raise", "snapshot")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _non_negative(value: object) -> bool:
+    return _is_number(value) and value >= 0  # type: ignore[operator]
+
+
+def _exception_list(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(item, str) or (isinstance(item, type) and issubclass(item, BaseException))
+        for item in value
+    )
+
+
+@dataclass(frozen=True)
+class Option:
+    check: Callable[[object], bool]
+    expected: str
+
+
+#: Every option a handler can take, from ``DEFAULTS``, ``HANDLERS[name]`` or the decorator.
+OPTIONS: dict[str, Option] = {
+    # Retries, applied by the handler task itself (Celery's autoretry semantics).
+    "max_retries": Option(
+        lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+        "a non-negative int, or None to retry forever",
+    ),
+    "autoretry_for": Option(_exception_list, "a list of dotted exception paths"),
+    "dont_autoretry_for": Option(_exception_list, "a list of dotted exception paths"),
+    "retry_backoff": Option(
+        lambda v: isinstance(v, bool) or _non_negative(v), "a bool or a number of seconds"
+    ),
+    "retry_backoff_max": Option(_non_negative, "a non-negative number of seconds"),
+    "retry_jitter": Option(lambda v: isinstance(v, bool), "a bool"),
+    "default_retry_delay": Option(_non_negative, "a non-negative number of seconds"),
+    # Read by the worker from the task.
+    "acks_late": Option(lambda v: isinstance(v, bool), "a bool"),
+    "reject_on_worker_lost": Option(lambda v: isinstance(v, bool), "a bool"),
+    "rate_limit": Option(
+        lambda v: v is None or isinstance(v, str) or _non_negative(v),
+        'a rate such as "10/s", "100/m", a number of tasks per second, or None',
+    ),
+    # Sent with every message.
+    "time_limit": Option(lambda v: v is None or _non_negative(v), "a number of seconds"),
+    "soft_time_limit": Option(lambda v: v is None or _non_negative(v), "a number of seconds"),
+    "queue": Option(lambda v: isinstance(v, str) and bool(v), "a queue name"),
+    "priority": Option(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255,
+        "an int from 0 to 255",
+    ),
+    "countdown": Option(_non_negative, "a non-negative number of seconds"),
+    "expires": Option(lambda v: v is None or _non_negative(v), "a number of seconds"),
+    # How arguments travel.
+    "instance": Option(lambda v: v in INSTANCE_MODES, " or ".join(map(repr, INSTANCE_MODES))),
+    "on_missing": Option(lambda v: v in ON_MISSING, " or ".join(map(repr, ON_MISSING))),
+}
+
+#: Options copied into each message's publish options when set.
+PUBLISH_OPTIONS = ("queue", "priority", "countdown", "expires", "time_limit", "soft_time_limit")
+#: Task attributes the worker reads; unset ones fall back to the Celery app's own setting.
+WORKER_OPTIONS = {
+    "acks_late": "task_acks_late",
+    "reject_on_worker_lost": "task_reject_on_worker_lost",
+    "rate_limit": "task_default_rate_limit",
+    "time_limit": "task_time_limit",
+    "soft_time_limit": "task_soft_time_limit",
+}
+#: What a handler gets when no layer sets the option (beyond Celery's own task defaults).
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "instance": "fresh",
+    "on_missing": "skip",
+    "retry_backoff": False,
+    "retry_backoff_max": 600,
+    "retry_jitter": True,
+    "autoretry_for": (),
+    "dont_autoretry_for": (),
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the configuration; ``checks.py`` turns it into a system check."""
+
+    id: str
+    msg: str
+    hint: str
+    warning: bool = False
+
+
+def option_problems(options: Mapping[str, Any], where: str) -> list[Problem]:
+    """Validate one layer of handler options (``DEFAULTS``, ``HANDLERS[...]`` or decorator)."""
+    problems = []
+    for key, value in options.items():
+        option = OPTIONS.get(key)
+        if option is None:
+            problems.append(
+                Problem(
+                    "deferred_signals.E004",
+                    f"{where} has an unknown option {key!r}.",
+                    f"Use one of: {', '.join(sorted(OPTIONS))}.",
+                )
+            )
+        elif not option.check(value):
+            problems.append(
+                Problem(
+                    "deferred_signals.E005",
+                    f"{where}[{key!r}] is {value!r} ({type(value).__name__}).",
+                    f"{key!r} must be {option.expected}.",
+                )
+            )
+        elif key in ("autoretry_for", "dont_autoretry_for"):
+            problems.extend(_exception_problems(value, f"{where}[{key!r}]"))
+    return problems
+
+
+def _exception_problems(paths: Iterable[object], where: str) -> list[Problem]:
+    problems = []
+    for path in paths:
+        if not isinstance(path, str):
+            continue
+        try:
+            exc = import_string(path)
+        except ImportError as error:
+            problems.append(
+                Problem(
+                    "deferred_signals.E006",
+                    f"{where} names {path!r}, which does not import ({error}).",
+                    "Give the dotted path of an exception class, e.g. 'smtplib.SMTPException'.",
+                )
+            )
+            continue
+        if not (isinstance(exc, type) and issubclass(exc, BaseException)):
+            problems.append(
+                Problem(
+                    "deferred_signals.E006",
+                    f"{where} names {path!r}, which is not an exception class.",
+                    "Give the dotted path of an exception class, e.g. 'smtplib.SMTPException'.",
+                )
+            )
+    return problems
+
+
+def settings_problems(raw: object) -> list[Problem]:
+    """Everything wrong with a ``DEFERRED_SIGNALS`` value, handler names aside."""
+    if not isinstance(raw, Mapping):
+        return [
+            Problem(
+                "deferred_signals.E001",
+                f"settings.{SETTING} is a {type(raw).__name__}, not a dict.",
+                f'Write {SETTING} = {{"DEFAULTS": {{...}}, "HANDLERS": {{...}}}}.',
+            )
+        ]
+    problems = [
+        Problem(
+            "deferred_signals.E002",
+            f"settings.{SETTING} has an unknown key {key!r}.",
+            f"Use one of: {', '.join(TOP_LEVEL_KEYS)}.",
+        )
+        for key in raw
+        if key not in TOP_LEVEL_KEYS
+    ]
+    defaults = raw.get("DEFAULTS", {})
+    if isinstance(defaults, Mapping):
+        problems += option_problems(defaults, f"{SETTING}['DEFAULTS']")
+    else:
+        problems.append(_not_a_dict("DEFAULTS", defaults))
+    handlers = raw.get("HANDLERS", {})
+    if isinstance(handlers, Mapping):
+        for name, options in handlers.items():
+            if isinstance(options, Mapping):
+                problems += option_problems(options, f"{SETTING}['HANDLERS'][{name!r}]")
+            else:
+                problems.append(_not_a_dict(f"HANDLERS'][{name!r}", options))
+    else:
+        problems.append(_not_a_dict("HANDLERS", handlers))
+    if not isinstance(raw.get("EAGER", False), bool):
+        problems.append(
+            Problem(
+                "deferred_signals.E007",
+                f"settings.{SETTING}['EAGER'] is {raw['EAGER']!r}, not a bool.",
+                "Set EAGER to True (run handlers inline at commit) or False.",
+            )
+        )
+    if raw.get("DELIVERY", "on_commit") not in DELIVERY_MODES:
+        problems.append(
+            Problem(
+                "deferred_signals.E008",
+                f"settings.{SETTING}['DELIVERY'] is {raw['DELIVERY']!r}.",
+                f"Supported: {', '.join(map(repr, DELIVERY_MODES))}.",
+            )
+        )
+    return problems
+
+
+def _not_a_dict(key: str, value: object) -> Problem:
+    return Problem(
+        "deferred_signals.E003",
+        f"settings.{SETTING}['{key}'] is a {type(value).__name__}, not a dict.",
+        "Give a dict of options, e.g. {'max_retries': 5, 'queue': 'signals'}.",
+    )
+
+
+@dataclass(frozen=True)
+class HandlerOptions:
+    """The merged options of one handler: HANDLERS > decorator > DEFAULTS > built-in."""
+
+    values: Mapping[str, Any]
+    autoretry_for: tuple[type[BaseException], ...]
+    dont_autoretry_for: tuple[type[BaseException], ...]
+    publish: Mapping[str, Any]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+
+def _exceptions(items: Iterable[str | type[BaseException]]) -> tuple[type[BaseException], ...]:
+    return tuple(import_string(item) if isinstance(item, str) else item for item in items)
+
+
+class Settings:
+    """Lazy, cached view of ``settings.DEFERRED_SIGNALS``."""
+
+    def __init__(self) -> None:
+        self._options: dict[str, HandlerOptions] = {}
+
+    def reset(self) -> None:
+        self._options.clear()
+        self.__dict__.pop("raw", None)
+
+    @cached_property
+    def raw(self) -> Mapping[str, Any]:
+        raw = getattr(settings, SETTING, {})
+        problems = settings_problems(raw)
+        if problems:
+            first = problems[0]
+            raise DeferredSignalConfigError(f"{first.msg} {first.hint} ({first.id})")
+        return raw  # type: ignore[return-value]
+
+    @property
+    def eager(self) -> bool:
+        return bool(self.raw.get("EAGER", False))
+
+    @property
+    def delivery(self) -> str:
+        return str(self.raw.get("DELIVERY", "on_commit"))
+
+    @property
+    def handler_settings(self) -> Mapping[str, Mapping[str, Any]]:
+        return self.raw.get("HANDLERS", {})  # type: ignore[no-any-return]
+
+    def options(self, name: str, decorator_options: Mapping[str, Any]) -> HandlerOptions:
+        """Merged options for handler ``name``; cached until the settings change."""
+        try:
+            return self._options[name]
+        except KeyError:
+            pass
+        values = {
+            **BUILTIN_DEFAULTS,
+            **self.raw.get("DEFAULTS", {}),
+            **decorator_options,
+            **self.handler_settings.get(name, {}),
+        }
+        merged = HandlerOptions(
+            values=values,
+            autoretry_for=_exceptions(values["autoretry_for"]),
+            dont_autoretry_for=_exceptions(values["dont_autoretry_for"]),
+            publish={k: values[k] for k in PUBLISH_OPTIONS if values.get(k) is not None},
+        )
+        self._options[name] = merged
+        return merged
+
+
+conf = Settings()
+
+
+@django_receiver(setting_changed)
+def _reset_on_setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting == SETTING:
+        conf.reset()

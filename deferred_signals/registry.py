@@ -1,0 +1,93 @@
+"""The registry of deferred handlers: the only place a worker finds code to run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.dispatch import Signal
+
+from .conf import HandlerOptions, conf
+from .exceptions import DuplicateHandlerError
+
+
+@dataclass(eq=False)
+class Handler:
+    """A function registered with ``receiver(..., defer=True)`` or ``connect(..., defer=True)``."""
+
+    name: str
+    func: Callable[..., Any]
+    #: Options given in code (decorator or ``connect``), the middle layer of the merge.
+    options: Mapping[str, Any]
+    include_raw: bool = False
+    using: str | None = None
+    #: Every signal the handler is connected to; a message names one by its index here.
+    signals: list[Signal] = field(default_factory=list)
+    #: The Celery task (a ``shared_task`` proxy), set by ``tasks.create_task``.
+    task: Any = None
+
+    @property
+    def merged(self) -> HandlerOptions:
+        return conf.options(self.name, self.options)
+
+    def signal_index(self, signal: Signal) -> int:
+        for index, known in enumerate(self.signals):
+            if known is signal:
+                return index
+        self.signals.append(signal)
+        return len(self.signals) - 1
+
+    def __repr__(self) -> str:
+        return f"<deferred handler {self.name}>"
+
+
+_handlers: dict[str, Handler] = {}
+
+
+def register(handler: Handler) -> Handler:
+    """Add ``handler``, or return the one already registered for the same function.
+
+    Connecting one function several times (to several senders, or signals) is normal Django
+    practice and shares one handler and one task; two functions under one name are an error.
+    """
+    existing = _handlers.get(handler.name)
+    if existing is None:
+        _handlers[handler.name] = handler
+        return handler
+    if existing.func is not handler.func:
+        raise DuplicateHandlerError(
+            f"Two deferred handlers are named {handler.name!r}: "
+            f"{_describe(existing.func)} and {_describe(handler.func)}. "
+            "Give one of them another name with receiver(..., defer=True, name='...')."
+        )
+    if (existing.options, existing.include_raw, existing.using) != (
+        handler.options,
+        handler.include_raw,
+        handler.using,
+    ):
+        raise DuplicateHandlerError(
+            f"Deferred handler {handler.name!r} is connected twice with different options "
+            f"({dict(existing.options)} and {dict(handler.options)}). Connect it once with "
+            "a list of signals, or set per-handler options in settings.DEFERRED_SIGNALS."
+        )
+    return existing
+
+
+def get(name: str) -> Handler | None:
+    return _handlers.get(name)
+
+
+def unregister(name: str) -> None:
+    """Forget a handler (tests); its proxies must be disconnected by the caller."""
+    _handlers.pop(name, None)
+
+
+def all_handlers() -> Iterator[Handler]:
+    return iter(list(_handlers.values()))
+
+
+def _describe(func: Callable[..., Any]) -> str:
+    code = getattr(func, "__code__", None)
+    where = f" ({code.co_filename}:{code.co_firstlineno})" if code else ""
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)!s}{where}"

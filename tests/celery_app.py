@@ -1,0 +1,13 @@
+"""The Celery app of the test project, configured from Django settings like a real project."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings_postgres")
+
+app = Celery("tests")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()

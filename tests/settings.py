@@ -1,0 +1,45 @@
+"""Settings for the fast layers: unit tests and database tests on SQLite (EAGER delivery)."""
+
+from __future__ import annotations
+
+import os
+
+SECRET_KEY = "tests-only"
+USE_TZ = True
+TIME_ZONE = "Europe/Paris"
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "deferred_signals",
+    "tests.testapp",
+]
+DATABASES = {
+    "default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+    "other": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+}
+DATABASE_ROUTERS: list[str] = []
+
+# The Celery app (tests/celery_app.py) reads CELERY_* settings.
+CELERY_BROKER_URL = os.environ.get("DS_TEST_BROKER", "memory://")
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+DEFERRED_SIGNALS = {
+    "EAGER": True,
+    "HANDLERS": {
+        "tests.testapp.handlers.flaky": {
+            "autoretry_for": ["tests.testapp.handlers.FlakyError"],
+            "max_retries": 3,
+            "default_retry_delay": 0,
+        },
+    },
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"deferred_signals": {"handlers": ["console"], "level": "INFO"}},
+}

@@ -1,0 +1,30 @@
+"""Settings for the PostgreSQL layer and the end-to-end tests with a real worker.
+
+The worker processes started by the tests use these settings too, with the test database
+names and the broker passed through the environment (``DS_TEST_DB_*``, ``DS_TEST_BROKER``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .settings import *  # noqa: F403
+from .settings import DEFERRED_SIGNALS
+
+_pg = {
+    "ENGINE": "django.db.backends.postgresql",
+    "HOST": os.environ.get("DS_PGHOST", "127.0.0.1"),
+    "PORT": os.environ.get("DS_PGPORT", "5432"),
+    "USER": os.environ.get("DS_PGUSER", "postgres"),
+    "PASSWORD": os.environ.get("DS_PGPASSWORD", ""),
+}
+DATABASES = {
+    "default": {**_pg, "NAME": os.environ.get("DS_TEST_DB_DEFAULT", "deferred_signals")},
+    "other": {**_pg, "NAME": os.environ.get("DS_TEST_DB_OTHER", "deferred_signals_other")},
+}
+
+DEFERRED_SIGNALS = {
+    **DEFERRED_SIGNALS,
+    "EAGER": os.environ.get("DS_TEST_EAGER", "1") == "1",
+    "DEFAULTS": {"queue": os.environ.get("DS_TEST_QUEUE", "deferred-signals-tests")},
+}

@@ -1,0 +1,8 @@
+from __future__ import annotations
+
+from django.dispatch import Signal
+
+user_registered = Signal()
+user_invited = Signal()
+flaky_signal = Signal()
+slow_signal = Signal()
