@@ -332,7 +332,7 @@ def _find_class(value: str) -> type:
         raise MalformedMessageError(f"class {value!r}: module {module_name!r} is not loaded")
     obj: Any = module
     for part in qualname.split("."):
-        if not part.isidentifier():
+        if not part.isidentifier() or part.startswith("__"):
             raise MalformedMessageError(f"class {value!r} is not a qualified name")
         obj = getattr(obj, part, None)
     if not isinstance(obj, type):

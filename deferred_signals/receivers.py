@@ -105,12 +105,8 @@ def connect(
         for one in signals:
             one.connect(receiver, sender, weak, dispatch_uid)
         return
-    handler = _register(receiver, name, include_raw, using, options)
+    handler = _register(receiver, signals, name, include_raw, using, options)
     for one in signals:
-        if not isinstance(one, Signal):
-            raise DeferredSignalConfigError(
-                f"Deferred handler {handler.name!r}: {one!r} is not a django.dispatch.Signal."
-            )
         # Django computes this key for ``receiver`` itself, so ``signal.disconnect(receiver,
         # sender=...)`` disconnects the proxy, and connecting twice connects once.
         one.connect(
@@ -134,6 +130,7 @@ def _refuse_deferred_options(kwargs: dict[str, Any]) -> None:
 
 def _register(
     func: Callable[..., Any],
+    signals: list[Signal],
     name: str | None,
     include_raw: bool,
     using: str | None,
@@ -154,6 +151,11 @@ def _register(
         raise DeferredSignalConfigError(f"{problems[0].msg} {problems[0].hint}")
     if using is not None and not isinstance(using, str):
         raise DeferredSignalConfigError(f"Deferred handler {name!r}: using must be an alias.")
+    for signal in signals:
+        if not isinstance(signal, Signal):
+            raise DeferredSignalConfigError(
+                f"Deferred handler {name!r}: {signal!r} is not a django.dispatch.Signal."
+            )
     handler = registry.register(
         Handler(name=name, func=func, options=options, include_raw=include_raw, using=using)
     )

@@ -75,23 +75,37 @@ class DeferredHandlerTask(Task):  # type: ignore[misc]
         return handler
 
 
+_tasks: dict[str, Any] = {}
+
+
 def create_task(handler: Handler) -> Any:
-    """Create the handler's task with ``shared_task`` semantics (any Celery app gets it)."""
+    """The handler's task, created once per name with ``shared_task`` semantics.
+
+    The task finds its handler in the registry by its own name at run time, so a handler
+    registered again under the same name (tests, reloads) is served by the same task.
+    """
+    task = _tasks.get(handler.name)
+    if task is not None:
+        return task
 
     def run(self: DeferredHandlerTask, *args: Any, **body: Any) -> None:
-        run_task(self, handler, args, body)
+        run_task(self, args, body)
 
     func = handler.func
     run.__name__ = getattr(func, "__name__", "handler")
     run.__qualname__ = getattr(func, "__qualname__", run.__name__)
     run.__module__ = getattr(func, "__module__", __name__)
     run.__doc__ = func.__doc__
-    return shared_task(name=handler.name, bind=True, base=DeferredHandlerTask)(run)
+    task = _tasks[handler.name] = shared_task(name=handler.name, bind=True, base=DeferredHandlerTask)(
+        run
+    )
+    return task
 
 
-def run_task(task: DeferredHandlerTask, handler: Handler, args: tuple[Any, ...], body: Any) -> None:
+def run_task(task: DeferredHandlerTask, args: tuple[Any, ...], body: Any) -> None:
     """Body of every handler task: decode, look the rows up, call, retry per settings."""
     try:
+        handler = task.handler
         if args:
             raise MalformedMessageError("positional arguments are not accepted")
         call = decode_call(handler, body)

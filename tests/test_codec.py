@@ -1,0 +1,241 @@
+"""Unit layer: every supported type survives JSON with its Python type; nothing else is sent."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import uuid
+import zoneinfo
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.db import models
+from django.utils.safestring import mark_safe
+
+from deferred_signals import register_codec, unregister_codec
+from deferred_signals.codec import Decoder, EncodeError, Encoder, resolve, snapshot_instance
+from deferred_signals.exceptions import MalformedMessageError
+from tests.testapp.handlers import Money, Plain
+from tests.testapp.models import Article, Author, Ticket
+
+PARIS = zoneinfo.ZoneInfo("Europe/Paris")
+
+
+def wire(value: Any, *, fresh: bool = False, fields: bool = False) -> Any:
+    """Encode, go through JSON text as a broker would, decode, rebuild snapshots."""
+    data = json.loads(json.dumps(Encoder(fresh=fresh, fields=fields).encode(value, "arg")))
+    decoder = Decoder()
+    decoded = decoder.decode(data)
+    for ref in decoder.instances:
+        ref.resolved = snapshot_instance(ref)
+    return resolve(decoded)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "text",
+        "",
+        0,
+        -7,
+        2**70,
+        1.5,
+        True,
+        False,
+        None,
+        [1, "a", None],
+        {"a": 1, "b": [1, 2]},
+        (1, "a", (2, 3)),
+        {1, 2, 3},
+        frozenset({"a", "b"}),
+        frozenset(),
+        set(),
+        datetime.datetime(2026, 11, 24, 12, 30, 1, 123456),
+        datetime.datetime(2026, 11, 24, 12, 30, tzinfo=datetime.timezone.utc),
+        datetime.date(2026, 2, 28),
+        datetime.time(23, 59, 58, 5),
+        datetime.time(8, 0, tzinfo=datetime.timezone(datetime.timedelta(hours=2))),
+        datetime.timedelta(days=-1, seconds=5, microseconds=7),
+        Decimal("12.340"),
+        Decimal("-1E+3"),
+        uuid.UUID("6b0c3a4e-59c2-4c4e-9a2f-9f0f8a1d2c11"),
+        b"\x00\xffbytes",
+        {1: "int key", (1, 2): "tuple key", None: "none"},
+        {"$t": "a dict that looks like a tag", "v": 1},
+        [{"nested": {frozenset({1}), (2, Decimal("3"))}}],
+    ],
+    ids=repr,
+)
+def test_round_trip_keeps_value_and_type(value: Any) -> None:
+    back = wire(value)
+    assert back == value
+    assert type(back) is type(value)
+    if isinstance(value, (list, tuple, dict)):
+        assert json.dumps(str(back)) == json.dumps(str(value))  # nested types too
+
+
+def test_aware_datetime_stays_aware_and_keeps_its_offset() -> None:
+    value = datetime.datetime(2026, 7, 1, 9, 0, tzinfo=PARIS)
+    back = wire(value)
+    assert back == value
+    assert back.utcoffset() == datetime.timedelta(hours=2)
+
+
+def test_naive_datetime_stays_naive() -> None:
+    assert wire(datetime.datetime(2026, 1, 1)).tzinfo is None
+
+
+def test_update_fields_comes_back_a_frozenset() -> None:
+    back = wire({"update_fields": frozenset({"title", "price"})})
+    assert back["update_fields"] == frozenset({"title", "price"})
+    assert type(back["update_fields"]) is frozenset
+
+
+def test_model_classes_and_plain_classes_round_trip() -> None:
+    assert wire(Article) is Article
+    assert wire(Article.tags.through) is Article.tags.through
+    assert wire(Plain) is Plain
+    assert wire([int, Decimal]) == [int, Decimal]
+
+
+def test_snapshot_instance_has_the_field_values_of_send_time() -> None:
+    author = Author(pk=3, name="Ada")
+    article = Article(
+        pk=7,
+        title="t",
+        author=author,
+        price=Decimal("9.99"),
+        published=datetime.datetime(2026, 3, 1, 10, tzinfo=PARIS),
+        day=datetime.date(2026, 3, 1),
+        duration=datetime.timedelta(minutes=5),
+        data={"k": [1, 2], "$t": "x"},
+        attachment="files/a.txt",
+    )
+    article._state.adding = False
+    article._state.db = "default"
+    back = wire(article, fresh=False)
+    assert isinstance(back, Article)
+    assert back.pk == 7 and back.author_id == 3
+    assert back.price == Decimal("9.99") and back.day == datetime.date(2026, 3, 1)
+    assert back.published == article.published
+    assert back.duration == datetime.timedelta(minutes=5)
+    assert back.data == {"k": [1, 2], "$t": "x"}
+    assert back.attachment.name == "files/a.txt"
+    assert back._state.adding is False and back._state.db == "default"
+
+
+def test_unsaved_instance_is_always_a_snapshot() -> None:
+    ticket = Ticket(id=None, subject="new")
+    data = Encoder(fresh=True, fields=False).encode(ticket, "instance")
+    assert "fresh" not in data and data["f"]["subject"] == "new"
+
+
+def test_fresh_instance_sends_only_model_pk_and_db() -> None:
+    ticket = Ticket(subject="s")
+    ticket._state.db = "default"
+    data = Encoder(fresh=True, fields=False).encode(ticket, "instance")
+    assert data == {
+        "$t": "model",
+        "m": "testapp.ticket",
+        "pk": {"$t": "uuid", "v": str(ticket.pk)},
+        "db": "default",
+        "fresh": True,
+    }
+
+
+def test_deferred_fields_are_left_deferred_in_a_snapshot() -> None:
+    article = Article.from_db("default", ["id", "title"], [1, "only"])
+    back = wire(article, fresh=False)
+    assert back.get_deferred_fields() >= {"price", "data"}
+    assert back.title == "only"
+
+
+def test_custom_codec_round_trips_subclasses_too() -> None:
+    class Euro(Money):
+        pass
+
+    assert wire(Money(Decimal("1.10"), "EUR")) == Money(Decimal("1.10"), "EUR")
+    assert wire(Euro(Decimal("2"), "EUR")) == Money(Decimal("2"), "EUR")
+
+
+def test_register_codec_refuses_a_second_type_under_one_name() -> None:
+    class Other:
+        pass
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_codec(Other, name="tests.money", encode=repr, decode=str)
+    with pytest.raises(TypeError):
+        register_codec("not a type", name="x", encode=repr, decode=str)  # type: ignore[arg-type]
+
+
+def test_unregister_codec() -> None:
+    class Point:
+        def __init__(self, x: int) -> None:
+            self.x = x
+
+    register_codec(Point, name="tests.point", encode=lambda p: p.x, decode=Point)
+    assert wire(Point(3)).x == 3
+    unregister_codec(Point)
+    with pytest.raises(EncodeError):
+        wire(Point(3))
+
+
+def test_choices_and_safe_strings_travel_as_their_plain_value() -> None:
+    class Color(models.TextChoices):
+        RED = "red"
+
+    assert wire(Color.RED) == "red"
+    assert type(wire(mark_safe("<b>"))) is str
+
+
+@pytest.mark.parametrize("value", [object(), lambda: 1, iter([1]), {1: object()}])
+def test_unsupported_values_are_refused_with_their_path(value: Any) -> None:
+    with pytest.raises(EncodeError) as info:
+        Encoder(fresh=True, fields=False).encode({"outer": [value]}, "payload")
+    assert info.value.path.startswith("payload['outer'][0]")
+
+
+def test_local_class_is_refused_with_a_hint() -> None:
+    class Local:
+        pass
+
+    with pytest.raises(EncodeError) as info:
+        Encoder(fresh=True, fields=False).encode(Local, "sender")
+    assert "inside a function" in info.value.hint
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"$t": "nope", "v": 1},
+        {"$t": "dec", "v": "not a number"},
+        {"$t": "uuid", "v": 5},
+        {"$t": "td", "v": [1]},
+        {"$t": "set", "v": "abc"},
+        {"$t": "dt"},
+        {"$t": "class", "v": "never_imported_module_xyz:Thing"},
+        {"$t": "class", "v": "os:system"},
+        {"$t": "class", "v": "os:path.__class__.__subclasses__"},
+        {"$t": "modelclass", "v": "auth.NoSuchModel"},
+        {"$t": "model", "m": "nope.Nope", "pk": 1, "db": "default", "fresh": True},
+        {"$t": "model", "m": "testapp.article", "pk": 1, "db": "elsewhere", "fresh": True},
+        {"$t": "model", "m": "testapp.article", "pk": 1, "db": "default"},
+        {"$t": "model", "m": "testapp.article", "pk": 1, "db": "default", "f": [1]},
+        {"$t": "bytes", "v": "***"},
+        {"$t": "x:unknown", "v": 1},
+    ],
+    ids=repr,
+)
+def test_malformed_data_is_refused(data: Any) -> None:
+    with pytest.raises(MalformedMessageError):
+        Decoder().decode(data)
+
+
+def test_class_lookup_never_imports() -> None:
+    import sys
+
+    assert "antigravity" not in sys.modules
+    with pytest.raises(MalformedMessageError, match="not loaded"):
+        Decoder().decode({"$t": "class", "v": "antigravity:Anything"})
+    assert "antigravity" not in sys.modules

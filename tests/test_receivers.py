@@ -1,0 +1,201 @@
+"""Unit layer: ``receiver``/``connect`` as a drop-in, registration, and send-time errors."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from celery import current_app
+from django.db.models.signals import post_save
+from django.dispatch import Signal
+from django.dispatch import receiver as django_receiver
+
+from deferred_signals import (
+    DeferredSignalConfigError,
+    DeferredSignalError,
+    DuplicateHandlerError,
+    connect,
+    receiver,
+    registry,
+)
+from tests.testapp import handlers
+from tests.testapp.models import Article, Author
+
+
+@contextmanager
+def deferred(
+    signal: Signal, func: Callable[..., Any], **kwargs: Any
+) -> Iterator[registry.Handler]:
+    """Connect ``func`` as a deferred handler for the duration of a test."""
+    connect(signal, func, defer=True, **kwargs)
+    handler = registry.get(kwargs.get("name") or f"{func.__module__}.{func.__qualname__}")
+    assert handler is not None
+    try:
+        yield handler
+    finally:
+        signal.disconnect(func, sender=kwargs.get("sender"), dispatch_uid=kwargs.get("dispatch_uid"))
+        registry.unregister(handler.name)
+
+
+def module_level_handler(sender: Any, **kwargs: Any) -> None:
+    """A docstring Flower shows."""
+
+
+def other_module_level_handler(sender: Any, **kwargs: Any) -> None:
+    pass
+
+
+# --- defer=False is Django's receiver -------------------------------------------------------
+
+
+def test_without_defer_it_is_djangos_receiver() -> None:
+    signal = Signal()
+    calls: list[tuple[Any, dict[str, Any]]] = []
+
+    def handler(sender: Any, **kwargs: Any) -> str:
+        calls.append((sender, kwargs))
+        return "result"
+
+    decorated = receiver(signal, sender=Author, dispatch_uid="uid")(handler)
+    assert decorated is handler
+    assert signal.send(sender=Article) == []
+    assert signal.send(sender=Author, x=1) == [(handler, "result")]
+    assert calls == [(Author, {"signal": signal, "x": 1})]
+    # dispatch_uid: connecting again under the same uid is a no-op, as in Django.
+    receiver(signal, sender=Author, dispatch_uid="uid")(lambda **kw: None)
+    assert len(signal.send(sender=Author)) == 1
+
+
+def test_without_defer_receivers_are_weak_like_djangos() -> None:
+    ours, theirs = Signal(), Signal()
+
+    def make() -> Callable[..., None]:
+        def closure(**kwargs: Any) -> None:
+            pass
+
+        return closure
+
+    receiver(ours)(make())
+    django_receiver(theirs)(make())
+    gc.collect()
+    assert ours.send(sender=None) == theirs.send(sender=None) == []
+
+    kept = make()
+    receiver(ours, weak=False)(make())
+    receiver([ours, theirs])(kept)
+    assert len(ours.send(sender=None)) == 2 and len(theirs.send(sender=None)) == 1
+
+
+def test_deferred_only_options_without_defer_are_refused() -> None:
+    with pytest.raises(DeferredSignalError, match="add defer=True"):
+        receiver(Signal(), queue="crm")
+    with pytest.raises(DeferredSignalError, match="'name'"):
+        connect(Signal(), module_level_handler, name="x")
+    signal = Signal()
+    connect(signal, module_level_handler, sender=Author)
+    assert signal.has_listeners(Author)
+
+
+# --- defer=True --------------------------------------------------------------------------
+
+
+def test_decorated_function_is_returned_unchanged_and_callable() -> None:
+    assert handlers.article_saved.__name__ == "article_saved"
+    assert receiver(Signal(), defer=True, name="tests.unchanged")(module_level_handler) is (
+        module_level_handler
+    )
+    assert module_level_handler(sender=None) is None
+    registry.unregister("tests.unchanged")
+
+
+def test_one_task_per_handler_named_module_qualname() -> None:
+    tasks = current_app.tasks
+    task = tasks["tests.testapp.handlers.article_saved"]
+    assert task.name == "tests.testapp.handlers.article_saved"
+    assert task.__doc__ is None or "Flower" not in task.__doc__
+    assert "tests.user_event" in tasks  # name= overrides
+    with deferred(Signal(), module_level_handler) as handler:
+        task = current_app.tasks[handler.name]
+        assert handler.name == f"{__name__}.module_level_handler"
+        assert task.__doc__ == "A docstring Flower shows."
+
+
+def test_two_functions_under_one_name_fail_at_import_time() -> None:
+    with deferred(Signal(), module_level_handler, name="tests.same"):
+        with pytest.raises(DuplicateHandlerError, match="tests.same"):
+            connect(Signal(), other_module_level_handler, defer=True, name="tests.same")
+
+
+def test_one_function_connected_to_several_senders_shares_its_handler() -> None:
+    signal = Signal()
+    with deferred(signal, module_level_handler, sender=Author) as first:
+        connect(signal, module_level_handler, sender=Article, defer=True)
+        assert registry.get(first.name) is first and first.signals == [signal]
+        assert signal.has_listeners(Author) and signal.has_listeners(Article)
+        with pytest.raises(DuplicateHandlerError, match="different options"):
+            connect(signal, module_level_handler, sender=Article, defer=True, queue="other")
+        signal.disconnect(module_level_handler, sender=Article)
+
+
+def test_lambdas_and_local_functions_need_a_name() -> None:
+    def local(**kwargs: Any) -> None:
+        pass
+
+    for func in (lambda **kw: None, local):
+        with pytest.raises(DeferredSignalConfigError, match="name="):
+            connect(Signal(), func, defer=True)
+    with deferred(Signal(), local, name="tests.local") as handler:
+        assert handler.func is local
+
+
+def test_bad_options_fail_at_import_time_naming_handler_and_option() -> None:
+    with pytest.raises(DeferredSignalConfigError, match=r"module_level_handler.*'retries'"):
+        connect(Signal(), module_level_handler, defer=True, retries=3)
+    with pytest.raises(DeferredSignalConfigError, match=r"'instance'.*'fresh' or 'snapshot'"):
+        connect(Signal(), module_level_handler, defer=True, instance="copy")
+    with pytest.raises(DeferredSignalConfigError, match="not a django.dispatch.Signal"):
+        connect("post_save", module_level_handler, defer=True)  # type: ignore[arg-type]
+    with pytest.raises(DeferredSignalConfigError, match="must be callable"):
+        connect(Signal(), "handler", defer=True)  # type: ignore[arg-type]
+    with pytest.raises(DeferredSignalConfigError, match="using"):
+        connect(Signal(), module_level_handler, defer=True, using=1)  # type: ignore[arg-type]
+    assert registry.get(f"{__name__}.module_level_handler") is None
+
+
+def test_django_disconnect_removes_the_deferred_proxy() -> None:
+    signal = Signal()
+    with deferred(signal, module_level_handler, sender=Author):
+        assert signal.has_listeners(Author)
+        assert signal.disconnect(module_level_handler, sender=Author) is True
+        assert not signal.has_listeners(Author)
+
+
+def test_connecting_twice_connects_once() -> None:
+    signal = Signal()
+    with deferred(signal, module_level_handler):
+        connect(signal, module_level_handler, defer=True)
+        assert len(signal.receivers) == 1
+
+
+def test_deferred_connection_is_strong() -> None:
+    signal = Signal()
+
+    def make() -> Callable[..., None]:
+        def closure(**kwargs: Any) -> None:
+            pass
+
+        return closure
+
+    with deferred(signal, make(), name="tests.strong", weak=True):
+        gc.collect()
+        assert signal.has_listeners()
+
+
+@pytest.mark.django_db
+def test_raw_post_save_is_not_deferred_by_default(django_capture_on_commit_callbacks: Any) -> None:
+    with django_capture_on_commit_callbacks() as callbacks:
+        post_save.send(sender=Article, instance=Article(pk=1), created=True, raw=True, using="default")
+    assert callbacks == []

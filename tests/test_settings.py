@@ -1,0 +1,133 @@
+"""Unit layer: the settings merge, validation and the system checks."""
+
+from __future__ import annotations
+
+import smtplib
+from typing import Any
+
+import pytest
+from django.core.checks import Error, Warning
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.test import override_settings
+
+from deferred_signals import registry
+from deferred_signals.checks import check_settings
+from deferred_signals.conf import conf
+from deferred_signals.exceptions import DeferredSignalConfigError
+
+ARTICLE_SAVED = "tests.testapp.handlers.article_saved"
+
+
+def ids(value: Any) -> list[str]:
+    with override_settings(DEFERRED_SIGNALS=value):
+        return [message.id for message in check_settings()]
+
+
+def handler(name: str = ARTICLE_SAVED) -> registry.Handler:
+    found = registry.get(name)
+    assert found is not None
+    return found
+
+
+def test_precedence_handlers_over_decorator_over_defaults_over_builtin() -> None:
+    article_snapshot = handler("tests.testapp.handlers.article_snapshot")  # instance="snapshot"
+    queue_before = article_snapshot.merged.get("queue")
+    layers = {
+        "DEFAULTS": {"queue": "defaults", "instance": "fresh", "max_retries": 1, "priority": 3},
+        "HANDLERS": {article_snapshot.name: {"queue": "handlers"}},
+    }
+    with override_settings(DEFERRED_SIGNALS=layers):
+        merged = article_snapshot.merged
+        assert merged.get("queue") == "handlers"  # HANDLERS wins
+        assert merged.get("instance") == "snapshot"  # decorator beats DEFAULTS
+        assert merged.get("max_retries") == 1  # DEFAULTS fill the rest
+        assert merged.get("on_missing") == "skip"  # built-in default
+        assert merged.publish == {"queue": "handlers", "priority": 3}
+    assert article_snapshot.merged.get("queue") == queue_before != "handlers"  # undone
+
+
+def test_exception_paths_are_resolved() -> None:
+    value = {"DEFAULTS": {"autoretry_for": ["smtplib.SMTPException"], "dont_autoretry_for": [KeyError]}}
+    with override_settings(DEFERRED_SIGNALS=value):
+        merged = handler().merged
+        assert merged.autoretry_for == (smtplib.SMTPException,)
+        assert merged.dont_autoretry_for == (KeyError,)
+
+
+def test_valid_settings_pass_the_checks() -> None:
+    value = {
+        "DEFAULTS": {
+            "queue": "signals",
+            "max_retries": 3,
+            "autoretry_for": ["smtplib.SMTPException"],
+            "retry_backoff": True,
+            "retry_backoff_max": 600,
+            "retry_jitter": True,
+            "acks_late": True,
+            "reject_on_worker_lost": True,
+            "time_limit": 30,
+            "soft_time_limit": 25.5,
+            "rate_limit": "10/s",
+            "priority": 5,
+            "countdown": 0,
+            "expires": 3600,
+            "default_retry_delay": 10,
+            "dont_autoretry_for": [],
+            "instance": "snapshot",
+            "on_missing": "raise",
+        },
+        "HANDLERS": {ARTICLE_SAVED: {"max_retries": None}},
+        "EAGER": False,
+        "DELIVERY": "on_commit",
+    }
+    assert ids(value) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (["not", "a dict"], ["deferred_signals.E001"]),
+        ({"DEFAULT": {}}, ["deferred_signals.E002"]),
+        ({"DEFAULTS": []}, ["deferred_signals.E003"]),
+        ({"HANDLERS": {ARTICLE_SAVED: 5}}, ["deferred_signals.E003"]),
+        ({"HANDLERS": []}, ["deferred_signals.E003"]),
+        ({"DEFAULTS": {"retries": 3}}, ["deferred_signals.E004"]),
+        ({"DEFAULTS": {"max_retries": "3"}}, ["deferred_signals.E005"]),
+        ({"DEFAULTS": {"max_retries": True}}, ["deferred_signals.E005"]),
+        ({"DEFAULTS": {"priority": 300}}, ["deferred_signals.E005"]),
+        ({"DEFAULTS": {"acks_late": "yes"}}, ["deferred_signals.E005"]),
+        ({"DEFAULTS": {"on_missing": "ignore"}}, ["deferred_signals.E005"]),
+        ({"DEFAULTS": {"autoretry_for": "smtplib.SMTPException"}}, ["deferred_signals.E005"]),
+        ({"DEFAULTS": {"autoretry_for": ["smtplib.NoSuchError"]}}, ["deferred_signals.E006"]),
+        ({"DEFAULTS": {"autoretry_for": ["no_such_module.Error"]}}, ["deferred_signals.E006"]),
+        ({"DEFAULTS": {"dont_autoretry_for": ["smtplib.SMTP_PORT"]}}, ["deferred_signals.E006"]),
+        ({"EAGER": "true"}, ["deferred_signals.E007"]),
+        ({"DELIVERY": "carrier pigeon"}, ["deferred_signals.E008"]),
+        ({"HANDLERS": {"app.signals.typo": {}}}, ["deferred_signals.W001"]),
+    ],
+)
+def test_each_check_id(value: Any, expected: list[str]) -> None:
+    assert ids(value) == expected
+
+
+def test_check_messages_say_what_and_how() -> None:
+    with override_settings(DEFERRED_SIGNALS={"HANDLERS": {"app.signals.typo": {"queue": 1}}}):
+        messages = check_settings()
+    error, warning = sorted(messages, key=lambda m: m.id)
+    assert isinstance(error, Error) and isinstance(warning, Warning)
+    assert "'queue'" in error.msg and "must be a queue name" in error.hint
+    assert "app.signals.typo" in warning.msg and ARTICLE_SAVED in warning.hint
+
+
+def test_manage_py_check_reports_errors() -> None:
+    with override_settings(DEFERRED_SIGNALS={"DEFAULTS": {"max_retries": -1}}):
+        with pytest.raises(SystemCheckError, match=r"deferred_signals\.E005"):
+            call_command("check")
+    call_command("check")  # the test settings themselves are clean
+
+
+def test_invalid_settings_raise_at_use_with_the_check_id() -> None:
+    with override_settings(DEFERRED_SIGNALS={"DEFAULTS": {"queue": ""}}):
+        with pytest.raises(DeferredSignalConfigError, match=r"E005"):
+            conf.eager  # noqa: B018

@@ -1,0 +1,289 @@
+"""Database layer: real transactions (SQLite pass and PostgreSQL pass), ``EAGER`` delivery.
+
+``EAGER`` runs each handler where the broker publish would happen, through the same
+JSON encode/decode, so these tests see exactly when a call is released and what it
+carries. The worker tests (test_worker.py) prove the same on real brokers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.core.management import call_command
+from django.db import connection, transaction
+from django.db.models.signals import post_save
+from django.test import override_settings
+
+from deferred_signals import DeferredSignalError, receiver, registry
+from tests.conftest import records, sync_calls
+from tests.testapp.handlers import Money, Plain
+from tests.testapp.models import Article, Author, Tag, Ticket
+from tests.testapp.signals import user_invited, user_registered
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
+UTC = datetime.timezone.utc
+
+
+def titles(handler: str = "article_saved") -> list[str]:
+    return [r.call["kwargs"]["instance"]["fields"]["title"]["repr"].strip("'") for r in records(handler)]
+
+
+# --- when calls are released --------------------------------------------------------------
+
+
+def test_commit_releases_each_call_once_after_commit() -> None:
+    with transaction.atomic():
+        Article.objects.create(title="a")
+        assert records() == []  # not before commit
+        assert sync_calls("article_saved")  # the synchronous twin already ran
+    assert titles() == ["a"]
+    assert titles("article_snapshot") == ["a"]
+
+
+def test_rollback_sends_nothing() -> None:
+    with pytest.raises(RuntimeError), transaction.atomic():
+        Article.objects.create(title="rolled back")
+        raise RuntimeError
+    assert records() == []
+    Article.objects.create(title="next")  # and nothing is left over for the next commit
+    assert titles() == ["next"]
+
+
+def test_rolled_back_savepoint_drops_only_its_own_calls() -> None:
+    with transaction.atomic():
+        Article.objects.create(title="before")
+        try:
+            with transaction.atomic():
+                Article.objects.create(title="inner")
+                with transaction.atomic():
+                    Article.objects.create(title="innermost")
+                raise RuntimeError
+        except RuntimeError:
+            pass
+        with transaction.atomic():
+            Article.objects.create(title="released savepoint")
+        Article.objects.create(title="after")
+        assert records() == []  # a released savepoint does not release its calls
+    assert titles() == ["before", "released savepoint", "after"]
+
+
+def test_outside_atomic_the_call_is_sent_at_once() -> None:
+    Article.objects.create(title="autocommit")
+    assert titles() == ["autocommit"]
+
+
+def test_a_call_waits_for_the_commit_of_its_own_database() -> None:
+    with transaction.atomic(using="other"):
+        Article.objects.using("other").create(title="on other")
+        with transaction.atomic(using="default"):
+            Author.objects.create(name="unrelated")
+        Article.objects.create(title="on default")  # default is in autocommit: sent at once
+        assert titles() == ["on default"]
+    assert titles() == ["on default", "on other"]
+    assert records()[-1].call["kwargs"]["using"]["repr"] == "'other'"
+
+
+def test_a_call_on_the_default_database_waits_for_it_not_for_other() -> None:
+    with transaction.atomic(using="default"):
+        with transaction.atomic(using="other"):
+            Article.objects.create(title="default")
+        assert records() == []
+    assert titles() == ["default"]
+
+
+def test_using_option_overrides_the_signal_alias() -> None:
+    def on_author(sender: Any, **kwargs: Any) -> None:
+        Article.objects.create(title=f"author {kwargs['instance'].name}")
+
+    receiver(post_save, sender=Author, defer=True, name="tests.on_author", using="other")(on_author)
+    try:
+        with transaction.atomic(using="other"):
+            Author.objects.create(name="x")  # saved on default, released by other's commit
+            assert titles() == []
+        assert titles() == ["author x"]
+    finally:
+        post_save.disconnect(on_author, sender=Author)
+        registry.unregister("tests.on_author")
+
+
+def test_one_transaction_attaches_its_calls_to_one_on_commit_callback() -> None:
+    with transaction.atomic():
+        for i in range(50):
+            Article.objects.create(title=str(i))
+        ours = [hook for _, hook, _ in connection.run_on_commit if hasattr(hook, "deferred_calls")]
+        assert len(ours) == 1 and len(ours[0].deferred_calls) == 100  # 2 handlers x 50 saves
+        on_commit_seen: list[str] = []
+        transaction.on_commit(lambda: on_commit_seen.append("user callback"))
+        Article.objects.create(title="after a user callback")
+    assert len(titles()) == 51 and on_commit_seen == ["user callback"]
+
+
+def test_calls_run_in_send_order() -> None:
+    with transaction.atomic():
+        for title in "abc":
+            Article.objects.create(title=title)
+            with transaction.atomic():
+                Article.objects.create(title=title.upper())
+    assert titles() == ["a", "A", "b", "B", "c", "C"]
+
+
+# --- what the handler receives --------------------------------------------------------------
+
+
+def test_post_save_handler_sees_what_a_synchronous_one_sees() -> None:
+    author = Author.objects.create(name="Ada")
+    with transaction.atomic():
+        article = Article.objects.create(
+            title="t",
+            author=author,
+            price=Decimal("12.50"),
+            published=datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+            day=datetime.date(2026, 1, 2),
+            duration=datetime.timedelta(hours=1),
+            data={"a": [1, 2]},
+        )
+        article.title = "u"
+        article.save(update_fields=["title"])
+    deferred, sync = [r.call for r in records("article_saved")], sync_calls("article_saved")
+    assert deferred[1] == sync[1]
+    assert deferred[1]["kwargs"]["update_fields"]["type"] == "frozenset"
+    assert "'title'" in deferred[1]["kwargs"]["update_fields"]["items"][0]
+    # Fresh (the default): the row as committed, so the first call sees the later title too.
+    sync[0]["kwargs"]["instance"]["fields"]["title"]["repr"] = "'u'"
+    assert deferred[0] == sync[0]
+    assert deferred[0]["kwargs"]["created"] == {"type": "bool", "repr": "True"}
+
+
+def test_snapshot_handler_sees_values_of_send_time() -> None:
+    with transaction.atomic():
+        article = Article.objects.create(
+            title="first", published=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+        )
+        article.title = "second"
+        article.save()
+    snapshots = [r.call for r in records("article_snapshot")]
+    assert [s["kwargs"]["instance"]["fields"]["title"]["repr"] for s in snapshots] == [
+        "'first'",
+        "'second'",
+    ]
+    assert snapshots == sync_calls("article_saved")
+
+
+def test_delete_handlers_get_the_snapshot_with_its_pk() -> None:
+    article = Article.objects.create(title="doomed", price=Decimal("1.00"))
+    pk = article.pk
+    with transaction.atomic():
+        article.delete()
+    assert article.pk is None  # what a commit-time callback would have read
+    calls = [r.call for r in records("article_deleted")]
+    assert [c["signal"]["name"] for c in calls] == ["pre_delete", "post_delete"]
+    assert calls == sync_calls("article_deleted")
+    assert calls[1]["kwargs"]["instance"]["pk"]["repr"] == repr(pk)
+    assert calls[1]["kwargs"]["origin"]["type"] == "instance:testapp.Article"
+
+
+def test_m2m_changed_keeps_pk_set_and_model() -> None:
+    article = Article.objects.get(pk=Article.objects.create(title="tagged").pk)  # as stored
+    tags = [Tag.objects.create(name=n) for n in "xy"]
+    with transaction.atomic():
+        article.tags.add(*tags)
+        article.tags.clear()
+    calls = [r.call for r in records("tags_changed")]
+    assert calls == sync_calls("tags_changed")
+    assert [c["kwargs"]["action"]["repr"] for c in calls] == [
+        "'pre_add'",
+        "'post_add'",
+        "'pre_clear'",
+        "'post_clear'",
+    ]
+    assert calls[1]["kwargs"]["pk_set"]["type"] == "set"
+    assert calls[1]["kwargs"]["model"] == {"type": "class", "name": "tests.testapp.models.Tag"}
+    assert calls[3]["kwargs"]["pk_set"] == {"type": "NoneType", "repr": "None"}
+
+
+def test_custom_signals_with_any_sender_and_rich_kwargs() -> None:
+    author = Author.objects.create(name="Ada")
+    kwargs = {
+        "instance": author,
+        "when": datetime.datetime(2026, 5, 1, 8, tzinfo=UTC),
+        "amount": Decimal("3.14"),
+        "money": Money(Decimal("9.99"), "EUR"),
+        "labels": {"a", "b"},
+        "nested": {"ids": (1, 2), "ok": None, 7: [datetime.date(2026, 1, 1)]},
+    }
+    with transaction.atomic():
+        user_registered.send(sender=Plain, **kwargs)
+        user_invited.send(sender=None, **kwargs)
+        user_registered.send(sender="a string sender", **kwargs)
+    calls = [r.call for r in records("user_event")]
+    assert calls == sync_calls("user_event")
+    assert [c["signal"]["name"] for c in calls] == ["user_registered", "user_invited", "user_registered"]
+    assert calls[0]["sender"] == {"type": "class", "name": "tests.testapp.handlers.Plain"}
+
+
+def test_async_send_defers_too() -> None:
+    with transaction.atomic():
+        async_to_sync(user_registered.asend)(sender=Plain, instance=None)
+        assert records() == []
+    assert len(records("user_event")) == 1
+
+
+def test_loaddata_is_not_deferred_unless_the_handler_asks() -> None:
+    call_command("loaddata", "tickets.json", verbosity=0)
+    assert records("article_saved") == []  # raw=True: skipped
+    assert sync_calls("article_saved")[0]["kwargs"]["raw"]["repr"] == "True"
+    assert len(records("ticket_saved")) == 1  # include_raw=True
+
+
+# --- rows gone by the time the handler runs ---------------------------------------------------
+
+
+def test_row_deleted_before_the_handler_runs_is_skipped_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="deferred_signals"), transaction.atomic():
+        Article.objects.create(title="gone").delete()
+    assert records("article_saved") == []
+    assert "Skipped deferred handler tests.testapp.handlers.article_saved" in caplog.text
+    assert "no longer exists" in caplog.text
+    assert titles("article_snapshot") == ["gone"]  # snapshot handlers are not affected
+
+
+def test_on_missing_raise(caplog: pytest.LogCaptureFixture) -> None:
+    handlers = {"tests.testapp.handlers.article_saved": {"on_missing": "raise"}}
+    with override_settings(DEFERRED_SIGNALS={"EAGER": True, "HANDLERS": handlers}):
+        with caplog.at_level(logging.ERROR, logger="deferred_signals"), transaction.atomic():
+            Article.objects.create(title="gone").delete()
+    assert records("article_saved") == []
+    assert "DoesNotExist" in caplog.text
+
+
+def test_on_missing_snapshot() -> None:
+    with transaction.atomic():
+        Ticket.objects.create(subject="short-lived").delete()
+    (call,) = [r.call for r in records("ticket_saved")]
+    assert call["kwargs"]["instance"]["fields"]["subject"]["repr"] == "'short-lived'"
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_bad_argument_fails_at_send_time_naming_handler_kwarg_and_type() -> None:
+    with pytest.raises(DeferredSignalError) as info, transaction.atomic():
+        user_registered.send(sender=Plain, instance=None, payload={"when": object()})
+    message = str(info.value)
+    assert "'tests.user_event'" in message
+    assert "payload['when']" in message
+    assert "builtins.object" in message
+    assert "register_codec" in message
+    assert records() == []
+
+
+def test_bad_argument_outside_atomic_fails_too() -> None:
+    with pytest.raises(DeferredSignalError, match="tests.user_event"):
+        user_registered.send(sender=Plain, instance=None, callback=print)
