@@ -9,10 +9,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from celery import _state as celery_state
+from celery import current_app
 from django.conf import settings
+from pytest_django.fixtures import Settings as SettingsWrapper
 
+import tests.celery_app  # noqa: F401  (the project's Celery app is current, as in a project)
 from tests.testapp import handlers
 from tests.testapp.models import Record
+from tests.workers import Worker
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -88,3 +93,38 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "c
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="session", params=["redis", "rabbitmq"])
+def worker(
+    request: pytest.FixtureRequest, django_db_setup: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
+    """A real ``celery worker`` process on Redis, then on RabbitMQ, using the test databases."""
+    if not on_postgres():
+        pytest.skip("end-to-end: runs in make test's PostgreSQL pass (--ds=tests.settings_postgres)")
+    require(request.param)
+    from django.db import connections
+
+    names = {alias: connections[alias].settings_dict["NAME"] for alias in ("default", "other")}
+    started = Worker(request.param, names, tmp_path_factory.mktemp("workers"))
+    started.start()
+    yield started
+    started.stop()
+    started.delete_queue()
+
+
+@pytest.fixture
+def deferred_to(worker: Worker, settings: SettingsWrapper) -> Iterator[Worker]:
+    """Publish deferred calls to ``worker``'s broker and queue instead of running them inline."""
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "EAGER": False,
+        "DEFAULTS": {"queue": worker.queue},
+    }
+    previous = current_app._get_current_object()
+    previous_default = celery_state.default_app
+    worker.app.set_current()
+    worker.app.set_default()  # threads other than this one use the default app
+    yield worker
+    previous.set_current()
+    celery_state.set_default_app(previous_default)
