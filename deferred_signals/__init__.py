@@ -1,9 +1,9 @@
 """Run Django signal handlers as Celery tasks, after the transaction commits.
 
-    from deferred_signals import receiver
+from deferred_signals import receiver
 
-    @receiver(post_save, sender=User, defer=True)
-    def send_welcome_email(sender, instance, created, **kwargs): ...
+@receiver(post_save, sender=User, defer=True)
+def send_welcome_email(sender, instance, created, **kwargs): ...
 """
 
 from __future__ import annotations

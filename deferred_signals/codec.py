@@ -124,7 +124,10 @@ class Encoder:
         if kind is tuple or kind is set or kind is frozenset:
             items = value if kind is tuple else _stable(value)
             tag = "tuple" if kind is tuple else kind.__name__
-            return {TAG: tag, "v": [self.encode(item, f"{path}[{i}]") for i, item in enumerate(items)]}
+            return {
+                TAG: tag,
+                "v": [self.encode(item, f"{path}[{i}]") for i, item in enumerate(items)],
+            }
         return self._encode_other(value, path)
 
     def _encode_other(self, value: Any, path: str) -> JSON:
@@ -135,17 +138,18 @@ class Encoder:
         codec = _find_custom(type(value))
         if codec is not None:
             return {TAG: codec.tag, "v": self.encode(codec.encode(value), f"{path}<{codec.tag}>")}
-        if isinstance(value, enum.Enum) and isinstance(value, (str, int)):
-            # Django's TextChoices / IntegerChoices: the plain value compares equal.
-            return self.encode(value.value, path)
-        if isinstance(value, (str, int, float)) and not isinstance(value, enum.Enum):
-            # e.g. SafeString: travels as its base type.
-            for base in (str, int, float):
-                if isinstance(value, base):
-                    return base(value)
-        for base, tag in ((datetime.datetime, "dt"), (datetime.date, "date"), (Decimal, "dec")):
+        if isinstance(value, enum.Enum):
+            if isinstance(value, (str, int)):
+                # Django's TextChoices / IntegerChoices: the plain value compares equal.
+                return self.encode(value.value, path)
+            raise EncodeError(path, value, "send the member's .value, or register a codec")
+        # Subclasses of the base types (SafeString, a datetime subclass...) travel as the base.
+        for base in (str, int, float):
             if isinstance(value, base):
-                return {TAG: tag, "v": _SIMPLE_ENCODERS[base][1](value)}
+                return base(value)
+        for simple, (tag, encode) in _SIMPLE_ENCODERS.items():
+            if isinstance(value, simple):
+                return {TAG: tag, "v": encode(value)}
         raise EncodeError(path, value)
 
     def _encode_instance(self, instance: models.Model, path: str) -> JSON:

@@ -6,6 +6,7 @@ Settings are read lazily, through :data:`conf`, and every cached value is droppe
 
 from __future__ import annotations
 
+import builtins
 import numbers
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -148,7 +149,7 @@ def _exception_problems(paths: Iterable[object], where: str) -> list[Problem]:
         if not isinstance(path, str):
             continue
         try:
-            exc = import_string(path)
+            exc = import_exception(path)
         except ImportError as error:
             problems.append(
                 Problem(
@@ -242,8 +243,18 @@ class HandlerOptions:
         return self.values.get(key, default)
 
 
+def import_exception(path: str) -> Any:
+    """``"smtplib.SMTPException"``, or a bare builtin name such as ``"ConnectionError"``."""
+    if "." not in path:
+        try:
+            return getattr(builtins, path)
+        except AttributeError:
+            raise ImportError(f"{path!r} is not a builtin; give a dotted path") from None
+    return import_string(path)
+
+
 def _exceptions(items: Iterable[str | type[BaseException]]) -> tuple[type[BaseException], ...]:
-    return tuple(import_string(item) if isinstance(item, str) else item for item in items)
+    return tuple(import_exception(item) if isinstance(item, str) else item for item in items)
 
 
 class Settings:
@@ -263,7 +274,7 @@ class Settings:
         if problems:
             first = problems[0]
             raise DeferredSignalConfigError(f"{first.msg} {first.hint} ({first.id})")
-        return raw  # type: ignore[return-value]
+        return raw
 
     @property
     def eager(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar, overload
 
 from celery.utils import uuid
@@ -12,7 +12,7 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import Signal
 from django.dispatch import receiver as django_receiver
-from django.dispatch.dispatcher import _make_id
+from django.dispatch.dispatcher import _make_id  # type: ignore[attr-defined]
 
 from . import dispatch, registry
 from .codec import EncodeError, Encoder
@@ -22,7 +22,7 @@ from .registry import Handler
 from .tasks import MESSAGE_VERSION, create_task
 
 F = TypeVar("F", bound=Callable[..., Any])
-Signals = Signal | Sequence[Signal]
+Signals = Signal | list[Signal] | tuple[Signal, ...]
 
 #: Options of ``defer=True`` that are about the handler, not its Celery task.
 HANDLER_KWARGS = ("name", "include_raw", "using")
@@ -65,7 +65,7 @@ def receiver(signal: Signals, *, defer: bool = False, **kwargs: Any) -> Callable
     """
     if not defer:
         _refuse_deferred_options(kwargs)
-        return django_receiver(signal, **kwargs)  # type: ignore[no-any-return]
+        return django_receiver(signal, **kwargs)
 
     def decorator(func: F) -> F:
         connect(signal, func, defer=True, **kwargs)
@@ -98,7 +98,7 @@ def connect(
     ``settings.DEFERRED_SIGNALS`` (``queue``, ``max_retries``, ``instance="snapshot"``...).
     The connection is always strong: ``weak`` is accepted and ignored.
     """
-    signals = list(signal) if isinstance(signal, (list, tuple)) else [signal]
+    signals: list[Signal] = list(signal) if isinstance(signal, (list, tuple)) else [signal]
     if not defer:
         _refuse_deferred_options({"name": name, "include_raw": include_raw, "using": using})
         _refuse_deferred_options(options)

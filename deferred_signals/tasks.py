@@ -9,6 +9,7 @@ from typing import Any
 from celery import Task, shared_task
 from celery.exceptions import Reject
 from celery.utils.time import get_exponential_backoff_interval
+from django.core.exceptions import ObjectDoesNotExist
 from django.dispatch import Signal
 
 from . import registry
@@ -36,9 +37,9 @@ def _option(key: str, celery_setting: str | None) -> property:
     def get(self: DeferredHandlerTask) -> Any:
         if key in self._overrides:
             return self._overrides[key]
-        values = self.handler.merged.values
-        if key in values:
-            return values[key]
+        handler = registry.get(self.name)
+        if handler is not None and key in handler.merged.values:
+            return handler.merged.values[key]
         if celery_setting is None:
             return CELERY_TASK_DEFAULTS[key]
         return self.app.conf.get(celery_setting)
@@ -50,7 +51,7 @@ def _option(key: str, celery_setting: str | None) -> property:
     return property(get, set_)
 
 
-class DeferredHandlerTask(Task):  # type: ignore[misc]
+class DeferredHandlerTask(Task):  # type: ignore[type-arg]
     """Base class of the per-handler tasks. Users never call these tasks directly."""
 
     ignore_result = True
@@ -96,9 +97,9 @@ def create_task(handler: Handler) -> Any:
     run.__qualname__ = getattr(func, "__qualname__", run.__name__)
     run.__module__ = getattr(func, "__module__", __name__)
     run.__doc__ = func.__doc__
-    task = _tasks[handler.name] = shared_task(name=handler.name, bind=True, base=DeferredHandlerTask)(
-        run
-    )
+    task = _tasks[handler.name] = shared_task(
+        name=handler.name, bind=True, base=DeferredHandlerTask
+    )(run)
     return task
 
 
@@ -144,7 +145,9 @@ def retry_or_reraise(task: DeferredHandlerTask, handler: Handler, exc: Exception
 class DecodedCall:
     """A handler call read back from a message, ready to run."""
 
-    def __init__(self, handler: Handler, signal: Signal, decoder: Decoder, sender: Any, kwargs: Any):
+    def __init__(
+        self, handler: Handler, signal: Signal, decoder: Decoder, sender: Any, kwargs: Any
+    ):
         self.handler = handler
         self.signal = signal
         self.decoder = decoder
@@ -165,7 +168,7 @@ class DecodedCall:
                 continue
             try:
                 ref.resolved = ref.model._base_manager.db_manager(ref.db).get(pk=ref.pk)
-            except ref.model.DoesNotExist:
+            except ObjectDoesNotExist:
                 policy = self.handler.merged.get("on_missing")
                 if policy == "raise":
                     raise

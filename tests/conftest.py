@@ -62,7 +62,9 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: N
 @pytest.fixture
 def postgres_only() -> None:
     if not on_postgres():
-        pytest.skip("PostgreSQL-only: runs in make test's PostgreSQL pass (--ds=tests.settings_postgres)")
+        pytest.skip(
+            "PostgreSQL-only: runs in make test's PostgreSQL pass (--ds=tests.settings_postgres)"
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +103,9 @@ def worker(
 ) -> Iterator[Worker]:
     """A real ``celery worker`` process on Redis, then on RabbitMQ, using the test databases."""
     if not on_postgres():
-        pytest.skip("end-to-end: runs in make test's PostgreSQL pass (--ds=tests.settings_postgres)")
+        pytest.skip(
+            "end-to-end: runs in make test's PostgreSQL pass (--ds=tests.settings_postgres)"
+        )
     require(request.param)
     from django.db import connections
 

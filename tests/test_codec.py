@@ -239,3 +239,27 @@ def test_class_lookup_never_imports() -> None:
     with pytest.raises(MalformedMessageError, match="not loaded"):
         Decoder().decode({"$t": "class", "v": "antigravity:Anything"})
     assert "antigravity" not in sys.modules
+
+
+def test_plain_enums_are_refused_with_a_hint() -> None:
+    import enum
+
+    class Level(enum.Enum):
+        LOW = 1.5
+
+    with pytest.raises(EncodeError) as info:
+        Encoder(fresh=True, fields=False).encode(Level.LOW, "level")
+    assert ".value" in info.value.hint
+
+
+def test_subclasses_of_supported_types_travel_as_the_base_type() -> None:
+    class Moment(datetime.datetime):
+        pass
+
+    class Amount(Decimal):
+        pass
+
+    moment = Moment(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    assert wire(moment) == moment and type(wire(moment)) is datetime.datetime
+    assert type(wire(Amount("1.5"))) is Decimal
+    assert type(wire(True)) is bool

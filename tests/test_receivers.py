@@ -26,9 +26,7 @@ from tests.testapp.models import Article, Author
 
 
 @contextmanager
-def deferred(
-    signal: Signal, func: Callable[..., Any], **kwargs: Any
-) -> Iterator[registry.Handler]:
+def deferred(signal: Signal, func: Callable[..., Any], **kwargs: Any) -> Iterator[registry.Handler]:
     """Connect ``func`` as a deferred handler for the duration of a test."""
     connect(signal, func, defer=True, **kwargs)
     handler = registry.get(kwargs.get("name") or f"{func.__module__}.{func.__qualname__}")
@@ -36,7 +34,9 @@ def deferred(
     try:
         yield handler
     finally:
-        signal.disconnect(func, sender=kwargs.get("sender"), dispatch_uid=kwargs.get("dispatch_uid"))
+        signal.disconnect(
+            func, sender=kwargs.get("sender"), dispatch_uid=kwargs.get("dispatch_uid")
+        )
         registry.unregister(handler.name)
 
 
@@ -124,9 +124,11 @@ def test_one_task_per_handler_named_module_qualname() -> None:
 
 
 def test_two_functions_under_one_name_fail_at_import_time() -> None:
-    with deferred(Signal(), module_level_handler, name="tests.same"):
-        with pytest.raises(DuplicateHandlerError, match="tests.same"):
-            connect(Signal(), other_module_level_handler, defer=True, name="tests.same")
+    with (
+        deferred(Signal(), module_level_handler, name="tests.same"),
+        pytest.raises(DuplicateHandlerError, match=r"tests\.same"),
+    ):
+        connect(Signal(), other_module_level_handler, defer=True, name="tests.same")
 
 
 def test_one_function_connected_to_several_senders_shares_its_handler() -> None:
@@ -156,7 +158,7 @@ def test_bad_options_fail_at_import_time_naming_handler_and_option() -> None:
         connect(Signal(), module_level_handler, defer=True, retries=3)
     with pytest.raises(DeferredSignalConfigError, match=r"'instance'.*'fresh' or 'snapshot'"):
         connect(Signal(), module_level_handler, defer=True, instance="copy")
-    with pytest.raises(DeferredSignalConfigError, match="not a django.dispatch.Signal"):
+    with pytest.raises(DeferredSignalConfigError, match=r"not a django\.dispatch\.Signal"):
         connect("post_save", module_level_handler, defer=True)  # type: ignore[arg-type]
     with pytest.raises(DeferredSignalConfigError, match="must be callable"):
         connect(Signal(), "handler", defer=True)  # type: ignore[arg-type]
@@ -197,5 +199,7 @@ def test_deferred_connection_is_strong() -> None:
 @pytest.mark.django_db
 def test_raw_post_save_is_not_deferred_by_default(django_capture_on_commit_callbacks: Any) -> None:
     with django_capture_on_commit_callbacks() as callbacks:
-        post_save.send(sender=Article, instance=Article(pk=1), created=True, raw=True, using="default")
+        post_save.send(
+            sender=Article, instance=Article(pk=1), created=True, raw=True, using="default"
+        )
     assert callbacks == []

@@ -48,10 +48,15 @@ def test_precedence_handlers_over_decorator_over_defaults_over_builtin() -> None
 
 
 def test_exception_paths_are_resolved() -> None:
-    value = {"DEFAULTS": {"autoretry_for": ["smtplib.SMTPException"], "dont_autoretry_for": [KeyError]}}
+    value = {
+        "DEFAULTS": {
+            "autoretry_for": ["smtplib.SMTPException", "ConnectionError"],
+            "dont_autoretry_for": [KeyError],
+        }
+    }
     with override_settings(DEFERRED_SIGNALS=value):
         merged = handler().merged
-        assert merged.autoretry_for == (smtplib.SMTPException,)
+        assert merged.autoretry_for == (smtplib.SMTPException, ConnectionError)
         assert merged.dont_autoretry_for == (KeyError,)
 
 
@@ -102,6 +107,8 @@ def test_valid_settings_pass_the_checks() -> None:
         ({"DEFAULTS": {"autoretry_for": ["smtplib.NoSuchError"]}}, ["deferred_signals.E006"]),
         ({"DEFAULTS": {"autoretry_for": ["no_such_module.Error"]}}, ["deferred_signals.E006"]),
         ({"DEFAULTS": {"dont_autoretry_for": ["smtplib.SMTP_PORT"]}}, ["deferred_signals.E006"]),
+        ({"DEFAULTS": {"autoretry_for": ["NoSuchBuiltinError"]}}, ["deferred_signals.E006"]),
+        ({"DEFAULTS": {"autoretry_for": ["ConnectionError", "len"]}}, ["deferred_signals.E006"]),
         ({"EAGER": "true"}, ["deferred_signals.E007"]),
         ({"DELIVERY": "carrier pigeon"}, ["deferred_signals.E008"]),
         ({"HANDLERS": {"app.signals.typo": {}}}, ["deferred_signals.W001"]),
@@ -121,13 +128,17 @@ def test_check_messages_say_what_and_how() -> None:
 
 
 def test_manage_py_check_reports_errors() -> None:
-    with override_settings(DEFERRED_SIGNALS={"DEFAULTS": {"max_retries": -1}}):
-        with pytest.raises(SystemCheckError, match=r"deferred_signals\.E005"):
-            call_command("check")
+    with (
+        override_settings(DEFERRED_SIGNALS={"DEFAULTS": {"max_retries": -1}}),
+        pytest.raises(SystemCheckError, match=r"deferred_signals\.E005"),
+    ):
+        call_command("check")
     call_command("check")  # the test settings themselves are clean
 
 
 def test_invalid_settings_raise_at_use_with_the_check_id() -> None:
-    with override_settings(DEFERRED_SIGNALS={"DEFAULTS": {"queue": ""}}):
-        with pytest.raises(DeferredSignalConfigError, match=r"E005"):
-            conf.eager  # noqa: B018
+    with (
+        override_settings(DEFERRED_SIGNALS={"DEFAULTS": {"queue": ""}}),
+        pytest.raises(DeferredSignalConfigError, match=r"E005"),
+    ):
+        conf.eager  # noqa: B018

@@ -58,7 +58,7 @@ def test_post_save_runs_in_the_worker_after_commit(deferred_to: Worker) -> None:
         assert record.pid != os.getpid()  # ran in the worker, not here
         assert record.ran_at >= committing_at
     # The fresh fetch found the committed row: the handler saw what a sync handler saw.
-    assert saved.call == [c for c in sync_calls("article_saved") if title in str(c)][0]
+    assert saved.call == next(c for c in sync_calls("article_saved") if title in str(c))
 
 
 def test_custom_signal_arguments_survive_the_broker(deferred_to: Worker) -> None:
@@ -209,7 +209,9 @@ def test_row_deleted_before_the_worker_runs_is_skipped(deferred_to: Worker) -> N
         Article.objects.create(title=title).delete()
     wait_for(lambda: article_records("article_snapshot", title), what="the snapshot handler")
     wait_for(
-        lambda: "Skipped deferred handler tests.testapp.handlers.article_saved" in deferred_to.log(),
+        lambda: (
+            "Skipped deferred handler tests.testapp.handlers.article_saved" in deferred_to.log()
+        ),
         what="the skip warning",
     )
     assert article_records("article_saved", title) == []

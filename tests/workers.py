@@ -74,10 +74,8 @@ class Worker:
         if process is None or process.poll() is not None:
             return
         process.terminate()  # warm shutdown: the worker stops its pool processes itself
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the process group
         process.wait()

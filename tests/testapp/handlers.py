@@ -88,7 +88,11 @@ def describe(value: Any) -> Any:
     if isinstance(value, FieldFile):
         return {"type": "FieldFile", "name": value.name}
     if isinstance(value, (datetime.datetime, datetime.time)):
-        return {"type": type(value).__name__, "iso": value.isoformat(), "aware": value.utcoffset() is not None}
+        return {
+            "type": type(value).__name__,
+            "iso": value.isoformat(),
+            "aware": value.utcoffset() is not None,
+        }
     return {"type": type(value).__name__, "repr": repr(value)}
 
 

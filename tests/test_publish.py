@@ -1,0 +1,139 @@
+"""The publish step against a real Redis, with nobody consuming: what reaches the broker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from celery import Celery, current_app
+from celery import _state as celery_state
+from celery.signals import after_task_publish, before_task_publish
+from django.db import transaction
+from pytest_django.fixtures import Settings as SettingsWrapper
+
+from tests.conftest import require
+from tests.testapp.models import Article
+from tests.testapp.signals import user_registered
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@dataclass
+class Queue:
+    app: Celery
+    name: str
+    redis: Any
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in reversed(self.redis.lrange(self.name, 0, -1))]
+
+    def __len__(self) -> int:
+        return int(self.redis.llen(self.name))
+
+
+@contextmanager
+def use_app(app: Celery, settings: SettingsWrapper, queue: str) -> Iterator[None]:
+    """Publish deferred calls through ``app`` (this thread and others) to ``queue``."""
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "EAGER": False,
+        "DEFAULTS": {"queue": queue},
+    }
+    previous, previous_default = current_app._get_current_object(), celery_state.default_app
+    app.set_current()
+    app.set_default()
+    yield
+    previous.set_current()
+    celery_state.set_default_app(previous_default)
+    app.close()
+
+
+@pytest.fixture
+def redis_queue(settings: SettingsWrapper) -> Iterator[Queue]:
+    require("redis")
+    import redis
+
+    url = "redis://127.0.0.1:6379/14"
+    app = Celery("publish-tests", set_as_current=False)
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    app.conf.broker_url = url
+    queue = Queue(app, f"ds-publish-{uuid.uuid4().hex[:8]}", redis.Redis.from_url(url))
+    with use_app(app, settings, queue.name):
+        yield queue
+    queue.redis.delete(queue.name)
+
+
+def test_a_transaction_publishes_all_its_calls_at_commit(redis_queue: Queue) -> None:
+    label = uuid.uuid4().hex
+    with transaction.atomic():
+        for i in range(1000):
+            user_registered.send(sender=None, label=label, i=i)
+        assert len(redis_queue) == 0
+    messages = redis_queue.messages()
+    assert len(messages) == 1000
+    assert {m["headers"]["task"] for m in messages} == {"tests.user_event"}
+    assert len({m["headers"]["id"] for m in messages}) == 1000
+    bodies = [json.loads(base64.b64decode(m["body"])) for m in messages]
+    assert [body[1]["kwargs"]["i"] for body in bodies] == list(range(1000))  # send order
+
+
+def test_rollback_publishes_nothing_and_autocommit_publishes_at_once(redis_queue: Queue) -> None:
+    with pytest.raises(RuntimeError), transaction.atomic():
+        Article.objects.create(title="rolled back")
+        raise RuntimeError
+    assert len(redis_queue) == 0
+    Article.objects.create(title="autocommit")
+    assert len(redis_queue) == 2  # article_saved and article_snapshot, at once
+
+
+def test_celery_publish_signals_fire_so_tracing_headers_survive(redis_queue: Queue) -> None:
+    published: list[str] = []
+
+    def inject(headers: dict[str, Any], **kwargs: Any) -> None:
+        headers["traceparent"] = f"00-{headers['id'].replace('-', '')}-0000000000000001-01"
+
+    def count(sender: str, **kwargs: Any) -> None:
+        published.append(sender)
+
+    before_task_publish.connect(inject, weak=False)
+    after_task_publish.connect(count, weak=False)
+    try:
+        with transaction.atomic():
+            for _ in range(3):
+                user_registered.send(sender=None)
+    finally:
+        before_task_publish.disconnect(inject)
+        after_task_publish.disconnect(count)
+    assert published == ["tests.user_event"] * 3
+    assert all(m["headers"]["traceparent"].startswith("00-") for m in redis_queue.messages())
+
+
+@pytest.fixture
+def broker_down(settings: SettingsWrapper) -> Iterator[None]:
+    app = Celery("broker-down", set_as_current=False)
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    app.conf.broker_url = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    with use_app(app, settings, "nowhere"):
+        yield
+
+
+def test_broker_down_at_commit_logs_every_lost_call_and_the_request_completes(
+    broker_down: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="deferred_signals"), transaction.atomic():
+        article = Article.objects.create(title="committed anyway")
+    elapsed = time.monotonic() - started
+    assert Article.objects.filter(pk=article.pk).exists()  # the data is committed
+    assert "could not publish committed calls" in caplog.text
+    assert "tests.testapp.handlers.article_saved[" in caplog.text
+    assert "tests.testapp.handlers.article_snapshot[" in caplog.text
+    assert elapsed < 15  # Celery's publish retry policy, not a hang
