@@ -45,7 +45,7 @@ runserver: $(STAMP)  ## Start the example project's web server on 127.0.0.1:8000
 	@echo "TODO(demo): runserver"
 
 bench: $(STAMP) services  ## Side-by-side figures against the usual hand-written idioms.
-	@echo "TODO(bench)"
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 lint: $(STAMP)  ## ruff and mypy.
 	$(PY) -m ruff check deferred_signals tests

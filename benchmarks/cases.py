@@ -1,0 +1,341 @@
+"""The measured cases: what each transaction does and which idioms are compared.
+
+Each idiom is a :class:`Variant` that connects its receivers for the time it is measured.
+Within a round every variant of a case runs back to back (in an order rotated from round
+to round), so a slow patch of a shared machine hits them alike and per-round ratios hold.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F
+from django.db.models.signals import post_save
+from django.dispatch import Signal
+
+from benchmarks.benchapp import handlers
+from benchmarks.benchapp.models import Item
+from benchmarks.services import BrokerTraffic, Queue, count_traffic
+from benchmarks.stats import Samples
+from deferred_signals import connect
+
+Work = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    #: Publishes to the broker: skipped when Redis is down.
+    needs_broker: bool
+    #: Messages one unit of work must leave in the queue (checked after every batch).
+    messages: int
+    install: Callable[[], AbstractContextManager[None]] = nullcontext
+
+
+@dataclass
+class Measured:
+    """Everything measured for one variant of one case."""
+
+    variant: Variant
+    samples: Samples = field(default_factory=Samples)
+    traffic: BrokerTraffic | None = None
+    traffic_units: int = 1
+    peak_memory: int | None = None
+    skipped: str = ""
+
+
+@contextmanager
+def plain(signal: Signal, func: Callable[..., Any], sender: Any = None) -> Iterator[None]:
+    """A Django receiver, connected strongly for the block."""
+    signal.connect(func, sender=sender, weak=False)
+    try:
+        yield
+    finally:
+        _disconnect(signal, func, sender)
+
+
+@contextmanager
+def deferred(
+    signal: Signal, funcs: Sequence[Callable[..., Any]], names: Sequence[str], sender: Any = None
+) -> Iterator[None]:
+    """deferred_signals handlers, through the public ``connect(..., defer=True)``."""
+    for func, name in zip(funcs, names, strict=True):
+        connect(signal, func, sender=sender, defer=True, name=name)
+    try:
+        yield
+    finally:
+        for func in funcs:
+            _disconnect(signal, func, sender)
+
+
+def _disconnect(signal: Signal, func: Callable[..., Any], sender: Any) -> None:
+    # A receiver left connected would add its cost to every later variant: fail loudly.
+    if not signal.disconnect(func, sender=sender):
+        raise RuntimeError(f"{func.__qualname__} was not connected to {signal!r}")
+
+
+def timed(action: Callable[[], None]) -> Work:
+    def work() -> float:
+        start = time.perf_counter()
+        action()
+        return time.perf_counter() - start
+
+    return work
+
+
+# --- case 1: one transaction saving one row -----------------------------------------------
+
+PRICE = Decimal("9.99")
+
+
+def save_one_row() -> None:
+    with transaction.atomic():
+        Item.objects.create(name="widget", quantity=1, price=PRICE)
+
+
+CASE1 = [
+    Variant("none", "(a) no handler (baseline)", False, 0),
+    Variant(
+        "deferred",
+        "(b) deferred_signals defer=True",
+        True,
+        1,
+        lambda: deferred(post_save, [handlers.saved_deferred], ["bench.saved"], Item),
+    ),
+    Variant(
+        "idiom",
+        "(c) on_commit(lambda: task.delay())",
+        True,
+        1,
+        lambda: plain(post_save, handlers.saved_idiom, Item),
+    ),
+    Variant(
+        "delay_on_commit",
+        "(d) task.delay_on_commit()",
+        True,
+        1,
+        lambda: plain(post_save, handlers.saved_delay_on_commit, Item),
+    ),
+    Variant(
+        "sync",
+        "(e) synchronous handler",
+        False,
+        0,
+        lambda: plain(post_save, handlers.saved_sync, Item),
+    ),
+]
+
+
+# --- case 2: one transaction firing 1,000 signals -----------------------------------------
+
+SIGNALS_PER_TRANSACTION = 1000
+TAGS = ["bench", "bulk"]
+PLACED_AT = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.timezone.utc)
+
+
+def fire_thousand(items: Sequence[Item]) -> None:
+    """One write, then one ``order_placed`` per item: signals with a model and a few kwargs."""
+    with transaction.atomic():
+        Item.objects.filter(pk=items[0].pk).update(quantity=F("quantity") + 1)
+        for item in items:
+            handlers.order_placed.send(
+                sender=Item, instance=item, amount=item.price, tags=TAGS, placed_at=PLACED_AT
+            )
+
+
+CASE2 = [
+    Variant("none", "no receiver (Django's send alone)", False, 0),
+    Variant(
+        "deferred",
+        "deferred_signals defer=True",
+        True,
+        SIGNALS_PER_TRANSACTION,
+        lambda: deferred(handlers.order_placed, [handlers.order_deferred], ["bench.order"]),
+    ),
+    Variant(
+        "idiom",
+        "on_commit(lambda: task.delay())",
+        True,
+        SIGNALS_PER_TRANSACTION,
+        lambda: plain(handlers.order_placed, handlers.order_idiom),
+    ),
+    Variant(
+        "delay_on_commit",
+        "task.delay_on_commit()",
+        True,
+        SIGNALS_PER_TRANSACTION,
+        lambda: plain(handlers.order_placed, handlers.order_delay_on_commit),
+    ),
+    Variant(
+        "sync",
+        "synchronous handler",
+        False,
+        0,
+        lambda: plain(handlers.order_placed, handlers.order_sync),
+    ),
+]
+
+
+# --- case 3: one send, 1 or 10 deferred handlers ------------------------------------------
+
+SENDS_PER_SAMPLE = 20
+PROBE = handlers.Probe()
+# A payload whose encoding costs enough to see: 100 order lines with decimals and dates.
+LINES = [
+    {"sku": f"SKU-{n:05d}", "qty": n, "price": Decimal(n) / 4, "at": PLACED_AT} for n in range(100)
+]
+PAYLOADS: dict[str, dict[str, Any]] = {
+    "light": {"probe": PROBE},
+    "heavy": {"probe": PROBE, "lines": LINES},
+}
+
+
+def fanout_variant(count: int) -> Variant:
+    return Variant(
+        f"x{count}",
+        f"{count} deferred handler{'s' if count > 1 else ''}",
+        True,
+        count,
+        lambda: deferred(
+            handlers.fanout, handlers.FANOUT_HANDLERS[:count], handlers.FANOUT_NAMES[:count]
+        ),
+    )
+
+
+CASE3 = [fanout_variant(1), fanout_variant(10)]
+
+
+def sends_only(item: Item, payload: dict[str, Any]) -> Work:
+    """Time ``SENDS_PER_SAMPLE`` sends (per send), then roll back: nothing is published."""
+
+    def work() -> float:
+        with transaction.atomic():
+            start = time.perf_counter()
+            for _ in range(SENDS_PER_SAMPLE):
+                handlers.fanout.send(sender=Item, instance=item, **payload)
+            elapsed = time.perf_counter() - start
+            transaction.set_rollback(True)
+        return elapsed / SENDS_PER_SAMPLE
+
+    return work
+
+
+def send_and_commit(item: Item, payload: dict[str, Any]) -> Callable[[], None]:
+    def action() -> None:
+        with transaction.atomic():
+            handlers.fanout.send(sender=Item, instance=item, **payload)
+
+    return action
+
+
+# --- the runner ---------------------------------------------------------------------------
+
+
+@dataclass
+class Runner:
+    queue: Queue | None
+    broker_up: bool
+    problems: list[str] = field(default_factory=list)
+
+    def measure(
+        self,
+        case: str,
+        variants: Sequence[Variant],
+        work: Work,
+        *,
+        rounds: int,
+        per_round: int,
+        warmup: int,
+        quiet_gc: bool = True,
+        publishes: bool = True,
+    ) -> list[Measured]:
+        results = [Measured(variant) for variant in variants]
+        for measured in results:
+            # Work that rolls back publishes nothing and runs without a broker.
+            if measured.variant.needs_broker and publishes and not self.broker_up:
+                measured.skipped = "skipped: Redis is down"
+        active = [measured for measured in results if not measured.skipped]
+        for round_number in range(rounds):
+            # Rotate the order so no variant always runs first (cold) or last.
+            shift = round_number % len(active) if active else 0
+            for measured in active[shift:] + active[:shift]:
+                with measured.variant.install():
+                    for _ in range(warmup):
+                        work()
+                    measured.samples.add_round(_collect(work, per_round, quiet_gc))
+                units = warmup + per_round if publishes else 0
+                self.check_queue(case, measured.variant, units)
+        return results
+
+    def count_traffic(self, case: str, results: Sequence[Measured], work: Work, units: int) -> None:
+        """A separate pass per variant, not timed: round trips and commands per unit."""
+        for measured in results:
+            if measured.skipped or not self.broker_up:
+                continue
+            with measured.variant.install():
+                work()  # warm: connections, producer pool and queue declaration
+                self.check_queue(case, measured.variant, 1)
+                with count_traffic() as traffic:
+                    for _ in range(units):
+                        work()
+                self.check_queue(case, measured.variant, units)
+            measured.traffic, measured.traffic_units = traffic, units
+
+    def peak_memory(self, case: str, results: Sequence[Measured], work: Work) -> None:
+        """tracemalloc's peak over one unit of work, above what was allocated before it."""
+        for measured in results:
+            if measured.skipped:
+                continue
+            with measured.variant.install():
+                work()
+                self.check_queue(case, measured.variant, 1)
+                gc.collect()
+                tracemalloc.start()
+                try:
+                    base = tracemalloc.get_traced_memory()[0]
+                    work()
+                    measured.peak_memory = tracemalloc.get_traced_memory()[1] - base
+                finally:
+                    tracemalloc.stop()
+                self.check_queue(case, measured.variant, 1)
+
+    def check_queue(self, case: str, variant: Variant, units: int) -> None:
+        """Purge the queue, and note it when it did not hold what the variant should publish.
+
+        deferred_signals logs publish failures instead of raising them (the data is
+        committed), so a fast but silent failure would otherwise look like a good figure.
+        """
+        if self.queue is None:
+            return
+        expected = variant.messages * units
+        found = self.queue.purge()
+        if found != expected:
+            self.problems.append(
+                f"{case} / {variant.label}: expected {expected} messages in the queue, "
+                f"found {found}"
+            )
+
+
+def _collect(work: Work, count: int, quiet_gc: bool) -> list[float]:
+    gc.collect()
+    if not quiet_gc:
+        # Long units (a 1,000-signal transaction): the collections a variant's allocations
+        # cause are part of its cost.
+        return [work() for _ in range(count)]
+    # Short units: the collector is off while timing, as timeit does; a collection landing
+    # in one variant's batch and not another's is noise, not a property of the variant.
+    gc.disable()
+    try:
+        return [work() for _ in range(count)]
+    finally:
+        gc.enable()
