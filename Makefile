@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST := $(PY) -m pytest
+# The example project; BROKER and DATABASE_URL given to make reach it through the environment.
+EXAMPLE := example_project
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test test-unit test-postgres services demo worker runserver bench lint format clean
@@ -36,13 +38,14 @@ test-unit: $(STAMP)  ## Only the fast layers (unit tests and SQLite), no service
 	$(PYTEST) --ds=tests.settings
 
 demo: $(STAMP)  ## The example project end to end: SQLite, a serverless broker, a real worker.
-	@echo "TODO(demo): example_project demo"
+	$(PY) $(EXAMPLE)/manage.py demo
 
 worker: $(STAMP)  ## Start a celery worker for the example project (Ctrl-C to stop).
-	@echo "TODO(demo): worker"
+	$(PY) -m celery --workdir $(EXAMPLE) --app example_project worker --loglevel INFO
 
-runserver: $(STAMP)  ## Start the example project's web server on 127.0.0.1:8000.
-	@echo "TODO(demo): runserver"
+runserver: $(STAMP)  ## Migrate, then serve the example project's sign-up page on 127.0.0.1:8000.
+	$(PY) $(EXAMPLE)/manage.py migrate --verbosity 0
+	$(PY) $(EXAMPLE)/manage.py runserver 127.0.0.1:8000
 
 bench: $(STAMP) services  ## Side-by-side figures against the usual hand-written idioms.
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
