@@ -10,7 +10,7 @@ PYTEST := $(PY) -m pytest
 EXAMPLE := example_project
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-unit test-postgres services demo worker runserver bench lint format clean
+.PHONY: help venv test test-unit services demo worker runserver bench matrix lint format clean
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -49,6 +49,10 @@ runserver: $(STAMP)  ## Migrate, then serve the example project's sign-up page o
 
 bench: $(STAMP) services  ## Side-by-side figures against the usual hand-written idioms.
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+matrix: $(STAMP) services  ## The suite on every supported Python x Django found here (nox).
+	$(PY) -m pip install --quiet nox
+	$(PY) -m nox
 
 lint: $(STAMP)  ## ruff and mypy.
 	$(PY) -m ruff check deferred_signals tests

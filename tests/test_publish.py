@@ -22,6 +22,7 @@ from pytest_django.fixtures import Settings as SettingsWrapper
 from tests.conftest import require
 from tests.testapp.models import Article
 from tests.testapp.signals import user_registered
+from tests.workers import make_app
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -62,9 +63,7 @@ def redis_queue(settings: SettingsWrapper) -> Iterator[Queue]:
     import redis
 
     url = "redis://127.0.0.1:6379/14"
-    app = Celery("publish-tests", set_as_current=False)
-    app.config_from_object("django.conf:settings", namespace="CELERY")
-    app.conf.broker_url = url
+    app = make_app("publish-tests", url)
     queue = Queue(app, f"ds-publish-{uuid.uuid4().hex[:8]}", redis.Redis.from_url(url))
     with use_app(app, settings, queue.name):
         yield queue
@@ -118,9 +117,7 @@ def test_celery_publish_signals_fire_so_tracing_headers_survive(redis_queue: Que
 
 @pytest.fixture
 def broker_down(settings: SettingsWrapper) -> Iterator[None]:
-    app = Celery("broker-down", set_as_current=False)
-    app.config_from_object("django.conf:settings", namespace="CELERY")
-    app.conf.broker_url = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    app = make_app("broker-down", "redis://127.0.0.1:1/0")  # nothing listens on port 1
     with use_app(app, settings, "nowhere"):
         yield
 

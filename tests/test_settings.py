@@ -127,6 +127,9 @@ def test_check_messages_say_what_and_how() -> None:
     assert "app.signals.typo" in warning.msg and ARTICLE_SAVED in warning.hint
 
 
+@pytest.mark.django_db(
+    databases=["default", "other"]
+)  # Django 6.1's model checks may query the database
 def test_manage_py_check_reports_errors() -> None:
     with (
         override_settings(DEFERRED_SIGNALS={"DEFAULTS": {"max_retries": -1}}),

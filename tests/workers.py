@@ -21,6 +21,11 @@ BROKERS = {
 }
 
 
+def make_app(name: str, broker_url: str) -> Celery:
+    """A publishing app on another broker (JSON, Celery's defaults, like the project's)."""
+    return Celery(name, broker=broker_url, set_as_current=False)
+
+
 class Worker:
     """One ``celery -A tests.celery_app worker`` process consuming a queue of its own."""
 
@@ -40,9 +45,7 @@ class Worker:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
         # The test process publishes through an app of its own on the same broker.
-        self.app = Celery(f"tests-{broker}", set_as_current=False)
-        self.app.config_from_object("django.conf:settings", namespace="CELERY")
-        self.app.conf.broker_url = self.url
+        self.app = make_app(f"tests-{broker}", self.url)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> None:
