@@ -127,9 +127,8 @@ def test_check_messages_say_what_and_how() -> None:
     assert "app.signals.typo" in warning.msg and ARTICLE_SAVED in warning.hint
 
 
-@pytest.mark.django_db(
-    databases=["default", "other"]
-)  # Django 6.1's model checks may query the database
+# Django 6.1's model checks may query every database.
+@pytest.mark.django_db(databases=["default", "other"])
 def test_manage_py_check_reports_errors() -> None:
     with (
         override_settings(DEFERRED_SIGNALS={"DEFAULTS": {"max_retries": -1}}),
