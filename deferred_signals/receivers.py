@@ -167,16 +167,20 @@ def _register(
 # --- the proxy receiver: runs in the request, inside the signal --------------------------
 
 _serials = itertools.count()
+_newest_serial = -1
 
 
 class _LastSend(threading.local):
     """What the previous proxy encoded, so one send encodes its arguments once.
 
     Within one ``Signal.send()`` Django calls receivers in connection order, so proxy serials
-    only grow; a serial that does not grow means a new send, even with the same objects.
+    only grow; a serial that does not grow means a new send, even with the same objects. A
+    proxy connected since the memo was taken may sit after it in a later send, so a new
+    connection also ends the memo.
     """
 
     serial = -1
+    newest = -1
     signal: Signal | None = None
     sender: Any = None
     kwargs: dict[str, Any] | None = None
@@ -187,8 +191,9 @@ _last_send = _LastSend()
 
 
 def _make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
+    global _newest_serial
     index = handler.signal_index(signal)
-    serial = next(_serials)
+    serial = _newest_serial = next(_serials)
     deletes = signal in DELETE_SIGNALS
 
     def proxy(signal: Signal, sender: Any, **kwargs: Any) -> None:
@@ -218,6 +223,7 @@ def _encode(
     previous = last.kwargs
     same_send = (
         serial > last.serial
+        and last.newest == _newest_serial
         and signal is last.signal
         and sender is last.sender
         and previous is not None
@@ -226,6 +232,7 @@ def _encode(
     )
     if not same_send:
         last.signal, last.sender, last.kwargs, last.encoded = signal, sender, kwargs, {}
+        last.newest = _newest_serial
     last.serial = serial
     variant = (fresh, fields)
     encoded = last.encoded.get(variant)

@@ -19,7 +19,7 @@ from django.db import connection, transaction
 from django.db.models.signals import post_save
 from django.test import override_settings
 
-from deferred_signals import DeferredSignalError, receiver, registry
+from deferred_signals import DeferredSignalError, connect, receiver, registry
 from tests.conftest import records, sync_calls
 from tests.testapp.handlers import Money, Plain
 from tests.testapp.models import Article, Author, Tag, Ticket
@@ -296,3 +296,32 @@ def test_bad_argument_fails_at_send_time_naming_handler_kwarg_and_type() -> None
 def test_bad_argument_outside_atomic_fails_too() -> None:
     with pytest.raises(DeferredSignalError, match=r"tests\.user_event"):
         user_registered.send(sender=Plain, instance=None, callback=print)
+
+
+def test_a_handler_connected_between_two_sends_gets_the_second_sends_values() -> None:
+    """Regression: the encode-once memo must not outlive a new connection."""
+    received: list[str] = []
+
+    def first(sender: Any, instance: Author, **kwargs: Any) -> None:
+        received.append(f"first:{instance.name}")
+
+    def second(sender: Any, instance: Author, **kwargs: Any) -> None:
+        received.append(f"second:{instance.name}")
+
+    author = Author.objects.create(name="one")
+    connect(post_save, first, sender=Author, defer=True, name="tests.first", instance="snapshot")
+    try:
+        author.name = "two"
+        author.save()
+        post_save.disconnect(first, sender=Author)
+        connect(
+            post_save, second, sender=Author, defer=True, name="tests.second", instance="snapshot"
+        )
+        author.name = "three"
+        author.save()
+    finally:
+        post_save.disconnect(first, sender=Author)
+        post_save.disconnect(second, sender=Author)
+        registry.unregister("tests.first")
+        registry.unregister("tests.second")
+    assert received == ["first:two", "second:three"]
