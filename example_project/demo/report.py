@@ -23,10 +23,10 @@ def entries(sign_ups: Iterable[SignUp]) -> list[AuditLog]:
 
 
 def pending(sign_ups: list[SignUp]) -> list[str]:
-    """What the worker has yet to do, as ``"user: event"``; empty once it is all done."""
+    """The entries the worker has yet to write; empty once it is all done."""
     done = {(e.username, e.event) for e in entries(sign_ups)}
     return [
-        f"{s.username}: {event.label}"
+        f"{event.label} for {s.username}"
         for s in sign_ups
         if s.committed is not None
         for event in WORKER_EVENTS
@@ -40,7 +40,7 @@ def wait_for_worker(sign_ups: list[SignUp], timeout: float) -> float:
     while missing := pending(sign_ups):
         if time.monotonic() - start > timeout:
             raise TimeoutError(
-                f"After {timeout:.0f} s the worker still had not done: {', '.join(missing)}."
+                f"After {timeout:.0f} s the audit log still lacks: {', '.join(missing)}."
             )
         time.sleep(0.1)
     return time.monotonic() - start

@@ -59,6 +59,7 @@ class Command(BaseCommand):
 
         worker = Worker(settings.STATE_DIR / "worker.log")
         interrupted = 0  # the exit status, when a signal cut the demo short
+        finished = False
         try:
             worker.start()
             say(f"  worker    `celery worker` started, pid {worker.pid} ...", ending="")
@@ -69,6 +70,7 @@ class Command(BaseCommand):
             say("\nWaiting for the worker to handle every deferred call ...", ending="")
             self.stdout.flush()
             say(f" done in {report.wait_for_worker(sign_ups, timeout):.1f} s.")
+            finished = True
         except (WorkerError, TimeoutError) as error:
             log = worker.log_tail()
             raise CommandError(f"{error}\n--- the worker's log, last lines ---\n{log}") from error
@@ -81,11 +83,13 @@ class Command(BaseCommand):
             # A polling transport makes the warm shutdown slow (~5 s on the filesystem
             # broker): say so first, or the demo looks stuck.
             with contextlib.suppress(OSError):
-                newline = "\n" if interrupted else ""
-                say(f"{newline}Stopping the worker (warm shutdown) ...", ending="")
+                if not finished:
+                    say("")  # end the line left open
+                say("Stopping the worker (warm shutdown) ...", ending="")
                 self.stdout.flush()
             took = worker.stop()
-        say(f" stopped in {took:.1f} s.")
+            with contextlib.suppress(OSError):
+                say(f" stopped in {took:.1f} s.")
         if interrupted:
             raise CommandError("Interrupted.", returncode=interrupted)
         if leftovers := worker.leftovers():
