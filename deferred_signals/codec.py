@@ -30,11 +30,10 @@ JSON = Any
 
 
 class EncodeError(Exception):
-    """Internal: ``path`` holds a value of a type with no codec. Callers add the handler."""
+    """Internal: ``value`` has a type with no codec. Callers add the handler and the path."""
 
-    def __init__(self, path: str, value: object, hint: str = "") -> None:
-        super().__init__(path, value)
-        self.path = path
+    def __init__(self, value: object, hint: str = "") -> None:
+        super().__init__(value)
         self.value = value
         self.hint = hint
 
@@ -102,21 +101,19 @@ class Encoder:
         self.fresh = fresh
         self.fields = fields or not fresh
 
-    def encode(self, value: Any, path: str) -> JSON:
+    def encode(self, value: Any) -> JSON:
+        # The hot path: no path strings are built here; locate() finds the path on error.
         kind = type(value)
         if kind is str or kind is int or kind is bool or kind is float or value is None:
             return value
         if kind is list:
-            return [self.encode(item, f"{path}[{i}]") for i, item in enumerate(value)]
+            return [self.encode(item) for item in value]
         if kind is dict:
             if TAG not in value and all(type(key) is str for key in value):
-                return {key: self.encode(item, f"{path}[{key!r}]") for key, item in value.items()}
+                return {key: self.encode(item) for key, item in value.items()}
             return {
                 TAG: "dict",
-                "v": [
-                    [self.encode(key, f"{path}<key>"), self.encode(item, f"{path}[{key!r}]")]
-                    for key, item in value.items()
-                ],
+                "v": [[self.encode(key), self.encode(item)] for key, item in value.items()],
             }
         simple = _SIMPLE_ENCODERS.get(kind)
         if simple is not None:
@@ -124,25 +121,22 @@ class Encoder:
         if kind is tuple or kind is set or kind is frozenset:
             items = value if kind is tuple else _stable(value)
             tag = "tuple" if kind is tuple else kind.__name__
-            return {
-                TAG: tag,
-                "v": [self.encode(item, f"{path}[{i}]") for i, item in enumerate(items)],
-            }
-        return self._encode_other(value, path)
+            return {TAG: tag, "v": [self.encode(item) for item in items]}
+        return self._encode_other(value)
 
-    def _encode_other(self, value: Any, path: str) -> JSON:
+    def _encode_other(self, value: Any) -> JSON:
         if isinstance(value, models.Model):
-            return self._encode_instance(value, path)
+            return self._encode_instance(value)
         if isinstance(value, type):
-            return _encode_class(value, path)
+            return _encode_class(value)
         codec = _find_custom(type(value))
         if codec is not None:
-            return {TAG: codec.tag, "v": self.encode(codec.encode(value), f"{path}<{codec.tag}>")}
+            return {TAG: codec.tag, "v": self.encode(codec.encode(value))}
         if isinstance(value, enum.Enum):
             if isinstance(value, (str, int)):
                 # Django's TextChoices / IntegerChoices: the plain value compares equal.
-                return self.encode(value.value, path)
-            raise EncodeError(path, value, "send the member's .value, or register a codec")
+                return self.encode(value.value)
+            raise EncodeError(value, "send the member's .value, or register a codec")
         # Subclasses of the base types (SafeString, a datetime subclass...) travel as the base.
         for base in (str, int, float):
             if isinstance(value, base):
@@ -150,15 +144,15 @@ class Encoder:
         for simple, (tag, encode) in _SIMPLE_ENCODERS.items():
             if isinstance(value, simple):
                 return {TAG: tag, "v": encode(value)}
-        raise EncodeError(path, value)
+        raise EncodeError(value)
 
-    def _encode_instance(self, instance: models.Model, path: str) -> JSON:
+    def _encode_instance(self, instance: models.Model) -> JSON:
         meta = instance._meta
         pk = instance.pk
         data: dict[str, JSON] = {
             TAG: "model",
             "m": meta.label_lower,
-            "pk": self.encode(pk, f"{path}.pk"),
+            "pk": self.encode(pk),
             "db": instance._state.db,
         }
         if self.fresh and pk is not None:
@@ -172,9 +166,33 @@ class Encoder:
                 value = getattr(instance, field.attname)
                 if isinstance(value, FieldFile):
                     value = value.name
-                fields[field.attname] = self.encode(value, f"{path}.{field.attname}")
+                fields[field.attname] = self.encode(value)
             data["f"] = fields
         return data
+
+
+def locate(value: Any, target: object, path: str) -> str | None:
+    """The path from ``value`` to the object ``target`` inside it (for error messages)."""
+    if value is target:
+        return path
+    children: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            children += [(f"{path}<key {key!r}>", key), (f"{path}[{key!r}]", item)]
+    elif isinstance(value, (list, tuple)):
+        children = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    elif isinstance(value, (set, frozenset)):
+        children = [(f"{path}<item>", item) for item in value]
+    elif isinstance(value, models.Model):
+        children = [
+            (f"{path}.{f.attname}", value.__dict__.get(f.attname))
+            for f in value._meta.concrete_fields
+        ]
+    for child_path, child in children:
+        found = locate(child, target, child_path)
+        if found is not None:
+            return found
+    return None
 
 
 def _stable(items: set[Any] | frozenset[Any]) -> list[Any]:
@@ -184,12 +202,12 @@ def _stable(items: set[Any] | frozenset[Any]) -> list[Any]:
         return list(items)
 
 
-def _encode_class(cls: type, path: str) -> JSON:
+def _encode_class(cls: type) -> JSON:
     meta = getattr(cls, "_meta", None)
     if isinstance(meta, models.options.Options) and issubclass(cls, models.Model):
         return {TAG: "modelclass", "v": meta.label}
     if "<locals>" in cls.__qualname__:
-        raise EncodeError(path, cls, "a class defined inside a function cannot be found again")
+        raise EncodeError(cls, "a class defined inside a function cannot be found again")
     return {TAG: "class", "v": f"{cls.__module__}:{cls.__qualname__}"}
 
 
@@ -216,6 +234,30 @@ _SIMPLE_ENCODERS: dict[type, tuple[str, Callable[[Any], JSON]]] = {
     uuid.UUID: ("uuid", str),
     bytes: ("bytes", lambda value: base64.b64encode(value).decode("ascii")),
 }
+
+
+def summary(body: dict[str, Any], limit: int = 400) -> str:
+    """A short, readable line for a message (Celery's ``kwargsrepr``: logs, Flower)."""
+    parts = [f"sender={_short(body['sender'])}"]
+    parts += [f"{name}={_short(value)}" for name, value in body["kwargs"].items()]
+    text = ", ".join(parts)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _short(data: JSON) -> str:
+    if type(data) is dict:
+        tag = data.get(TAG)
+        if tag == "model":
+            return f"<{data['m']} pk={_short(data['pk'])}>"
+        if tag in ("modelclass", "class", "dt", "date", "time", "dec", "uuid"):
+            return str(data["v"])
+        if tag in ("set", "frozenset", "tuple"):
+            return f"{tag}({len(data['v'])} items)"
+        return f"<{tag}>" if tag else f"{{{len(data)} keys}}"
+    if type(data) is list:
+        return f"[{len(data)} items]"
+    text = repr(data)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 # --- decoding ----------------------------------------------------------------------------

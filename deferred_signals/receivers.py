@@ -15,7 +15,7 @@ from django.dispatch import receiver as django_receiver
 from django.dispatch.dispatcher import _make_id  # type: ignore[attr-defined]
 
 from . import dispatch, registry
-from .codec import EncodeError, Encoder
+from .codec import EncodeError, Encoder, locate
 from .conf import option_problems
 from .exceptions import DeferredSignalConfigError, DeferredSignalError
 from .registry import Handler
@@ -240,16 +240,23 @@ def _encode(
         encoder = Encoder(fresh=fresh, fields=fields)
         try:
             encoded = (
-                encoder.encode(sender, "sender"),
-                {name: encoder.encode(value, name) for name, value in kwargs.items()},
+                encoder.encode(sender),
+                {name: encoder.encode(value) for name, value in kwargs.items()},
             )
         except EncodeError as error:
-            raise _encode_error(handler, error) from None
+            raise _encode_error(handler, error, {"sender": sender, **kwargs}) from None
         last.encoded[variant] = encoded
     return encoded
 
 
-def _encode_error(handler: Handler, error: EncodeError) -> DeferredSignalError:
+def _encode_error(
+    handler: Handler, error: EncodeError, arguments: dict[str, Any]
+) -> DeferredSignalError:
+    path = next(
+        (found for name, value in arguments.items() if (found := locate(value, error.value, name))),
+        # Not among the arguments: a registered codec's encode() returned it.
+        "an argument (inside a registered codec's output)",
+    )
     kind = type(error.value)
     hint = error.hint or (
         "send a JSON-friendly value instead (for a model, the instance or its pk), or teach "
@@ -257,7 +264,7 @@ def _encode_error(handler: Handler, error: EncodeError) -> DeferredSignalError:
         "encode=..., decode=...)"
     )
     return DeferredSignalError(
-        f"Deferred handler {handler.name!r} cannot receive argument {error.path!r}: "
+        f"Deferred handler {handler.name!r} cannot receive argument {path!r}: "
         f"{kind.__module__}.{kind.__qualname__} ({error.value!r:.80}) cannot be sent to a "
         f"worker. Fix: {hint}."
     )

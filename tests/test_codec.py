@@ -14,7 +14,14 @@ from django.db import models
 from django.utils.safestring import mark_safe
 
 from deferred_signals import register_codec, unregister_codec
-from deferred_signals.codec import Decoder, EncodeError, Encoder, resolve, snapshot_instance
+from deferred_signals.codec import (
+    Decoder,
+    EncodeError,
+    Encoder,
+    locate,
+    resolve,
+    snapshot_instance,
+)
 from deferred_signals.exceptions import MalformedMessageError
 from tests.testapp.handlers import Money, Plain
 from tests.testapp.models import Article, Author, Ticket
@@ -24,7 +31,7 @@ PARIS = zoneinfo.ZoneInfo("Europe/Paris")
 
 def wire(value: Any, *, fresh: bool = False, fields: bool = False) -> Any:
     """Encode, go through JSON text as a broker would, decode, rebuild snapshots."""
-    data = json.loads(json.dumps(Encoder(fresh=fresh, fields=fields).encode(value, "arg")))
+    data = json.loads(json.dumps(Encoder(fresh=fresh, fields=fields).encode(value)))
     decoder = Decoder()
     decoded = decoder.decode(data)
     for ref in decoder.instances:
@@ -127,14 +134,14 @@ def test_snapshot_instance_has_the_field_values_of_send_time() -> None:
 
 def test_unsaved_instance_is_always_a_snapshot() -> None:
     ticket = Ticket(id=None, subject="new")
-    data = Encoder(fresh=True, fields=False).encode(ticket, "instance")
+    data = Encoder(fresh=True, fields=False).encode(ticket)
     assert "fresh" not in data and data["f"]["subject"] == "new"
 
 
 def test_fresh_instance_sends_only_model_pk_and_db() -> None:
     ticket = Ticket(subject="s")
     ticket._state.db = "default"
-    data = Encoder(fresh=True, fields=False).encode(ticket, "instance")
+    data = Encoder(fresh=True, fields=False).encode(ticket)
     assert data == {
         "$t": "model",
         "m": "testapp.ticket",
@@ -190,10 +197,21 @@ def test_choices_and_safe_strings_travel_as_their_plain_value() -> None:
 
 
 @pytest.mark.parametrize("value", [object(), lambda: 1, iter([1]), {1: object()}])
-def test_unsupported_values_are_refused_with_their_path(value: Any) -> None:
+def test_unsupported_values_are_refused_and_located(value: Any) -> None:
+    payload = {"outer": [value]}
     with pytest.raises(EncodeError) as info:
-        Encoder(fresh=True, fields=False).encode({"outer": [value]}, "payload")
-    assert info.value.path.startswith("payload['outer'][0]")
+        Encoder(fresh=True, fields=False).encode(payload)
+    assert (locate(payload, info.value.value, "payload") or "").startswith("payload['outer'][0]")
+
+
+def test_locate_finds_values_in_every_container_and_in_instance_fields() -> None:
+    odd = object()
+    article = Article(title="t")
+    article.__dict__["data"] = {"k": odd}
+    assert locate({"s": {odd}}, odd, "x") == "x['s']<item>"
+    assert locate({(1, odd): 2}, odd, "x") == f"x<key {(1, odd)!r}>[1]"
+    assert locate(article, odd, "instance") == "instance.data['k']"
+    assert locate([1, 2], odd, "x") is None
 
 
 def test_local_class_is_refused_with_a_hint() -> None:
@@ -201,7 +219,7 @@ def test_local_class_is_refused_with_a_hint() -> None:
         pass
 
     with pytest.raises(EncodeError) as info:
-        Encoder(fresh=True, fields=False).encode(Local, "sender")
+        Encoder(fresh=True, fields=False).encode(Local)
     assert "inside a function" in info.value.hint
 
 
@@ -248,7 +266,7 @@ def test_plain_enums_are_refused_with_a_hint() -> None:
         LOW = 1.5
 
     with pytest.raises(EncodeError) as info:
-        Encoder(fresh=True, fields=False).encode(Level.LOW, "level")
+        Encoder(fresh=True, fields=False).encode(Level.LOW)
     assert ".value" in info.value.hint
 
 
@@ -263,3 +281,31 @@ def test_subclasses_of_supported_types_travel_as_the_base_type() -> None:
     assert wire(moment) == moment and type(wire(moment)) is datetime.datetime
     assert type(wire(Amount("1.5"))) is Decimal
     assert type(wire(True)) is bool
+
+
+def test_summary_is_short_and_readable() -> None:
+    from deferred_signals.codec import summary
+
+    encoder = Encoder(fresh=True, fields=False)
+    article = Article(pk=3, title="x")
+    body = {
+        "sender": encoder.encode(Article),
+        "kwargs": {
+            name: encoder.encode(value)
+            for name, value in {
+                "instance": article,
+                "created": True,
+                "update_fields": frozenset({"a"}),
+                "when": datetime.date(2026, 1, 1),
+                "ids": [1, 2],
+                "data": {"k": 1},
+                "money": Money(Decimal(1), "EUR"),
+                "long": "x" * 100,
+            }.items()
+        },
+    }
+    text = summary(body)
+    assert text.startswith("sender=testapp.Article, instance=<testapp.article pk=3>, created=True")
+    assert "update_fields=frozenset(1 items)" in text and "when=2026-01-01" in text
+    assert "ids=[2 items]" in text and "data={1 keys}" in text and "money=<x:tests.money>" in text
+    assert "long='xxx" in text and len(summary(body, limit=50)) == 50
