@@ -18,7 +18,7 @@ help:  ## List the targets.
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
 		{ echo "deferred_signals needs Python >= 3.10 (PYTHON=$(PYTHON))"; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,lint]'
 	touch $(STAMP)
@@ -54,14 +54,16 @@ matrix: $(STAMP) services  ## The suite on every supported Python x Django found
 	$(PY) -m pip install --quiet nox
 	$(PY) -m nox
 
-lint: $(STAMP)  ## ruff and mypy.
-	$(PY) -m ruff check deferred_signals tests
-	$(PY) -m ruff format --check deferred_signals tests
+LINTED := deferred_signals tests benchmarks example_project noxfile.py
+
+lint: $(STAMP)  ## ruff and mypy (strict).
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m mypy
 
 format: $(STAMP)  ## Format the code with ruff.
-	$(PY) -m ruff format deferred_signals tests
-	$(PY) -m ruff check --fix deferred_signals tests
+	$(PY) -m ruff format $(LINTED)
+	$(PY) -m ruff check --fix $(LINTED)
 
 clean:  ## Remove the virtualenv, caches and demo state.
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov *.egg-info .demo
