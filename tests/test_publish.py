@@ -86,6 +86,32 @@ def test_a_transaction_publishes_all_its_calls_at_commit(redis_queue: Queue) -> 
     assert messages[7]["headers"]["kwargsrepr"] == f"sender=None, label='{label}', i=7"
 
 
+def test_many_signals_cost_a_few_broker_round_trips_not_one_each(
+    redis_queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kombu import Producer
+    from redis.connection import AbstractConnection
+
+    if not hasattr(Producer, "batch"):
+        pytest.skip("kombu < 5.7 has no Producer.batch(): one publish per call")
+    lpushes_per_write: list[int] = []
+    original = AbstractConnection.send_packed_command
+
+    def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        packed = b"".join(command) if isinstance(command, list) else bytes(command)
+        if b"LPUSH" in packed:  # connection set-up and the queue's declaration aside
+            lpushes_per_write.append(packed.count(b"$5\r\nLPUSH\r\n"))
+        original(self, command, check_health)
+
+    with transaction.atomic():
+        for i in range(250):
+            user_registered.send(sender=None, i=i)
+        monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    monkeypatch.undo()
+    assert len(redis_queue) == 250
+    assert lpushes_per_write == [100, 100, 50]  # three round trips, not 250
+
+
 def test_rollback_publishes_nothing_and_autocommit_publishes_at_once(redis_queue: Queue) -> None:
     with pytest.raises(RuntimeError), transaction.atomic():
         Article.objects.create(title="rolled back")
