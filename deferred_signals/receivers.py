@@ -13,6 +13,7 @@ from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import Signal
 from django.dispatch import receiver as django_receiver
 from django.dispatch.dispatcher import _make_id  # type: ignore[attr-defined]
+from django.utils.inspect import func_accepts_kwargs
 
 from . import dispatch, registry
 from .codec import EncodeError, Encoder, locate
@@ -151,6 +152,11 @@ def _register(
         raise DeferredSignalConfigError(f"{problems[0].msg} {problems[0].hint}")
     if using is not None and not isinstance(using, str):
         raise DeferredSignalConfigError(f"Deferred handler {name!r}: using must be an alias.")
+    if not func_accepts_kwargs(func):
+        # Django checks this only with DEBUG; here it would fail later, on the worker.
+        raise DeferredSignalConfigError(
+            f"Deferred handler {name!r} must accept keyword arguments: add **kwargs."
+        )
     for signal in signals:
         if not isinstance(signal, Signal):
             raise DeferredSignalConfigError(

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from asgiref.sync import async_to_sync, iscoroutinefunction
 from celery import Task, shared_task
 from celery.exceptions import Reject
 from celery.utils.time import get_exponential_backoff_interval
@@ -158,7 +159,10 @@ class DecodedCall:
         """Fetch the instances, call the handler; False when a missing row skipped the call."""
         if not self._resolve_instances():
             return False
-        self.handler.func(signal=self.signal, sender=resolve(self.sender), **resolve(self.kwargs))
+        func = self.handler.func
+        if iscoroutinefunction(func):  # an async receiver: awaited, as Django's asend would
+            func = async_to_sync(func)
+        func(signal=self.signal, sender=resolve(self.sender), **resolve(self.kwargs))
         return True
 
     def _resolve_instances(self) -> bool:

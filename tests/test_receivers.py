@@ -203,3 +203,12 @@ def test_raw_post_save_is_not_deferred_by_default(django_capture_on_commit_callb
             sender=Article, instance=Article(pk=1), created=True, raw=True, using="default"
         )
     assert callbacks == []
+
+
+def test_a_deferred_handler_must_accept_kwargs() -> None:
+    def no_kwargs(sender: Any, instance: Any) -> None:
+        pass
+
+    with pytest.raises(DeferredSignalConfigError, match=r"add \*\*kwargs"):
+        connect(Signal(), no_kwargs, defer=True, name="tests.no_kwargs")
+    assert registry.get("tests.no_kwargs") is None

@@ -325,3 +325,21 @@ def test_a_handler_connected_between_two_sends_gets_the_second_sends_values() ->
         registry.unregister("tests.first")
         registry.unregister("tests.second")
     assert received == ["first:two", "second:three"]
+
+
+def test_async_handlers_are_awaited() -> None:
+    seen: list[str] = []
+
+    async def on_registered(sender: Any, instance: Author, **kwargs: Any) -> None:
+        seen.append(f"awaited {instance.name}")
+
+    connect(user_registered, on_registered, defer=True, name="tests.async_handler")
+    try:
+        author = Author.objects.create(name="async")
+        with transaction.atomic():
+            user_registered.send(sender=Plain, instance=author)
+            assert seen == []
+    finally:
+        user_registered.disconnect(on_registered)
+        registry.unregister("tests.async_handler")
+    assert seen == ["awaited async"]
