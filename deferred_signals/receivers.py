@@ -108,6 +108,7 @@ def connect(
         return
     handler = _register(receiver, signals, name, include_raw, using, options)
     for one in signals:
+        handler.connections.append((one, sender))
         # Django computes this key for ``receiver`` itself, so ``signal.disconnect(receiver,
         # sender=...)`` disconnects the proxy, and connecting twice connects once.
         one.connect(

@@ -24,6 +24,8 @@ class Handler:
     using: str | None = None
     #: Every signal the handler is connected to; a message names one by its index here.
     signals: list[Signal] = field(default_factory=list)
+    #: (signal, sender) of each connection, for ``manage.py deferred_handlers``.
+    connections: list[tuple[Signal, Any]] = field(default_factory=list)
     #: The Celery task (a ``shared_task`` proxy), set by ``tasks.create_task``.
     task: Any = None
 
