@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from celery import current_app
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
@@ -18,6 +19,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     problems = settings_problems(raw)
     if isinstance(raw, Mapping) and isinstance(raw.get("HANDLERS", {}), Mapping):
         problems += _unknown_handlers(raw.get("HANDLERS", {}))
+    if not any(problem.id.startswith("deferred_signals.E") for problem in problems):
+        problems += _redis_redelivery()  # merges options: needs valid settings
     return [
         (Warning if problem.warning else Error)(problem.msg, hint=problem.hint, id=problem.id)
         for problem in problems
@@ -38,3 +41,35 @@ def _unknown_handlers(handlers: Mapping[str, Any]) -> list[Problem]:
         for name in handlers
         if name not in known
     ]
+
+
+#: Delays a message waits on the broker before a worker may start it.
+DELAYS = ("countdown", "default_retry_delay", "retry_backoff_max")
+
+
+def _redis_redelivery() -> list[Problem]:
+    """Redis redelivers a message unacknowledged for ``visibility_timeout``: longer delays loop."""
+    app = current_app
+    if not str(app.conf.broker_url or "").startswith(("redis", "rediss", "sentinel")):
+        return []
+    options = app.conf.broker_transport_options or {}
+    timeout = options.get("visibility_timeout", 3600)
+    problems = []
+    for handler in registry.all_handlers():
+        merged = handler.merged
+        for key in DELAYS:
+            delay = merged.get(key)
+            if key == "retry_backoff_max" and not merged.get("retry_backoff"):
+                continue
+            if delay is not None and delay >= timeout:
+                problems.append(
+                    Problem(
+                        "deferred_signals.W002",
+                        f"Deferred handler {handler.name!r} has {key}={delay!r} s, at least "
+                        f"Redis's visibility_timeout ({timeout} s): the message would be "
+                        "redelivered again and again while it waits.",
+                        f"Lower {key}, or raise broker_transport_options['visibility_timeout'].",
+                        warning=True,
+                    )
+                )
+    return problems

@@ -144,3 +144,35 @@ def test_invalid_settings_raise_at_use_with_the_check_id() -> None:
         pytest.raises(DeferredSignalConfigError, match=r"E005"),
     ):
         conf.eager  # noqa: B018
+
+
+@pytest.fixture
+def redis_app() -> Any:
+    from celery import Celery, current_app
+
+    previous = current_app._get_current_object()
+    app = Celery("check-tests", broker="redis://127.0.0.1:6379/0", set_as_current=True)
+    yield app
+    previous.set_current()
+
+
+@pytest.mark.parametrize(
+    ("options", "transport", "expected"),
+    [
+        ({"countdown": 3600}, {}, ["deferred_signals.W002"]),
+        ({"default_retry_delay": 7200}, {}, ["deferred_signals.W002"]),
+        ({"retry_backoff": True, "retry_backoff_max": 4000}, {}, ["deferred_signals.W002"]),
+        ({"retry_backoff": False, "retry_backoff_max": 4000}, {}, []),
+        ({"countdown": 3600}, {"visibility_timeout": 43200}, []),
+        ({"countdown": 600, "default_retry_delay": 60}, {}, []),
+    ],
+)
+def test_redis_delays_longer_than_the_visibility_timeout_warn(
+    redis_app: Any, options: dict[str, Any], transport: dict[str, Any], expected: list[str]
+) -> None:
+    redis_app.conf.broker_transport_options = transport
+    assert ids({"HANDLERS": {ARTICLE_SAVED: options}}) == expected
+
+
+def test_other_brokers_have_no_visibility_timeout() -> None:
+    assert ids({"HANDLERS": {ARTICLE_SAVED: {"countdown": 99999}}}) == []
