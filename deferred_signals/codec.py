@@ -20,12 +20,17 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.apps import apps
-from django.db import connections, models
+from django.db import DEFAULT_DB_ALIAS, connections, models
 from django.db.models.fields.files import FieldFile
+from django.db.models.query import QuerySet
+from django.utils.functional import Promise
 
 from .exceptions import MalformedMessageError
 
 TAG = "$t"
+#: kombu's JSON decoder turns an object with exactly these keys back into a Python value:
+#: such dicts travel in the tagged form, like dicts that contain TAG.
+KOMBU_KEYS = "__type__"
 JSON = Any
 
 
@@ -95,11 +100,13 @@ class Encoder:
     ``fresh`` they are the fallback for ``on_missing="snapshot"``).
     """
 
-    __slots__ = ("fields", "fresh")
+    __slots__ = ("deleting", "fields", "fresh")
 
-    def __init__(self, *, fresh: bool, fields: bool) -> None:
+    def __init__(self, *, fresh: bool, fields: bool, deleting: bool = False) -> None:
         self.fresh = fresh
         self.fields = fields or not fresh
+        #: pre/post_delete: a QuerySet ``origin`` (a bulk delete) is sent as its model and db.
+        self.deleting = deleting
 
     def encode(self, value: Any) -> JSON:
         # The hot path: no path strings are built here; locate() finds the path on error.
@@ -109,7 +116,11 @@ class Encoder:
         if kind is list:
             return [self.encode(item) for item in value]
         if kind is dict:
-            if TAG not in value and all(type(key) is str for key in value):
+            if (
+                TAG not in value
+                and KOMBU_KEYS not in value
+                and all(type(key) is str for key in value)
+            ):
                 return {key: self.encode(item) for key, item in value.items()}
             return {
                 TAG: "dict",
@@ -129,6 +140,14 @@ class Encoder:
             return self._encode_instance(value)
         if isinstance(value, type):
             return _encode_class(value)
+        if isinstance(value, QuerySet):
+            if self.deleting:
+                return {TAG: "deleted", "m": value.model._meta.label_lower, "db": value.db}
+            raise EncodeError(value, "send a list of pks: list(qs.values_list('pk', flat=True))")
+        if isinstance(value, (bytearray, memoryview)):
+            return {TAG: "bytes", "v": base64.b64encode(bytes(value)).decode("ascii")}
+        if isinstance(value, Promise):  # gettext_lazy() and friends: the text, as str
+            return str(value)
         codec = _find_custom(type(value))
         if codec is not None:
             return {TAG: codec.tag, "v": self.encode(codec.encode(value))}
@@ -158,6 +177,8 @@ class Encoder:
         if self.fresh and pk is not None:
             data["fresh"] = True
         if self.fields or pk is None:
+            if instance._state.adding:
+                data["adding"] = True
             deferred = instance.get_deferred_fields()
             fields = {}
             for field in meta.concrete_fields:
@@ -166,7 +187,12 @@ class Encoder:
                 value = getattr(instance, field.attname)
                 if isinstance(value, FieldFile):
                     value = value.name
-                fields[field.attname] = self.encode(value)
+                try:
+                    fields[field.attname] = self.encode(value)
+                except EncodeError:
+                    # A field type the codec does not know (ranges, geometries...): its own
+                    # text form, parsed back by the field on the worker.
+                    fields[field.attname] = {TAG: "field", "v": field.value_to_string(instance)}
             data["f"] = fields
         return data
 
@@ -208,6 +234,10 @@ def _encode_class(cls: type) -> JSON:
         return {TAG: "modelclass", "v": meta.label}
     if "<locals>" in cls.__qualname__:
         raise EncodeError(cls, "a class defined inside a function cannot be found again")
+    if cls.__module__ == "__main__" or _lookup_class(cls.__module__, cls.__qualname__) is not cls:
+        raise EncodeError(
+            cls, "a worker cannot find this class by module and name: define it in a module"
+        )
     return {TAG: "class", "v": f"{cls.__module__}:{cls.__qualname__}"}
 
 
@@ -291,39 +321,63 @@ class Decoder:
                 return decode(self, data["v"])
             if tag == "model":
                 return self._instance_ref(data)
+            if tag == "deleted":
+                # The rows of a bulk delete are gone: an empty QuerySet of their model and db.
+                return apps.get_model(data["m"])._base_manager.db_manager(self._db(data)).none()
             custom = _custom_by_tag.get(tag)
             if custom is not None:
                 return custom.decode(self.decode(data["v"]))
         except MalformedMessageError:
             raise
-        except (KeyError, ValueError, TypeError, LookupError, InvalidOperation) as error:
+        except (
+            KeyError, ValueError, TypeError, LookupError, ArithmeticError, InvalidOperation
+        ) as error:  # fmt: skip
             raise MalformedMessageError(f"bad {tag!r} value: {error!r}") from None
         raise MalformedMessageError(f"unknown type tag {tag!r}")
 
-    def _instance_ref(self, data: dict[str, Any]) -> _InstanceRef:
-        model = apps.get_model(data["m"])
+    @staticmethod
+    def _db(data: dict[str, Any]) -> str:
         db = data["db"]
         if db is None:
-            db = "default"
+            return DEFAULT_DB_ALIAS
         if not isinstance(db, str) or db not in connections.settings:
             raise MalformedMessageError(f"unknown database alias {db!r}")
+        return db
+
+    def _instance_ref(self, data: dict[str, Any]) -> _InstanceRef:
+        model = apps.get_model(data["m"])
+        db = self._db(data)
         fields = data.get("f")
         if fields is not None:
             if type(fields) is not dict:
                 raise MalformedMessageError("instance fields must be an object")
-            known = {f.attname for f in model._meta.concrete_fields}
-            fields = {k: self.decode(v) for k, v in fields.items() if k in known}
-        ref = _InstanceRef(model, self.decode(data["pk"]), db, fields, data.get("fresh") is True)
+            fields = {
+                field.attname: self._field_value(field, fields[field.attname])
+                for field in model._meta.concrete_fields
+                if field.attname in fields
+            }
+        pk = self.decode(data["pk"])
+        if isinstance(pk, (list, dict, set, frozenset)):
+            raise MalformedMessageError(f"a primary key cannot be a {type(pk).__name__}")
+        ref = _InstanceRef(model, pk, db, fields, data.get("fresh") is True)
         if ref.fields is None and not ref.fresh:
             raise MalformedMessageError("instance has neither field values nor fresh=true")
+        # As sent: an unsaved instance stays unsaved (adding, and no database yet).
+        ref.adding = data.get("adding") is True
+        ref.sent_db = data["db"]
         self.instances.append(ref)
         return ref
+
+    def _field_value(self, field: Any, data: JSON) -> Any:
+        if type(data) is dict and data.get(TAG) == "field":
+            return field.to_python(data["v"])
+        return self.decode(data)
 
 
 class _InstanceRef:
     """Placeholder for a model instance until :func:`resolve` swaps in the real one."""
 
-    __slots__ = ("db", "fields", "fresh", "model", "pk", "resolved")
+    __slots__ = ("adding", "db", "fields", "fresh", "model", "pk", "resolved", "sent_db")
 
     def __init__(
         self,
@@ -339,6 +393,8 @@ class _InstanceRef:
         self.fields = fields
         self.fresh = fresh
         self.resolved: models.Model | None = None
+        self.adding = False
+        self.sent_db: str | None = db
 
     def __hash__(self) -> int:
         return hash((self.model, self.pk))
@@ -350,7 +406,10 @@ def snapshot_instance(ref: _InstanceRef) -> models.Model:
     meta = ref.model._meta
     names = [f.attname for f in meta.concrete_fields]
     values = [ref.fields.get(name, models.DEFERRED) for name in names]
-    return ref.model.from_db(ref.db, names, values)
+    instance = ref.model.from_db(ref.db, names, values)
+    instance._state.adding = ref.adding
+    instance._state.db = ref.sent_db
+    return instance
 
 
 def resolve(value: Any) -> Any:
@@ -370,20 +429,31 @@ def resolve(value: Any) -> Any:
     return value
 
 
+def _lookup_class(module_name: str, qualname: str) -> type | None:
+    """The class ``module:qualname`` among loaded modules, or None; never imports anything.
+
+    Namespaces are read with ``vars()``, not ``getattr()``: a module's ``__getattr__`` may
+    import a submodule, and a class's attributes may be descriptors that run code.
+    """
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        if obj is None or not part.isidentifier() or part.startswith("__"):
+            return None
+        obj = vars(obj).get(part)
+    if not isinstance(obj, type) or (obj.__module__, obj.__qualname__) != (module_name, qualname):
+        return None
+    return obj
+
+
 def _find_class(value: str) -> type:
     module_name, _, qualname = value.partition(":")
-    module = sys.modules.get(module_name)
-    if module is None:
+    if module_name not in sys.modules:
         # Never import what a message names: only modules the worker already loaded count.
         raise MalformedMessageError(f"class {value!r}: module {module_name!r} is not loaded")
-    obj: Any = module
-    for part in qualname.split("."):
-        if not part.isidentifier() or part.startswith("__"):
-            raise MalformedMessageError(f"class {value!r} is not a qualified name")
-        obj = getattr(obj, part, None)
-    if not isinstance(obj, type):
-        raise MalformedMessageError(f"{value!r} is not a class")
-    return obj
+    found = _lookup_class(module_name, qualname)
+    if found is None:
+        raise MalformedMessageError(f"{value!r} is not a class of a loaded module")
+    return found
 
 
 def _decode_dict(decoder: Decoder, items: list[list[Any]]) -> dict[Any, Any]:

@@ -309,3 +309,100 @@ def test_summary_is_short_and_readable() -> None:
     assert "update_fields=frozenset(1 items)" in text and "when=2026-01-01" in text
     assert "ids=[2 items]" in text and "data={1 keys}" in text and "money=<x:tests.money>" in text
     assert "long='xxx" in text and len(summary(body, limit=50)) == 50
+
+
+# --- review findings ---------------------------------------------------------------------
+
+
+def kombu_wire(value: Any) -> Any:
+    """Like wire(), through kombu's JSON (what Celery uses), whose decoder has hooks."""
+    from kombu.utils import json as kombu_json
+
+    data = kombu_json.loads(kombu_json.dumps(Encoder(fresh=False, fields=False).encode(value)))
+    decoder = Decoder()
+    decoded = decoder.decode(data)
+    for ref in decoder.instances:
+        ref.resolved = snapshot_instance(ref)
+    return resolve(decoded)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"__type__": "decimal", "__value__": "1.5"},
+        {"__type__": "mytype", "__value__": 1},
+        [{"__type__": "datetime", "__value__": "2026-01-01"}],
+    ],
+)
+def test_dicts_that_look_like_kombu_types_survive_kombus_json(value: Any) -> None:
+    assert kombu_wire(value) == value
+
+
+def test_bytearray_and_memoryview_travel_as_bytes() -> None:
+    assert kombu_wire(bytearray(b"ab")) == b"ab"
+    assert kombu_wire(memoryview(b"cd")) == b"cd"
+
+
+def test_lazy_translations_travel_as_text() -> None:
+    from django.utils.translation import gettext_lazy
+
+    assert kombu_wire(gettext_lazy("Welcome")) == "Welcome"
+
+
+def test_snapshot_keeps_adding_and_db_as_sent() -> None:
+    new = Ticket(subject="unsaved")  # as in pre_save of a new row: adding, no database yet
+    back = kombu_wire(new)
+    assert back._state.adding is True and back._state.db is None
+    assert back.pk == new.pk  # the UUID default was already set
+
+
+def test_field_values_no_codec_knows_use_the_fields_text_form() -> None:
+    from tests.testapp.models import Color
+
+    ticket = Ticket(subject="c", color=Color(1, 2, 3))
+    article = Article(pk=1, title="bin", blob=memoryview(b"\x00\x01"))
+    assert kombu_wire(ticket).color == Color(1, 2, 3)
+    assert kombu_wire(article).blob == b"\x00\x01"
+
+
+def test_a_class_a_worker_cannot_find_is_refused_at_send_time() -> None:
+    dynamic = type("Dynamic", (), {"__module__": __name__})
+    with pytest.raises(EncodeError) as info:
+        Encoder(fresh=True, fields=False).encode(dynamic)
+    assert "cannot find this class" in info.value.hint
+
+
+def test_class_lookup_does_not_run_module_getattr() -> None:
+    import sys
+    import types
+
+    calls: list[str] = []
+    module = types.ModuleType("tests_lazy_module")
+    module.__getattr__ = lambda name: calls.append(name) or int  # type: ignore[method-assign]
+    sys.modules["tests_lazy_module"] = module
+    try:
+        with pytest.raises(MalformedMessageError):
+            Decoder().decode({"$t": "class", "v": "tests_lazy_module:Anything"})
+    finally:
+        del sys.modules["tests_lazy_module"]
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"$t": "td", "v": [10**12, 0, 0]},
+        {"$t": "model", "m": "testapp.article", "pk": [1, 2], "db": "default", "fresh": True},
+        {"$t": "deleted", "m": "testapp.article", "db": "nowhere"},
+    ],
+    ids=repr,
+)
+def test_more_malformed_data_is_refused(data: Any) -> None:
+    with pytest.raises(MalformedMessageError):
+        Decoder().decode(data)
+
+
+def test_querysets_are_refused_outside_delete_signals() -> None:
+    with pytest.raises(EncodeError) as info:
+        Encoder(fresh=True, fields=False).encode(Article.objects.all())
+    assert "values_list" in info.value.hint
