@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from celery.utils.time import rate
 from django.conf import settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver as django_receiver
@@ -21,7 +22,7 @@ from django.utils.module_loading import import_string
 from .exceptions import DeferredSignalConfigError
 
 SETTING = "DEFERRED_SIGNALS"
-TOP_LEVEL_KEYS = ("DEFAULTS", "HANDLERS", "EAGER", "DELIVERY")
+TOP_LEVEL_KEYS = ("DEFAULTS", "HANDLERS", "EAGER", "EAGER_PROPAGATES", "DELIVERY")
 DELIVERY_MODES = ("on_commit",)
 INSTANCE_MODES = ("fresh", "snapshot")
 ON_MISSING = ("skip", "raise", "snapshot")
@@ -33,6 +34,17 @@ def _is_number(value: object) -> bool:
 
 def _non_negative(value: object) -> bool:
     return _is_number(value) and value >= 0  # type: ignore[operator]
+
+
+def _is_rate(value: object) -> bool:
+    """What Celery's worker accepts; anything else would stop it at start-up."""
+    if not isinstance(value, str):
+        return False
+    try:
+        rate(value)
+    except (KeyError, ValueError, TypeError):
+        return False
+    return True
 
 
 def _exception_list(value: object) -> bool:
@@ -67,7 +79,7 @@ OPTIONS: dict[str, Option] = {
     "acks_late": Option(lambda v: isinstance(v, bool), "a bool"),
     "reject_on_worker_lost": Option(lambda v: isinstance(v, bool), "a bool"),
     "rate_limit": Option(
-        lambda v: v is None or isinstance(v, str) or _non_negative(v),
+        lambda v: v is None or _is_rate(v) or _non_negative(v),
         'a rate such as "10/s", "100/m", a number of tasks per second, or None',
     ),
     # Sent with every message.
@@ -191,26 +203,28 @@ def settings_problems(raw: object) -> list[Problem]:
     ]
     defaults = raw.get("DEFAULTS", {})
     if isinstance(defaults, Mapping):
-        problems += option_problems(defaults, f"{SETTING}['DEFAULTS']")
+        problems += option_problems(defaults, f"settings.{SETTING}['DEFAULTS']")
     else:
-        problems.append(_not_a_dict("DEFAULTS", defaults))
+        problems.append(_not_a_dict(f"settings.{SETTING}['DEFAULTS']", defaults))
     handlers = raw.get("HANDLERS", {})
     if isinstance(handlers, Mapping):
         for name, options in handlers.items():
+            where = f"settings.{SETTING}['HANDLERS'][{name!r}]"
             if isinstance(options, Mapping):
-                problems += option_problems(options, f"{SETTING}['HANDLERS'][{name!r}]")
+                problems += option_problems(options, where)
             else:
-                problems.append(_not_a_dict(f"HANDLERS'][{name!r}", options))
+                problems.append(_not_a_dict(where, options))
     else:
-        problems.append(_not_a_dict("HANDLERS", handlers))
-    if not isinstance(raw.get("EAGER", False), bool):
-        problems.append(
-            Problem(
-                "deferred_signals.E007",
-                f"settings.{SETTING}['EAGER'] is {raw['EAGER']!r}, not a bool.",
-                "Set EAGER to True (run handlers inline at commit) or False.",
+        problems.append(_not_a_dict(f"settings.{SETTING}['HANDLERS']", handlers))
+    for key in ("EAGER", "EAGER_PROPAGATES"):
+        if not isinstance(raw.get(key, False), bool):
+            problems.append(
+                Problem(
+                    "deferred_signals.E007",
+                    f"settings.{SETTING}[{key!r}] is {raw[key]!r}, not a bool.",
+                    f"Set {key} to True or False.",
+                )
             )
-        )
     if raw.get("DELIVERY", "on_commit") not in DELIVERY_MODES:
         problems.append(
             Problem(
@@ -222,10 +236,10 @@ def settings_problems(raw: object) -> list[Problem]:
     return problems
 
 
-def _not_a_dict(key: str, value: object) -> Problem:
+def _not_a_dict(where: str, value: object) -> Problem:
     return Problem(
         "deferred_signals.E003",
-        f"settings.{SETTING}['{key}'] is a {type(value).__name__}, not a dict.",
+        f"{where} is a {type(value).__name__}, not a dict.",
         "Give a dict of options, e.g. {'max_retries': 5, 'queue': 'signals'}.",
     )
 
@@ -267,6 +281,10 @@ class Settings:
         self._options.clear()
         self.__dict__.pop("raw", None)
 
+    def forget(self, name: str) -> None:
+        """Drop one handler's merged options (it was registered again)."""
+        self._options.pop(name, None)
+
     @cached_property
     def raw(self) -> Mapping[str, Any]:
         raw = getattr(settings, SETTING, {})
@@ -279,6 +297,11 @@ class Settings:
     @property
     def eager(self) -> bool:
         return bool(self.raw.get("EAGER", False))
+
+    @property
+    def eager_propagates(self) -> bool:
+        """With ``EAGER``, a handler's exception propagates out of the commit (tests)."""
+        return bool(self.raw.get("EAGER_PROPAGATES", False))
 
     @property
     def delivery(self) -> str:

@@ -9,7 +9,6 @@ thousand signals publishes them through one producer, not a thousand times.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -18,6 +17,7 @@ from typing import Any
 
 from celery import current_app
 from django.db import transaction
+from kombu.utils import json as kombu_json
 
 from .codec import summary
 from .conf import conf
@@ -36,31 +36,63 @@ class PendingCall:
     body: dict[str, Any]
 
 
+class Batch:
+    """Consecutive calls of one transaction that share a savepoint context, hence a fate."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self) -> None:
+        #: None once flushed: a later call starts a new batch.
+        self.calls: list[PendingCall] | None = []
+
+
 def enqueue(call: PendingCall, using: str) -> None:
-    """Send ``call`` when the transaction open on ``using`` commits (at once outside one)."""
+    """Send ``call`` when the transaction open on ``using`` commits (at once outside one).
+
+    Every call registers an ``on_commit`` callback of its own, so Django's bookkeeping stays
+    exact (savepoints, and ``captureOnCommitCallbacks``, which runs only the callbacks
+    registered inside it); the batch moves into the newest callback and the older ones of
+    the run become no-ops, so one callback publishes the whole run.
+    """
     connection = transaction.get_connection(using)
-    if connection.in_atomic_block and connection.run_on_commit:
-        sids, last, _robust = connection.run_on_commit[-1]
-        batch: list[PendingCall] | None = getattr(last, "deferred_calls", None)
-        # Same savepoints (None marks an atomic block without one) means the same fate.
-        if batch is not None and sids - {None} == set(connection.savepoint_ids) - {None}:
-            batch.append(call)
-            return
-    connection.on_commit(_flush_callback([call]), robust=True)
+    batch = _take_open_batch(connection) or Batch()
+    assert batch.calls is not None
+    batch.calls.append(call)
+    connection.on_commit(_flush_callback(batch), robust=not conf.eager_propagates)
 
 
-def _flush_callback(calls: list[PendingCall]) -> Callable[[], None]:
+def _take_open_batch(connection: Any) -> Batch | None:
+    if not (connection.in_atomic_block and connection.run_on_commit):
+        return None
+    sids, last, _robust = connection.run_on_commit[-1]
+    batch: Batch | None = getattr(last, "deferred_batch", None)
+    if batch is None or batch.calls is None:
+        return None
+    # Same savepoints (None marks an atomic block without one) means the same fate.
+    if sids - {None} != set(connection.savepoint_ids) - {None}:
+        return None
+    last.deferred_batch = None
+    return batch
+
+
+def _flush_callback(batch: Batch) -> Callable[[], None]:
     # A plain function, not functools.partial: Django < 6.1 crashes while logging a failing
-    # partial under robust=True (ticket #36487). flush() does not raise in any case.
+    # partial under robust=True (ticket #36487).
     def flush_deferred_calls() -> None:
+        current: Batch | None = flush_deferred_calls.deferred_batch  # type: ignore[attr-defined]
+        if current is None or current.calls is None:
+            return  # the batch moved on to a newer callback, or was flushed already
+        calls, current.calls = current.calls, None
         flush(calls)
 
-    flush_deferred_calls.deferred_calls = calls  # type: ignore[attr-defined]
+    flush_deferred_calls.deferred_batch = batch  # type: ignore[attr-defined]
     return flush_deferred_calls
 
 
 def flush(calls: list[PendingCall]) -> None:
-    """Hand committed calls over: to the broker, or inline with ``EAGER``. Never raises."""
+    """Hand committed calls over: to the broker, or inline with ``EAGER``.
+
+    Never raises, but for a handler's own exception with ``EAGER_PROPAGATES``."""
     if conf.eager:
         run_inline(calls)
     else:
@@ -117,9 +149,13 @@ def _batching(producer: Any, count: int) -> Any:
 
 
 def run_inline(calls: list[PendingCall]) -> None:
-    """``EAGER``: run each call here, through the same JSON encode/decode as a worker."""
+    """``EAGER``: run each call here, through kombu's JSON encode/decode, as a worker would."""
     for call in calls:
+        call_run = decode_call(call.handler, kombu_json.loads(kombu_json.dumps(call.body))).run
+        if conf.eager_propagates:
+            call_run()
+            continue
         try:
-            decode_call(call.handler, json.loads(json.dumps(call.body))).run()
+            call_run()
         except Exception:
             logger.exception("Deferred handler %s failed (EAGER) [%s]", call.handler.name, call.id)

@@ -117,8 +117,9 @@ def test_one_transaction_attaches_its_calls_to_one_on_commit_callback() -> None:
     with transaction.atomic():
         for i in range(50):
             Article.objects.create(title=str(i))
-        ours = [hook for _, hook, _ in connection.run_on_commit if hasattr(hook, "deferred_calls")]
-        assert len(ours) == 1 and len(ours[0].deferred_calls) == 100  # 2 handlers x 50 saves
+        batches = [getattr(hook, "deferred_batch", None) for _, hook, _ in connection.run_on_commit]
+        live = [batch for batch in batches if batch is not None]
+        assert len(live) == 1 and len(live[0].calls) == 100  # 2 handlers x 50 saves
         on_commit_seen: list[str] = []
         transaction.on_commit(lambda: on_commit_seen.append("user callback"))
         Article.objects.create(title="after a user callback")
@@ -343,3 +344,43 @@ def test_async_handlers_are_awaited() -> None:
         user_registered.disconnect(on_registered)
         registry.unregister("tests.async_handler")
     assert seen == ["awaited async"]
+
+
+# --- review findings ---------------------------------------------------------------------
+
+
+def test_bulk_delete_with_deferred_delete_handlers() -> None:
+    for title in ("q1", "q2", "keep"):
+        Article.objects.create(title=title)
+    with transaction.atomic():
+        deleted, _ = Article.objects.filter(title__startswith="q").delete()
+    assert deleted == 2
+    assert list(Article.objects.values_list("title", flat=True)) == ["keep"]
+    calls = [r.call for r in records("article_deleted")]
+    assert len(calls) == 4  # pre_delete and post_delete for each row
+    # origin: the QuerySet that started the delete; its rows are gone, so it comes back empty.
+    assert {c["kwargs"]["origin"]["repr"] for c in calls} == {"<QuerySet []>"}
+    assert {c["kwargs"]["origin"]["type"] for c in calls} == {"QuerySet"}
+
+
+def test_a_custom_signal_about_a_row_waits_for_the_rows_database() -> None:
+    author = Author.objects.using("other").create(name="elsewhere")
+    with transaction.atomic(using="other"):
+        user_registered.send(sender=Plain, instance=author)
+        assert records("user_event") == []  # no `using` kwarg: the instance's database decides
+    assert len(records("user_event")) == 1
+
+
+def test_eager_propagates_raises_the_handlers_exception() -> None:
+    from tests.testapp.handlers import FlakyError
+    from tests.testapp.signals import flaky_signal
+
+    eager = {"EAGER": True, "EAGER_PROPAGATES": True}
+    with (
+        override_settings(DEFERRED_SIGNALS=eager),
+        pytest.raises(FlakyError),
+        transaction.atomic(),
+    ):
+        flaky_signal.send(sender=None, key="boom", fail_times=1)
+    with override_settings(DEFERRED_SIGNALS=eager), pytest.raises(FlakyError):
+        flaky_signal.send(sender=None, key="boom-autocommit", fail_times=1)

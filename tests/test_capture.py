@@ -1,0 +1,48 @@
+"""``captureOnCommitCallbacks(execute=True)`` in ``TestCase``-style tests (never committed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import records
+from tests.testapp.models import Article
+
+pytestmark = pytest.mark.django_db  # one transaction per test, rolled back, as in TestCase
+
+
+def titles() -> list[str]:
+    return [
+        r.call["kwargs"]["instance"]["fields"]["title"]["repr"] for r in records("article_saved")
+    ]
+
+
+def test_calls_made_inside_the_capture_run(django_capture_on_commit_callbacks: Any) -> None:
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        Article.objects.create(title="inside")
+    assert titles() == ["'inside'"]
+    assert callbacks  # what Django's own tool reports
+
+
+def test_a_call_after_an_earlier_uncommitted_one_still_runs(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    Article.objects.create(title="setUp")  # e.g. a fixture made in setUp, outside the capture
+    with django_capture_on_commit_callbacks(execute=True):
+        Article.objects.create(title="inside")
+    assert "'inside'" in titles()
+
+
+def test_two_captures_in_one_test(django_capture_on_commit_callbacks: Any) -> None:
+    with django_capture_on_commit_callbacks(execute=True):
+        Article.objects.create(title="first")
+    with django_capture_on_commit_callbacks(execute=True):
+        Article.objects.create(title="second")
+    assert titles() == ["'first'", "'second'"]
+
+
+def test_without_execute_nothing_runs(django_capture_on_commit_callbacks: Any) -> None:
+    with django_capture_on_commit_callbacks() as callbacks:
+        Article.objects.create(title="captured only")
+    assert callbacks and records() == []
