@@ -8,9 +8,10 @@ from typing import Any
 from celery import current_app
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.db import connections
 
 from . import registry
-from .conf import SETTING, Problem, settings_problems
+from .conf import SETTING, Problem, conf, settings_problems
 
 
 @register(Tags.compatibility)
@@ -19,8 +20,10 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     problems = settings_problems(raw)
     if isinstance(raw, Mapping) and isinstance(raw.get("HANDLERS", {}), Mapping):
         problems += _unknown_handlers(raw.get("HANDLERS", {}))
+    problems += _unknown_aliases()
     if not any(problem.id.startswith("deferred_signals.E") for problem in problems):
         problems += _redis_redelivery()  # merges options: needs valid settings
+        problems += _unconfigured_celery_app()
     return [
         (Warning if problem.warning else Error)(problem.msg, hint=problem.hint, id=problem.id)
         for problem in problems
@@ -73,3 +76,32 @@ def _redis_redelivery() -> list[Problem]:
                     )
                 )
     return problems
+
+
+def _unknown_aliases() -> list[Problem]:
+    return [
+        Problem(
+            "deferred_signals.E009",
+            f"Deferred handler {handler.name!r} has using={handler.using!r}, which is not a "
+            "database alias.",
+            f"Use one of settings.DATABASES: {', '.join(connections.settings)}.",
+        )
+        for handler in registry.all_handlers()
+        if handler.using is not None and handler.using not in connections.settings
+    ]
+
+
+def _unconfigured_celery_app() -> list[Problem]:
+    """Publishing through Celery's fallback app sends to a broker nobody configured."""
+    if conf.eager or not any(True for _ in registry.all_handlers()) or current_app.conf.broker_url:
+        return []
+    return [
+        Problem(
+            "deferred_signals.W003",
+            f"The current Celery app ({current_app.main!r}) has no broker_url: deferred "
+            "handlers would publish to Celery's built-in default (amqp://localhost).",
+            "Import your Celery app when Django starts (proj/__init__.py: `from .celery import "
+            "app as celery_app`) and configure its broker, or set EAGER for development.",
+            warning=True,
+        )
+    ]

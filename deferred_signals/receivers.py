@@ -9,6 +9,8 @@ from typing import Any, Literal, TypeVar, overload
 
 from celery.utils import uuid
 from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.models import Model
+from django.db.models.query import QuerySet
 from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import Signal
 from django.dispatch import receiver as django_receiver
@@ -17,7 +19,7 @@ from django.utils.inspect import func_accepts_kwargs
 
 from . import dispatch, registry
 from .codec import EncodeError, Encoder, locate
-from .conf import option_problems
+from .conf import OPTIONS, option_problems
 from .exceptions import DeferredSignalConfigError, DeferredSignalError
 from .registry import Handler
 from .tasks import MESSAGE_VERSION, create_task
@@ -54,6 +56,10 @@ def receiver(
     using: str | None = ...,
     **options: Any,
 ) -> Callable[[F], F]: ...
+
+
+@overload
+def receiver(signal: Signals, *, defer: bool, **kwargs: Any) -> Callable[[F], F]: ...
 
 
 def receiver(signal: Signals, *, defer: bool = False, **kwargs: Any) -> Callable[[F], F]:
@@ -100,29 +106,32 @@ def connect(
     The connection is always strong: ``weak`` is accepted and ignored.
     """
     signals: list[Signal] = list(signal) if isinstance(signal, (list, tuple)) else [signal]
+    # ``apps`` is ModelSignal.connect's, for lazy "app_label.Model" senders.
+    extra = {"apps": options.pop("apps")} if "apps" in options else {}
     if not defer:
         _refuse_deferred_options({"name": name, "include_raw": include_raw, "using": using})
         _refuse_deferred_options(options)
         for one in signals:
-            one.connect(receiver, sender, weak, dispatch_uid)
+            one.connect(receiver, sender, weak, dispatch_uid, **extra, **options)
         return
     handler = _register(receiver, signals, name, include_raw, using, options)
     for one in signals:
-        handler.connections.append((one, sender))
         # Django computes this key for ``receiver`` itself, so ``signal.disconnect(receiver,
         # sender=...)`` disconnects the proxy, and connecting twice connects once.
-        one.connect(
-            _make_proxy(handler, one),
-            sender=sender,
-            weak=False,
-            dispatch_uid=dispatch_uid or _make_id(receiver),
-        )
+        uid = dispatch_uid or _make_id(receiver)
+        if (one, sender, uid) not in handler.connections:
+            handler.connections.append((one, sender, uid))
+        one.connect(_make_proxy(handler, one), sender=sender, weak=False, dispatch_uid=uid, **extra)
 
 
 def _refuse_deferred_options(kwargs: dict[str, Any]) -> None:
-    given = [key for key, value in kwargs.items() if value not in (None, False)]
-    known = {"sender", "weak", "dispatch_uid"}
-    extra = [key for key in given if key not in known]
+    # Only our own options: anything else goes to Django, which accepts or refuses it itself
+    # (``apps`` for lazy model senders, a typo...). Identity tests: a sender may define __eq__.
+    extra = [
+        key
+        for key, value in kwargs.items()
+        if (key in OPTIONS or key in HANDLER_KWARGS) and value is not None and value is not False
+    ]
     if extra:
         raise DeferredSignalError(
             f"receiver()/connect() got {', '.join(map(repr, extra))}, which only apply to "
@@ -191,7 +200,7 @@ class _LastSend(threading.local):
     signal: Signal | None = None
     sender: Any = None
     kwargs: dict[str, Any] | None = None
-    encoded: dict[tuple[bool, bool], tuple[Any, Any]]
+    encoded: dict[tuple[bool, bool, bool], tuple[Any, Any]]
 
 
 _last_send = _LastSend()
@@ -209,7 +218,9 @@ def _make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
         options = handler.merged
         fresh = options.get("instance") == "fresh" and not deletes
         fields = options.get("on_missing") == "snapshot"
-        sender_data, kwargs_data = _encode(handler, serial, signal, sender, kwargs, fresh, fields)
+        sender_data, kwargs_data = _encode(
+            handler, serial, signal, sender, kwargs, fresh, fields, deletes
+        )
         body = {"v": MESSAGE_VERSION, "signal": index, "sender": sender_data, "kwargs": kwargs_data}
         dispatch.enqueue(dispatch.PendingCall(handler, uuid(), body), _alias(handler, kwargs))
 
@@ -225,6 +236,7 @@ def _encode(
     kwargs: dict[str, Any],
     fresh: bool,
     fields: bool,
+    deleting: bool,
 ) -> tuple[Any, Any]:
     last = _last_send
     previous = last.kwargs
@@ -241,10 +253,10 @@ def _encode(
         last.signal, last.sender, last.kwargs, last.encoded = signal, sender, kwargs, {}
         last.newest = _newest_serial
     last.serial = serial
-    variant = (fresh, fields)
+    variant = (fresh, fields, deleting)
     encoded = last.encoded.get(variant)
     if encoded is None:
-        encoder = Encoder(fresh=fresh, fields=fields)
+        encoder = Encoder(fresh=fresh, fields=fields, deleting=deleting)
         try:
             encoded = (
                 encoder.encode(sender),
@@ -265,6 +277,11 @@ def _encode_error(
         "an argument (inside a registered codec's output)",
     )
     kind = type(error.value)
+    # repr() of a QuerySet would run a query; of anything else, keep it short.
+    if isinstance(error.value, QuerySet):
+        shown = f"a QuerySet of {error.value.model._meta.label}"
+    else:
+        shown = f"{error.value!r:.80}"
     hint = error.hint or (
         "send a JSON-friendly value instead (for a model, the instance or its pk), or teach "
         f"deferred_signals the type: register_codec({kind.__qualname__}, name=..., "
@@ -272,15 +289,20 @@ def _encode_error(
     )
     return DeferredSignalError(
         f"Deferred handler {handler.name!r} cannot receive argument {path!r}: "
-        f"{kind.__module__}.{kind.__qualname__} ({error.value!r:.80}) cannot be sent to a "
+        f"{kind.__module__}.{kind.__qualname__} ({shown}) cannot be sent to a "
         f"worker. Fix: {hint}."
     )
 
 
 def _alias(handler: Handler, kwargs: dict[str, Any]) -> str:
+    """The database whose commit releases the call: ``using=``, the signal's ``using``, the
+    database of its ``instance`` (custom signals), else the default one."""
     if handler.using is not None:
         return handler.using
     using = kwargs.get("using")
     if isinstance(using, str) and using in connections.settings:
         return using
+    instance = kwargs.get("instance")
+    if isinstance(instance, Model) and instance._state.db is not None:
+        return instance._state.db
     return DEFAULT_DB_ALIAS

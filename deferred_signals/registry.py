@@ -24,8 +24,8 @@ class Handler:
     using: str | None = None
     #: Every signal the handler is connected to; a message names one by its index here.
     signals: list[Signal] = field(default_factory=list)
-    #: (signal, sender) of each connection, for ``manage.py deferred_handlers``.
-    connections: list[tuple[Signal, Any]] = field(default_factory=list)
+    #: (signal, sender, dispatch uid) of each connection, for ``manage.py deferred_handlers``.
+    connections: list[tuple[Signal, Any, Any]] = field(default_factory=list)
     #: The Celery task (a ``shared_task`` proxy), set by ``tasks.create_task``.
     task: Any = None
 
@@ -56,6 +56,7 @@ def register(handler: Handler) -> Handler:
     existing = _handlers.get(handler.name)
     if existing is None:
         _handlers[handler.name] = handler
+        conf.forget(handler.name)
         return handler
     if existing.func is not handler.func:
         raise DuplicateHandlerError(

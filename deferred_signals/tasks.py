@@ -24,7 +24,10 @@ logger = logging.getLogger("deferred_signals")
 MESSAGE_VERSION = 1
 MESSAGE_KEYS = frozenset({"v", "signal", "sender", "kwargs"})
 #: Celery's own defaults for the options it reads from the task instead of from its config.
-CELERY_TASK_DEFAULTS = {"max_retries": Task.max_retries, "default_retry_delay": 180}
+CELERY_TASK_DEFAULTS = {
+    "max_retries": Task.max_retries,
+    "default_retry_delay": Task.default_retry_delay,
+}
 
 
 def _option(key: str, celery_setting: str | None) -> property:
@@ -57,6 +60,8 @@ class DeferredHandlerTask(Task):  # type: ignore[type-arg]
 
     ignore_result = True
     typing = False
+    #: Whatever the project's task_serializer says: these messages are JSON, never pickle.
+    serializer = "json"
     _overrides: Mapping[str, Any] = {}
 
     acks_late = _option("acks_late", WORKER_OPTIONS["acks_late"])

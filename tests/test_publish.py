@@ -121,6 +121,14 @@ def test_rollback_publishes_nothing_and_autocommit_publishes_at_once(redis_queue
     assert len(redis_queue) == 2  # article_saved and article_snapshot, at once
 
 
+def test_messages_are_json_even_when_the_project_pickles(redis_queue: Queue) -> None:
+    redis_queue.app.conf.task_serializer = "pickle"
+    with transaction.atomic():
+        user_registered.send(sender=None, label="json")
+    (message,) = redis_queue.messages()
+    assert message["content-type"] == "application/json"
+
+
 def test_celery_publish_signals_fire_so_tracing_headers_survive(redis_queue: Queue) -> None:
     published: list[str] = []
 

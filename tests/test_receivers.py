@@ -115,7 +115,7 @@ def test_one_task_per_handler_named_module_qualname() -> None:
     tasks = current_app.tasks
     task = tasks["tests.testapp.handlers.article_saved"]
     assert task.name == "tests.testapp.handlers.article_saved"
-    assert task.__doc__ is None or "Flower" not in task.__doc__
+    assert task.__doc__ is None  # the handler has no docstring
     assert "tests.user_event" in tasks  # name= overrides
     with deferred(Signal(), module_level_handler) as handler:
         task = current_app.tasks[handler.name]
@@ -212,3 +212,40 @@ def test_a_deferred_handler_must_accept_kwargs() -> None:
     with pytest.raises(DeferredSignalConfigError, match=r"add \*\*kwargs"):
         connect(Signal(), no_kwargs, defer=True, name="tests.no_kwargs")
     assert registry.get("tests.no_kwargs") is None
+
+
+def test_lazy_model_senders_with_apps_are_passed_to_django() -> None:
+    from django.apps import apps
+
+    signal = post_save
+    calls: list[Any] = []
+
+    def on_author(sender: Any, **kwargs: Any) -> None:
+        calls.append(sender)
+
+    receiver(signal, sender="testapp.Author", apps=apps, weak=False)(on_author)
+    try:
+        signal.send(sender=Author, instance=Author(name="x"), created=True)
+    finally:
+        signal.disconnect(on_author, sender=Author)
+    assert calls == [Author]
+
+
+def test_a_sender_with_a_strange_eq_is_fine() -> None:
+    class Touchy:
+        def __eq__(self, other: object) -> bool:
+            raise RuntimeError("do not compare me")
+
+        __hash__ = object.__hash__
+
+    touchy = Touchy()
+    signal = Signal()
+    seen: list[Any] = []
+    receiver(signal, sender=touchy, weak=False)(lambda sender, **kw: seen.append(sender))
+    signal.send(sender=touchy)
+    assert seen == [touchy]
+
+
+def test_typos_without_defer_get_djangos_own_error() -> None:
+    with pytest.raises(TypeError, match="weka"):
+        receiver(Signal(), weka=True)(module_level_handler)

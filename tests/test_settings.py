@@ -102,6 +102,9 @@ def test_valid_settings_pass_the_checks() -> None:
         ({"DEFAULTS": {"max_retries": True}}, ["deferred_signals.E005"]),
         ({"DEFAULTS": {"priority": 300}}, ["deferred_signals.E005"]),
         ({"DEFAULTS": {"acks_late": "yes"}}, ["deferred_signals.E005"]),
+        ({"DEFAULTS": {"rate_limit": "10/sec"}}, ["deferred_signals.E005"]),
+        ({"DEFAULTS": {"rate_limit": "fast"}}, ["deferred_signals.E005"]),
+        ({"EAGER_PROPAGATES": 1}, ["deferred_signals.E007"]),
         ({"DEFAULTS": {"on_missing": "ignore"}}, ["deferred_signals.E005"]),
         ({"DEFAULTS": {"autoretry_for": "smtplib.SMTPException"}}, ["deferred_signals.E005"]),
         ({"DEFAULTS": {"autoretry_for": ["smtplib.NoSuchError"]}}, ["deferred_signals.E006"]),
@@ -124,6 +127,7 @@ def test_check_messages_say_what_and_how() -> None:
     error, warning = sorted(messages, key=lambda m: m.id)
     assert isinstance(error, Error) and isinstance(warning, Warning)
     assert "'queue'" in error.msg and "must be a queue name" in error.hint
+    assert error.msg.startswith("settings.DEFERRED_SIGNALS['HANDLERS']['app.signals.typo']")
     assert "app.signals.typo" in warning.msg and ARTICLE_SAVED in warning.hint
 
 
@@ -176,3 +180,43 @@ def test_redis_delays_longer_than_the_visibility_timeout_warn(
 
 def test_other_brokers_have_no_visibility_timeout() -> None:
     assert ids({"HANDLERS": {ARTICLE_SAVED: {"countdown": 99999}}}) == []
+
+
+def test_not_a_dict_message_names_the_entry_exactly() -> None:
+    with override_settings(DEFERRED_SIGNALS={"HANDLERS": {"a.b": 5}}):
+        (error, _warning) = check_settings()
+    assert error.msg == "settings.DEFERRED_SIGNALS['HANDLERS']['a.b'] is a int, not a dict."
+
+
+def test_using_must_name_a_database() -> None:
+    from deferred_signals import connect
+    from tests.testapp.signals import slow_signal
+
+    def handler(**kwargs: Any) -> None:
+        pass
+
+    connect(slow_signal, handler, defer=True, name="tests.bad_alias", using="defualt")
+    try:
+        assert ids({}) == ["deferred_signals.E009"]
+    finally:
+        slow_signal.disconnect(handler)
+        registry.unregister("tests.bad_alias")
+
+
+def test_an_unconfigured_celery_app_warns() -> None:
+    from celery import Celery, current_app
+
+    previous = current_app._get_current_object()
+    Celery("unconfigured", set_as_current=True)
+    try:
+        assert ids({}) == ["deferred_signals.W003"]
+        assert ids({"EAGER": True}) == []  # nothing is published in EAGER mode
+    finally:
+        previous.set_current()
+
+
+def test_deferred_tasks_are_json_whatever_the_projects_serializer() -> None:
+    from celery import current_app
+
+    task = current_app.tasks[ARTICLE_SAVED]
+    assert task.serializer == "json"

@@ -6,8 +6,10 @@ import json
 import sys
 from typing import Any
 
+from celery import current_app
 from django.core.management.base import BaseCommand, CommandParser
 from django.dispatch import Signal
+from django.dispatch.dispatcher import _make_id  # type: ignore[attr-defined]
 
 from deferred_signals import registry
 
@@ -33,9 +35,11 @@ class Command(BaseCommand):
                     "function": f"{handler.func.__module__}.{handler.func.__qualname__}",
                     "connections": [
                         {"signal": names.get(id(signal), repr(signal)), "sender": _label(sender)}
-                        for signal, sender in handler.connections
+                        for signal, sender, uid in handler.connections
+                        if _connected(signal, sender, uid)
                     ],
                     "options": {
+                        "queue": f"{current_app.conf.task_default_queue} (or task_routes)",
                         **{key: getattr(handler.task, key) for key in TASK_ATTRIBUTES},
                         **{
                             key: _label(value) if key.endswith("_for") else value
@@ -57,6 +61,13 @@ class Command(BaseCommand):
                 self.stdout.write(f"  {connection['signal']} from {connection['sender']}")
             shown = {k: entry["options"].get(k) for k in SHOWN_OPTIONS}
             self.stdout.write("  " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+
+
+def _connected(signal: Signal, sender: Any, uid: Any) -> bool:
+    """Still connected: ``signal.disconnect(handler)`` bypasses the registry."""
+    if isinstance(sender, str):  # a lazy "app_label.Model" sender: resolved by Django later
+        return True
+    return any(key == (uid, _make_id(sender)) for key, *_ in signal.receivers)
 
 
 def _label(value: Any) -> Any:
