@@ -14,7 +14,7 @@ from . import registry
 from .conf import SETTING, Problem, conf, settings_problems
 
 
-@register(Tags.compatibility)
+@register(Tags.compatibility, "deferred_signals")  # manage.py check --tag deferred_signals
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     raw = getattr(settings, SETTING, {})
     problems = settings_problems(raw)

@@ -220,3 +220,11 @@ def test_deferred_tasks_are_json_whatever_the_projects_serializer() -> None:
 
     task = current_app.tasks[ARTICLE_SAVED]
     assert task.serializer == "json"
+
+
+def test_checks_can_be_run_alone_by_tag() -> None:
+    with (
+        override_settings(DEFERRED_SIGNALS={"DEFAULTS": {"retries": 1}}),
+        pytest.raises(SystemCheckError, match=r"deferred_signals\.E004"),
+    ):
+        call_command("check", "--tag", "deferred_signals")
