@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from django.db import models
 from django.utils.safestring import mark_safe
+from kombu.utils import json as kombu_json
 
 from deferred_signals import register_codec, unregister_codec
 from deferred_signals.codec import (
@@ -30,8 +31,9 @@ PARIS = zoneinfo.ZoneInfo("Europe/Paris")
 
 
 def wire(value: Any, *, fresh: bool = False, fields: bool = False) -> Any:
-    """Encode, go through JSON text as a broker would, decode, rebuild snapshots."""
-    data = json.loads(json.dumps(Encoder(fresh=fresh, fields=fields).encode(value)))
+    """Encode, go through kombu's JSON text as Celery does, decode, rebuild snapshots."""
+    encoded = Encoder(fresh=fresh, fields=fields).encode(value)
+    data = kombu_json.loads(kombu_json.dumps(encoded))
     decoder = Decoder()
     decoded = decoder.decode(data)
     for ref in decoder.instances:
@@ -314,18 +316,6 @@ def test_summary_is_short_and_readable() -> None:
 # --- review findings ---------------------------------------------------------------------
 
 
-def kombu_wire(value: Any) -> Any:
-    """Like wire(), through kombu's JSON (what Celery uses), whose decoder has hooks."""
-    from kombu.utils import json as kombu_json
-
-    data = kombu_json.loads(kombu_json.dumps(Encoder(fresh=False, fields=False).encode(value)))
-    decoder = Decoder()
-    decoded = decoder.decode(data)
-    for ref in decoder.instances:
-        ref.resolved = snapshot_instance(ref)
-    return resolve(decoded)
-
-
 @pytest.mark.parametrize(
     "value",
     [
@@ -335,23 +325,23 @@ def kombu_wire(value: Any) -> Any:
     ],
 )
 def test_dicts_that_look_like_kombu_types_survive_kombus_json(value: Any) -> None:
-    assert kombu_wire(value) == value
+    assert wire(value) == value
 
 
 def test_bytearray_and_memoryview_travel_as_bytes() -> None:
-    assert kombu_wire(bytearray(b"ab")) == b"ab"
-    assert kombu_wire(memoryview(b"cd")) == b"cd"
+    assert wire(bytearray(b"ab")) == b"ab"
+    assert wire(memoryview(b"cd")) == b"cd"
 
 
 def test_lazy_translations_travel_as_text() -> None:
     from django.utils.translation import gettext_lazy
 
-    assert kombu_wire(gettext_lazy("Welcome")) == "Welcome"
+    assert wire(gettext_lazy("Welcome")) == "Welcome"
 
 
 def test_snapshot_keeps_adding_and_db_as_sent() -> None:
     new = Ticket(subject="unsaved")  # as in pre_save of a new row: adding, no database yet
-    back = kombu_wire(new)
+    back = wire(new)
     assert back._state.adding is True and back._state.db is None
     assert back.pk == new.pk  # the UUID default was already set
 
@@ -361,8 +351,8 @@ def test_field_values_no_codec_knows_use_the_fields_text_form() -> None:
 
     ticket = Ticket(subject="c", color=Color(1, 2, 3))
     article = Article(pk=1, title="bin", blob=memoryview(b"\x00\x01"))
-    assert kombu_wire(ticket).color == Color(1, 2, 3)
-    assert kombu_wire(article).blob == b"\x00\x01"
+    assert wire(ticket).color == Color(1, 2, 3)
+    assert wire(article).blob == b"\x00\x01"
 
 
 def test_a_class_a_worker_cannot_find_is_refused_at_send_time() -> None:
