@@ -95,8 +95,11 @@ class Command(BaseCommand):
         if leftovers := worker.leftovers():
             raise CommandError(f"Worker processes were left running: {leftovers}")
 
-        emails = sorted(mailbox.glob("*")) if mailbox.is_dir() else []
-        result = report.Report(sign_ups, state.shown(mailbox), len(emails))
+        # Count messages, not files: Django's file backend names a file after the time and
+        # id(backend), which two forked worker processes can share, and then appends to it.
+        files = sorted(mailbox.glob("*")) if mailbox.is_dir() else []
+        emails = sum(path.read_text().count("\nMessage-ID: ") for path in files)
+        result = report.Report(sign_ups, state.shown(mailbox), emails)
         say("\nWhat happened, in order (t: seconds since the first sign-up):")
         for line in result.timeline():
             say(f"  {line}")
