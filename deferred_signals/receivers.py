@@ -100,8 +100,8 @@ def connect(
 
     With ``defer=True``: ``name`` is the handler's (and its task's) name, by default
     ``module.qualname``; ``include_raw`` defers fixture loads (``raw=True``) too; ``using``
-    names the database whose commit releases the call (default: the signal's ``using``,
-    else the default database). Any other keyword is a handler option, as in
+    names the database whose commit releases the call (default: the signal's ``using``, else
+    its ``instance``'s database, else the default one). Any other keyword is a handler option, as in
     ``settings.DEFERRED_SIGNALS`` (``queue``, ``max_retries``, ``instance="snapshot"``...).
     The connection is always strong: ``weak`` is accepted and ignored.
     """
@@ -119,7 +119,7 @@ def connect(
         # Django computes this key for ``receiver`` itself, so ``signal.disconnect(receiver,
         # sender=...)`` disconnects the proxy, and connecting twice connects once.
         uid = dispatch_uid or _make_id(receiver)
-        if (one, sender, uid) not in handler.connections:
+        if not any(s is one and o is sender and u == uid for s, o, u in handler.connections):
             handler.connections.append((one, sender, uid))
         one.connect(_make_proxy(handler, one), sender=sender, weak=False, dispatch_uid=uid, **extra)
 

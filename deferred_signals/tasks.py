@@ -14,8 +14,8 @@ from django.core.exceptions import ObjectDoesNotExist
 from django.dispatch import Signal
 
 from . import registry
-from .codec import Decoder, resolve, snapshot_instance
 from .conf import WORKER_OPTIONS
+from .decoder import Decoder, resolve, snapshot_instance
 from .exceptions import MalformedMessageError
 from .registry import Handler
 

@@ -15,14 +15,8 @@ from django.utils.safestring import mark_safe
 from kombu.utils import json as kombu_json
 
 from deferred_signals import register_codec, unregister_codec
-from deferred_signals.codec import (
-    Decoder,
-    EncodeError,
-    Encoder,
-    locate,
-    resolve,
-    snapshot_instance,
-)
+from deferred_signals.codec import EncodeError, Encoder, locate
+from deferred_signals.decoder import Decoder, resolve, snapshot_instance
 from deferred_signals.exceptions import MalformedMessageError
 from tests.testapp.handlers import Money, Plain
 from tests.testapp.models import Article, Author, Ticket
