@@ -176,9 +176,10 @@ class Encoder:
             "pk": self.encode(pk),
             "db": instance._state.db,
         }
-        if self.fresh and pk is not None:
+        adding = instance._state.adding or pk is None
+        if self.fresh and not adding:
             data["fresh"] = True
-        if self.fields or pk is None:
+        if self.fields or adding:  # an unsaved row cannot be fetched: always a snapshot
             if instance._state.adding:
                 data["adding"] = True
             deferred = instance.get_deferred_fields()
@@ -192,11 +193,26 @@ class Encoder:
                 try:
                     fields[field.attname] = self.encode(value)
                 except EncodeError:
-                    # A field type the codec does not know (ranges, geometries...): its own
-                    # text form, parsed back by the field on the worker.
-                    fields[field.attname] = {TAG: "field", "v": field.value_to_string(instance)}
+                    fields[field.attname] = _field_text(field, instance, value)
             data["f"] = fields
         return data
+
+
+def _field_text(field: Any, instance: models.Model, value: Any) -> JSON:
+    """A value the codec does not know (ranges, geometries...): the field's own text form,
+    as ``dumpdata`` writes it, if the field reads it back (``to_python``) as the same value."""
+    try:
+        text = field.value_to_string(instance)
+        same = isinstance(text, str) and field.to_python(text) == value
+    except Exception:
+        same = False
+    if not same:
+        raise EncodeError(
+            value,
+            f"the field {field.name!r} does not read its value_to_string() back with "
+            "to_python(); register a codec for its value's type",
+        )
+    return {TAG: "field", "v": text}
 
 
 def locate(value: Any, target: object, path: str) -> str | None:

@@ -16,6 +16,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.apps import apps
+from django.core.exceptions import ValidationError
 from django.db import DEFAULT_DB_ALIAS, connections, models
 
 from .codec import JSON, TAG, custom_codec, lookup_class
@@ -59,7 +60,8 @@ class Decoder:
         except MalformedMessageError:
             raise
         except (
-            KeyError, ValueError, TypeError, LookupError, ArithmeticError, InvalidOperation
+            KeyError, ValueError, TypeError, AttributeError, LookupError, ArithmeticError,
+            InvalidOperation, ValidationError,
         ) as error:  # fmt: skip
             raise MalformedMessageError(f"bad {tag!r} value: {error!r}") from None
         raise MalformedMessageError(f"unknown type tag {tag!r}")

@@ -3,8 +3,9 @@
 Each call is attached to its database alias's transaction through Django's own
 ``on_commit`` list, so Django's bookkeeping decides its fate: dropped on rollback, dropped
 with a rolled-back savepoint, released by the outermost commit. Consecutive calls made in
-the same savepoint context share one ``on_commit`` callback, so a transaction that fires a
-thousand signals publishes them through one producer, not a thousand times.
+the same savepoint context form a batch, which the first of their callbacks publishes
+through one producer, so a transaction that fires a thousand signals does not make a
+thousand broker round trips.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ class PendingCall:
 
 
 class Batch:
-    """Consecutive calls of one transaction that share a savepoint context, hence a fate."""
+    """Consecutive calls of one transaction that share a savepoint context, hence a fate.
+
+    Their ``on_commit`` callbacks carry the same savepoint ids, so a savepoint rollback drops
+    all of them or none: when the first one runs, every call of the batch is committed.
+    """
 
     __slots__ = ("calls",)
 
@@ -50,18 +55,18 @@ def enqueue(call: PendingCall, using: str) -> None:
     """Send ``call`` when the transaction open on ``using`` commits (at once outside one).
 
     Every call registers an ``on_commit`` callback of its own, so Django's bookkeeping stays
-    exact (savepoints, and ``captureOnCommitCallbacks``, which runs only the callbacks
-    registered inside it); the batch moves into the newest callback and the older ones of
-    the run become no-ops, so one callback publishes the whole run.
+    exact, including ``captureOnCommitCallbacks``, which runs only the callbacks registered
+    inside it. The first callback of a batch to run publishes the whole batch; the others
+    then have nothing left to do.
     """
     connection = transaction.get_connection(using)
-    batch = _take_open_batch(connection) or Batch()
+    batch = _open_batch(connection) or Batch()
     assert batch.calls is not None
     batch.calls.append(call)
     connection.on_commit(_flush_callback(batch), robust=not conf.eager_propagates)
 
 
-def _take_open_batch(connection: Any) -> Batch | None:
+def _open_batch(connection: Any) -> Batch | None:
     if not (connection.in_atomic_block and connection.run_on_commit):
         return None
     sids, last, _robust = connection.run_on_commit[-1]
@@ -71,7 +76,6 @@ def _take_open_batch(connection: Any) -> Batch | None:
     # Same savepoints (None marks an atomic block without one) means the same fate.
     if sids - {None} != set(connection.savepoint_ids) - {None}:
         return None
-    last.deferred_batch = None
     return batch
 
 
@@ -81,7 +85,7 @@ def _flush_callback(batch: Batch) -> Callable[[], None]:
     def flush_deferred_calls() -> None:
         current: Batch | None = flush_deferred_calls.deferred_batch  # type: ignore[attr-defined]
         if current is None or current.calls is None:
-            return  # the batch moved on to a newer callback, or was flushed already
+            return  # another callback of the batch published it already
         calls, current.calls = current.calls, None
         flush(calls)
 
@@ -151,11 +155,10 @@ def _batching(producer: Any, count: int) -> Any:
 def run_inline(calls: list[PendingCall]) -> None:
     """``EAGER``: run each call here, through kombu's JSON encode/decode, as a worker would."""
     for call in calls:
-        call_run = decode_call(call.handler, kombu_json.loads(kombu_json.dumps(call.body))).run
-        if conf.eager_propagates:
-            call_run()
-            continue
         try:
-            call_run()
+            body = kombu_json.loads(kombu_json.dumps(call.body))
+            decode_call(call.handler, body).run()
         except Exception:
+            if conf.eager_propagates:
+                raise
             logger.exception("Deferred handler %s failed (EAGER) [%s]", call.handler.name, call.id)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, Literal, TypeVar, overload
 
 from celery.utils import uuid
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import Model
 from django.db.models.query import QuerySet
 from django.db.models.signals import post_delete, pre_delete
@@ -295,14 +295,23 @@ def _encode_error(
 
 
 def _alias(handler: Handler, kwargs: dict[str, Any]) -> str:
-    """The database whose commit releases the call: ``using=``, the signal's ``using``, the
-    database of its ``instance`` (custom signals), else the default one."""
+    """The database whose commit releases the call: ``using=``, else the signal's ``using``.
+
+    A custom signal has no ``using``: the default database's transaction when one is open
+    (an instance read from a replica must not release the call early), else the transaction
+    open on its ``instance``'s database, else the default database.
+    """
     if handler.using is not None:
         return handler.using
     using = kwargs.get("using")
     if isinstance(using, str) and using in connections.settings:
         return using
     instance = kwargs.get("instance")
-    if isinstance(instance, Model) and instance._state.db is not None:
+    if (
+        isinstance(instance, Model)
+        and instance._state.db not in (None, DEFAULT_DB_ALIAS)
+        and not transaction.get_connection(DEFAULT_DB_ALIAS).in_atomic_block
+        and transaction.get_connection(instance._state.db).in_atomic_block
+    ):
         return instance._state.db
     return DEFAULT_DB_ALIAS

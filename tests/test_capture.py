@@ -46,3 +46,16 @@ def test_without_execute_nothing_runs(django_capture_on_commit_callbacks: Any) -
     with django_capture_on_commit_callbacks() as callbacks:
         Article.objects.create(title="captured only")
     assert callbacks and records() == []
+
+
+def test_without_execute_the_first_captured_callback_runs_the_batch(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    with django_capture_on_commit_callbacks() as callbacks:
+        Article.objects.create(title="a")
+        Article.objects.create(title="b")
+    callbacks[0]()  # the usual idiom: run what was captured
+    assert titles() == ["'a'", "'b'"]
+    for callback in callbacks:  # the other idiom: run them all; nothing runs twice
+        callback()
+    assert titles() == ["'a'", "'b'"]

@@ -16,6 +16,7 @@ from kombu.utils import json as kombu_json
 
 from deferred_signals import register_codec, unregister_codec
 from deferred_signals.codec import EncodeError, Encoder, locate
+from deferred_signals.codec import _field_text as codec_field_text
 from deferred_signals.decoder import Decoder, resolve, snapshot_instance
 from deferred_signals.exceptions import MalformedMessageError
 from tests.testapp.handlers import Money, Plain
@@ -136,7 +137,7 @@ def test_unsaved_instance_is_always_a_snapshot() -> None:
 
 def test_fresh_instance_sends_only_model_pk_and_db() -> None:
     ticket = Ticket(subject="s")
-    ticket._state.db = "default"
+    ticket._state.db, ticket._state.adding = "default", False  # as loaded from the database
     data = Encoder(fresh=True, fields=False).encode(ticket)
     assert data == {
         "$t": "model",
@@ -390,3 +391,55 @@ def test_querysets_are_refused_outside_delete_signals() -> None:
     with pytest.raises(EncodeError) as info:
         Encoder(fresh=True, fields=False).encode(Article.objects.all())
     assert "values_list" in info.value.hint
+
+
+def test_an_unsaved_instance_with_a_client_side_pk_is_a_snapshot_not_fetched() -> None:
+    ticket = Ticket(subject="new")  # UUID pk set by its default, never saved
+    data = Encoder(fresh=True, fields=False).encode(ticket)
+    assert "fresh" not in data and data["adding"] is True
+
+
+def test_the_field_text_fallback_must_round_trip() -> None:
+    from tests.testapp.models import ColorField
+
+    class Shade:  # no __eq__: to_python(value_to_string()) cannot be checked equal
+        def __init__(self, rgb: str) -> None:
+            self.rgb = rgb
+
+        def __str__(self) -> str:
+            return self.rgb
+
+    class ShadeField(ColorField):
+        def to_python(self, value: Any) -> Any:
+            return value if isinstance(value, Shade) else Shade(value)
+
+        def value_to_string(self, obj: Any) -> str:
+            return str(self.value_from_object(obj))
+
+    field = ShadeField()
+    field.set_attributes_from_name("color")
+    ticket = Ticket(subject="s")
+    ticket.color = Shade("1,2,3")
+    with pytest.raises(EncodeError) as info:
+        codec_field_text(field, ticket, ticket.color)
+    assert "register a codec" in info.value.hint
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"$t": "deleted", "m": 5, "db": None},
+        {"$t": "model", "m": 5, "pk": 1, "db": None, "fresh": True},
+        {
+            "$t": "model",
+            "m": "testapp.article",
+            "pk": 1,
+            "db": None,
+            "f": {"price": {"$t": "field", "v": "abc"}},
+        },
+    ],
+    ids=repr,
+)
+def test_odd_model_data_is_malformed_not_a_crash(data: Any) -> None:
+    with pytest.raises(MalformedMessageError):
+        Decoder().decode(data)

@@ -117,9 +117,11 @@ def test_one_transaction_attaches_its_calls_to_one_on_commit_callback() -> None:
     with transaction.atomic():
         for i in range(50):
             Article.objects.create(title=str(i))
-        batches = [getattr(hook, "deferred_batch", None) for _, hook, _ in connection.run_on_commit]
-        live = [batch for batch in batches if batch is not None]
-        assert len(live) == 1 and len(live[0].calls) == 100  # 2 handlers x 50 saves
+        batches = {
+            id(hook.deferred_batch): hook.deferred_batch for _, hook, _ in connection.run_on_commit
+        }
+        (batch,) = batches.values()  # one batch for the whole run of calls...
+        assert len(batch.calls) == 100  # ...of 2 handlers x 50 saves
         on_commit_seen: list[str] = []
         transaction.on_commit(lambda: on_commit_seen.append("user callback"))
         Article.objects.create(title="after a user callback")
@@ -384,3 +386,35 @@ def test_eager_propagates_raises_the_handlers_exception() -> None:
         flaky_signal.send(sender=None, key="boom", fail_times=1)
     with override_settings(DEFERRED_SIGNALS=eager), pytest.raises(FlakyError):
         flaky_signal.send(sender=None, key="boom-autocommit", fail_times=1)
+
+
+def test_an_instance_read_from_another_database_does_not_release_the_call_early() -> None:
+    author = Author.objects.using("other").create(name="read from a replica")
+    with transaction.atomic():  # the business transaction, on default
+        Author.objects.create(name="order row")
+        user_registered.send(sender=Plain, instance=author)
+        assert records("user_event") == []
+    assert len(records("user_event")) == 1
+
+
+def test_one_call_failing_in_eager_mode_does_not_drop_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from deferred_signals import register_codec, unregister_codec
+
+    class Cursed:
+        pass
+
+    def refuse(data: Any) -> Any:
+        raise ValueError("cannot decode")
+
+    register_codec(Cursed, name="tests.cursed", encode=lambda value: 0, decode=refuse)
+    try:
+        with caplog.at_level(logging.ERROR, logger="deferred_signals"), transaction.atomic():
+            user_registered.send(sender=Plain, instance=None, n=1)
+            user_registered.send(sender=Plain, instance=None, n=2, cursed=Cursed())
+            user_registered.send(sender=Plain, instance=None, n=3)
+    finally:
+        unregister_codec(Cursed)
+    assert [r.call["kwargs"]["n"]["repr"] for r in records("user_event")] == ["1", "3"]
+    assert "Deferred handler tests.user_event failed (EAGER)" in caplog.text
