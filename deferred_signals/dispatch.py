@@ -44,11 +44,13 @@ class Batch:
     all of them or none: when the first one runs, every call of the batch is committed.
     """
 
-    __slots__ = ("calls",)
+    __slots__ = ("callback", "calls")
 
     def __init__(self) -> None:
         #: None once flushed: a later call starts a new batch.
         self.calls: list[PendingCall] | None = []
+        #: Registered once per call: one function object for the whole batch.
+        self.callback = _flush_callback(self)
 
 
 def enqueue(call: PendingCall, using: str) -> None:
@@ -63,7 +65,7 @@ def enqueue(call: PendingCall, using: str) -> None:
     batch = _open_batch(connection) or Batch()
     assert batch.calls is not None
     batch.calls.append(call)
-    connection.on_commit(_flush_callback(batch), robust=not conf.eager_propagates)
+    connection.on_commit(batch.callback, robust=not conf.eager_propagates)
 
 
 def _open_batch(connection: Any) -> Batch | None:
