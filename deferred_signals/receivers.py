@@ -192,7 +192,8 @@ class _LastSend(threading.local):
     Within one ``Signal.send()`` Django calls receivers in connection order, so proxy serials
     only grow; a serial that does not grow means a new send, even with the same objects. A
     proxy connected since the memo was taken may sit after it in a later send, so a new
-    connection also ends the memo.
+    connection also ends the memo. The memo keeps the last send's arguments alive until the
+    next deferred send in the same thread.
     """
 
     serial = -1
