@@ -304,10 +304,6 @@ class Settings:
         return bool(self.raw.get("EAGER_PROPAGATES", False))
 
     @property
-    def delivery(self) -> str:
-        return str(self.raw.get("DELIVERY", "on_commit"))
-
-    @property
     def handler_settings(self) -> Mapping[str, Mapping[str, Any]]:
         return self.raw.get("HANDLERS", {})  # type: ignore[no-any-return]
 
