@@ -23,6 +23,9 @@ logger = logging.getLogger("deferred_signals")
 
 MESSAGE_VERSION = 1
 MESSAGE_KEYS = frozenset({"v", "signal", "sender", "kwargs"})
+#: Keys a message may carry besides: "at", when the call's transaction committed (epoch
+#: seconds, for ``current_call()``); "dbf", when the worker first met a database outage.
+OPTIONAL_KEYS = frozenset({"at", "dbf"})
 #: Celery's own defaults for the options it reads from the task instead of from its config.
 CELERY_TASK_DEFAULTS = {
     "max_retries": Task.max_retries,
@@ -199,7 +202,7 @@ class DecodedCall:
 
 def decode_call(handler: Handler, body: Any) -> DecodedCall:
     """Check a message's shape and decode it; anything unexpected is a malformed message."""
-    if type(body) is not dict or body.keys() != MESSAGE_KEYS:
+    if type(body) is not dict or body.keys() - OPTIONAL_KEYS != MESSAGE_KEYS:
         keys = sorted(body) if isinstance(body, dict) else type(body).__name__
         raise MalformedMessageError(f"unexpected message fields {keys}")
     if body["v"] != MESSAGE_VERSION:

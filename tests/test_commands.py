@@ -1,4 +1,4 @@
-"""``manage.py deferred_handlers``."""
+"""``manage.py deferred_signals``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from django.test import override_settings
 
 def run(*args: str) -> str:
     out = StringIO()
-    call_command("deferred_handlers", *args, stdout=out)
+    call_command("deferred_signals", "list", *args, stdout=out)
     return out.getvalue()
 
 
@@ -37,3 +37,9 @@ def test_lists_handlers_with_signals_senders_and_merged_options() -> None:
     assert flaky["options"]["autoretry_for"] == ["tests.testapp.handlers.FlakyError"]
     assert entries["tests.testapp.handlers.marker"]["options"]["max_retries"] == 3  # Celery's
     assert entries["tests.testapp.handlers.ticket_saved"]["include_raw"] is True
+
+
+def test_the_former_command_name_still_lists_handlers() -> None:
+    out = StringIO()
+    call_command("deferred_handlers", "--json", stdout=out)
+    assert json.loads(out.getvalue()) == json.loads(run("--json"))

@@ -1,0 +1,162 @@
+"""The proxy receiver: what runs in the request when a signal reaches a deferred handler.
+
+It encodes the call (once per ``send()``, however many deferred handlers receive it) and
+hands it to :mod:`dispatch`, which attaches it to the transaction of the right database.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from celery.utils import uuid
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db.models import Model
+from django.db.models.query import QuerySet
+from django.db.models.signals import post_delete, pre_delete
+from django.dispatch import Signal
+
+from . import dispatch
+from .codec import EncodeError, Encoder, locate
+from .exceptions import DeferredSignalError
+from .registry import Handler
+from .tasks import MESSAGE_VERSION
+
+DELETE_SIGNALS = (pre_delete, post_delete)
+
+_serials = itertools.count()
+_newest_serial = -1
+
+
+class _LastSend(threading.local):
+    """What the previous proxy encoded, so one send encodes its arguments once.
+
+    Within one ``Signal.send()`` Django calls receivers in connection order, so proxy serials
+    only grow; a serial that does not grow means a new send, even with the same objects. A
+    proxy connected since the memo was taken may sit after it in a later send, so a new
+    connection also ends the memo. The memo keeps the last send's arguments alive until the
+    next deferred send in the same thread.
+    """
+
+    serial = -1
+    newest = -1
+    signal: Signal | None = None
+    sender: Any = None
+    kwargs: dict[str, Any] | None = None
+    encoded: dict[tuple[bool, bool, bool], tuple[Any, Any]]
+
+
+_last_send = _LastSend()
+
+
+def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
+    global _newest_serial
+    index = handler.signal_index(signal)
+    serial = _newest_serial = next(_serials)
+    deletes = signal in DELETE_SIGNALS
+
+    def proxy(signal: Signal, sender: Any, **kwargs: Any) -> None:
+        if kwargs.get("raw") and not handler.include_raw:
+            return
+        options = handler.merged
+        fresh = options.get("instance") == "fresh" and not deletes
+        fields = options.get("on_missing") == "snapshot"
+        sender_data, kwargs_data = _encode(
+            handler, serial, signal, sender, kwargs, fresh, fields, deletes
+        )
+        body = {"v": MESSAGE_VERSION, "signal": index, "sender": sender_data, "kwargs": kwargs_data}
+        dispatch.enqueue(dispatch.PendingCall(handler, uuid(), body), _alias(handler, kwargs))
+
+    proxy.__qualname__ = f"deferred({handler.name})"
+    return proxy
+
+
+def _encode(
+    handler: Handler,
+    serial: int,
+    signal: Signal,
+    sender: Any,
+    kwargs: dict[str, Any],
+    fresh: bool,
+    fields: bool,
+    deleting: bool,
+) -> tuple[Any, Any]:
+    last = _last_send
+    previous = last.kwargs
+    same_send = (
+        serial > last.serial
+        and last.newest == _newest_serial
+        and signal is last.signal
+        and sender is last.sender
+        and previous is not None
+        and kwargs.keys() == previous.keys()
+        and all(value is previous[name] for name, value in kwargs.items())
+    )
+    if not same_send:
+        last.signal, last.sender, last.kwargs, last.encoded = signal, sender, kwargs, {}
+        last.newest = _newest_serial
+    last.serial = serial
+    variant = (fresh, fields, deleting)
+    encoded = last.encoded.get(variant)
+    if encoded is None:
+        encoder = Encoder(fresh=fresh, fields=fields, deleting=deleting)
+        try:
+            encoded = (
+                encoder.encode(sender),
+                {name: encoder.encode(value) for name, value in kwargs.items()},
+            )
+        except EncodeError as error:
+            raise _encode_error(handler, error, {"sender": sender, **kwargs}) from None
+        last.encoded[variant] = encoded
+    return encoded
+
+
+def _encode_error(
+    handler: Handler, error: EncodeError, arguments: dict[str, Any]
+) -> DeferredSignalError:
+    path = next(
+        (found for name, value in arguments.items() if (found := locate(value, error.value, name))),
+        # Not among the arguments: a registered codec's encode() returned it.
+        "an argument (inside a registered codec's output)",
+    )
+    kind = type(error.value)
+    # repr() of a QuerySet would run a query; of anything else, keep it short.
+    if isinstance(error.value, QuerySet):
+        shown = f"a QuerySet of {error.value.model._meta.label}"
+    else:
+        shown = f"{error.value!r:.80}"
+    hint = error.hint or (
+        "send a JSON-friendly value instead (for a model, the instance or its pk), or teach "
+        f"deferred_signals the type: register_codec({kind.__qualname__}, name=..., "
+        "encode=..., decode=...)"
+    )
+    return DeferredSignalError(
+        f"Deferred handler {handler.name!r} cannot receive argument {path!r}: "
+        f"{kind.__module__}.{kind.__qualname__} ({shown}) cannot be sent to a "
+        f"worker. Fix: {hint}."
+    )
+
+
+def _alias(handler: Handler, kwargs: dict[str, Any]) -> str:
+    """The database whose commit releases the call: ``using=``, else the signal's ``using``.
+
+    A custom signal has no ``using``: the default database's transaction when one is open
+    (an instance read from a replica must not release the call early), else the transaction
+    open on its ``instance``'s database, else the default database.
+    """
+    if handler.using is not None:
+        return handler.using
+    using = kwargs.get("using")
+    if isinstance(using, str) and using in connections.settings:
+        return using
+    instance = kwargs.get("instance")
+    if (
+        isinstance(instance, Model)
+        and instance._state.db not in (None, DEFAULT_DB_ALIAS)
+        and not transaction.get_connection(DEFAULT_DB_ALIAS).in_atomic_block
+        and transaction.get_connection(instance._state.db).in_atomic_block
+    ):
+        return instance._state.db
+    return DEFAULT_DB_ALIAS
