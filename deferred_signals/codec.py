@@ -292,6 +292,24 @@ def summary(body: dict[str, Any], limit: int = 400) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
+def redacted_summary(body: dict[str, Any]) -> str:
+    """Like :func:`summary`, with no values that may be personal data: for logs at INFO and
+    above. Instances show their model and pk; other values only their type."""
+    parts = [f"sender={_redacted(body['sender'])}"]
+    parts += [f"{name}={_redacted(value)}" for name, value in body["kwargs"].items()]
+    return ", ".join(parts)
+
+
+def _redacted(data: JSON) -> str:
+    if type(data) is dict and data.get(TAG) in ("model", "modelclass"):
+        return _short(data)
+    if data is None or type(data) is bool:
+        return repr(data)
+    if type(data) is dict and TAG in data:
+        return f"<{data[TAG]}>"
+    return f"<{type(data).__name__}>"
+
+
 def _short(data: JSON) -> str:
     if type(data) is dict:
         tag = data.get(TAG)

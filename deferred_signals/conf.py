@@ -22,8 +22,18 @@ from django.utils.module_loading import import_string
 from .exceptions import DeferredSignalConfigError
 
 SETTING = "DEFERRED_SIGNALS"
-TOP_LEVEL_KEYS = ("DEFAULTS", "HANDLERS", "EAGER", "EAGER_PROPAGATES", "DELIVERY")
-DELIVERY_MODES = ("on_commit",)
+#: Top-level keys with a default, and what each must be (checked as the options are).
+TOP_LEVEL_DEFAULTS: dict[str, Any] = {
+    "EAGER": False,
+    "EAGER_PROPAGATES": False,
+    "DELIVERY": "on_commit",
+    "PUBLISH_TIMEOUT": 2.0,
+    "PUBLISH_COOLDOWN": 5.0,
+    "OUTBOX_GRACE": 30.0,
+    "RELAY_MAX_ATTEMPTS": 10,
+}
+TOP_LEVEL_KEYS = ("DEFAULTS", "HANDLERS", *TOP_LEVEL_DEFAULTS)
+DELIVERY_MODES = ("on_commit", "outbox")
 INSTANCE_MODES = ("fresh", "snapshot")
 ON_MISSING = ("skip", "raise", "snapshot")
 
@@ -95,6 +105,25 @@ OPTIONS: dict[str, Option] = {
     # How arguments travel.
     "instance": Option(lambda v: v in INSTANCE_MODES, " or ".join(map(repr, INSTANCE_MODES))),
     "on_missing": Option(lambda v: v in ON_MISSING, " or ".join(map(repr, ON_MISSING))),
+    # How calls leave the request.
+    "delivery": Option(lambda v: v in DELIVERY_MODES, " or ".join(map(repr, DELIVERY_MODES))),
+}
+
+
+def _positive(value: object) -> bool:
+    return _is_number(value) and value > 0  # type: ignore[operator]
+
+
+TOP_LEVEL_OPTIONS: dict[str, Option] = {
+    "EAGER": Option(lambda v: isinstance(v, bool), "True or False"),
+    "EAGER_PROPAGATES": Option(lambda v: isinstance(v, bool), "True or False"),
+    "DELIVERY": OPTIONS["delivery"],
+    "PUBLISH_TIMEOUT": Option(_positive, "a positive number of seconds"),
+    "PUBLISH_COOLDOWN": Option(_non_negative, "a non-negative number of seconds"),
+    "OUTBOX_GRACE": Option(_non_negative, "a non-negative number of seconds"),
+    "RELAY_MAX_ATTEMPTS": Option(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"
+    ),
 }
 
 #: Options copied into each message's publish options when set.
@@ -216,23 +245,15 @@ def settings_problems(raw: object) -> list[Problem]:
                 problems.append(_not_a_dict(where, options))
     else:
         problems.append(_not_a_dict(f"settings.{SETTING}['HANDLERS']", handlers))
-    for key in ("EAGER", "EAGER_PROPAGATES"):
-        if not isinstance(raw.get(key, False), bool):
+    for key, option in TOP_LEVEL_OPTIONS.items():
+        if key in raw and not option.check(raw[key]):
             problems.append(
                 Problem(
-                    "deferred_signals.E007",
-                    f"settings.{SETTING}[{key!r}] is {raw[key]!r}, not a bool.",
-                    f"Set {key} to True or False.",
+                    "deferred_signals.E008" if key == "DELIVERY" else "deferred_signals.E007",
+                    f"settings.{SETTING}[{key!r}] is {raw[key]!r}.",
+                    f"{key} must be {option.expected}.",
                 )
             )
-    if raw.get("DELIVERY", "on_commit") not in DELIVERY_MODES:
-        problems.append(
-            Problem(
-                "deferred_signals.E008",
-                f"settings.{SETTING}['DELIVERY'] is {raw['DELIVERY']!r}.",
-                f"Supported: {', '.join(map(repr, DELIVERY_MODES))}.",
-            )
-        )
     return problems
 
 
@@ -294,14 +315,36 @@ class Settings:
             raise DeferredSignalConfigError(f"{first.msg} {first.hint} ({first.id})")
         return raw
 
+    def _get(self, key: str) -> Any:
+        return self.raw.get(key, TOP_LEVEL_DEFAULTS[key])
+
     @property
     def eager(self) -> bool:
-        return bool(self.raw.get("EAGER", False))
+        return bool(self._get("EAGER"))
 
     @property
     def eager_propagates(self) -> bool:
         """With ``EAGER``, a handler's exception propagates out of the commit (tests)."""
-        return bool(self.raw.get("EAGER_PROPAGATES", False))
+        return bool(self._get("EAGER_PROPAGATES"))
+
+    @property
+    def publish_timeout(self) -> float:
+        """Seconds a commit may spend publishing, a hung broker included."""
+        return float(self._get("PUBLISH_TIMEOUT"))
+
+    @property
+    def publish_cooldown(self) -> float:
+        """Seconds a process spills without trying the broker after a failed publish."""
+        return float(self._get("PUBLISH_COOLDOWN"))
+
+    @property
+    def outbox_grace(self) -> float:
+        """Seconds the relay leaves an outbox row alone: the request publishes it first."""
+        return float(self._get("OUTBOX_GRACE"))
+
+    @property
+    def relay_max_attempts(self) -> int:
+        return int(self._get("RELAY_MAX_ATTEMPTS"))
 
     @property
     def handler_settings(self) -> Mapping[str, Mapping[str, Any]]:
@@ -315,6 +358,7 @@ class Settings:
             pass
         values = {
             **BUILTIN_DEFAULTS,
+            "delivery": self._get("DELIVERY"),
             **self.raw.get("DEFAULTS", {}),
             **decorator_options,
             **self.handler_settings.get(name, {}),

@@ -67,7 +67,8 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
             handler, serial, signal, sender, kwargs, fresh, fields, deletes
         )
         body = {"v": MESSAGE_VERSION, "signal": index, "sender": sender_data, "kwargs": kwargs_data}
-        dispatch.enqueue(dispatch.PendingCall(handler, uuid(), body), _alias(handler, kwargs))
+        call = dispatch.PendingCall(handler, uuid(), body, options.get("delivery") == "outbox")
+        dispatch.enqueue(call, _alias(handler, kwargs))
 
     proxy.__qualname__ = f"deferred({handler.name})"
     return proxy

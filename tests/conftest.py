@@ -15,6 +15,7 @@ from django.conf import settings
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 import tests.celery_app  # noqa: F401  (the project's Celery app is current, as in a project)
+from deferred_signals import publisher
 from tests.testapp import handlers
 from tests.testapp.models import Record
 from tests.workers import Worker
@@ -72,6 +73,14 @@ def _clear_sync_calls() -> Iterator[None]:
     handlers.SYNC.clear()
     yield
     handlers.SYNC.clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_publisher() -> Iterator[None]:
+    """No broker connection or cooldown carried from one test to the next."""
+    publisher.reset()
+    yield
+    publisher.reset()
 
 
 def records(handler: str | None = None) -> list[Record]:

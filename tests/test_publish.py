@@ -17,8 +17,11 @@ from celery import Celery, current_app
 from celery import _state as celery_state
 from celery.signals import after_task_publish, before_task_publish
 from django.db import transaction
+from django.utils import timezone
 from pytest_django.fixtures import Settings as SettingsWrapper
 
+from deferred_signals import publisher
+from deferred_signals.models import OutboxCall
 from tests.conftest import require
 from tests.testapp.models import Article
 from tests.testapp.signals import user_registered
@@ -154,19 +157,112 @@ def test_celery_publish_signals_fire_so_tracing_headers_survive(redis_queue: Que
 @pytest.fixture
 def broker_down(settings: SettingsWrapper) -> Iterator[None]:
     app = make_app("broker-down", "redis://127.0.0.1:1/0")  # nothing listens on port 1
+    publisher.reset()
     with use_app(app, settings, "nowhere"):
         yield
+    publisher.reset()
 
 
-def test_broker_down_at_commit_logs_every_lost_call_and_the_request_completes(
+def outbox_rows() -> dict[str, OutboxCall]:
+    return {row.handler: row for row in OutboxCall.objects.all()}
+
+
+def test_broker_down_at_commit_spills_every_call_to_the_outbox(
     broker_down: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     started = time.monotonic()
-    with caplog.at_level(logging.ERROR, logger="deferred_signals"), transaction.atomic():
+    with caplog.at_level(logging.WARNING, logger="deferred_signals"), transaction.atomic():
         article = Article.objects.create(title="committed anyway")
     elapsed = time.monotonic() - started
     assert Article.objects.filter(pk=article.pk).exists()  # the data is committed
-    assert "could not publish committed calls" in caplog.text
-    assert "tests.testapp.handlers.article_saved[" in caplog.text
-    assert "tests.testapp.handlers.article_snapshot[" in caplog.text
-    assert elapsed < 15  # Celery's publish retry policy, not a hang
+    rows = outbox_rows()
+    assert set(rows) == {
+        "tests.testapp.handlers.article_saved",
+        "tests.testapp.handlers.article_snapshot",
+    }
+    saved = rows["tests.testapp.handlers.article_saved"]
+    body = json.loads(saved.body)
+    assert body["kwargs"]["instance"]["pk"] == article.pk and "at" in body
+    assert saved.next_attempt_at <= timezone.now()  # due for the relay at once
+    assert "ConnectionError" in saved.last_error or "OperationalError" in saved.last_error
+    # One line per call, with no argument values (they may be personal data)...
+    assert f"spilled: tests.testapp.handlers.article_saved [{saved.id}]" in caplog.text
+    assert f"instance=<testapp.article pk={article.pk}>" in caplog.text
+    assert "committed anyway" not in caplog.text
+    # ...and the traceback once.
+    assert len([record for record in caplog.records if record.exc_info]) == 1
+    assert elapsed < 2 + 0.5  # PUBLISH_TIMEOUT (default 2 s) + slack: never Celery's retries
+
+
+def test_after_a_failure_the_process_spills_at_once_for_a_cooldown(
+    broker_down: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: list[int] = []
+    acquire = publisher._Pool.acquire
+
+    def counting(self: publisher._Pool) -> Any:
+        attempts.append(1)
+        return acquire(self)
+
+    monkeypatch.setattr(publisher._Pool, "acquire", counting)
+    Article.objects.create(title="first")  # tries the broker: fails (and retries once)
+    tried = len(attempts)
+    assert tried >= 1
+    for i in range(5):
+        Article.objects.create(title=f"during the cooldown {i}")
+    assert len(attempts) == tried  # the broker was not tried again
+    assert OutboxCall.objects.count() == 12
+    monkeypatch.setattr(publisher.cooldown, "until", 0.0)  # the cooldown ends
+    Article.objects.create(title="after")
+    assert len(attempts) > tried  # probed again
+
+
+def test_outbox_mode_writes_the_call_in_the_transaction_and_deletes_it_once_published(
+    redis_queue: Queue, settings: SettingsWrapper
+) -> None:
+    settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "DELIVERY": "outbox"}
+    with transaction.atomic():
+        Article.objects.create(title="durable")
+        inside = list(OutboxCall.objects.values_list("handler", flat=True))
+        assert len(redis_queue) == 0
+    assert sorted(inside) == [
+        "tests.testapp.handlers.article_saved",
+        "tests.testapp.handlers.article_snapshot",
+    ]
+    assert len(redis_queue) == 2 and OutboxCall.objects.count() == 0
+    ids = {m["headers"]["id"] for m in redis_queue.messages()}
+    assert len(ids) == 2
+
+
+def test_outbox_rows_roll_back_with_the_transaction_and_its_savepoints(
+    redis_queue: Queue, settings: SettingsWrapper
+) -> None:
+    settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "DELIVERY": "outbox"}
+    with transaction.atomic():
+        Article.objects.create(title="kept")
+        with pytest.raises(RuntimeError), transaction.atomic():
+            Article.objects.create(title="savepoint rolled back")
+            assert OutboxCall.objects.count() == 4
+            raise RuntimeError
+        assert OutboxCall.objects.count() == 2
+    with pytest.raises(RuntimeError), transaction.atomic():
+        Article.objects.create(title="all rolled back")
+        raise RuntimeError
+    assert OutboxCall.objects.count() == 0 and len(redis_queue) == 2
+
+
+def test_outbox_mode_per_handler_with_the_broker_down_leaves_rows_due(
+    broker_down: None, settings: SettingsWrapper
+) -> None:
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "HANDLERS": {"tests.testapp.handlers.article_saved": {"delivery": "outbox"}},
+    }
+    with transaction.atomic():
+        Article.objects.create(title="payment")
+    rows = outbox_rows()
+    assert set(rows) == {
+        "tests.testapp.handlers.article_saved",  # written in the transaction
+        "tests.testapp.handlers.article_snapshot",  # spilled after it
+    }
+    assert all(row.next_attempt_at <= timezone.now() for row in rows.values())

@@ -31,8 +31,7 @@ def capture(send: Callable[[], Any], capture_callbacks: Any) -> list[PendingCall
     """The calls a send would publish at commit, without committing."""
     with capture_callbacks() as callbacks:
         send()
-    batches = {id(callback.deferred_batch): callback.deferred_batch for callback in callbacks}
-    return [call for batch in batches.values() for call in batch.calls]
+    return [callback for callback in callbacks if isinstance(callback, PendingCall)]
 
 
 def test_worker_options_come_from_settings_then_from_celery() -> None:

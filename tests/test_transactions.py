@@ -113,13 +113,11 @@ def test_using_option_overrides_the_signal_alias() -> None:
         registry.unregister("tests.on_author")
 
 
-def test_one_transaction_attaches_its_calls_to_one_on_commit_callback() -> None:
+def test_one_transaction_puts_its_calls_in_one_batch() -> None:
     with transaction.atomic():
         for i in range(50):
             Article.objects.create(title=str(i))
-        batches = {
-            id(hook.deferred_batch): hook.deferred_batch for _, hook, _ in connection.run_on_commit
-        }
+        batches = {id(hook.batch): hook.batch for _, hook, _ in connection.run_on_commit}
         (batch,) = batches.values()  # one batch for the whole run of calls...
         assert len(batch.calls) == 100  # ...of 2 handlers x 50 saves
         on_commit_seen: list[str] = []

@@ -1,0 +1,152 @@
+"""The outbox table: calls written down until the broker confirms them.
+
+Two ways in: ``write`` inside the transaction that sent the signal (``delivery="outbox"``: the
+row commits or rolls back with the business data, savepoints included), and ``spill`` right
+after a commit whose publish failed (a short transaction of its own). One way out: deleted,
+in one statement per batch, once the broker confirmed the messages; what a crash or an outage
+leaves behind, the relay publishes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from django.db import connections, transaction
+from django.utils import timezone
+from kombu.utils import json as kombu_json
+
+from .conf import conf
+
+if TYPE_CHECKING:
+    from .dispatch import PendingCall
+    from .models import OutboxCall
+
+logger = logging.getLogger("deferred_signals")
+
+#: Longest error text kept on a row (a kombu traceback summary, not the traceback).
+ERROR_LENGTH = 2000
+
+
+def body_text(body: dict[str, Any]) -> str:
+    """The message body as the outbox keeps it: the JSON Celery would publish."""
+    return str(kombu_json.dumps(body))
+
+
+def write(call: PendingCall, using: str) -> None:
+    """Insert ``call`` in the transaction open on ``using`` (request path: one raw INSERT).
+
+    The relay leaves the row alone for ``OUTBOX_GRACE`` seconds: the request publishes and
+    deletes it right after the commit.
+    """
+    from .models import OutboxCall  # not at import time: the app registry may not be ready
+
+    connection = connections[using]
+    now = timezone.now()
+    due = now + datetime.timedelta(seconds=conf.outbox_grace)
+    adapt = connection.ops.adapt_datetimefield_value
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {connection.ops.quote_name(OutboxCall._meta.db_table)} "
+            "(id, handler, body, created, attempts, next_attempt_at, last_error) "
+            "VALUES (%s, %s, %s, %s, 0, %s, '')",
+            [call.id, call.handler.name, body_text(call.body), adapt(now), adapt(due)],
+        )
+
+
+def spill(calls: Sequence[PendingCall], using: str, error: BaseException | None) -> bool:
+    """Write committed calls that could not be published, in a transaction of their own.
+
+    Returns False when the database failed too: the calls are then lost, and logged.
+    """
+    from .models import OutboxCall
+
+    now = timezone.now()
+    rows = [
+        OutboxCall(
+            id=call.id,
+            handler=call.handler.name,
+            body=body_text(call.body),
+            created=now,
+            next_attempt_at=now,
+            last_error=_error_text(error),
+        )
+        for call in calls
+    ]
+    try:
+        with transaction.atomic(using=using):
+            OutboxCall.objects.using(using).bulk_create(rows)
+    except Exception:
+        logger.exception(
+            "deferred_signals LOST %d committed call(s): the broker failed (%r) and so did "
+            "writing them to the outbox of database %r: %s",
+            len(calls),
+            error,
+            using,
+            ", ".join(f"{call.handler.name}[{call.id}]" for call in calls),
+        )
+        return False
+    return True
+
+
+def delete(ids: Sequence[str], using: str) -> None:
+    """Forget published calls (one statement). A failure only means the relay sends them
+    again later: at-least-once."""
+    from .models import OutboxCall
+
+    if not ids:
+        return
+    try:
+        OutboxCall.objects.using(using).filter(id__in=ids).delete()
+    except Exception:
+        logger.exception(
+            "deferred_signals published %d call(s) but could not delete their outbox rows "
+            "in database %r: the relay will publish them again",
+            len(ids),
+            using,
+        )
+
+
+def make_due(ids: Sequence[str], using: str, error: BaseException | None) -> None:
+    """Outbox rows whose publish failed right after commit: the relay may take them now."""
+    from .models import OutboxCall
+
+    if not ids:
+        return
+    try:
+        OutboxCall.objects.using(using).filter(id__in=ids).update(
+            next_attempt_at=timezone.now(), last_error=_error_text(error)
+        )
+    except Exception:
+        # They stay due after the grace period anyway.
+        logger.exception("deferred_signals could not mark %d outbox row(s) as due", len(ids))
+
+
+def claim(using: str, limit: int) -> list[OutboxCall]:
+    """Lock up to ``limit`` due rows for this relay; call inside ``transaction.atomic``.
+
+    With ``SKIP LOCKED`` (PostgreSQL, MySQL 8, MariaDB 10.6+, Oracle) any number of relays
+    share the work, each row going to one of them; elsewhere (SQLite) run a single relay.
+    """
+    from .models import OutboxCall
+
+    queryset = OutboxCall.objects.using(using).filter(next_attempt_at__lte=timezone.now())
+    if connections[using].features.has_select_for_update_skip_locked:
+        queryset = queryset.select_for_update(skip_locked=True)
+    return list(queryset.order_by("next_attempt_at")[:limit])
+
+
+def retry_later(rows: Iterable[OutboxCall], using: str, error: BaseException) -> None:
+    """Rows the relay failed to publish for a reason of their own: back off exponentially."""
+    now = timezone.now()
+    for row in rows:
+        row.attempts += 1
+        row.last_error = _error_text(error)
+        row.next_attempt_at = now + datetime.timedelta(seconds=min(3600, 2**row.attempts))
+        row.save(using=using, update_fields=["attempts", "last_error", "next_attempt_at"])
+
+
+def _error_text(error: BaseException | None) -> str:
+    return "" if error is None else f"{type(error).__name__}: {error}"[:ERROR_LENGTH]
