@@ -8,7 +8,7 @@ from typing import Any
 from celery import current_app
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
-from django.db import connections
+from django.db import DEFAULT_DB_ALIAS, connections, router
 
 from . import registry
 from .conf import SETTING, Problem, conf, settings_problems
@@ -104,4 +104,31 @@ def _unconfigured_celery_app() -> list[Problem]:
             "app as celery_app`) and configure its broker, or set EAGER for development.",
             warning=True,
         )
+    ]
+
+
+@register(Tags.database, "deferred_signals")  # manage.py check --database ALIAS; migrate
+def check_outbox_tables(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """An alias that sends deferred calls needs the outbox table: spills and outbox writes go
+    to the database of the transaction. A warning, not an error: ``migrate`` runs database
+    checks before it creates the table."""
+    from .models import OutboxCall
+    from .relay import has_outbox
+
+    senders = {DEFAULT_DB_ALIAS} | {h.using for h in registry.all_handlers() if h.using}
+    return [
+        Warning(
+            f"Database {alias!r} sends deferred calls but has no outbox table "
+            f"({OutboxCall._meta.db_table}): calls that cannot be published at commit would "
+            "be lost, and delivery='outbox' handlers fail at send time.",
+            hint=f"Run `manage.py migrate deferred_signals --database={alias}` (and let your "
+            "database routers allow it).",
+            id="deferred_signals.W010",
+        )
+        for alias in databases or ()
+        if alias in connections.settings
+        and (alias in senders or router.allow_migrate_model(alias, OutboxCall))
+        and not has_outbox(alias)
     ]

@@ -71,3 +71,13 @@ class ProcessedCall(models.Model):
 
     def __str__(self) -> str:
         return f"{self.handler} [{self.call_id}]"
+
+
+class RelayHeartbeat(models.Model):
+    """When each relay (``host:pid``) last completed a loop: ``deferred_signals status``."""
+
+    name = models.CharField(max_length=NAME_LENGTH, primary_key=True)
+    last_loop_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.name

@@ -1,24 +1,74 @@
-"""``manage.py deferred_signals <subcommand>``: the package's one command."""
+"""``manage.py deferred_signals <subcommand>``: the package's one command.
+
+``list`` the handlers, ``status`` of the outbox and dead letters, ``relay`` the outbox to the
+broker, ``replay`` dead letters, ``prune`` old bookkeeping rows.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
+import signal
+from pathlib import Path
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import router
+from django.db.models import Count
+from django.utils import timezone
 
 from deferred_signals import listing
+from deferred_signals.relay import Relay, RoundResult, outbox_databases, pending
+
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration(text: str) -> datetime.timedelta:
+    """``7d``, ``12h``, ``30m``, ``45s``, ``2w`` or a number of seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration such as 7d, 12h, 30m or 45s")
+    return datetime.timedelta(seconds=float(match[1]) * UNITS[match[2] or "s"])
 
 
 class Command(BaseCommand):
-    help = "Inspect and operate deferred signal handlers. Subcommands: list."
+    help = "Inspect and operate deferred signal handlers: list, status, relay, replay, prune."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        subcommands = parser.add_subparsers(dest="subcommand", required=True)
-        listing_ = subcommands.add_parser(
-            "list", help="The deferred handlers: signals, senders and merged options."
-        )
+        sub = parser.add_subparsers(dest="subcommand", required=True, parser_class=CommandParser)
+        listing_ = sub.add_parser("list", help="The handlers: signals, senders, merged options.")
         listing_.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+
+        status = sub.add_parser("status", help="Pending outbox rows, dead letters, relays.")
+        status.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+
+        relay = sub.add_parser("relay", help="Publish the outbox until SIGTERM/SIGINT.")
+        relay.add_argument("--once", action="store_true", help="Publish what is due, then exit.")
+        relay.add_argument(
+            "--database",
+            action="append",
+            dest="databases",
+            help="Drain this alias's outbox (repeatable; default: every alias with the table).",
+        )
+        relay.add_argument("--batch", type=int, default=500, help="Rows per round (500).")
+        relay.add_argument(
+            "--health-file", type=Path, help="Touch this file after each loop (liveness probe)."
+        )
+
+        replay = sub.add_parser("replay", help="Publish dead letters again, same call ids.")
+        replay.add_argument("ids", nargs="*", help="Dead letter ids (or call ids).")
+        replay.add_argument("--handler", help="Every dead letter of this handler.")
+        replay.add_argument("--all", action="store_true", help="Every dead letter.")
+        replay.add_argument(
+            "--include-replayed", action="store_true", help="Also letters replayed before."
+        )
+        replay.add_argument("--dry-run", action="store_true", help="Say what would be replayed.")
+
+        prune = sub.add_parser(
+            "prune", help="Delete processed call ids and replayed dead letters older than this."
+        )
+        prune.add_argument("--older-than", type=duration, default=duration("7d"))
 
     def handle(self, *args: Any, **options: Any) -> None:
         getattr(self, f"handle_{options['subcommand']}")(**options)
@@ -29,3 +79,121 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(handlers, indent=2, default=str))
         else:
             listing.print_handlers(handlers, self.stdout, self.style)
+
+    def handle_status(self, **options: Any) -> None:
+        from deferred_signals.models import DeadLetter, RelayHeartbeat
+
+        databases = outbox_databases()
+        letters = DeadLetter.objects.using(router.db_for_read(DeadLetter))
+        report: dict[str, Any] = {
+            "outbox": [pending(using) for using in databases],
+            "dead_letters": {
+                row["handler"]: row["count"]
+                for row in letters.filter(replayed_at=None)
+                .values("handler")
+                .annotate(count=Count("id"))
+                .order_by("handler")
+            },
+            "relays": {
+                row.name: row.last_loop_at.isoformat()
+                for using in databases
+                for row in RelayHeartbeat.objects.using(using).order_by("-last_loop_at")
+            },
+        }
+        if options["json"]:
+            self.stdout.write(json.dumps(report, indent=2))
+            return
+        for entry in report["outbox"]:
+            age = entry["oldest_age_seconds"]
+            oldest = f", oldest {age:.0f} s old" if age is not None else ""
+            self.stdout.write(f"outbox {entry['database']}: {entry['pending']} pending{oldest}")
+        total = sum(report["dead_letters"].values())
+        self.stdout.write(f"dead letters not replayed: {total}")
+        for handler, count in report["dead_letters"].items():
+            self.stdout.write(f"  {handler}: {count}")
+        if not report["relays"]:
+            self.stdout.write("relays: none has completed a loop yet")
+        now = timezone.now()
+        for name, at in report["relays"].items():
+            seconds = (now - datetime.datetime.fromisoformat(at)).total_seconds()
+            self.stdout.write(f"relay {name}: last loop {seconds:.0f} s ago")
+
+    def handle_relay(self, **options: Any) -> None:
+        relay = Relay(
+            databases=options["databases"] or [],
+            batch=options["batch"],
+            health_file=options["health_file"],
+            on_round=self._report_round if options["verbosity"] > 1 else None,
+        )
+        if not relay.databases:
+            raise CommandError(
+                "No database has the outbox table: run `manage.py migrate` (and "
+                "`migrate --database=ALIAS` for other aliases that send deferred calls)."
+            )
+        if options["once"]:
+            published = relay.run_once()
+            relay.heartbeat()
+            self.stdout.write(f"relayed {published} call(s)")
+            return
+
+        def stop(signum: int, frame: Any) -> None:
+            self.stderr.write(f"received signal {signum}: finishing the round in hand")
+            relay.stopping.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        self.stdout.write(f"relaying the outbox of {', '.join(relay.databases)} (Ctrl-C to stop)")
+        relay.run()
+        self.stdout.write("relay stopped")
+
+    def _report_round(self, using: str, result: RoundResult) -> None:
+        if result.published or result.failed_rows:
+            self.stdout.write(
+                f"{using}: published {result.published}, failed {result.failed_rows}, "
+                f"dead-lettered {result.dead_lettered}"
+            )
+
+    def handle_replay(self, **options: Any) -> None:
+        from deferred_signals.models import DeadLetter
+        from deferred_signals.replay import replay
+
+        letters = DeadLetter.objects.using(router.db_for_read(DeadLetter)).order_by("id")
+        if options["all"]:
+            pass
+        elif options["handler"]:
+            letters = letters.filter(handler=options["handler"])
+        elif options["ids"]:
+            numbers = [int(i) for i in options["ids"] if i.isdigit()]
+            letters = letters.filter(id__in=numbers) | letters.filter(call_id__in=options["ids"])
+        else:
+            raise CommandError("Say which dead letters: IDs, --handler NAME or --all.")
+        if not options["include_replayed"] and not options["ids"]:
+            letters = letters.filter(replayed_at=None)
+        replayed, skipped = replay(letters, dry_run=options["dry_run"])
+        verb = "would replay" if options["dry_run"] else "replayed"
+        for letter in replayed:
+            self.stdout.write(f"{verb} {letter.id}: {letter.handler} [{letter.call_id}]")
+        for skip in skipped:
+            letter = skip.letter
+            self.stderr.write(
+                f"skipped {letter.id}: {letter.handler} [{letter.call_id}]: {skip.reason}"
+            )
+        self.stdout.write(f"{verb} {len(replayed)} dead letter(s), skipped {len(skipped)}")
+
+    def handle_prune(self, **options: Any) -> None:
+        from deferred_signals.models import DeadLetter, ProcessedCall
+
+        cutoff = timezone.now() - options["older_than"]
+        processed = 0
+        for using in outbox_databases():
+            old = ProcessedCall.objects.using(using).filter(processed_at__lt=cutoff)
+            processed += old.delete()[0]
+        letters = (
+            DeadLetter.objects.using(router.db_for_write(DeadLetter))
+            .filter(replayed_at__lt=cutoff)
+            .delete()[0]
+        )
+        self.stdout.write(
+            f"pruned {processed} processed call id(s) and {letters} replayed dead letter(s) "
+            f"older than {options['older_than']}"
+        )

@@ -1,0 +1,57 @@
+"""The Django admin for dead letters (with a "Replay" action) and pending outbox calls.
+
+Both are read-only records of what happened: nobody edits a message by hand. Replaying
+needs the change permission on dead letters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from .models import DeadLetter, OutboxCall
+from .replay import replay
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return [field.name for field in self.model._meta.fields]
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(ReadOnlyAdmin):
+    list_display = ("call_id", "handler", "exception", "attempts", "last_failed_at", "replayed_at")
+    list_filter = ("handler", "exception", ("replayed_at", admin.EmptyFieldListFilter))
+    search_fields = ("=call_id", "handler")
+    date_hierarchy = "last_failed_at"
+    actions = ("replay_selected",)
+
+    @admin.action(description="Replay the selected dead letters", permissions=["change"])
+    def replay_selected(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
+        replayed, skipped = replay(queryset.order_by("id"))
+        if replayed:
+            self.message_user(
+                request,
+                f"Replayed {len(replayed)} dead letter(s) with their call ids.",
+                messages.SUCCESS,
+            )
+        for skip in skipped:
+            self.message_user(
+                request, f"Skipped {skip.letter.call_id}: {skip.reason}.", messages.WARNING
+            )
+
+
+@admin.register(OutboxCall)
+class OutboxCallAdmin(ReadOnlyAdmin):
+    list_display = ("id", "handler", "created", "attempts", "next_attempt_at", "last_error")
+    list_filter = ("handler",)
+    search_fields = ("=id", "handler")
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -1,0 +1,227 @@
+"""The relay: publishes what the outbox holds (spilled calls, and what a crash left behind).
+
+Each round claims due rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` inside a transaction,
+publishes them through the same bounded, confirmed path as a commit, deletes the confirmed
+ones in one statement and commits: any number of relays, on any number of machines, share
+the rows, each row going to one of them at a time. A broker outage costs nothing per row (the
+relay backs off as a whole); a row that fails for a reason of its own (its handler is not
+registered here, its body does not parse) backs off exponentially and, after
+``RELAY_MAX_ATTEMPTS``, becomes a dead letter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from django.db import connections, router, transaction
+from django.utils import timezone
+from kombu.utils import json as kombu_json
+
+from . import outbox, publisher, registry
+from .conf import conf
+from .dispatch import PendingCall
+from .exceptions import DeferredSignalError
+
+if TYPE_CHECKING:
+    from .models import OutboxCall
+
+logger = logging.getLogger("deferred_signals")
+
+#: Rows claimed per round: one transaction, one publish batch, one DELETE.
+BATCH = 500
+#: Idle polling: from the first sleep to the longest, doubling in between.
+IDLE_SLEEP = (0.2, 5.0)
+
+
+class RowError(DeferredSignalError):
+    """An outbox row that cannot be published for a reason of its own."""
+
+
+@dataclass
+class RoundResult:
+    published: int = 0
+    failed_rows: int = 0
+    dead_lettered: int = 0
+    broker_error: BaseException | None = None
+
+
+@dataclass
+class Relay:
+    """Publishes due outbox rows of ``databases`` (every alias with the table by default)."""
+
+    databases: list[str] = field(default_factory=list)
+    batch: int = BATCH
+    health_file: Path | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
+    on_round: Callable[[str, RoundResult], None] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.databases:
+            self.databases = outbox_databases()
+
+    def run_once(self) -> int:
+        """Publish everything due now, on every database; return how many were published."""
+        total = 0
+        for using in self.databases:
+            while not self.stopping.is_set():
+                result = self.round(using)
+                total += result.published
+                if result.broker_error is not None or result.published + result.failed_rows == 0:
+                    break
+        return total
+
+    def run(self) -> None:
+        """Relay until ``stopping`` is set (SIGTERM/SIGINT), finishing the round in hand."""
+        sleep = IDLE_SLEEP[0]
+        while not self.stopping.is_set():
+            published = self.run_once()
+            self.heartbeat()
+            if published:
+                sleep = IDLE_SLEEP[0]
+                continue
+            self.stopping.wait(sleep)
+            sleep = min(IDLE_SLEEP[1], sleep * 2)
+
+    def round(self, using: str) -> RoundResult:
+        """Claim up to ``batch`` due rows of ``using``, publish them, commit."""
+        result = RoundResult()
+        with transaction.atomic(using=using):
+            rows = outbox.claim(using, self.batch)
+            if rows:
+                self._publish(rows, using, result)
+        if self.on_round is not None:
+            self.on_round(using, result)
+        return result
+
+    def _publish(self, rows: list[OutboxCall], using: str, result: RoundResult) -> None:
+        calls, broken = [], []
+        for row in rows:
+            try:
+                calls.append(_call_of(row))
+            except RowError as row_error:
+                broken.append((row, row_error))
+        confirmed, error = publisher.publish(calls)
+        result.published = confirmed
+        outbox.delete([call.id for call in calls[:confirmed]], using)
+        if confirmed < len(calls):
+            # The broker failed: the rows wait, without counting an attempt against them.
+            result.broker_error = error
+            logger.warning(
+                "deferred_signals relay: the broker failed after %d of %d call(s) of "
+                "database %r (%r); retrying later",
+                confirmed,
+                len(calls),
+                using,
+                error,
+            )
+        for row, reason in broken:
+            result.failed_rows += 1
+            if row.attempts + 1 >= conf.relay_max_attempts:
+                _dead_letter(row, reason, using)
+                result.dead_lettered += 1
+            else:
+                outbox.retry_later([row], using, reason)
+
+    def heartbeat(self) -> None:
+        """Say a loop completed: in the database (``status``) and the health file, if any."""
+        from .models import RelayHeartbeat
+
+        now = timezone.now()
+        for using in self.databases:
+            try:
+                RelayHeartbeat.objects.using(using).update_or_create(
+                    name=relay_name(), defaults={"last_loop_at": now}
+                )
+            except Exception:
+                logger.exception("deferred_signals relay: could not record its heartbeat")
+        if self.health_file is not None:
+            self.health_file.touch()
+
+
+def relay_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def outbox_databases() -> list[str]:
+    """The aliases whose outbox the relay should drain: every one that may hold the table."""
+    from .models import OutboxCall
+
+    return [
+        alias
+        for alias in connections
+        if router.allow_migrate_model(alias, OutboxCall) and has_outbox(alias)
+    ]
+
+
+def has_outbox(using: str) -> bool:
+    from .models import OutboxCall
+
+    try:
+        with connections[using].cursor() as cursor:
+            tables = connections[using].introspection.table_names(cursor)
+    except Exception:
+        return False
+    return OutboxCall._meta.db_table in tables
+
+
+def _call_of(row: OutboxCall) -> PendingCall:
+    handler = registry.get(row.handler)
+    if handler is None:
+        raise RowError(
+            f"no deferred handler is registered as {row.handler!r} in this relay process "
+            "(renamed or removed? see aliases=)"
+        )
+    try:
+        body = kombu_json.loads(row.body)
+    except ValueError as error:
+        raise RowError(f"the stored body is not JSON: {error}") from None
+    if type(body) is not dict:
+        raise RowError("the stored body is not a JSON object")
+    # When the call committed, for current_call(): the row's creation is the closest known.
+    body.setdefault("at", row.created.timestamp())
+    return PendingCall(handler, row.id, body)
+
+
+def _dead_letter(row: OutboxCall, error: BaseException, using: str) -> None:
+    from .models import DeadLetter
+
+    now = timezone.now()
+    DeadLetter.objects.using(router.db_for_write(DeadLetter)).update_or_create(
+        call_id=row.id,
+        defaults={
+            "handler": row.handler,
+            "body": row.body,
+            "exception": f"{type(error).__module__}.{type(error).__qualname__}",
+            "message": str(error),
+            "attempts": row.attempts + 1,
+            "first_failed_at": row.created,
+            "last_failed_at": now,
+        },
+    )
+    row.delete(using=using)
+    logger.error(
+        "deferred_signals relay gave up on %s [%s] after %d attempts: %s",
+        row.handler,
+        row.id,
+        row.attempts + 1,
+        error,
+    )
+
+
+def pending(using: str) -> dict[str, Any]:
+    """How much waits in the outbox of ``using``: rows, and the age of the oldest."""
+    from django.db.models import Count, Min
+
+    from .models import OutboxCall
+
+    stats = OutboxCall.objects.using(using).aggregate(rows=Count("id"), oldest=Min("created"))
+    oldest = stats["oldest"]
+    age = (timezone.now() - oldest).total_seconds() if oldest is not None else None
+    return {"database": using, "pending": stats["rows"], "oldest_age_seconds": age}
