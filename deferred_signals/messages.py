@@ -184,6 +184,7 @@ class MessageBuilder:
                 eta = maybe_make_aware(_add(now, route.countdown), tz=timezone).isoformat()
             if route.expires is not None:
                 expires = maybe_make_aware(_add(now, route.expires), tz=timezone).isoformat()
+        kwargsrepr = summary(body)
         # Key for key the headers of Celery's as_task_v2, in its order.
         headers: dict[str, Any] = {
             "lang": "py",
@@ -199,7 +200,7 @@ class MessageBuilder:
             "root_id": call_id,
             "parent_id": None,
             "argsrepr": "()",
-            "kwargsrepr": summary(body),
+            "kwargsrepr": kwargsrepr,
             "origin": self.origin,
             "ignore_result": True,
             "replaced_task_nesting": 0,
@@ -208,6 +209,9 @@ class MessageBuilder:
         }
         properties = {"correlation_id": call_id, "reply_to": self.reply_to}
         properties.update(template.properties)
+        # Celery passes every unnamed option on as a property, argsrepr/kwargsrepr included.
+        properties["argsrepr"] = "()"
+        properties["kwargsrepr"] = kwargsrepr
         return Message(
             task=template.task,
             body=((), body, dict(_EMBED)),
