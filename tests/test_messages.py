@@ -104,7 +104,7 @@ def recording(producer: Producer) -> Iterator[list[Published]]:
         calls.append(Published(copy.deepcopy(body), copy.deepcopy(kwargs)))
         return original(body, **kwargs)
 
-    producer.publish = publish  # type: ignore[method-assign]
+    producer.publish = publish  # type: ignore[method-assign,assignment]
     try:
         yield calls
     finally:
@@ -223,7 +223,7 @@ def test_new_task_routes_are_followed(broker: Broker) -> None:
     # rebuilds it, and the builder follows (its cache checks the router and the setting).
     app.conf.task_routes = {"tests.*": {"queue": second}}
     app.amqp.flush_routes()
-    app.amqp.router = app.amqp.Router()
+    app.amqp.router = app.amqp.Router()  # type: ignore[misc]
     assert_same_message(broker, {}, second)
     assert len(broker.raw(first)) == 2
 
