@@ -317,3 +317,20 @@ def test_a_real_worker_runs_a_message_from_the_builder(deferred_to: Worker) -> N
 
     (record,) = wait_for(ran, what="the handler run from the builder's message")
     assert record.pid != os.getpid()  # the worker ran it
+
+
+def test_a_changed_django_setting_recomputes_the_route(settings: Any) -> None:
+    # The project's app reads CELERY_* from Django settings, live: override_settings changes
+    # Celery's default queue for apply_async, and setting_changed makes the builder follow.
+    from tests.celery_app import app
+
+    def routing_key(options: dict[str, Any]) -> tuple[Any, Any]:
+        message = MessageBuilder(app).build(task(), "id", body("x"), options)
+        assert message is not None
+        return message.routing_key, via_apply_async(app, "id", options).kwargs["routing_key"]
+
+    with current(app):
+        settings.CELERY_TASK_DEFAULT_QUEUE = "ds-messages-first"
+        assert routing_key({}) == ("ds-messages-first", "ds-messages-first")
+        settings.CELERY_TASK_DEFAULT_QUEUE = "ds-messages-second"
+        assert routing_key({}) == ("ds-messages-second", "ds-messages-second")
