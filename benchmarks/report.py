@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from django.db import connection
 
-from benchmarks import cases
+from benchmarks import cases, publish
 from benchmarks.benchapp import handlers
 from benchmarks.benchapp.models import Item
 from benchmarks.cases import Measured, Runner
@@ -318,4 +318,5 @@ CASES: list[tuple[str, Callable[[Runner, Plan], None]]] = [
     ("1. Request path: one transaction saving one row, one post_save handler", case1),
     ("2. One transaction firing 1,000 signals (and 4. its peak memory)", case2),
     ("3. Encoding: one send received by 1 or 10 deferred handlers", case3),
+    ("5. Publish step: 1,000 messages, Task.apply_async vs the lean builder", publish.case5),
 ]

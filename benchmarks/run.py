@@ -37,15 +37,15 @@ class Plan:
     case1: Step = Step(rounds=30, per_round=12, warmup=2)
     case2: Step = Step(rounds=5, per_round=1, warmup=0)
     case3: Step = Step(rounds=8, per_round=15, warmup=2)
+    case5: Step = Step(rounds=10, per_round=3, warmup=1)
 
     def with_rounds(self, rounds: int) -> Plan:
-        return Plan(
-            *(replace(step, rounds=rounds) for step in (self.case1, self.case2, self.case3))
-        )
+        steps = (self.case1, self.case2, self.case3, self.case5)
+        return Plan(*(replace(step, rounds=rounds) for step in steps))
 
 
 FULL = Plan()
-QUICK = Plan(Step(5, 6, 1), Step(2, 1, 0), Step(2, 5, 1))
+QUICK = Plan(Step(5, 6, 1), Step(2, 1, 0), Step(2, 5, 1), Step(3, 2, 1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

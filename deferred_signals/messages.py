@@ -1,0 +1,402 @@
+"""Celery task messages built without ``Task.apply_async``, and their publishing.
+
+``apply_async`` redoes per message what is constant per handler: merging the task's
+options, routing through ``task_routes``, resolving the queue, its exchange and delivery
+mode, and declaring the queue. A :class:`MessageBuilder` resolves all that once per
+handler and its publish options, then builds each message as a copy of a template: the
+same protocol-v2 headers, properties and body ``apply_async`` produces, so any Celery
+worker, Flower and ``celery inspect`` read it. :func:`publish_message` hands it to a
+producer, firing Celery's ``before_task_publish``/``after_task_publish`` with Celery's
+arguments (tracing tools inject their headers there) and declaring each queue once per
+channel.
+
+What the builder cannot resolve once, it refuses (``build`` returns ``None``) and the call
+takes the per-call path, :func:`publish_fallback`, which is ``apply_async`` itself:
+
+- ``task_routes`` holding anything but a mapping (a router function or class, or a dotted
+  path to one): a function may look at the arguments, so it is asked on every call;
+- ``task_always_eager``, ``task_send_sent_event``, a task that stores results
+  (``ignore_result=False``), or a call made while a worker runs a task (Celery then takes
+  the root and parent ids, and possibly the priority, from that task);
+- a countdown on an AMQP broker with quorum queues (Celery's native delayed delivery
+  routes each message through a routing key computed from its countdown).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Celery, signals
+from celery._state import get_current_worker_task
+from celery.app.routes import MapRoute
+from celery.utils import time as celery_time
+from celery.utils.nodenames import anon_nodename
+from celery.utils.quorum_queues import detect_quorum_queues
+from celery.utils.time import maybe_make_aware
+from django.core.signals import setting_changed
+from kombu import Producer, Queue
+from kombu.common import Broadcast
+
+from .codec import summary
+
+
+def _add_seconds(dt: datetime, seconds: float) -> datetime:
+    return dt + timedelta(seconds=seconds)
+
+
+# Celery >= 5.6 adds in UTC, across daylight saving changes; the builder adds as Celery does.
+_add: Callable[[datetime, float], datetime] = getattr(
+    celery_time, "add_seconds_to_datetime", _add_seconds
+)
+
+__all__ = ["Message", "MessageBuilder", "publish_fallback", "publish_message"]
+
+#: ``Task.apply_async``/``send_task_message`` arguments that are not message properties.
+_ROUTING_KEYS = frozenset((
+    "exchange", "routing_key", "queue", "event_dispatcher", "retry", "retry_policy",
+    "serializer", "delivery_mode", "compression", "declare", "headers", "exchange_type",
+    "timeout", "confirm_timeout",
+))  # fmt: skip
+
+
+@dataclass(slots=True)
+class Message:
+    """One task message, as ``Task.apply_async`` would hand it to ``Producer.publish``.
+
+    ``headers`` and ``properties`` are this message's own: ``before_task_publish``
+    receivers may change them before they are sent.
+    """
+
+    task: str
+    body: tuple[tuple[()], dict[str, Any], dict[str, Any]]
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    #: A name, or a kombu ``Exchange`` (Celery's default exchange for a non-direct queue).
+    exchange: Any
+    routing_key: str | None
+    #: What Celery declares before publishing (the queue), as its publish signals see it.
+    declare: list[Queue] | None
+    delivery_mode: Any
+    serializer: str
+    compression: str | None
+    retry_policy: dict[str, Any]
+
+    def publish_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``Producer.publish``, the body aside, as Celery passes them."""
+        return {
+            "exchange": self.exchange,
+            "routing_key": self.routing_key,
+            "serializer": self.serializer,
+            "compression": self.compression,
+            "retry": False,
+            "retry_policy": self.retry_policy,
+            "delivery_mode": self.delivery_mode,
+            "declare": self.declare,
+            "headers": self.headers,
+            **self.properties,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """What is constant in every message of one handler with one set of publish options."""
+
+    #: The state it was computed from: any change (identity) recomputes it.
+    stamp: tuple[Any, ...]
+    #: None when the handler must take the per-call path.
+    template: Message | None
+    time_limits: tuple[Any, Any]
+    countdown: float | None
+    expires: float | None
+
+
+_EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+_routes: dict[tuple[Any, ...], _Route] = {}
+
+
+def clear_cache() -> None:
+    """Forget every resolved route (settings changed)."""
+    _routes.clear()
+
+
+class MessageBuilder:
+    """Builds the messages of one batch for ``app``.
+
+    Create one per batch: it reads the app's configuration once, so a batch is built against
+    one configuration, and a later batch sees any change to it.
+    """
+
+    __slots__ = ("app", "lean", "origin", "reply_to", "routes", "stamp")
+
+    def __init__(self, app: Celery) -> None:
+        conf = app.conf
+        amqp = app.amqp
+        router: Any = amqp.router
+        self.app = app
+        # Celery routes with the routes its router was built with, whatever app.conf says
+        # since (reading app.conf.task_routes costs ~15 us when it is Django's settings): a
+        # project that changes them rebuilds the router, and a new router recomputes.
+        self.stamp = (app, router, router.routes, amqp.queues)
+        # Celery reads these on every send; once per batch is as fresh for our purposes.
+        self.lean = not (
+            conf.task_always_eager
+            or conf.task_send_sent_event
+            or get_current_worker_task() is not None
+            or any(not isinstance(route, MapRoute) for route in router.routes)
+        )
+        self.origin = anon_nodename()
+        self.reply_to = app.thread_oid
+        #: Routes checked against this batch's configuration, by task object and options.
+        self.routes: dict[tuple[int, tuple[Any, ...]], tuple[Any, _Route]] = {}
+
+    def build(
+        self, task: Any, call_id: str, body: dict[str, Any], options: Mapping[str, Any]
+    ) -> Message | None:
+        """The message ``task.apply_async(kwargs=body, task_id=call_id, **options)`` sends.
+
+        ``options`` are the handler's publish options (``conf.PUBLISH_OPTIONS``). Returns
+        ``None`` when the call must take the per-call path (:func:`publish_fallback`).
+        """
+        if not self.lean:
+            return None
+        route = self._route(task, options)
+        template = route.template
+        if template is None:
+            return None
+        eta = expires = None
+        if route.countdown or route.expires is not None:
+            now = self.app.now()
+            timezone = self.app.timezone
+            if route.countdown:
+                eta = maybe_make_aware(_add(now, route.countdown), tz=timezone).isoformat()
+            if route.expires is not None:
+                expires = maybe_make_aware(_add(now, route.expires), tz=timezone).isoformat()
+        kwargsrepr = summary(body)
+        # Key for key the headers of Celery's as_task_v2, in its order.
+        headers: dict[str, Any] = {
+            "lang": "py",
+            "task": template.task,
+            "id": call_id,
+            "shadow": None,
+            "eta": eta,
+            "expires": expires,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": list(route.time_limits),
+            "root_id": call_id,
+            "parent_id": None,
+            "argsrepr": "()",
+            "kwargsrepr": kwargsrepr,
+            "origin": self.origin,
+            "ignore_result": True,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        }
+        properties = {"correlation_id": call_id, "reply_to": self.reply_to}
+        properties.update(template.properties)
+        # Celery passes every unnamed option on as a property, argsrepr/kwargsrepr included.
+        properties["argsrepr"] = "()"
+        properties["kwargsrepr"] = kwargsrepr
+        return Message(
+            task=template.task,
+            body=((), body, dict(_EMBED)),
+            headers=headers,
+            properties=properties,
+            exchange=template.exchange,
+            routing_key=template.routing_key,
+            declare=template.declare,
+            delivery_mode=template.delivery_mode,
+            serializer=template.serializer,
+            compression=template.compression,
+            retry_policy=dict(template.retry_policy),
+        )
+
+    def _route(self, task: Any, options: Mapping[str, Any]) -> _Route:
+        # Handler tasks are shared_task proxies, and each attribute read resolves the proxy:
+        # look a route up once per batch, then by the identity of the task object.
+        items = tuple(options.items())
+        seen = self.routes.get((id(task), items))
+        if seen is not None and seen[0] is task:
+            return seen[1]
+        key = (self.app, task.name, items)
+        # The task's own options are read once by Celery and kept on the task.
+        stamp = (*self.stamp, task._get_exec_options())
+        route = _routes.get(key)
+        if route is None or not _same(route.stamp, stamp):
+            route = _routes[key] = _resolve(self.app, task, options, stamp)
+        # Kept with the task itself, so a reused id cannot return another task's route.
+        self.routes[(id(task), items)] = (task, route)
+        return route
+
+
+def _same(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
+    return all(a is b for a, b in zip(old, new, strict=True))
+
+
+def _resolve(app: Celery, task: Any, options: Mapping[str, Any], stamp: tuple[Any, ...]) -> _Route:
+    """Run once what ``apply_async`` → ``send_task`` → ``send_task_message`` run per call."""
+    # apply_async
+    if task.soft_time_limit and task.time_limit and task.soft_time_limit > task.time_limit:
+        raise ValueError("soft_time_limit must be less than or equal to time_limit")
+    merged = dict(task._get_exec_options(), **options)
+    merged.setdefault("ignore_result", task.ignore_result)
+    countdown = merged.pop("countdown", None)
+    # send_task
+    time_limits = (merged.pop("time_limit", None), merged.pop("soft_time_limit", None))
+    expires = merged.pop("expires", None)
+    ignore_result = merged.pop("ignore_result", None)
+    router: Any = app.amqp.router
+    routed = router.route(merged, task.name, None, {}, task)
+    fallback = _Route(stamp, None, time_limits, countdown, expires)
+    if not ignore_result:
+        return fallback  # the result backend wants to know of each call (on_task_call)
+    if countdown:
+        driver_type = app.producer_pool.connections.connection.transport.driver_type
+        if detect_quorum_queues(app, driver_type)[0]:
+            return fallback
+    if expires is not None:
+        routed["expiration"] = max(expires, 0)
+    # send_task_message
+    queue = routed.get("queue")
+    exchange = routed.get("exchange")
+    routing_key = routed.get("routing_key")
+    delivery_mode = routed.get("delivery_mode")
+    exchange_type = routed.get("exchange_type")
+    qname = queue
+    if queue is None and exchange is None:
+        queue = app.amqp.default_queue
+    if queue is not None:
+        if isinstance(queue, str):
+            qname, queue = queue, app.amqp.queues[queue]
+        else:
+            qname = queue.name
+    if delivery_mode is None:
+        delivery_mode = getattr(getattr(queue, "exchange", None), "delivery_mode", None)
+        delivery_mode = delivery_mode or app.conf.task_default_delivery_mode
+    if exchange_type is None:
+        exchange_type = getattr(getattr(queue, "exchange", None), "type", "direct")
+    if (not exchange or not routing_key) and exchange_type == "direct":
+        exchange, routing_key = "", qname
+    elif exchange is None:
+        assert queue is not None  # a non-direct exchange comes from a queue
+        exchange = queue.exchange.name or app.amqp.default_exchange
+        routing_key = routing_key or queue.routing_key or app.conf.task_default_routing_key
+    declare = routed.get("declare")
+    if declare is None and queue and not isinstance(queue, Broadcast):
+        declare = [queue]
+    template = Message(
+        task=task.name,
+        body=((), {}, {}),
+        headers=dict(routed.get("headers") or {}),
+        properties={k: v for k, v in routed.items() if k not in _ROUTING_KEYS},
+        exchange=exchange,
+        routing_key=routing_key,
+        declare=declare,
+        delivery_mode=delivery_mode,
+        serializer=routed.get("serializer") or app.conf.task_serializer,
+        compression=routed.get("compression") or app.conf.task_compression,
+        retry_policy=dict(app.conf.task_publish_retry_policy),
+    )
+    if template.headers:
+        return fallback  # headers given in options: rare enough to leave to Celery
+    return _Route(stamp, template, time_limits, countdown, expires)
+
+
+# Channels that have seen each queue declared: a new channel (a reconnection) declares again.
+_declared: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
+
+
+def publish_message(
+    producer: Producer,
+    message: Message,
+    *,
+    timeout: float | None = None,
+    confirm_timeout: float | None = None,
+) -> None:
+    """Publish ``message`` through ``producer`` once, without retrying (``retry=False``).
+
+    Fires ``before_task_publish`` and ``after_task_publish`` as Celery does. Each queue of
+    ``message.declare`` is declared the first time this producer's channel publishes to it.
+    Errors propagate: the caller decides on retries and deadlines.
+    """
+    send_before = signals.before_task_publish.send
+    send_before(
+        sender=message.task,
+        body=message.body,
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        declare=message.declare,
+        headers=message.headers,
+        properties=message.properties,
+        retry_policy=message.retry_policy,
+    )
+    if message.declare:
+        channel = producer.channel
+        declared = _declared.get(channel)
+        if declared is None:
+            declared = _declared[channel] = set()
+        for entity in message.declare:
+            ident = hash(entity)
+            if ident not in declared:
+                producer.maybe_declare(entity, retry=False)
+                declared.add(ident)
+    kwargs = message.publish_kwargs()
+    kwargs["declare"] = None
+    producer.publish(message.body, timeout=timeout, confirm_timeout=confirm_timeout, **kwargs)
+    signals.after_task_publish.send(
+        sender=message.task,
+        body=message.body,
+        headers=message.headers,
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+    )
+    if signals.task_sent.receivers:  # Celery's deprecated signal, still sent by 5.x
+        signals.task_sent.send(
+            sender=message.task,
+            task_id=message.headers["id"],
+            task=message.task,
+            args=message.body[0],
+            kwargs=message.body[1],
+            eta=message.headers["eta"],
+            taskset=message.headers["group"],
+        )
+
+
+def publish_fallback(
+    producer: Producer,
+    task: Any,
+    call_id: str,
+    body: dict[str, Any],
+    options: Mapping[str, Any],
+    *,
+    timeout: float | None = None,
+    confirm_timeout: float | None = None,
+) -> None:
+    """The per-call path: ``Task.apply_async`` itself, once, without Celery's retry policy."""
+    task.apply_async(
+        kwargs=body,
+        task_id=call_id,
+        producer=producer,
+        # Celery would saferepr() the whole tagged body: a short summary reads better too.
+        argsrepr="()",
+        kwargsrepr=summary(body),
+        retry=False,
+        timeout=timeout,
+        confirm_timeout=confirm_timeout,
+        **options,
+    )
+
+
+def _reset(**kwargs: Any) -> None:
+    # A setting of Celery's (CELERY_*) or ours may change the routing: recompute everything.
+    clear_cache()
+
+
+setting_changed.connect(_reset, dispatch_uid="deferred_signals.messages")
