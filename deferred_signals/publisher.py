@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from celery._state import get_current_app
 
-from .codec import summary
 from .conf import conf
 from .exceptions import DeferredSignalError
+from .messages import MessageBuilder, publish_fallback, publish_message
 
 if TYPE_CHECKING:
     from .dispatch import PendingCall
@@ -76,8 +76,8 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
     progress = _Progress(calls, deadline=started + conf.publish_timeout)
     for attempt in (1, 2):
         try:
-            with _producer() as producer:
-                progress.send(producer)
+            with _producer() as (app, producer):
+                progress.send(app, producer)
             cooldown.clear()
             return progress.done, None
         except Exception as error:
@@ -117,10 +117,11 @@ class _Progress:
             )
         return remaining
 
-    def send(self, producer: Any) -> None:
+    def send(self, app: Any, producer: Any) -> None:
         channel = producer.channel
+        publish = _Publish(app, producer)
         if getattr(channel, "confirm_select", None) is not None:
-            self._send_confirmed(producer, _Confirms.of(channel))
+            self._send_confirmed(producer, publish, _Confirms.of(channel))
             return
         # Redis pipelines a chunk and confirms it with its replies; a transport that does
         # neither (filesystem, memory) has written each message when publish() returns.
@@ -133,14 +134,14 @@ class _Progress:
             chunk = self.calls[self.done : self.done + size]
             with producer.batch(max_size=len(chunk)) if len(chunk) > 1 else nullcontext():
                 for call in chunk:
-                    _publish_one(producer, call, remaining)
+                    publish(call, remaining)
             self.done += len(chunk)
 
-    def _send_confirmed(self, producer: Any, confirms: _Confirms) -> None:
+    def _send_confirmed(self, producer: Any, publish: _Publish, confirms: _Confirms) -> None:
         """AMQP: publish everything, then wait for the broker's acks (one wait, not one each)."""
         first, base = confirms.next_tag, self.done
         for call in self.calls[self.done :]:
-            _publish_one(producer, call, self.remaining())
+            publish(call, self.remaining())
             confirms.next_tag += 1
         last = confirms.next_tag - 1
         while True:
@@ -197,19 +198,20 @@ class _Confirms:
         return min(self.acked, last)
 
 
-def _publish_one(producer: Any, call: PendingCall, remaining: float) -> None:
-    call.handler.task.apply_async(
-        kwargs=call.body,
-        task_id=call.id,
-        producer=producer,
-        retry=False,  # bounded here, not by Celery's retry policy
-        timeout=remaining,
-        # Celery would saferepr() the whole tagged body for every message: a third of the
-        # publish time. A short summary also reads better in Flower.
-        argsrepr="()",
-        kwargsrepr=summary(call.body),
-        **call.handler.merged.publish,
-    )
+class _Publish:
+    """Publishes one call: a message built once per handler route, else ``apply_async``."""
+
+    def __init__(self, app: Any, producer: Any) -> None:
+        self.producer = producer
+        self.builder = MessageBuilder(app)
+
+    def __call__(self, call: PendingCall, remaining: float) -> None:
+        task, options = call.handler.task, call.handler.merged.publish
+        message = self.builder.build(task, call.id, call.body, options)
+        if message is None:
+            publish_fallback(self.producer, task, call.id, call.body, options, timeout=remaining)
+        else:
+            publish_message(self.producer, message, timeout=remaining)
 
 
 # --- connections of our own ----------------------------------------------------------------
@@ -278,12 +280,12 @@ def _pool() -> _Pool:
 
 
 @contextmanager
-def _producer() -> Iterator[Any]:
+def _producer() -> Iterator[tuple[Any, Any]]:
     pool = _pool()
     producer = pool.acquire()
     healthy = False
     try:
-        yield producer
+        yield pool.app, producer
         healthy = True
     finally:
         pool.release(producer, healthy)
