@@ -259,7 +259,9 @@ class _Pool:
             self.idle.append(producer)
             return
         try:
-            producer.connection.release()
+            # Not release(): a polite AMQP close waits for the broker's answer (read timeout
+            # per channel and connection), which a broken or partitioned broker never sends.
+            producer.connection.collect(socket_timeout=0)
         except Exception:  # a broken connection may fail to close: it is dropped anyway
             logger.debug("deferred_signals: closing a broken broker connection failed")
 

@@ -1,0 +1,282 @@
+"""Delivery guarantees under faults: real PostgreSQL, Redis, RabbitMQ and worker processes.
+
+The request side publishes through a loopback proxy (tests/faults.py) in front of the real
+broker, which the test cuts, black-holes or partitions; the worker consumes from the real
+broker directly. Each test prints its figures: committed / delivered / lost / run twice, and
+the slowest commit.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from io import StringIO
+from typing import Any
+
+import pytest
+from celery import _state as celery_state
+from celery import current_app
+from django.core.management import call_command
+from django.db import connection, transaction
+from pytest_django.fixtures import Settings as SettingsWrapper
+
+from deferred_signals import publisher
+from deferred_signals.models import OutboxCall
+from deferred_signals.relay import Relay
+from tests.conftest import records, require, wait_for
+from tests.faults import FaultProxy
+from tests.testapp.models import Author
+from tests.testapp.signals import user_registered
+from tests.workers import ROOT, Worker, make_app
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
+
+PORTS = {"redis": 6379, "rabbitmq": 5672}
+TIMEOUT = 2.0  # PUBLISH_TIMEOUT's default
+MODES = ["on_commit", "outbox"]
+
+
+@contextmanager
+def publishing_through(
+    proxy: FaultProxy, worker: Worker, settings: SettingsWrapper, **extra: Any
+) -> Iterator[None]:
+    """Deferred calls go to ``worker``'s queue through ``proxy``, with the package defaults."""
+    app = make_app(f"proxied-{worker.broker}", proxy.url_for(worker.url))
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "EAGER": False,
+        "DEFAULTS": {"queue": worker.queue},
+        **extra,
+    }
+    previous, previous_default = current_app._get_current_object(), celery_state.default_app
+    app.set_current()
+    app.set_default()
+    try:
+        yield
+    finally:
+        previous.set_current()
+        celery_state.set_default_app(previous_default)
+        app.close()
+
+
+@pytest.fixture
+def proxy(worker: Worker) -> Iterator[FaultProxy]:
+    with FaultProxy(PORTS[worker.broker]) as running:
+        yield running
+
+
+def commit(label: str, i: int) -> float:
+    """One transaction with a row and a deferred call; returns how long the commit took."""
+    started = time.monotonic()
+    with transaction.atomic():
+        Author.objects.create(name=f"{label}-{i}")
+        user_registered.send(sender=None, label=label, i=i)
+    return time.monotonic() - started
+
+
+def delivered(label: str) -> Counter[int]:
+    return Counter(
+        int(r.call["kwargs"]["i"]["repr"]) for r in records("user_event") if label in str(r.call)
+    )
+
+
+def relay_until_empty() -> int:
+    """What ``manage.py deferred_signals relay`` does, in another process in production: so
+    the cooldown this (request) process started after the failure does not apply to it."""
+    published = 0
+    for _ in range(20):
+        publisher.cooldown.clear()
+        published += Relay().run_once()
+        if not OutboxCall.objects.exists():
+            return published
+        time.sleep(0.5)
+    return published
+
+
+def report(what: str, label: str, committed: int, durations: list[float]) -> Counter[int]:
+    seen = wait_for(
+        lambda: (found := delivered(label)) and len(found) >= committed and found,
+        timeout=120,
+        what=f"{committed} calls delivered",
+    )
+    time.sleep(0.5)  # a duplicate would land now
+    seen = delivered(label)
+    lost = committed - len(seen)
+    twice = sum(1 for count in seen.values() if count > 1)
+    print(
+        f"\n{what}: committed {committed} / delivered {len(seen)} / lost {lost} / "
+        f"run twice {twice}; slowest commit {max(durations):.2f} s"
+    )
+    return seen
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_broker_unreachable_loses_nothing(
+    worker: Worker, proxy: FaultProxy, settings: SettingsWrapper, mode: str
+) -> None:
+    label = uuid.uuid4().hex
+    with publishing_through(proxy, worker, settings, DELIVERY=mode):
+        proxy.refuse()
+        durations = [commit(label, i) for i in range(100)]
+        assert OutboxCall.objects.count() == 100
+        proxy.forward()
+        relay_until_empty()
+    seen = report(f"broker refused ({worker.broker}, {mode})", label, 100, durations)
+    assert set(seen) == set(range(100))
+    assert max(durations) < TIMEOUT + 0.5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_broker_accepting_and_never_answering_loses_nothing(
+    worker: Worker, proxy: FaultProxy, settings: SettingsWrapper, mode: str
+) -> None:
+    label = uuid.uuid4().hex
+    with publishing_through(proxy, worker, settings, DELIVERY=mode):
+        proxy.blackhole()
+        durations = [commit(label, i) for i in range(100)]
+        assert OutboxCall.objects.count() == 100
+        proxy.forward()
+        relay_until_empty()
+    seen = report(f"broker black-holed ({worker.broker}, {mode})", label, 100, durations)
+    assert set(seen) == set(range(100))
+    assert max(durations) < TIMEOUT + 0.5
+    # One slow commit per cooldown (5 s), not one per request.
+    assert sum(1 for d in durations if d > 1.0) <= 1 + int(sum(durations) / 5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_partition_on_rabbitmq_loses_nothing(
+    worker: Worker, proxy: FaultProxy, settings: SettingsWrapper, mode: str
+) -> None:
+    if worker.broker != "rabbitmq":
+        pytest.skip("the partition test runs on RabbitMQ (confirms are what it proves)")
+    label = uuid.uuid4().hex
+    durations: list[float] = []
+    with publishing_through(proxy, worker, settings, DELIVERY=mode):
+        commit(label, 0)  # a live connection when the partition starts
+        durations.append(0.0)
+        proxy.hold()
+        cut_at = time.monotonic()
+        healed = False
+        for i in range(1, 80):
+            if not healed and time.monotonic() - cut_at > 8:
+                proxy.reset_all()
+                proxy.forward()
+                healed = True
+            durations.append(commit(label, i))
+            time.sleep(0.1)
+        if not healed:
+            time.sleep(max(0.0, 8 - (time.monotonic() - cut_at)))
+            proxy.reset_all()
+            proxy.forward()
+        relay_until_empty()
+    seen = report(f"8 s partition on RabbitMQ ({mode})", label, 80, durations)
+    assert set(seen) == set(range(80))
+    assert max(durations) < TIMEOUT + 0.5
+
+
+CHILD = """
+import os, signal, sys
+import django
+django.setup()
+from django.conf import settings
+from django.db import transaction
+settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "DELIVERY": "outbox", "OUTBOX_GRACE": 0}
+from deferred_signals import publisher
+def die(calls):  # after COMMIT, before the publish: the process is killed
+    os.kill(os.getpid(), signal.SIGKILL)
+publisher.publish = die
+from tests.testapp.models import Author
+from tests.testapp.signals import user_registered
+with transaction.atomic():
+    Author.objects.create(name=sys.argv[1])
+    user_registered.send(sender=None, label=sys.argv[1], i=0)
+print("not reached")
+"""
+
+
+def test_a_request_killed_between_commit_and_publish_loses_nothing(
+    worker: Worker, settings: SettingsWrapper
+) -> None:
+    label = uuid.uuid4().hex
+    env = {**worker.env, "DS_TEST_DB_DEFAULT": connection.settings_dict["NAME"]}
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, label], cwd=ROOT, env=env, capture_output=True, timeout=60
+    )
+    assert child.returncode == -9, child.stderr.decode()[-2000:]
+    assert Author.objects.filter(name=label).exists()  # committed...
+    (row,) = OutboxCall.objects.all()  # ...and its call is in the outbox
+    assert json.loads(row.body)["kwargs"]["label"] == label
+    with FaultProxy(PORTS[worker.broker]) as proxy, publishing_through(proxy, worker, settings):
+        relay_until_empty()
+    seen = report(f"request SIGKILLed after COMMIT ({worker.broker})", label, 1, [0.0])
+    assert seen == Counter({0: 1})
+
+
+def test_two_relays_publish_each_row_once(settings: SettingsWrapper) -> None:
+    require("redis")
+    import redis
+
+    url = "redis://127.0.0.1:6379/14"
+    queue = f"ds-relays-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(url)
+    with FaultProxy(6379) as proxy, publishing_through(proxy, _FakeWorker(url, queue), settings):
+        proxy.refuse()
+        with transaction.atomic():
+            for i in range(1000):
+                user_registered.send(sender=None, label="relays", i=i)
+        assert OutboxCall.objects.count() == 1000
+        proxy.forward()
+        publisher.cooldown.clear()  # relays are processes of their own
+        start = threading.Barrier(2)
+        counts: list[int] = []
+
+        def relay() -> None:
+            start.wait()
+            try:
+                counts.append(Relay(batch=50).run_once())
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=relay) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    messages = [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+    client.delete(queue)
+    ids = Counter(m["headers"]["id"] for m in messages)
+    print(
+        f"\ntwo relays over 1,000 rows: published {counts}, messages {len(messages)}, "
+        f"distinct ids {len(ids)}"
+    )
+    assert len(messages) == 1000 and len(ids) == 1000 and sum(counts) == 1000
+    assert OutboxCall.objects.count() == 0
+
+
+class _FakeWorker:
+    """Just enough of ``Worker`` for publishing_through: a broker URL and a queue."""
+
+    def __init__(self, url: str, queue: str) -> None:
+        self.url, self.queue, self.broker = url, queue, "redis"
+
+
+def test_relay_command_once(settings: SettingsWrapper) -> None:
+    require("redis")
+    url = "redis://127.0.0.1:6379/14"
+    queue = f"ds-relay-cmd-{uuid.uuid4().hex[:8]}"
+    with FaultProxy(6379) as proxy, publishing_through(proxy, _FakeWorker(url, queue), settings):
+        proxy.refuse()
+        commit("cmd", 0)
+        proxy.forward()
+        publisher.cooldown.clear()
+        out = StringIO()
+        call_command("deferred_signals", "relay", "--once", stdout=out)
+    assert "relayed 1 call(s)" in out.getvalue()
