@@ -113,22 +113,25 @@ def _check_signature(handler: Handler, names: frozenset[str]) -> None:
     if not (missing or positional or unexpected):
         return
     where = f"Deferred handler {handler.name!r}"
+    sends = f"the signal sends {', '.join(sorted(sent))}"
     problems = [
         *(
-            f"{where} requires parameter {name!r}, which this signal does not send"
+            f"{where} requires parameter {name!r}, which this signal does not send "
+            f"({sends}). Fix: rename the parameter to one of those, or give it a default."
             for name in missing
         ),
         *(
             f"{where} takes {name!r} as positional-only, but the worker passes every "
-            "argument by keyword"
+            "argument by keyword. Fix: remove the '/' from its parameters."
             for name in positional
         ),
-        *(f"{where} does not accept the keyword argument {name!r}" for name in unexpected),
+        *(
+            f"{where} does not accept the keyword argument {name!r} ({sends}). "
+            "Fix: add **kwargs to its parameters."
+            for name in unexpected
+        ),
     ]
-    raise DeferredSignalError(
-        f"{'; '.join(problems)}. The signal sends: {', '.join(sorted(sent))}. Fix: rename "
-        "the parameter to one of those, give it a default, or accept **kwargs."
-    )
+    raise DeferredSignalError(" ".join(problems))
 
 
 def _encode(

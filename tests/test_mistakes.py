@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from celery import Celery, current_app
 from django.conf import settings
+from django.db import transaction
+from django.db.models.signals import post_save
 from django.dispatch import Signal
 from django.test import override_settings
 
@@ -25,6 +27,7 @@ from deferred_signals import (
     receiver,
     registry,
 )
+from tests.testapp.models import Article
 
 CALLS: list[dict[str, Any]] = []
 
@@ -38,7 +41,7 @@ def deferred(signal: Signal, func: Callable[..., Any], **kwargs: Any) -> Iterato
     try:
         yield handler
     finally:
-        signal.disconnect(func)
+        signal.disconnect(func, sender=kwargs.get("sender"))
         registry.unregister(handler.name)
         CALLS.clear()
 
@@ -93,6 +96,22 @@ def test_positional_only_parameters_cannot_be_filled_by_the_worker() -> None:
     signal = Signal()
     with deferred(signal, positional_only), pytest.raises(DeferredSignalError, match="positional"):
         signal.send(sender=None)
+
+
+# --- 3. what the README's opening promises, and what it does not ------------------------------
+
+
+@pytest.mark.parametrize("mode", ["snapshot", "fresh"])
+def test_attributes_that_are_not_fields_are_dropped_even_in_snapshots(mode: str) -> None:
+    def on_article(sender: Any, instance: Article, **kwargs: Any) -> None:
+        CALLS.append({"title": instance.title, "by": getattr(instance, "_changed_by", None)})
+
+    with deferred(post_save, on_article, sender=Article, name="tests.by", instance=mode):
+        with transaction.atomic():
+            article = Article(title="t")
+            article._changed_by = "alice"  # type: ignore[attr-defined]
+            article.save()
+        assert CALLS == [{"title": "t", "by": None}]  # only field values travel
 
 
 # --- 5. setup mistakes --------------------------------------------------------------------
