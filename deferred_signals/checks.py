@@ -12,6 +12,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, router
 
 from . import registry
 from .conf import SETTING, Problem, conf, settings_problems
+from .readiness import UNCONFIGURED_APP_HINT, unconfigured_app
 
 
 @register(Tags.compatibility, "deferred_signals")  # manage.py check --tag deferred_signals
@@ -98,10 +99,8 @@ def _unconfigured_celery_app() -> list[Problem]:
     return [
         Problem(
             "deferred_signals.W003",
-            f"The current Celery app ({current_app.main!r}) has no broker_url: deferred "
-            "handlers would publish to Celery's built-in default (amqp://localhost).",
-            "Import your Celery app when Django starts (proj/__init__.py: `from .celery import "
-            "app as celery_app`) and configure its broker, or set EAGER for development.",
+            unconfigured_app(current_app),
+            UNCONFIGURED_APP_HINT,
             warning=True,
         )
     ]

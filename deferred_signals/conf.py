@@ -7,6 +7,7 @@ Settings are read lazily, through :data:`conf`, and every cached value is droppe
 from __future__ import annotations
 
 import builtins
+import difflib
 import numbers
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -158,16 +159,24 @@ class Problem:
     warning: bool = False
 
 
-def option_problems(options: Mapping[str, Any], where: str) -> list[Problem]:
-    """Validate one layer of handler options (``DEFAULTS``, ``HANDLERS[...]`` or decorator)."""
+def option_problems(
+    options: Mapping[str, Any], where: str, also_known: Iterable[str] = ()
+) -> list[Problem]:
+    """Validate one layer of handler options (``DEFAULTS``, ``HANDLERS[...]`` or decorator).
+
+    Messages are sentences about ``where`` ("settings.DEFERRED_SIGNALS['DEFAULTS']",
+    "Deferred handler 'x'"); ``also_known`` are other accepted words, for suggestions only.
+    """
     problems = []
     for key, value in options.items():
         option = OPTIONS.get(key)
         if option is None:
+            close = difflib.get_close_matches(str(key), [*OPTIONS, *also_known], n=1)
+            guess = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(
                 Problem(
                     "deferred_signals.E004",
-                    f"{where} has an unknown option {key!r}.",
+                    f"{where} has an unknown option {key!r}{guess}.",
                     f"Use one of: {', '.join(sorted(OPTIONS))}.",
                 )
             )
@@ -175,16 +184,16 @@ def option_problems(options: Mapping[str, Any], where: str) -> list[Problem]:
             problems.append(
                 Problem(
                     "deferred_signals.E005",
-                    f"{where}[{key!r}] is {value!r} ({type(value).__name__}).",
+                    f"{where} sets {key!r} to {value!r} ({type(value).__name__}).",
                     f"{key!r} must be {option.expected}.",
                 )
             )
         elif key in ("autoretry_for", "dont_autoretry_for"):
-            problems.extend(_exception_problems(value, f"{where}[{key!r}]"))
+            problems.extend(_exception_problems(value, where, key))
     return problems
 
 
-def _exception_problems(paths: Iterable[object], where: str) -> list[Problem]:
+def _exception_problems(paths: Iterable[object], where: str, key: str) -> list[Problem]:
     problems = []
     for path in paths:
         if not isinstance(path, str):
@@ -195,7 +204,7 @@ def _exception_problems(paths: Iterable[object], where: str) -> list[Problem]:
             problems.append(
                 Problem(
                     "deferred_signals.E006",
-                    f"{where} names {path!r}, which does not import ({error}).",
+                    f"{where} lists {path!r} in {key!r}, but it does not import ({error}).",
                     "Give the dotted path of an exception class, e.g. 'smtplib.SMTPException'.",
                 )
             )
@@ -204,7 +213,7 @@ def _exception_problems(paths: Iterable[object], where: str) -> list[Problem]:
             problems.append(
                 Problem(
                     "deferred_signals.E006",
-                    f"{where} names {path!r}, which is not an exception class.",
+                    f"{where} lists {path!r} in {key!r}, but it is not an exception class.",
                     "Give the dotted path of an exception class, e.g. 'smtplib.SMTPException'.",
                 )
             )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from celery import current_app
+from celery import Celery
+from celery._state import get_current_app
 from django.core.management.base import OutputWrapper
 from django.core.management.color import Style
 from django.dispatch import Signal
@@ -18,12 +19,20 @@ SHOWN_OPTIONS = ("queue", "max_retries", "autoretry_for", "retry_backoff", "acks
 TASK_ATTRIBUTES = ("max_retries", "acks_late")
 
 
-def handlers_report() -> list[dict[str, Any]]:
-    """One JSON-ready entry per registered handler, sorted by name."""
+def handlers_report(workers: bool = True, timeout: float = 1.0) -> list[dict[str, Any]]:
+    """One JSON-ready entry per registered handler, sorted by name.
+
+    ``queue`` is where the handler's messages go, resolved by the Celery app's router as a
+    publish would; with ``workers``, ``workers`` lists the live workers consuming that queue
+    (asked with ``inspect active_queues``), or is "unknown" when no worker answered.
+    """
     names = _signal_names()
+    app = get_current_app()
+    consumers = _consumers(app, timeout) if workers else None
     handlers: list[dict[str, Any]] = []
     for handler in sorted(registry.all_handlers(), key=lambda h: h.name):
         merged = handler.merged
+        queue = _queue(app, handler)
         handlers.append(
             {
                 "name": handler.name,
@@ -33,8 +42,16 @@ def handlers_report() -> list[dict[str, Any]]:
                     for signal, sender, uid in handler.connections
                     if _connected(signal, sender, uid)
                 ],
+                "queue": queue,
+                "workers": (
+                    consumers
+                    if consumers is None or isinstance(consumers, str)
+                    # sorted(): a stable listing, whatever order the replies came in
+                    else sorted(consumers.get(queue, ()))
+                ),
+                "aliases": list(handler.aliases),
                 "options": {
-                    "queue": f"{current_app.conf.task_default_queue} (or task_routes)",
+                    "queue": queue,
                     **{key: getattr(handler.task, key) for key in TASK_ATTRIBUTES},
                     **{
                         key: _label(value) if key.endswith("_for") else value
@@ -57,6 +74,48 @@ def print_handlers(handlers: list[dict[str, Any]], out: OutputWrapper, style: St
             out.write(f"  {connection['signal']} from {connection['sender']}")
         shown = {k: entry["options"].get(k) for k in SHOWN_OPTIONS}
         out.write("  " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+        workers = entry["workers"]
+        if isinstance(workers, str):
+            out.write(f"  consumed by: {workers} (no worker answered)")
+        elif workers:
+            out.write(f"  consumed by: {', '.join(workers)}")
+        elif workers is not None:
+            out.write(f"  consumed by: no live worker (start one with -Q {entry['queue']})")
+        if entry["aliases"]:
+            out.write(f"  also answers to its former names: {', '.join(entry['aliases'])}")
+
+
+def _queue(app: Celery, handler: registry.Handler) -> str:
+    """The queue a publish of ``handler`` goes to: its queue option, task_routes, the default."""
+    queue = handler.merged.publish.get("queue")
+    try:
+        route = app.amqp.router.route(
+            {"queue": queue} if queue else {}, handler.name, task_type=handler.task
+        )
+    except Exception as error:  # e.g. QueueNotFound, or a router function that failed
+        return f"unresolved ({type(error).__name__}: {error})"
+    found = route.get("queue")
+    if found is None:  # a route to an exchange: the broker's bindings decide
+        return f"exchange {route.get('exchange')!r}, routing key {route.get('routing_key')!r}"
+    return str(getattr(found, "name", found))
+
+
+def _consumers(app: Celery, timeout: float) -> dict[str, list[str]] | str:
+    """Queue name -> the live workers consuming it; "unknown" when nobody could tell."""
+    try:
+        with app.connection_for_write() as connection:
+            # Fail at once on a broker that is down instead of retrying for seconds.
+            connection.ensure_connection(max_retries=1)
+            replies = app.control.inspect(timeout=timeout, connection=connection).active_queues()
+    except Exception:  # the broker is unreachable: not this listing's problem to solve
+        return "unknown"
+    if not replies:
+        return "unknown"
+    consumers: dict[str, list[str]] = {}
+    for worker, queues in replies.items():
+        for queue in queues or ():
+            consumers.setdefault(queue.get("name"), []).append(worker)
+    return consumers
 
 
 def _connected(signal: Signal, sender: Any, uid: Any) -> bool:

@@ -6,6 +6,7 @@ hands it to :mod:`dispatch`, which attaches it to the transaction of the right d
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import threading
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from django.db.models.query import QuerySet
 from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import Signal
 
-from . import dispatch
+from . import dispatch, readiness
 from .codec import EncodeError, Encoder, locate
 from .exceptions import DeferredSignalError
 from .registry import Handler
@@ -56,10 +57,17 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
     index = handler.signal_index(signal)
     serial = _newest_serial = next(_serials)
     deletes = signal in DELETE_SIGNALS
+    #: Argument names the handler was found to accept: checked once per set of names.
+    accepted: set[frozenset[str]] = set()
 
     def proxy(signal: Signal, sender: Any, **kwargs: Any) -> None:
         if kwargs.get("raw") and not handler.include_raw:
             return
+        readiness.check()
+        names = frozenset(kwargs)
+        if names not in accepted:
+            _check_signature(handler, names)
+            accepted.add(names)
         options = handler.merged
         fresh = options.get("instance") == "fresh" and not deletes
         fields = options.get("on_missing") == "snapshot"
@@ -70,8 +78,61 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
         call = dispatch.PendingCall(handler, uuid(), body, options.get("delivery") == "outbox")
         dispatch.enqueue(call, _alias(handler, kwargs))
 
-    proxy.__qualname__ = f"deferred({handler.name})"
+    # send_robust() reports errors against the receiver: let it read as the user's function.
+    func = handler.func
+    proxy.__name__ = getattr(func, "__name__", handler.name)
+    proxy.__qualname__ = getattr(func, "__qualname__", proxy.__name__)
+    proxy.__module__ = getattr(func, "__module__", __name__)
+    proxy.__doc__ = getattr(func, "__doc__", None)
+    proxy.__wrapped__ = func  # type: ignore[attr-defined]
     return proxy
+
+
+def _check_signature(handler: Handler, names: frozenset[str]) -> None:
+    """Refuse in the request a call the worker could only fail with a ``TypeError``.
+
+    The worker calls ``handler(signal=..., sender=..., **kwargs)``, every argument by keyword.
+    """
+    try:
+        parameters = inspect.signature(handler.func).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): let it be
+        return
+    sent = names | {"signal", "sender"}
+    missing, positional, accepted = [], [], set()
+    takes_any = False
+    for parameter in parameters:
+        if parameter.kind is parameter.VAR_KEYWORD:
+            takes_any = True
+        elif parameter.kind is parameter.POSITIONAL_ONLY:
+            if parameter.default is parameter.empty:
+                positional.append(parameter.name)
+        elif parameter.kind is not parameter.VAR_POSITIONAL:
+            accepted.add(parameter.name)
+            if parameter.default is parameter.empty and parameter.name not in sent:
+                missing.append(parameter.name)
+    unexpected = [] if takes_any else sorted(sent - accepted)
+    if not (missing or positional or unexpected):
+        return
+    where = f"Deferred handler {handler.name!r}"
+    sends = f"the signal sends {', '.join(sorted(sent))}"
+    problems = [
+        *(
+            f"{where} requires parameter {name!r}, which this signal does not send "
+            f"({sends}). Fix: rename the parameter to one of those, or give it a default."
+            for name in missing
+        ),
+        *(
+            f"{where} takes {name!r} as positional-only, but the worker passes every "
+            "argument by keyword. Fix: remove the '/' from its parameters."
+            for name in positional
+        ),
+        *(
+            f"{where} does not accept the keyword argument {name!r} ({sends}). "
+            "Fix: add **kwargs to its parameters."
+            for name in unexpected
+        ),
+    ]
+    raise DeferredSignalError(" ".join(problems))
 
 
 def _encode(

@@ -21,7 +21,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 Signals = Signal | list[Signal] | tuple[Signal, ...]
 
 #: Options of ``defer=True`` that are about the handler, not its Celery task.
-HANDLER_KWARGS = ("name", "include_raw", "using")
+HANDLER_KWARGS = ("name", "include_raw", "using", "aliases")
 
 
 @overload
@@ -46,6 +46,7 @@ def receiver(
     name: str | None = ...,
     include_raw: bool = ...,
     using: str | None = ...,
+    aliases: list[str] | tuple[str, ...] = ...,
     **options: Any,
 ) -> Callable[[F], F]: ...
 
@@ -84,6 +85,7 @@ def connect(
     name: str | None = None,
     include_raw: bool = False,
     using: str | None = None,
+    aliases: list[str] | tuple[str, ...] = (),
     **options: Any,
 ) -> None:
     """Connect ``receiver`` to ``signal``; with ``defer=True``, as a deferred handler.
@@ -93,20 +95,24 @@ def connect(
     With ``defer=True``: ``name`` is the handler's (and its task's) name, by default
     ``module.qualname``; ``include_raw`` defers fixture loads (``raw=True``) too; ``using``
     names the database whose commit releases the call (default: the signal's ``using``, else
-    its ``instance``'s database, else the default one). Any other keyword is a handler option, as in
-    ``settings.DEFERRED_SIGNALS`` (``queue``, ``max_retries``, ``instance="snapshot"``...).
+    its ``instance``'s database, else the default one); ``aliases`` are former names the handler
+    still answers to, so messages queued under an old name run it after a rename. Any other
+    keyword is a handler option, as in ``settings.DEFERRED_SIGNALS`` (``queue``,
+    ``max_retries``, ``instance="snapshot"``...).
     The connection is always strong: ``weak`` is accepted and ignored.
     """
     signals: list[Signal] = list(signal) if isinstance(signal, (list, tuple)) else [signal]
     # ``apps`` is ModelSignal.connect's, for lazy "app_label.Model" senders.
     extra = {"apps": options.pop("apps")} if "apps" in options else {}
     if not defer:
-        _refuse_deferred_options({"name": name, "include_raw": include_raw, "using": using})
+        _refuse_deferred_options(
+            {"name": name, "include_raw": include_raw, "using": using, "aliases": aliases or None}
+        )
         _refuse_deferred_options(options)
         for one in signals:
             one.connect(receiver, sender, weak, dispatch_uid, **extra, **options)
         return
-    handler = _register(receiver, signals, name, include_raw, using, options)
+    handler = _register(receiver, signals, name, include_raw, using, tuple(aliases), options)
     for one in signals:
         # Django computes this key for ``receiver`` itself, so ``signal.disconnect(receiver,
         # sender=...)`` disconnects the proxy, and connecting twice connects once.
@@ -137,35 +143,59 @@ def _register(
     name: str | None,
     include_raw: bool,
     using: str | None,
+    aliases: tuple[Any, ...],
     options: dict[str, Any],
 ) -> Handler:
-    if not callable(func):
-        raise DeferredSignalConfigError(f"A deferred handler must be callable, not {func!r}.")
-    if name is None:
-        qualname = getattr(func, "__qualname__", "")
+    # Every problem of the call at once: fixing them one import at a time is tedious.
+    problems: list[str] = []
+    qualname = getattr(func, "__qualname__", "")
+    if name is None and callable(func):
         if not qualname or "<" in qualname or not hasattr(func, "__module__"):
-            raise DeferredSignalConfigError(
+            problems.append(
                 f"{func!r} has no importable name (a lambda or a function defined inside "
                 "another): define it at module level, or pass name='...'."
             )
-        name = f"{func.__module__}.{qualname}"
-    problems = option_problems(options, f"Deferred handler {name!r}: option")
-    if problems:
-        raise DeferredSignalConfigError(f"{problems[0].msg} {problems[0].hint}")
-    if using is not None and not isinstance(using, str):
-        raise DeferredSignalConfigError(f"Deferred handler {name!r}: using must be an alias.")
-    if not func_accepts_kwargs(func):
+        else:
+            name = f"{func.__module__}.{qualname}"
+    where = f"Deferred handler {name or qualname or func!r}"
+    if not callable(func):
+        problems.append(f"{where} must be callable, not {type(func).__name__}.")
+    elif not func_accepts_kwargs(func):
         # Django checks this only with DEBUG; here it would fail later, on the worker.
-        raise DeferredSignalConfigError(
-            f"Deferred handler {name!r} must accept keyword arguments: add **kwargs."
-        )
-    for signal in signals:
-        if not isinstance(signal, Signal):
-            raise DeferredSignalConfigError(
-                f"Deferred handler {name!r}: {signal!r} is not a django.dispatch.Signal."
+        problems.append(f"{where} must accept keyword arguments: add **kwargs.")
+    problems += [
+        f"{problem.msg} {problem.hint}"
+        for problem in option_problems(options, where, also_known=HANDLER_KWARGS)
+    ]
+    if using is not None and not isinstance(using, str):
+        problems.append(f"{where} has using={using!r}: give a database alias.")
+    for alias in aliases:
+        if not isinstance(alias, str) or not alias or alias == name:
+            problems.append(
+                f"{where} has the alias {alias!r}: aliases are the handler's former names."
             )
+    problems += [
+        f"{where} is connected to {signal!r}, which is not a django.dispatch.Signal."
+        for signal in signals
+        if not isinstance(signal, Signal)
+    ]
+    if len(problems) == 1:
+        raise DeferredSignalConfigError(problems[0])
+    if problems:
+        raise DeferredSignalConfigError(
+            f"{where} cannot be registered ({len(problems)} problems):\n"
+            + "\n".join(f"- {problem}" for problem in problems)
+        )
+    assert name is not None
     handler = registry.register(
-        Handler(name=name, func=func, options=options, include_raw=include_raw, using=using)
+        Handler(
+            name=name,
+            func=func,
+            options=options,
+            include_raw=include_raw,
+            using=using,
+            aliases=aliases,
+        )
     )
     if handler.task is None:
         handler.task = create_task(handler)

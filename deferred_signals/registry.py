@@ -22,6 +22,8 @@ class Handler:
     options: Mapping[str, Any]
     include_raw: bool = False
     using: str | None = None
+    #: Former names: each gets a task of its own, so messages queued under it still run.
+    aliases: tuple[str, ...] = ()
     #: Every signal the handler is connected to; a message names one by its index here.
     signals: list[Signal] = field(default_factory=list)
     #: (signal, sender, dispatch uid) of each connection, for ``manage.py deferred_handlers``.
@@ -45,6 +47,8 @@ class Handler:
 
 
 _handlers: dict[str, Handler] = {}
+#: alias -> registered name
+_aliases: dict[str, str] = {}
 
 
 def register(handler: Handler) -> Handler:
@@ -55,7 +59,9 @@ def register(handler: Handler) -> Handler:
     """
     existing = _handlers.get(handler.name)
     if existing is None:
+        _check_names(handler)
         _handlers[handler.name] = handler
+        _aliases.update(dict.fromkeys(handler.aliases, handler.name))
         conf.forget(handler.name)
         return handler
     if existing.func is not handler.func:
@@ -64,26 +70,54 @@ def register(handler: Handler) -> Handler:
             f"{_describe(existing.func)} and {_describe(handler.func)}. "
             "Give one of them another name with receiver(..., defer=True, name='...')."
         )
-    if (existing.options, existing.include_raw, existing.using) != (
+    if (existing.options, existing.include_raw, existing.using, existing.aliases) != (
         handler.options,
         handler.include_raw,
         handler.using,
+        handler.aliases,
     ):
         raise DuplicateHandlerError(
             f"Deferred handler {handler.name!r} is connected twice with different options "
-            f"({dict(existing.options)} and {dict(handler.options)}). Connect it once with "
+            f"({_settings(existing)} and {_settings(handler)}). Connect it once with "
             "a list of signals, or set per-handler options in settings.DEFERRED_SIGNALS."
         )
     return existing
 
 
+def _check_names(handler: Handler) -> None:
+    """A name or alias serves one handler only: a worker could not tell which one to run."""
+    if handler.name in _aliases:
+        raise DuplicateHandlerError(
+            f"Deferred handler {handler.name!r} takes the name that deferred handler "
+            f"{_aliases[handler.name]!r} keeps as an alias. Rename one of them."
+        )
+    for alias in handler.aliases:
+        owner = alias if alias in _handlers else _aliases.get(alias)
+        if owner is not None:
+            raise DuplicateHandlerError(
+                f"Deferred handler {handler.name!r} has the alias {alias!r}, which deferred "
+                f"handler {owner!r} already answers to. Remove the alias from one of them."
+            )
+
+
+def _settings(handler: Handler) -> str:
+    extra = {"include_raw": handler.include_raw, "using": handler.using, "aliases": handler.aliases}
+    return str({**handler.options, **{k: v for k, v in extra.items() if v}})
+
+
 def get(name: str) -> Handler | None:
-    return _handlers.get(name)
+    """The handler registered as ``name``, or answering to it as an alias (a renamed one)."""
+    handler = _handlers.get(name)
+    if handler is None and name in _aliases:
+        return _handlers.get(_aliases[name])
+    return handler
 
 
 def unregister(name: str) -> None:
     """Forget a handler (tests); its proxies must be disconnected by the caller."""
-    _handlers.pop(name, None)
+    handler = _handlers.pop(name, None)
+    for alias in handler.aliases if handler is not None else ():
+        _aliases.pop(alias, None)
 
 
 def all_handlers() -> Iterator[Handler]:

@@ -92,9 +92,16 @@ def create_task(handler: Handler) -> Any:
     """The handler's task, created once per name with ``shared_task`` semantics.
 
     The task finds its handler in the registry by its own name at run time, so a handler
-    registered again under the same name (tests, reloads) is served by the same task.
+    registered again under the same name (tests, reloads) is served by the same task. Each
+    alias gets a task too, which the registry resolves to the same handler.
     """
-    task = _tasks.get(handler.name)
+    for alias in handler.aliases:
+        _task_named(alias, handler)
+    return _task_named(handler.name, handler)
+
+
+def _task_named(name: str, handler: Handler) -> Any:
+    task = _tasks.get(name)
     if task is not None:
         return task
 
@@ -106,9 +113,7 @@ def create_task(handler: Handler) -> Any:
     run.__qualname__ = getattr(func, "__qualname__", run.__name__)
     run.__module__ = getattr(func, "__module__", __name__)
     run.__doc__ = func.__doc__
-    task = _tasks[handler.name] = shared_task(
-        name=handler.name, bind=True, base=DeferredHandlerTask
-    )(run)
+    task = _tasks[name] = shared_task(name=name, bind=True, base=DeferredHandlerTask)(run)
     return task
 
 

@@ -35,6 +35,7 @@ _SIGNAL_NAMES = {
     signals.user_invited: "user_invited",
     signals.flaky_signal: "flaky_signal",
     signals.slow_signal: "slow_signal",
+    signals.renamed_signal: "renamed_signal",
 }
 
 
@@ -188,3 +189,9 @@ def flaky(signal: Signal, sender: Any, key: str, fail_times: int, **kwargs: Any)
 @receiver(signals.slow_signal, defer=True)
 def marker(signal: Signal, sender: Any, **kwargs: Any) -> None:
     record("marker", signal, sender, kwargs)
+
+
+# A handler renamed from ``old_name``: messages queued under the old name still reach it.
+@receiver(signals.renamed_signal, defer=True, aliases=["tests.testapp.handlers.old_name"])
+def renamed(signal: Signal, sender: Any, **kwargs: Any) -> None:
+    record("renamed", signal, sender, kwargs)

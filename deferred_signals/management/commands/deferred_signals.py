@@ -39,6 +39,14 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="subcommand", required=True, parser_class=CommandParser)
         listing_ = sub.add_parser("list", help="The handlers: signals, senders, merged options.")
         listing_.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+        listing_.add_argument(
+            "--no-workers",
+            action="store_true",
+            help="Do not ask live workers which queues they consume.",
+        )
+        listing_.add_argument(
+            "--timeout", type=float, default=1.0, help="Seconds to wait for workers' replies."
+        )
 
         status = sub.add_parser("status", help="Pending outbox rows, dead letters, relays.")
         status.add_argument("--json", action="store_true", help="Print JSON instead of text.")
@@ -74,7 +82,9 @@ class Command(BaseCommand):
         getattr(self, f"handle_{options['subcommand']}")(**options)
 
     def handle_list(self, **options: Any) -> None:
-        handlers = listing.handlers_report()
+        handlers = listing.handlers_report(
+            workers=not options.get("no_workers"), timeout=options.get("timeout", 1.0)
+        )
         if options["json"]:
             self.stdout.write(json.dumps(handlers, indent=2, default=str))
         else:

@@ -1,0 +1,72 @@
+"""Is this process set up to defer calls? Asked at every deferred call, answered from a cache.
+
+``manage.py check`` reports setup mistakes only to those who run it; these are the ones that
+would otherwise pass silently at run time, so the first deferred call raises instead, in the
+request or the developer's own tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery._state import get_current_app
+from django.apps import apps
+from django.core.signals import setting_changed
+from django.dispatch import receiver as django_receiver
+
+from .conf import conf
+from .exceptions import DeferredSignalConfigError
+
+APP = "deferred_signals"
+UNCONFIGURED_APP_HINT = (
+    "Import your Celery app when Django starts (proj/__init__.py: `from .celery import "
+    "app as celery_app`) and configure its broker, or set EAGER for development."
+)
+
+#: (the Celery app current when the verdict was reached, the error or None); None: not known.
+_verdict: tuple[Celery, str | None] | None = None
+
+
+def check() -> None:
+    """Raise :class:`DeferredSignalConfigError` if a deferred call cannot be made here."""
+    global _verdict
+    app = get_current_app()
+    verdict = _verdict
+    # Keyed on the app: the current app may change (a project's app imported late, tests).
+    if verdict is None or verdict[0] is not app:
+        verdict = (app, _problem(app))
+        if apps.ready:  # a call made while apps load is asked again later
+            _verdict = verdict
+    if verdict[1] is not None:
+        raise DeferredSignalConfigError(verdict[1])
+
+
+def unconfigured_app(app: Celery) -> str:
+    """The problem of publishing through an app without a broker (check W003 says it too)."""
+    return (
+        f"The current Celery app ({app.main!r}) has no broker_url: deferred handlers "
+        "would publish to Celery's built-in default (amqp://localhost)."
+    )
+
+
+def _problem(app: Celery) -> str | None:
+    if apps.apps_ready and not apps.is_installed(APP):
+        # Without the app, check would not validate DEFERRED_SIGNALS, the management command
+        # would not exist and the outbox tables would not be migrated.
+        return (
+            f"{APP!r} is not in INSTALLED_APPS, so `manage.py check` does not validate "
+            f"settings.DEFERRED_SIGNALS and `manage.py {APP}` does not exist. "
+            f'Fix: add "{APP}" to INSTALLED_APPS.'
+        )
+    if not conf.eager and not app.conf.broker_url:
+        return f"{unconfigured_app(app)} Fix: {UNCONFIGURED_APP_HINT}"
+    return None
+
+
+@django_receiver(setting_changed)
+def _forget_on_setting_changed(**kwargs: Any) -> None:
+    # Any setting may matter (INSTALLED_APPS, DEFERRED_SIGNALS, a CELERY_* one read late) and
+    # settings change only in tests: start over.
+    global _verdict
+    _verdict = None

@@ -1,0 +1,65 @@
+"""``manage.py deferred_signals list``: the queue each handler's messages really go to."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from io import StringIO
+from typing import Any
+
+import pytest
+from celery import current_app
+from django.core.management import call_command
+from django.test import override_settings
+
+MARKER = "tests.testapp.handlers.marker"
+
+
+def listing(*args: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    text, data = StringIO(), StringIO()
+    call_command("deferred_signals", "list", *args, stdout=text)
+    call_command("deferred_signals", "list", "--json", *args, stdout=data)
+    return text.getvalue(), {entry["name"]: entry for entry in json.loads(data.getvalue())}
+
+
+@pytest.fixture
+def task_routes() -> Iterator[Callable[[Any], None]]:
+    app = current_app._get_current_object()
+    previous = app.conf.task_routes
+
+    def route(routes: Any) -> None:
+        app.conf.task_routes = routes
+        app.amqp.flush_routes()
+        app.amqp.__dict__.pop("router", None)  # built once from the routes, as Celery caches it
+
+    yield route
+    route(previous)
+
+
+def test_queues_are_resolved_through_the_celery_apps_router(
+    task_routes: Callable[[Any], None],
+) -> None:
+    task_routes({"tests.testapp.handlers.mark*": {"queue": "cache"}, "tests.user_event": "x"})
+    handlers = {"tests.user_event": {"queue": "crm"}}
+    with override_settings(DEFERRED_SIGNALS={"HANDLERS": handlers}):
+        text, entries = listing("--no-workers")
+    assert entries[MARKER]["queue"] == entries[MARKER]["options"]["queue"] == "cache"
+    assert f"{MARKER}\n  tests.testapp.signals.slow_signal from any sender\n  queue=cache," in text
+    assert entries["tests.user_event"]["queue"] == "crm"  # a queue option wins over task_routes
+    default = current_app.conf.task_default_queue
+    assert entries["tests.testapp.handlers.article_saved"]["queue"] == default
+    assert entries[MARKER]["workers"] is None and "consumed by" not in text
+
+
+def test_workers_are_unknown_when_none_answers() -> None:
+    text, entries = listing("--timeout", "0.1")
+    assert entries[MARKER]["workers"] == "unknown"
+    assert "consumed by: unknown (no worker answered)" in text
+
+
+def test_renamed_handlers_show_their_former_names() -> None:
+    text, entries = listing("--no-workers")
+    assert entries["tests.testapp.handlers.renamed"]["aliases"] == [
+        "tests.testapp.handlers.old_name"
+    ]
+    assert "also answers to its former names: tests.testapp.handlers.old_name" in text

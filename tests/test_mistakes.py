@@ -1,0 +1,232 @@
+"""Unit and SQLite layers: a user's mistakes are reported early, completely and in sentences.
+
+A typo in a handler's parameters, a missing app, an unconfigured Celery app, a misspelt option:
+each fails in the request (or at import), where the developer's own tests see it, rather than
+on a worker later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from celery import Celery, current_app
+from django.conf import settings
+from django.db import transaction
+from django.db.models.signals import post_save
+from django.dispatch import Signal
+from django.test import override_settings
+
+from deferred_signals import (
+    DeferredSignalConfigError,
+    DeferredSignalError,
+    DuplicateHandlerError,
+    connect,
+    receiver,
+    registry,
+)
+from tests.testapp.models import Article
+
+CALLS: list[dict[str, Any]] = []
+
+
+@contextmanager
+def deferred(signal: Signal, func: Callable[..., Any], **kwargs: Any) -> Iterator[registry.Handler]:
+    connect(signal, func, defer=True, **kwargs)
+    handler = registry.get(kwargs.get("name") or f"{func.__module__}.{func.__qualname__}")
+    assert handler is not None
+    CALLS.clear()
+    try:
+        yield handler
+    finally:
+        signal.disconnect(func, sender=kwargs.get("sender"))
+        registry.unregister(handler.name)
+        CALLS.clear()
+
+
+def on_save(sender: Any, instance: Any, creatd: bool, **kwargs: Any) -> None:  # the typo
+    CALLS.append({"instance": instance, "creatd": creatd})
+
+
+def with_default(sender: Any, instance: Any, creatd: bool = False, **kwargs: Any) -> None:
+    CALLS.append({"instance": instance, "creatd": creatd})
+
+
+def positional_only(sender: Any, /, **kwargs: Any) -> None:
+    CALLS.append(kwargs)
+
+
+def fine(sender: Any, signal: Signal, **kwargs: Any) -> None:
+    CALLS.append(kwargs)
+
+
+# --- 1. the handler's signature is checked at send time ---------------------------------------
+
+# Outside a transaction calls run at once (EAGER in the test settings).
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_a_misspelt_parameter_fails_in_the_request_naming_handler_and_parameter() -> None:
+    signal = Signal()
+    with deferred(signal, on_save):
+        with pytest.raises(DeferredSignalError) as raised:
+            signal.send(sender=None, instance="row", created=True)
+        message = str(raised.value)
+        assert f"'{__name__}.on_save'" in message
+        assert "requires parameter 'creatd'" in message
+        assert "created, instance, sender, signal" in message
+        assert CALLS == []  # nothing was deferred
+
+
+def test_the_check_follows_the_argument_names_of_each_send() -> None:
+    signal = Signal()
+    with deferred(signal, on_save):
+        signal.send(sender=None, instance="row", creatd=True)  # accepted, then cached...
+        assert CALLS == [{"instance": "row", "creatd": True}]
+        with pytest.raises(DeferredSignalError, match="'creatd'"):  # ...for those names only
+            signal.send(sender=None, instance="row")
+    with deferred(signal, with_default):
+        signal.send(sender=None, instance="row", created=True)
+        assert CALLS == [{"instance": "row", "creatd": False}]
+
+
+def test_positional_only_parameters_cannot_be_filled_by_the_worker() -> None:
+    signal = Signal()
+    with deferred(signal, positional_only), pytest.raises(DeferredSignalError, match="positional"):
+        signal.send(sender=None)
+
+
+# --- 3. what the README's opening promises, and what it does not ------------------------------
+
+
+@pytest.mark.parametrize("mode", ["snapshot", "fresh"])
+def test_attributes_that_are_not_fields_are_dropped_even_in_snapshots(mode: str) -> None:
+    def on_article(sender: Any, instance: Article, **kwargs: Any) -> None:
+        CALLS.append({"title": instance.title, "by": getattr(instance, "_changed_by", None)})
+
+    with deferred(post_save, on_article, sender=Article, name="tests.by", instance=mode):
+        with transaction.atomic():
+            article = Article(title="t")
+            article._changed_by = "alice"  # type: ignore[attr-defined]
+            article.save()
+        assert CALLS == [{"title": "t", "by": None}]  # only field values travel
+
+
+# --- 5. setup mistakes --------------------------------------------------------------------
+
+
+def test_without_the_app_installed_the_first_call_names_the_fix() -> None:
+    signal = Signal()
+    installed = [app for app in settings.INSTALLED_APPS if app != "deferred_signals"]
+    with deferred(signal, fine):
+        with (
+            override_settings(INSTALLED_APPS=installed),
+            pytest.raises(
+                DeferredSignalConfigError, match='add "deferred_signals" to INSTALLED_APPS'
+            ),
+        ):
+            signal.send(sender=None, x=1)
+        signal.send(sender=None, x=2)  # the verdict is re-evaluated once settings change
+        assert CALLS == [{"x": 2}]
+
+
+@pytest.fixture
+def unconfigured_app() -> Iterator[Celery]:
+    previous = current_app._get_current_object()
+    app = Celery("unconfigured", set_as_current=True)
+    yield app
+    previous.set_current()
+
+
+def test_an_unconfigured_celery_app_refuses_to_publish(unconfigured_app: Celery) -> None:
+    signal = Signal()
+    with deferred(signal, fine):
+        with (
+            override_settings(DEFERRED_SIGNALS={"EAGER": False}),
+            pytest.raises(
+                DeferredSignalConfigError, match=r"\('unconfigured'\) has no broker_url"
+            ) as raised,
+        ):
+            signal.send(sender=None, x=1)
+        assert "Import your Celery app when Django starts" in str(raised.value)
+        signal.send(sender=None, x=2)  # EAGER (the test settings) needs no broker
+        assert CALLS == [{"x": 2}]
+
+
+# --- 7. error messages --------------------------------------------------------------------
+
+
+def test_every_problem_of_a_decorator_call_is_reported_at_once_in_sentences() -> None:
+    with pytest.raises(DeferredSignalConfigError) as raised:
+        receiver(
+            [Signal(), "post_save"],  # type: ignore[list-item]
+            defer=True,
+            queu="crm",
+            max_retries=-1,
+            instance="copy",
+            using=1,
+        )(fine)
+    message = str(raised.value)
+    name = f"'{__name__}.fine'"
+    assert message.startswith(f"Deferred handler {name} cannot be registered (5 problems):\n")
+    assert f"- Deferred handler {name} has an unknown option 'queu' (did you mean 'queue'?)." in (
+        message
+    )
+    assert f"- Deferred handler {name} sets 'max_retries' to -1 (int)." in message
+    assert "'instance' must be 'fresh' or 'snapshot'" in message
+    assert "using=1" in message and "'post_save', which is not a django.dispatch.Signal" in message
+    assert registry.get(f"{__name__}.fine") is None
+
+
+def test_a_single_problem_is_one_sentence() -> None:
+    with pytest.raises(DeferredSignalConfigError) as raised:
+        connect(Signal(), fine, defer=True, include_raws=True)
+    assert str(raised.value).startswith(
+        f"Deferred handler '{__name__}.fine' has an unknown option 'include_raws' "
+        "(did you mean 'include_raw'?). Use one of:"
+    )
+
+
+def test_send_robust_names_the_users_handler() -> None:
+    signal = Signal()
+    with deferred(signal, on_save):
+        ((receiver_, error),) = signal.send_robust(sender=None, instance="row")
+    assert receiver_.__wrapped__ is on_save
+    assert (receiver_.__name__, receiver_.__qualname__) == ("on_save", "on_save")
+    assert receiver_.__module__ == __name__
+    assert isinstance(error, DeferredSignalError) and "'creatd'" in str(error)
+
+
+# --- 6. aliases: a renamed handler keeps serving its former names --------------------------
+
+
+def test_aliases_get_tasks_that_run_the_renamed_handler() -> None:
+    signal = Signal()
+    with deferred(signal, fine, name="shop.new_name", aliases=["shop.old_name"]) as handler:
+        assert registry.get("shop.old_name") is handler
+        assert [h.name for h in registry.all_handlers()].count("shop.new_name") == 1
+        old = current_app.tasks["shop.old_name"]
+        body = {"v": 1, "signal": 0, "sender": None, "kwargs": {"x": 7}}
+        old.apply(kwargs=body).get()
+        assert CALLS == [{"x": 7}]
+        assert old.max_retries == handler.task.max_retries  # the handler's options apply
+    assert registry.get("shop.old_name") is None
+
+
+def test_an_alias_serves_one_handler_only() -> None:
+    signal = Signal()
+    with deferred(signal, fine, name="shop.a", aliases=["shop.old"]):
+        with pytest.raises(DuplicateHandlerError, match=r"'shop\.old', which deferred handler"):
+            connect(signal, with_default, defer=True, name="shop.b", aliases=["shop.old"])
+        with pytest.raises(DuplicateHandlerError, match="keeps as an alias"):
+            connect(signal, with_default, defer=True, name="shop.old")
+        with pytest.raises(DeferredSignalConfigError, match=r"alias 'shop\.c'"):
+            connect(signal, with_default, defer=True, name="shop.c", aliases=["shop.c"])
+    assert registry.get("shop.b") is None and registry.get("shop.c") is None
+
+
+def test_aliases_need_defer() -> None:
+    with pytest.raises(DeferredSignalError, match=r"'aliases'.*add defer=True"):
+        connect(Signal(), fine, aliases=["shop.old"])
