@@ -220,7 +220,7 @@ def test_a_request_killed_between_commit_and_publish_loses_nothing(
     assert seen == Counter({0: 1})
 
 
-def test_two_relays_publish_each_row_once(settings: SettingsWrapper) -> None:
+def test_two_relays_publish_each_row_once(postgres_only: None, settings: SettingsWrapper) -> None:
     require("redis")
     import redis
 
