@@ -22,7 +22,9 @@ from django.utils.module_loading import import_string
 from .exceptions import DeferredSignalConfigError
 
 SETTING = "DEFERRED_SIGNALS"
-TOP_LEVEL_KEYS = ("DEFAULTS", "HANDLERS", "EAGER", "EAGER_PROPAGATES", "DELIVERY")
+TOP_LEVEL_KEYS = (
+    "DEFAULTS", "HANDLERS", "EAGER", "EAGER_PROPAGATES", "DELIVERY", "DEAD_LETTERS",
+)  # fmt: skip
 DELIVERY_MODES = ("on_commit",)
 INSTANCE_MODES = ("fresh", "snapshot")
 ON_MISSING = ("skip", "raise", "snapshot")
@@ -95,6 +97,9 @@ OPTIONS: dict[str, Option] = {
     # How arguments travel.
     "instance": Option(lambda v: v in INSTANCE_MODES, " or ".join(map(repr, INSTANCE_MODES))),
     "on_missing": Option(lambda v: v in ON_MISSING, " or ".join(map(repr, ON_MISSING))),
+    # How the worker runs the handler.
+    "idempotent": Option(lambda v: isinstance(v, bool), "a bool"),
+    "db_retry_window": Option(_non_negative, "a non-negative number of seconds (0: off)"),
 }
 
 #: Options copied into each message's publish options when set.
@@ -109,6 +114,11 @@ WORKER_OPTIONS = {
 }
 #: What a handler gets when no layer sets the option (beyond Celery's own task defaults).
 BUILTIN_DEFAULTS: dict[str, Any] = {
+    # At-least-once on the worker: a child killed mid-handler (OOM, deploy) runs it again.
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "idempotent": False,
+    "db_retry_window": 900,
     "instance": "fresh",
     "on_missing": "skip",
     "retry_backoff": False,
@@ -216,7 +226,7 @@ def settings_problems(raw: object) -> list[Problem]:
                 problems.append(_not_a_dict(where, options))
     else:
         problems.append(_not_a_dict(f"settings.{SETTING}['HANDLERS']", handlers))
-    for key in ("EAGER", "EAGER_PROPAGATES"):
+    for key in ("EAGER", "EAGER_PROPAGATES", "DEAD_LETTERS"):
         if not isinstance(raw.get(key, False), bool):
             problems.append(
                 Problem(
@@ -302,6 +312,11 @@ class Settings:
     def eager_propagates(self) -> bool:
         """With ``EAGER``, a handler's exception propagates out of the commit (tests)."""
         return bool(self.raw.get("EAGER_PROPAGATES", False))
+
+    @property
+    def dead_letters(self) -> bool:
+        """Record calls that failed for good as ``DeadLetter`` rows (default True)."""
+        return bool(self.raw.get("DEAD_LETTERS", True))
 
     @property
     def handler_settings(self) -> Mapping[str, Mapping[str, Any]]:

@@ -56,6 +56,10 @@ class Plain:
     """A non-model class used as a signal sender."""
 
 
+# A class travels as a value (here: a sender) only once a codec vouches for it.
+register_codec(Plain, name="tests.plain", encode=lambda plain: None, decode=lambda data: Plain())
+
+
 class FlakyError(Exception):
     pass
 
