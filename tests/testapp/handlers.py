@@ -19,7 +19,7 @@ from django.db.models.fields.files import FieldFile
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete
 from django.dispatch import Signal
 
-from deferred_signals import receiver, register_codec
+from deferred_signals import current_call, receiver, register_codec
 
 from . import signals
 from .models import Article, Attempt, Record, Ticket
@@ -35,6 +35,8 @@ _SIGNAL_NAMES = {
     signals.user_invited: "user_invited",
     signals.flaky_signal: "flaky_signal",
     signals.slow_signal: "slow_signal",
+    signals.killable_signal: "killable_signal",
+    signals.counted_signal: "counted_signal",
 }
 
 
@@ -192,3 +194,37 @@ def flaky(signal: Signal, sender: Any, key: str, fail_times: int, **kwargs: Any)
 @receiver(signals.slow_signal, defer=True)
 def marker(signal: Signal, sender: Any, **kwargs: Any) -> None:
     record("marker", signal, sender, kwargs)
+
+
+# --- the worker's faults (tests/test_worker_faults.py) ---------------------------------------
+
+
+def call_info() -> dict[str, Any]:
+    call = current_call()
+    assert call is not None
+    return {"id": call.id, "attempt": call.attempt, "handler": call.handler}
+
+
+@receiver(signals.killable_signal, defer=True)
+def killable(signal: Signal, sender: Any, key: str, seconds: float, **kwargs: Any) -> None:
+    """Says which process runs it, then takes ``seconds``: a test kills it in between."""
+    Record.objects.create(
+        handler="killable_start",
+        call={"key": key, **call_info()},
+        pid=os.getpid(),
+        ran_at=time.time(),
+    )
+    time.sleep(seconds)
+    Record.objects.create(
+        handler="killable_done",
+        call={"key": key, **call_info()},
+        pid=os.getpid(),
+        ran_at=time.time(),
+    )
+
+
+@receiver(signals.counted_signal, defer=True, idempotent=True)
+def counted(signal: Signal, sender: Any, key: str, **kwargs: Any) -> None:
+    """Its database writes happen once per call, however often the call is delivered."""
+    attempt, _ = Attempt.objects.get_or_create(key=key)
+    Attempt.objects.filter(pk=attempt.pk).update(count=models.F("count") + 1)
