@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from django.db import models
+from django.db import OperationalError, models
 from django.db.models.fields.files import FieldFile
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete
 from django.dispatch import Signal
@@ -37,6 +37,7 @@ _SIGNAL_NAMES = {
     signals.slow_signal: "slow_signal",
     signals.killable_signal: "killable_signal",
     signals.counted_signal: "counted_signal",
+    signals.db_flaky_signal: "db_flaky_signal",
 }
 
 
@@ -228,3 +229,18 @@ def counted(signal: Signal, sender: Any, key: str, **kwargs: Any) -> None:
     """Its database writes happen once per call, however often the call is delivered."""
     attempt, _ = Attempt.objects.get_or_create(key=key)
     Attempt.objects.filter(pk=attempt.pk).update(count=models.F("count") + 1)
+
+
+@receiver(signals.db_flaky_signal, defer=True)
+def db_flaky(
+    signal: Signal, sender: Any, key: str, outages: int, failures: int, **kwargs: Any
+) -> None:
+    """Meets ``outages`` database errors, then ``failures`` FlakyErrors, then records."""
+    attempt, _ = Attempt.objects.get_or_create(key=key)
+    Attempt.objects.filter(pk=attempt.pk).update(count=models.F("count") + 1)
+    attempt.refresh_from_db()
+    if attempt.count <= outages:
+        raise OperationalError(f"outage {attempt.count} of {key}")
+    if attempt.count <= outages + failures:
+        raise FlakyError(f"attempt {attempt.count} of {key}")
+    record("db_flaky", signal, sender, {"key": key, "call": call_info()})
