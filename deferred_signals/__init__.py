@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .calls import DeferredCall, current_call
 from .codec import register_codec, unregister_codec
 from .exceptions import (
     DeferredSignalConfigError,
@@ -25,12 +26,14 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "DeferredCall",
     "DeferredSignalConfigError",
     "DeferredSignalError",
     "DuplicateHandlerError",
     "MalformedMessageError",
     "__version__",
     "connect",
+    "current_call",
     "receiver",
     "register_codec",
     "unregister_codec",
