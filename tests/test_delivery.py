@@ -185,6 +185,7 @@ def test_a_partition_on_rabbitmq_loses_nothing(
 CHILD = """
 import os, signal, sys
 import django
+import tests.celery_app  # the project's Celery app, as its __init__ would import it
 django.setup()
 from django.conf import settings
 from django.db import transaction

@@ -190,7 +190,10 @@ def flaky(signal: Signal, sender: Any, key: str, fail_times: int, **kwargs: Any)
     attempt.refresh_from_db()
     if attempt.count <= fail_times:
         raise FlakyError(f"attempt {attempt.count} of {key}")
-    record("flaky", signal, sender, {"key": key, "attempts": attempt.count})
+    call = current_call()
+    record(
+        "flaky", signal, sender, {"key": key, "attempts": attempt.count, "call": call and call.id}
+    )
 
 
 @receiver(signals.slow_signal, defer=True)
