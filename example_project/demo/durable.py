@@ -130,32 +130,45 @@ class Outage:
     def lines(self) -> list[str]:
         t = self.cut_at
         width = max(len(s.sign_up.username) for s in self.spills)
-        lines = [
-            f"{0:7.3f}  broker CUT for the web side and the relay; the worker (pid "
-            f"{self.worker.pid}) keeps running"
+        events = [
+            (
+                t,
+                f"broker CUT for the web side and the relay; the worker (pid {self.worker.pid}) "
+                "keeps running",
+            )
         ]
         for spill in self.spills:
             s = spill.sign_up
-            lines.append(
-                f"{s.started - t:7.3f}  {s.username:<{width}}  {s.how} -> {s.response} in "
-                f"{s.took_ms:,.0f} ms; {spill.reason}: {len(spill.rows)} calls spilled to the "
-                "outbox"
+            events.append(
+                (
+                    s.started,
+                    f"{s.username:<{width}}  {s.how} -> {s.response} in {s.took_ms:,.0f} ms; "
+                    f"{spill.reason}: {len(spill.rows)} calls spilled to the outbox",
+                )
             )
-        lines += [
-            f"{self.relay_tried_at - t:7.3f}  relay (pid {self.relay.pid}) came round: broker "
-            f"still cut, {self.pending_when_tried} calls kept in the outbox",
-            f"{self.restored_at - t:7.3f}  broker RESTORED",
-            f"{self.delivered_at - t:7.3f}  relay published them ({self.relayed()} in its log); "
-            "the outbox is empty",
+        events += [
+            (
+                self.relay_tried_at,
+                f"relay (pid {self.relay.pid}) came round: broker still cut, "
+                f"{self.pending_when_tried} calls kept in the outbox",
+            ),
+            (self.restored_at, "broker RESTORED"),
+            (
+                self.delivered_at,
+                f"the outbox is empty: the relay published the calls ({self.relayed()} in its log)",
+            ),
         ]
-        entries = self.worker_entries()
-        if entries:
+        if entries := self.worker_entries():
             first = min(e.created_at.timestamp() for e in entries)
             last = max(e.created_at.timestamp() for e in entries)
-            lines.append(
-                f"{first - t:7.3f}  the worker ran the first of them; the last (CRM retries "
-                f"included) at {last - t:.3f}"
+            events.append(
+                (
+                    first,
+                    f"the worker ran the first of them; the last (CRM retries included) at "
+                    f"{last - t:.3f}",
+                )
             )
+        lines = [f"{at - t:7.3f}  {text}" for at, text in sorted(events, key=lambda e: e[0])]
         warnings = [r for r in self.logs if r.levelno >= logging.WARNING]
         if warnings:
             lines.append(

@@ -34,7 +34,7 @@ def describe_database() -> str:
 
 
 def describe_broker() -> str:
-    url = app.connection_for_write().as_uri()  # the password masked
+    url = app.connection_for_read().as_uri()  # the password masked; the worker's way in
     if url.startswith("filesystem://"):
         folder = shown(Path(settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_in"]).parent)
         return f"{url} (kombu's filesystem transport, no server: a file per message in {folder}/)"
