@@ -39,7 +39,7 @@ test-unit: $(STAMP)  ## Only the fast layers (unit tests and SQLite), no service
 	$(PYTEST) --ds=tests.settings
 
 docs: $(STAMP)  ## Build the documentation site (docs/) into site/, warnings as errors.
-	$(PY) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 demo: $(STAMP)  ## The example project end to end: SQLite, a serverless broker, a real worker.
 	$(PY) $(EXAMPLE)/manage.py demo
