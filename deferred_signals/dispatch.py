@@ -122,12 +122,12 @@ def flush(calls: list[PendingCall], using: str) -> None:
     Never raises, but for a handler's own exception with ``EAGER_PROPAGATES``: the data is
     committed already, so a broker failure must not reach the request.
     """
-    if conf.eager:
-        run_inline(calls)
-        return
     committed_at = time.time()
     for call in calls:
         call.body["at"] = committed_at
+    if conf.eager:
+        run_inline(calls)
+        return
     confirmed, error = publisher.publish(calls)
     outbox.delete([call.id for call in calls[:confirmed] if call.outbox], using)
     failed = calls[confirmed:]
