@@ -79,13 +79,14 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
         call = dispatch.PendingCall(handler, uuid(), body, outbox)
         using = _alias(handler, kwargs)
         dispatch.enqueue(call, using)
-        signals.call_deferred.send(
-            handler.func,
-            handler=handler.name,
-            call_id=call.id,
-            using=using,
-            delivery="outbox" if outbox else "on_commit",
-        )
+        if signals.call_deferred.receivers:  # the request path: not even the call, unused
+            signals.call_deferred.send(
+                handler.func,
+                handler=handler.name,
+                call_id=call.id,
+                using=using,
+                delivery="outbox" if outbox else "on_commit",
+            )
 
     # send_robust() reports errors against the receiver: let it read as the user's function.
     func = handler.func
