@@ -7,7 +7,8 @@ identity, which a name would not give. Every signal also carries ``handler`` (th
 name, the label to use in metrics) and ``call_id`` (the same from the signal to the handler,
 on every retry and replay). Times are aware UTC datetimes, durations are seconds.
 
-With no receiver connected, sending costs one attribute check: nothing is computed for them.
+With no receiver connected, ``Signal.send()`` returns at once (about a microsecond); the
+request path checks ``receivers`` first and skips even that.
 
 Request side (and the relay, and replays):
 
