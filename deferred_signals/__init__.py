@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import signals
 from .calls import DeferredCall, current_call
 from .codec import register_codec, unregister_codec
 from .exceptions import (
@@ -36,5 +37,6 @@ __all__ = [
     "current_call",
     "receiver",
     "register_codec",
+    "signals",
     "unregister_codec",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 from django.db import DatabaseError, transaction
 from kombu.utils import json as kombu_json
 
-from . import outbox, publisher
+from . import outbox, publisher, signals
 from .codec import redacted_summary
 from .conf import conf
 from .exceptions import DeferredSignalError
@@ -122,12 +122,12 @@ def flush(calls: list[PendingCall], using: str) -> None:
     Never raises, but for a handler's own exception with ``EAGER_PROPAGATES``: the data is
     committed already, so a broker failure must not reach the request.
     """
-    if conf.eager:
-        run_inline(calls)
-        return
     committed_at = time.time()
     for call in calls:
         call.body["at"] = committed_at
+    if conf.eager:
+        run_inline(calls)
+        return
     confirmed, error = publisher.publish(calls)
     outbox.delete([call.id for call in calls[:confirmed] if call.outbox], using)
     failed = calls[confirmed:]
@@ -157,6 +157,10 @@ def _spill(calls: list[PendingCall], using: str, error: BaseException | None) ->
             redacted_summary(call.body),
             "broker cooling down" if cooling else type(error).__name__,
         )
+        lost = not (call.outbox or spilled)
+        (signals.call_lost if lost else signals.call_spilled).send(
+            call.handler.func, handler=call.handler.name, call_id=call.id, error=error
+        )
 
 
 def run_inline(calls: list[PendingCall]) -> None:
@@ -165,7 +169,10 @@ def run_inline(calls: list[PendingCall]) -> None:
         try:
             body = kombu_json.loads(kombu_json.dumps(call.body))
             decode_call(call.handler, body).run(call.id)
-        except Exception:
+        except Exception as error:
             if conf.eager_propagates:
                 raise
-            logger.exception("Deferred handler %s failed (EAGER) [%s]", call.handler.name, call.id)
+            # The exception's text may quote the call's arguments: the traceback at DEBUG.
+            name, kind = call.handler.name, type(error).__name__
+            logger.error("Deferred handler %s failed (EAGER) [%s]: %s", name, call.id, kind)
+            logger.debug("Deferred handler %s failed (EAGER) [%s]", name, call.id, exc_info=error)
