@@ -20,7 +20,7 @@ from django.db import DatabaseError, transaction
 from kombu.utils import json as kombu_json
 
 from . import outbox, publisher, signals
-from .codec import redacted_summary
+from .codec import summary
 from .conf import conf
 from .exceptions import DeferredSignalError
 from .registry import Handler
@@ -154,7 +154,7 @@ def _spill(calls: list[PendingCall], using: str, error: BaseException | None) ->
             fate,
             call.handler.name,
             call.id,
-            redacted_summary(call.body),
+            summary(call.body),
             "broker cooling down" if cooling else type(error).__name__,
         )
         lost = not (call.outbox or spilled)
