@@ -223,6 +223,8 @@ def test_http_load_with_a_broker_cut(postgres_only: None, tmp_path: Path) -> Non
             "DATABASE_URL": url,
             "DS_LOAD_QUEUE": queue,
             "DEMO_STATE_DIR": str(tmp_path / "state"),
+            "DJANGO_DEBUG": "0",
+            "DJANGO_SECRET_KEY": uuid.uuid4().hex * 2,
         }
         direct = {**env, "BROKER": BROKERS["rabbitmq"]}
         proxied = {**env, "BROKER": proxy.url_for(BROKERS["rabbitmq"])}
