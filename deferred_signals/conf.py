@@ -108,6 +108,8 @@ OPTIONS: dict[str, Option] = {
     "on_missing": Option(lambda v: v in ON_MISSING, " or ".join(map(repr, ON_MISSING))),
     # How calls leave the request.
     "delivery": Option(lambda v: v in DELIVERY_MODES, " or ".join(map(repr, DELIVERY_MODES))),
+    # One call per row and transaction (coalesce.py).
+    "coalesce": Option(lambda v: isinstance(v, bool), "a bool"),
 }
 
 
@@ -146,6 +148,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "retry_jitter": True,
     "autoretry_for": (),
     "dont_autoretry_for": (),
+    "coalesce": False,
 }
 
 
@@ -282,6 +285,11 @@ class HandlerOptions:
     autoretry_for: tuple[type[BaseException], ...]
     dont_autoretry_for: tuple[type[BaseException], ...]
     publish: Mapping[str, Any]
+    #: Read on every call in the request: resolved once here.
+    fresh: bool = True
+    snapshot_fallback: bool = False
+    outbox: bool = False
+    coalesce: bool = False
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.values.get(key, default)
@@ -377,6 +385,10 @@ class Settings:
             autoretry_for=_exceptions(values["autoretry_for"]),
             dont_autoretry_for=_exceptions(values["dont_autoretry_for"]),
             publish={k: values[k] for k in PUBLISH_OPTIONS if values.get(k) is not None},
+            fresh=values.get("instance") == "fresh",
+            snapshot_fallback=values.get("on_missing") == "snapshot",
+            outbox=values.get("delivery") == "outbox",
+            coalesce=bool(values.get("coalesce")),
         )
         self._options[name] = merged
         return merged

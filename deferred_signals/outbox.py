@@ -56,6 +56,19 @@ def write(call: PendingCall, using: str) -> None:
         )
 
 
+def rewrite(id: str, body: dict[str, Any], using: str) -> None:
+    """Replace the body of the row ``id`` written in this transaction (a coalesced call)."""
+    from .models import OutboxCall
+
+    connection = connections[using]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {connection.ops.quote_name(OutboxCall._meta.db_table)} "
+            "SET body = %s WHERE id = %s",
+            [body_text(body), id],
+        )
+
+
 def spill(calls: Sequence[PendingCall], using: str, error: BaseException | None) -> bool:
     """Write committed calls that could not be published, in a transaction of their own.
 

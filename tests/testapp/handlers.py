@@ -36,6 +36,7 @@ _SIGNAL_NAMES = {
     signals.flaky_signal: "flaky_signal",
     signals.slow_signal: "slow_signal",
     signals.renamed_signal: "renamed_signal",
+    signals.row_touched: "row_touched",
 }
 
 
@@ -195,3 +196,9 @@ def marker(signal: Signal, sender: Any, **kwargs: Any) -> None:
 @receiver(signals.renamed_signal, defer=True, aliases=["tests.testapp.handlers.old_name"])
 def renamed(signal: Signal, sender: Any, **kwargs: Any) -> None:
     record("renamed", signal, sender, kwargs)
+
+
+# A coalescing handler: one call per row and transaction; snapshots show the arguments.
+@receiver(signals.row_touched, defer=True, coalesce=True, instance="snapshot")
+def row_touched(signal: Signal, sender: Any, **kwargs: Any) -> None:
+    record("row_touched", signal, sender, kwargs)

@@ -7,3 +7,5 @@ user_invited = Signal()
 flaky_signal = Signal()
 slow_signal = Signal()
 renamed_signal = Signal()
+#: Sent like post_save (instance, created, update_fields) to a coalescing handler.
+row_touched = Signal()
