@@ -65,17 +65,39 @@ def plain(signal: Signal, func: Callable[..., Any], sender: Any = None) -> Itera
 
 
 @contextmanager
-def deferred(
-    signal: Signal, funcs: Sequence[Callable[..., Any]], names: Sequence[str], sender: Any = None
-) -> Iterator[None]:
-    """deferred_signals handlers, through the public ``connect(..., defer=True)``."""
-    for func, name in zip(funcs, names, strict=True):
-        connect(signal, func, sender=sender, defer=True, name=name)
+def plain_many(signal: Signal, funcs: Sequence[Callable[..., Any]], sender: Any) -> Iterator[None]:
+    for func in funcs:
+        signal.connect(func, sender=sender, weak=False)
     try:
         yield
     finally:
         for func in funcs:
             _disconnect(signal, func, sender)
+
+
+@contextmanager
+def deferred(
+    signal: Signal,
+    funcs: Sequence[Callable[..., Any]],
+    names: Sequence[str],
+    sender: Any = None,
+    **options: Any,
+) -> Iterator[None]:
+    """deferred_signals handlers, through the public ``connect(..., defer=True)``.
+
+    A name stands for one set of options (the registry refuses a second set): the outbox
+    and coalescing variants register the same function under names of their own.
+    """
+    for func, name in zip(funcs, names, strict=True):
+        connect(signal, func, sender=sender, defer=True, name=name, **options)
+    try:
+        yield
+    finally:
+        for func in funcs:
+            _disconnect(signal, func, sender)
+
+
+OUTBOX = {"delivery": "outbox"}
 
 
 def _disconnect(signal: Signal, func: Callable[..., Any], sender: Any) -> None:
@@ -111,6 +133,15 @@ CASE1 = [
         True,
         1,
         lambda: deferred(post_save, [handlers.saved_deferred], ["bench.saved"], Item),
+    ),
+    Variant(
+        "outbox",
+        "(b') deferred_signals, delivery='outbox'",
+        True,
+        1,
+        lambda: deferred(
+            post_save, [handlers.saved_deferred], ["bench.saved.outbox"], Item, **OUTBOX
+        ),
     ),
     Variant(
         "idiom",
@@ -161,6 +192,15 @@ CASE2 = [
         True,
         SIGNALS_PER_TRANSACTION,
         lambda: deferred(handlers.order_placed, [handlers.order_deferred], ["bench.order"]),
+    ),
+    Variant(
+        "outbox",
+        "deferred_signals, delivery='outbox'",
+        True,
+        SIGNALS_PER_TRANSACTION,
+        lambda: deferred(
+            handlers.order_placed, [handlers.order_deferred], ["bench.order.outbox"], **OUTBOX
+        ),
     ),
     Variant(
         "idiom",
@@ -236,6 +276,100 @@ def send_and_commit(item: Item, payload: dict[str, Any]) -> Callable[[], None]:
             handlers.fanout.send(sender=Item, instance=item, **payload)
 
     return action
+
+
+# --- case 3b: one row, ten post_save handlers ---------------------------------------------
+
+TEN_NAMES = [f"bench.saved_{n}" for n in range(10)]
+CASE3B = [
+    Variant("none", "no receiver", False, 0),
+    Variant(
+        "deferred",
+        "deferred_signals, 10 handlers",
+        True,
+        10,
+        lambda: deferred(post_save, handlers.SAVED_TEN["deferred"], TEN_NAMES, Item),
+    ),
+    Variant(
+        "outbox",
+        "deferred_signals, 10 handlers, outbox",
+        True,
+        10,
+        lambda: deferred(
+            post_save,
+            handlers.SAVED_TEN["deferred"],
+            [f"{name}.outbox" for name in TEN_NAMES],
+            Item,
+            **OUTBOX,
+        ),
+    ),
+    Variant(
+        "idiom",
+        "10 x on_commit(lambda: task.delay())",
+        True,
+        10,
+        lambda: plain_many(post_save, handlers.SAVED_TEN["idiom"], Item),
+    ),
+    Variant(
+        "delay_on_commit",
+        "10 x task.delay_on_commit()",
+        True,
+        10,
+        lambda: plain_many(post_save, handlers.SAVED_TEN["delay_on_commit"], Item),
+    ),
+]
+
+
+# --- case 4: one row saved ten times, coalesce=True ----------------------------------------
+
+SAVES = 10
+CASE4 = [
+    Variant("none", "no receiver", False, 0),
+    Variant(
+        "deferred",
+        "deferred_signals coalesce=True",
+        True,
+        1,  # exactly one message for the ten saves
+        lambda: deferred(
+            post_save, [handlers.saved_deferred], ["bench.saved.coalesce"], Item, coalesce=True
+        ),
+    ),
+    Variant(
+        "outbox",
+        "deferred_signals coalesce=True, outbox",
+        True,
+        1,
+        lambda: deferred(
+            post_save,
+            [handlers.saved_deferred],
+            ["bench.saved.coalesce.outbox"],
+            Item,
+            coalesce=True,
+            **OUTBOX,
+        ),
+    ),
+    Variant(
+        "idiom",
+        "on_commit(lambda: task.delay()), 10 saves",
+        True,
+        SAVES,
+        lambda: plain(post_save, handlers.saved_idiom, Item),
+    ),
+    Variant(
+        "delay_on_commit",
+        "task.delay_on_commit(), 10 saves",
+        True,
+        SAVES,
+        lambda: plain(post_save, handlers.saved_delay_on_commit, Item),
+    ),
+]
+
+
+def save_ten_times(item: Item) -> None:
+    with transaction.atomic():
+        for n in range(SAVES):
+            item.quantity = n
+            item.save()
 
 
 # --- the runner ---------------------------------------------------------------------------
