@@ -111,8 +111,15 @@ def delete(ids: Sequence[str], using: str) -> None:
 
     if not ids:
         return
+    connection = connections[using]
     try:
-        OutboxCall.objects.using(using).filter(id__in=ids).delete()
+        # One plain statement: the ORM's delete() collects first (~0.1 ms on the request path).
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"DELETE FROM {connection.ops.quote_name(OutboxCall._meta.db_table)} "
+                f"WHERE id IN ({', '.join(['%s'] * len(ids))})",
+                list(ids),
+            )
     except Exception:
         logger.exception(
             "deferred_signals published %d call(s) but could not delete their outbox rows "
