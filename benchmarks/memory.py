@@ -19,11 +19,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from benchmarks import summary
-from benchmarks.cases import Runner
 from benchmarks.stats import table
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # not at import: the child process sets Django up first
+    from benchmarks.cases import Runner
     from benchmarks.run import Plan
 
 SAVES = int(os.environ.get("DS_BENCH_MEMORY_SAVES", "100000"))
@@ -77,6 +76,8 @@ def child(variant: str, saves: int) -> dict[str, Any]:
 
 
 def memory_case(runner: Runner, plan: Plan) -> None:
+    from benchmarks import summary
+
     results: dict[str, dict[str, Any]] = {}
     for variant in VARIANTS:
         if variant != "none" and not runner.broker_up:
