@@ -16,8 +16,8 @@ from kombu.utils.uuid import uuid
 from benchmarks import cases, summary
 from benchmarks.benchapp import handlers
 from benchmarks.benchapp.models import Item
-from benchmarks.cases import Runner
 from benchmarks.publish import _bodies
+from benchmarks.runner import Runner
 from benchmarks.stats import median, table
 
 if TYPE_CHECKING:

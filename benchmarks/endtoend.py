@@ -28,7 +28,7 @@ from django.db.models.signals import post_save
 from benchmarks import cases, settings, summary
 from benchmarks.benchapp import handlers
 from benchmarks.benchapp.models import Item
-from benchmarks.cases import Runner
+from benchmarks.runner import Runner
 from benchmarks.services import redis_client
 from benchmarks.stats import table
 

@@ -17,13 +17,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.stats import table
 
 if TYPE_CHECKING:  # not at import: the child process sets Django up first
-    from benchmarks.cases import Runner
     from benchmarks.run import Plan
+    from benchmarks.runner import Runner
 
 SAVES = int(os.environ.get("DS_BENCH_MEMORY_SAVES", "100000"))
 VARIANTS = {
@@ -51,13 +52,14 @@ def child(variant: str, saves: int) -> dict[str, Any]:
     from benchmarks.benchapp.models import Item
 
     del celery_app
-    install = {
-        "none": lambda: cases.nullcontext(),
+    installers: dict[str, Callable[[], AbstractContextManager[Any]]] = {
+        "none": nullcontext,
         "deferred": lambda: cases.deferred(
             post_save, [handlers.saved_deferred], ["bench.saved"], Item
         ),
         "idiom": lambda: cases.plain(post_save, handlers.saved_idiom, Item),
-    }[variant]
+    }
+    install = installers[variant]
     with install():
         with transaction.atomic():  # warm: connections, producer, queue declaration
             for _ in range(10):

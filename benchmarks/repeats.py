@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from benchmarks import cases, summary
 from benchmarks.benchapp.models import Item
-from benchmarks.cases import Measured, Runner, Variant
+from benchmarks.cases import Measured, Variant
+from benchmarks.runner import Runner
 from benchmarks.stats import ms, table
 
 if TYPE_CHECKING:

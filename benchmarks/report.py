@@ -12,7 +12,8 @@ from django.db import connection
 from benchmarks import cases, durable, endtoend, memory, publish, repeats, summary
 from benchmarks.benchapp import handlers
 from benchmarks.benchapp.models import Item
-from benchmarks.cases import Measured, Runner
+from benchmarks.cases import Measured
+from benchmarks.runner import Runner
 from benchmarks.services import Queue
 from benchmarks.stats import kib, ms, table, times, us
 

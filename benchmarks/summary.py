@@ -145,7 +145,9 @@ def chart(path: Path = CHART) -> Path | None:
         idiom = case.medians["idiom"] * 1e3
         for index, (_, value, _) in enumerate(shown):
             ax.text(index, value, f"{value / idiom:.2f}x", ha="center", va="bottom", fontsize=7)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=color) for _, _, color in series]
+    from matplotlib.patches import Rectangle
+
+    handles = [Rectangle((0, 0), 1, 1, color=color) for _, _, color in series]
     fig.legend(handles, [label for _, label, _ in series], loc="lower center", ncol=5, fontsize=8)
     fig.suptitle(
         "Request path: one transaction, commit and publish included (x the idiom)", fontsize=10
