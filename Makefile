@@ -55,7 +55,13 @@ runserver: $(STAMP)  ## Migrate, print the admin's password, serve the example o
 	$(PY) $(EXAMPLE)/manage.py demo_admin
 	$(PY) $(EXAMPLE)/manage.py runserver 127.0.0.1:8000
 
-bench: $(STAMP) services  ## Side-by-side figures against the usual hand-written idioms.
+BENCH_TOOLS := $(VENV)/.bench-tools
+
+$(BENCH_TOOLS): $(STAMP)
+	$(PY) -m pip install --quiet matplotlib pyinstrument  # the chart and profiles, not package deps
+	touch $(BENCH_TOOLS)
+
+bench: $(BENCH_TOOLS) services  ## Side-by-side figures against the usual idioms (BENCH_ARGS="--cases all").
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 matrix: $(STAMP) services  ## The suite on every supported Python x Django found here (nox).

@@ -8,9 +8,7 @@ to round), so a slow patch of a shared machine hits them alike and per-round rat
 from __future__ import annotations
 
 import datetime
-import gc
 import time
-import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from django.dispatch import Signal
 
 from benchmarks.benchapp import handlers
 from benchmarks.benchapp.models import Item
-from benchmarks.services import BrokerTraffic, Queue, count_traffic
+from benchmarks.services import BrokerTraffic
 from benchmarks.stats import Samples
 from deferred_signals import connect
 
@@ -65,17 +63,39 @@ def plain(signal: Signal, func: Callable[..., Any], sender: Any = None) -> Itera
 
 
 @contextmanager
-def deferred(
-    signal: Signal, funcs: Sequence[Callable[..., Any]], names: Sequence[str], sender: Any = None
-) -> Iterator[None]:
-    """deferred_signals handlers, through the public ``connect(..., defer=True)``."""
-    for func, name in zip(funcs, names, strict=True):
-        connect(signal, func, sender=sender, defer=True, name=name)
+def plain_many(signal: Signal, funcs: Sequence[Callable[..., Any]], sender: Any) -> Iterator[None]:
+    for func in funcs:
+        signal.connect(func, sender=sender, weak=False)
     try:
         yield
     finally:
         for func in funcs:
             _disconnect(signal, func, sender)
+
+
+@contextmanager
+def deferred(
+    signal: Signal,
+    funcs: Sequence[Callable[..., Any]],
+    names: Sequence[str],
+    sender: Any = None,
+    **options: Any,
+) -> Iterator[None]:
+    """deferred_signals handlers, through the public ``connect(..., defer=True)``.
+
+    A name stands for one set of options (the registry refuses a second set): the outbox
+    and coalescing variants register the same function under names of their own.
+    """
+    for func, name in zip(funcs, names, strict=True):
+        connect(signal, func, sender=sender, defer=True, name=name, **options)
+    try:
+        yield
+    finally:
+        for func in funcs:
+            _disconnect(signal, func, sender)
+
+
+OUTBOX = {"delivery": "outbox"}
 
 
 def _disconnect(signal: Signal, func: Callable[..., Any], sender: Any) -> None:
@@ -111,6 +131,15 @@ CASE1 = [
         True,
         1,
         lambda: deferred(post_save, [handlers.saved_deferred], ["bench.saved"], Item),
+    ),
+    Variant(
+        "outbox",
+        "(b') deferred_signals, delivery='outbox'",
+        True,
+        1,
+        lambda: deferred(
+            post_save, [handlers.saved_deferred], ["bench.saved.outbox"], Item, **OUTBOX
+        ),
     ),
     Variant(
         "idiom",
@@ -161,6 +190,15 @@ CASE2 = [
         True,
         SIGNALS_PER_TRANSACTION,
         lambda: deferred(handlers.order_placed, [handlers.order_deferred], ["bench.order"]),
+    ),
+    Variant(
+        "outbox",
+        "deferred_signals, delivery='outbox'",
+        True,
+        SIGNALS_PER_TRANSACTION,
+        lambda: deferred(
+            handlers.order_placed, [handlers.order_deferred], ["bench.order.outbox"], **OUTBOX
+        ),
     ),
     Variant(
         "idiom",
@@ -238,104 +276,95 @@ def send_and_commit(item: Item, payload: dict[str, Any]) -> Callable[[], None]:
     return action
 
 
-# --- the runner ---------------------------------------------------------------------------
+# --- case 3b: one row, ten post_save handlers ---------------------------------------------
+
+TEN_NAMES = [f"bench.saved_{n}" for n in range(10)]
+CASE3B = [
+    Variant("none", "no receiver", False, 0),
+    Variant(
+        "deferred",
+        "deferred_signals, 10 handlers",
+        True,
+        10,
+        lambda: deferred(post_save, handlers.SAVED_TEN["deferred"], TEN_NAMES, Item),
+    ),
+    Variant(
+        "outbox",
+        "deferred_signals, 10 handlers, outbox",
+        True,
+        10,
+        lambda: deferred(
+            post_save,
+            handlers.SAVED_TEN["deferred"],
+            [f"{name}.outbox" for name in TEN_NAMES],
+            Item,
+            **OUTBOX,
+        ),
+    ),
+    Variant(
+        "idiom",
+        "10 x on_commit(lambda: task.delay())",
+        True,
+        10,
+        lambda: plain_many(post_save, handlers.SAVED_TEN["idiom"], Item),
+    ),
+    Variant(
+        "delay_on_commit",
+        "10 x task.delay_on_commit()",
+        True,
+        10,
+        lambda: plain_many(post_save, handlers.SAVED_TEN["delay_on_commit"], Item),
+    ),
+]
 
 
-@dataclass
-class Runner:
-    queue: Queue | None
-    broker_up: bool
-    problems: list[str] = field(default_factory=list)
+# --- case 4: one row saved ten times, coalesce=True ----------------------------------------
 
-    def measure(
-        self,
-        case: str,
-        variants: Sequence[Variant],
-        work: Work,
-        *,
-        rounds: int,
-        per_round: int,
-        warmup: int,
-        quiet_gc: bool = True,
-        publishes: bool = True,
-    ) -> list[Measured]:
-        results = [Measured(variant) for variant in variants]
-        for measured in results:
-            # Work that rolls back publishes nothing and runs without a broker.
-            if measured.variant.needs_broker and publishes and not self.broker_up:
-                measured.skipped = "skipped: Redis is down"
-        active = [measured for measured in results if not measured.skipped]
-        for round_number in range(rounds):
-            # Rotate the order so no variant always runs first (cold) or last.
-            shift = round_number % len(active) if active else 0
-            for measured in active[shift:] + active[:shift]:
-                with measured.variant.install():
-                    for _ in range(warmup):
-                        work()
-                    measured.samples.add_round(_collect(work, per_round, quiet_gc))
-                units = warmup + per_round if publishes else 0
-                self.check_queue(case, measured.variant, units)
-        return results
-
-    def count_traffic(self, case: str, results: Sequence[Measured], work: Work, units: int) -> None:
-        """A separate pass per variant, not timed: round trips and commands per unit."""
-        for measured in results:
-            if measured.skipped or not self.broker_up:
-                continue
-            with measured.variant.install():
-                work()  # warm: connections, producer pool and queue declaration
-                self.check_queue(case, measured.variant, 1)
-                with count_traffic() as traffic:
-                    for _ in range(units):
-                        work()
-                self.check_queue(case, measured.variant, units)
-            measured.traffic, measured.traffic_units = traffic, units
-
-    def peak_memory(self, case: str, results: Sequence[Measured], work: Work) -> None:
-        """tracemalloc's peak over one unit of work, above what was allocated before it."""
-        for measured in results:
-            if measured.skipped:
-                continue
-            with measured.variant.install():
-                work()
-                self.check_queue(case, measured.variant, 1)
-                gc.collect()
-                tracemalloc.start()
-                try:
-                    base = tracemalloc.get_traced_memory()[0]
-                    work()
-                    measured.peak_memory = tracemalloc.get_traced_memory()[1] - base
-                finally:
-                    tracemalloc.stop()
-                self.check_queue(case, measured.variant, 1)
-
-    def check_queue(self, case: str, variant: Variant, units: int) -> None:
-        """Purge the queue, and note it when it did not hold what the variant should publish.
-
-        deferred_signals logs publish failures instead of raising them (the data is
-        committed), so a fast but silent failure would otherwise look like a good figure.
-        """
-        if self.queue is None:
-            return
-        expected = variant.messages * units
-        found = self.queue.purge()
-        if found != expected:
-            self.problems.append(
-                f"{case} / {variant.label}: expected {expected} messages in the queue, "
-                f"found {found}"
-            )
+SAVES = 10
+CASE4 = [
+    Variant("none", "no receiver", False, 0),
+    Variant(
+        "deferred",
+        "deferred_signals coalesce=True",
+        True,
+        1,  # exactly one message for the ten saves
+        lambda: deferred(
+            post_save, [handlers.saved_deferred], ["bench.saved.coalesce"], Item, coalesce=True
+        ),
+    ),
+    Variant(
+        "outbox",
+        "deferred_signals coalesce=True, outbox",
+        True,
+        1,
+        lambda: deferred(
+            post_save,
+            [handlers.saved_deferred],
+            ["bench.saved.coalesce.outbox"],
+            Item,
+            coalesce=True,
+            **OUTBOX,
+        ),
+    ),
+    Variant(
+        "idiom",
+        "on_commit(lambda: task.delay()), 10 saves",
+        True,
+        SAVES,
+        lambda: plain(post_save, handlers.saved_idiom, Item),
+    ),
+    Variant(
+        "delay_on_commit",
+        "task.delay_on_commit(), 10 saves",
+        True,
+        SAVES,
+        lambda: plain(post_save, handlers.saved_delay_on_commit, Item),
+    ),
+]
 
 
-def _collect(work: Work, count: int, quiet_gc: bool) -> list[float]:
-    gc.collect()
-    if not quiet_gc:
-        # Long units (a 1,000-signal transaction): the collections a variant's allocations
-        # cause are part of its cost.
-        return [work() for _ in range(count)]
-    # Short units: the collector is off while timing, as timeit does; a collection landing
-    # in one variant's batch and not another's is noise, not a property of the variant.
-    gc.disable()
-    try:
-        return [work() for _ in range(count)]
-    finally:
-        gc.enable()
+def save_ten_times(item: Item) -> None:
+    with transaction.atomic():
+        for n in range(SAVES):
+            item.quantity = n
+            item.save()

@@ -23,7 +23,8 @@ from kombu.utils.uuid import uuid
 from benchmarks import cases, settings
 from benchmarks.benchapp import handlers
 from benchmarks.benchapp.models import Item
-from benchmarks.cases import Runner, Variant
+from benchmarks.cases import Variant
+from benchmarks.runner import Runner
 from benchmarks.services import redis_client
 from benchmarks.stats import table, us
 from deferred_signals import registry

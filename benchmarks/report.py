@@ -6,12 +6,14 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from django.core.management import call_command
 from django.db import connection
 
-from benchmarks import cases, publish
+from benchmarks import cases, durable, endtoend, memory, publish, repeats, summary
 from benchmarks.benchapp import handlers
 from benchmarks.benchapp.models import Item
-from benchmarks.cases import Measured, Runner
+from benchmarks.cases import Measured
+from benchmarks.runner import Runner
 from benchmarks.services import Queue
 from benchmarks.stats import kib, ms, table, times, us
 
@@ -20,7 +22,8 @@ if TYPE_CHECKING:
 
 
 def prepare_database() -> None:
-    """The one table the benchmark writes, created on first use and emptied."""
+    """The benchmark's table, created on first use and emptied; the outbox tables migrated."""
+    call_command("migrate", "deferred_signals", verbosity=0)
     with connection.schema_editor() as editor:
         if Item._meta.db_table not in connection.introspection.table_names():
             editor.create_model(Item)
@@ -34,10 +37,13 @@ def cleanup(queue: Queue | None) -> None:
 
 
 def _truncate() -> None:
+    from deferred_signals.models import OutboxCall
+
+    tables = ", ".join(
+        connection.ops.quote_name(model._meta.db_table) for model in (Item, OutboxCall)
+    )
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"TRUNCATE {connection.ops.quote_name(Item._meta.db_table)} RESTART IDENTITY"
-        )
+        cursor.execute(f"TRUNCATE {tables} RESTART IDENTITY")
 
 
 def make_runner(queue: Queue | None, broker_up: bool) -> Runner:
@@ -93,6 +99,11 @@ def case1(runner: Runner, plan: Plan) -> None:
         warmup=plan.case1.warmup,
     )
     runner.count_traffic("case 1", results, work, units=20)
+    figures = summary.add_case("1 row, 1 handler", results)
+    summary.add_target(
+        "10.1 one row, one handler: ours / idiom", summary.ratio(figures, "deferred"), 0.70
+    )
+    summary.add_target("7 one row, outbox: ours / idiom", summary.ratio(figures, "outbox"), 1.0)
     base = results[0]
     rows = []
     for measured in results:
@@ -166,6 +177,12 @@ def case2(runner: Runner, plan: Plan) -> None:
     )
     runner.count_traffic("case 2", results, work, units=1)
     runner.peak_memory("case 2", results, work)
+    figures = summary.add_case("1,000 rows", results)
+    summary.add_target("10.2 1,000 calls: ours / idiom", summary.ratio(figures, "deferred"), 0.35)
+    summary.add_target(
+        "10.7 1,000 calls, outbox: ours / idiom", summary.ratio(figures, "outbox"), 0.5
+    )
+    summary.add_target("7 1,000 calls, outbox: ours / idiom", summary.ratio(figures, "outbox"), 0.6)
     found = _by_key(results)
     reference = found.get("deferred")
     rows = []
@@ -318,5 +335,30 @@ CASES: list[tuple[str, Callable[[Runner, Plan], None]]] = [
     ("1. Request path: one transaction saving one row, one post_save handler", case1),
     ("2. One transaction firing 1,000 signals (and 4. its peak memory)", case2),
     ("3. Encoding: one send received by 1 or 10 deferred handlers", case3),
+    ("3b. One row, ten post_save handlers", repeats.case3b),
+    ("4. One row saved ten times in one transaction, coalesce=True", repeats.case4),
     ("5. Publish step: 1,000 messages, Task.apply_async vs the lean builder", publish.case5),
 ]
+
+
+#: Cases left out of the default run: they take minutes (worker processes, 100,000 saves).
+LONG = {"e2e", "memory"}
+
+
+def selected(names: str | None) -> list[tuple[str, Callable[[Runner, Plan], None]]]:
+    """The cases ``--cases`` names (their number or id: ``1,2,3b,4,5,relay,e2e,memory``)."""
+    every = CASES + durable.CASES + memory.CASES + endtoend.CASES
+    if names == "all":
+        return every
+    ids = {title.split(".")[0].split(" ")[0] for title, _ in every}
+    if names is None:
+        return [(title, case) for title, case in every if _id(title) not in LONG]
+    wanted = {name.strip() for name in names.split(",") if name.strip()}
+    unknown = wanted - ids
+    if unknown:
+        raise SystemExit(f"unknown case(s) {sorted(unknown)}; choose from {sorted(ids)}")
+    return [(title, case) for title, case in every if _id(title) in wanted]
+
+
+def _id(title: str) -> str:
+    return title.split(".")[0].split(" ")[0]

@@ -1,6 +1,6 @@
 """``make bench``: deferred_signals side by side with the usual hand-written idioms.
 
-    python -m benchmarks.run [--quick] [--rounds N]
+    python -m benchmarks.run [--quick] [--rounds N] [--cases 1,2,3b,4,e2e,memory,relay,...]
 
 Runs against the real PostgreSQL and Redis on 127.0.0.1 (see ``benchmarks/settings.py``),
 prints the environment, then one table per case. Timings are wall-clock, in the request
@@ -52,6 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer samples")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser.add_argument(
+        "--cases",
+        help="comma-separated case ids to run (default: all but the long ones, "
+        "e2e and memory; 'all' runs everything)",
+    )
+    parser.add_argument("--no-chart", action="store_true", help="do not rewrite results.svg")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.rounds:
@@ -83,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     django.setup()
     # Imported after setup: they need the app registry and the Celery app.
-    from benchmarks import celery_app, report
+    from benchmarks import celery_app, report, summary
 
     del celery_app  # imported for its side effect: it becomes Celery's current app
 
@@ -96,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n(purged {leftover} messages left in the queue by an interrupted run)")
     runner = report.make_runner(queue, found.redis)
     try:
-        for title, case in report.CASES:
+        for title, case in report.selected(args.cases):
             print(f"\n## {title}\n")
             try:
                 case(runner, plan)
@@ -107,6 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.cleanup(queue)
         except service_errors as error:
             print(f"\nCould not clean up (a service failed: {error!r:.200}).")
+    summary.report()
+    if not args.no_chart:
+        drawn = summary.chart()
+        if drawn is not None:
+            print(f"\nChart: {drawn}")
     if runner.problems:
         print("\n## Problems\n")
         for problem in runner.problems:

@@ -112,6 +112,8 @@ OPTIONS: dict[str, Option] = {
     # How the worker runs the handler.
     "idempotent": Option(lambda v: isinstance(v, bool), "a bool"),
     "db_retry_window": Option(_non_negative, "a non-negative number of seconds (0: off)"),
+    # One call per row and transaction (coalesce.py).
+    "coalesce": Option(lambda v: isinstance(v, bool), "a bool"),
 }
 
 
@@ -156,6 +158,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "retry_jitter": True,
     "autoretry_for": (),
     "dont_autoretry_for": (),
+    "coalesce": False,
 }
 
 
@@ -292,6 +295,11 @@ class HandlerOptions:
     autoretry_for: tuple[type[BaseException], ...]
     dont_autoretry_for: tuple[type[BaseException], ...]
     publish: Mapping[str, Any]
+    #: Read on every call in the request: resolved once here.
+    fresh: bool = True
+    snapshot_fallback: bool = False
+    outbox: bool = False
+    coalesce: bool = False
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.values.get(key, default)
@@ -392,6 +400,10 @@ class Settings:
             autoretry_for=_exceptions(values["autoretry_for"]),
             dont_autoretry_for=_exceptions(values["dont_autoretry_for"]),
             publish={k: values[k] for k in PUBLISH_OPTIONS if values.get(k) is not None},
+            fresh=values.get("instance") == "fresh",
+            snapshot_fallback=values.get("on_missing") == "snapshot",
+            outbox=values.get("delivery") == "outbox",
+            coalesce=bool(values.get("coalesce")),
         )
         self._options[name] = merged
         return merged

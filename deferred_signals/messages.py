@@ -117,24 +117,28 @@ class _Route:
 _EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 _routes: dict[tuple[Any, ...], _Route] = {}
+#: Celery settings that send a call down the per-call path.
+_PER_CALL_SETTINGS = ("task_always_eager", "task_send_sent_event")
+#: Per app: (what it was read from, lean, origin).
+_app_state: dict[int, tuple[tuple[Any, ...], bool, str]] = {}
 
 
 def clear_cache() -> None:
-    """Forget every resolved route (settings changed)."""
+    """Forget every resolved route and app configuration (settings changed)."""
     _routes.clear()
+    _app_state.clear()
 
 
 class MessageBuilder:
     """Builds the messages of one batch for ``app``.
 
-    Create one per batch: it reads the app's configuration once, so a batch is built against
-    one configuration, and a later batch sees any change to it.
+    Create one per batch: a batch is built against one configuration, and a later batch sees
+    any change to it (Django settings, ``app.conf`` changes, a new router or queues).
     """
 
     __slots__ = ("app", "lean", "origin", "reply_to", "routes", "stamp")
 
     def __init__(self, app: Celery) -> None:
-        conf = app.conf
         amqp = app.amqp
         router: Any = amqp.router
         self.app = app
@@ -142,14 +146,22 @@ class MessageBuilder:
         # since (reading app.conf.task_routes costs ~15 us when it is Django's settings): a
         # project that changes them rebuilds the router, and a new router recomputes.
         self.stamp = (app, router, router.routes, amqp.queues)
-        # Celery reads these on every send; once per batch is as fresh for our purposes.
-        self.lean = not (
-            conf.task_always_eager
-            or conf.task_send_sent_event
-            or get_current_worker_task() is not None
-            or any(not isinstance(route, MapRoute) for route in router.routes)
-        )
-        self.origin = anon_nodename()
+        # What app.conf says is read once per app (~40 us through Django's settings): again
+        # after a settings change, or a change made on app.conf itself (kept in its changes).
+        changes = app.conf.changes or {}
+        seen = (*self.stamp, *(changes.get(key) for key in _PER_CALL_SETTINGS))
+        state = _app_state.get(id(app))
+        if state is None or not _same(state[0], seen):
+            conf = app.conf
+            lean = not (
+                conf.task_always_eager
+                or conf.task_send_sent_event
+                or any(not isinstance(route, MapRoute) for route in router.routes)
+            )
+            state = _app_state[id(app)] = (seen, lean, anon_nodename())
+        # A call made while a worker runs a task takes Celery's path (root and parent ids).
+        self.lean = state[1] and get_current_worker_task() is None
+        self.origin = state[2]
         self.reply_to = app.thread_oid
         #: Routes checked against this batch's configuration, by task object and options.
         self.routes: dict[tuple[int, tuple[Any, ...]], tuple[Any, _Route]] = {}

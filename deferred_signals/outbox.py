@@ -56,6 +56,19 @@ def write(call: PendingCall, using: str) -> None:
         )
 
 
+def rewrite(id: str, body: dict[str, Any], using: str) -> None:
+    """Replace the body of the row ``id`` written in this transaction (a coalesced call)."""
+    from .models import OutboxCall
+
+    connection = connections[using]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {connection.ops.quote_name(OutboxCall._meta.db_table)} "
+            "SET body = %s WHERE id = %s",
+            [body_text(body), id],
+        )
+
+
 def spill(calls: Sequence[PendingCall], using: str, error: BaseException | None) -> bool:
     """Write committed calls that could not be published, in a transaction of their own.
 
@@ -98,8 +111,15 @@ def delete(ids: Sequence[str], using: str) -> None:
 
     if not ids:
         return
+    connection = connections[using]
     try:
-        OutboxCall.objects.using(using).filter(id__in=ids).delete()
+        # One plain statement: the ORM's delete() collects first (~0.1 ms on the request path).
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"DELETE FROM {connection.ops.quote_name(OutboxCall._meta.db_table)} "
+                f"WHERE id IN ({', '.join(['%s'] * len(ids))})",
+                list(ids),
+            )
     except Exception:
         logger.exception(
             "deferred_signals published %d call(s) but could not delete their outbox rows "

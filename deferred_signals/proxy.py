@@ -19,7 +19,7 @@ from django.db.models.query import QuerySet
 from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import Signal
 
-from . import dispatch, readiness, signals
+from . import coalesce, dispatch, readiness, signals
 from .codec import MAX_DEPTH, EncodeError, Encoder, TooDeepError, locate
 from .exceptions import DeferredSignalError
 from .registry import Handler
@@ -69,23 +69,25 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
             _check_signature(handler, names)
             accepted.add(names)
         options = handler.merged
-        fresh = options.get("instance") == "fresh" and not deletes
-        fields = options.get("on_missing") == "snapshot"
+        fresh = options.fresh and not deletes
         sender_data, kwargs_data = _encode(
-            handler, serial, signal, sender, kwargs, fresh, fields, deletes
+            handler, serial, signal, sender, kwargs, fresh, options.snapshot_fallback, deletes
         )
         body = {"v": MESSAGE_VERSION, "signal": index, "sender": sender_data, "kwargs": kwargs_data}
-        outbox = options.get("delivery") == "outbox"
-        call = dispatch.PendingCall(handler, uuid(), body, outbox)
+        call = dispatch.PendingCall(handler, uuid(), body, options.outbox)
         using = _alias(handler, kwargs)
-        dispatch.enqueue(call, using)
+        key = _coalesce_key(index, sender, kwargs.get("instance")) if options.coalesce else None
+        if key is None:
+            dispatch.enqueue(call, using)
+        else:
+            coalesce.enqueue(call, using, key)
         if signals.call_deferred.receivers:  # the request path: not even the call, unused
             signals.call_deferred.send(
                 handler.func,
                 handler=handler.name,
                 call_id=call.id,
                 using=using,
-                delivery="outbox" if outbox else "on_commit",
+                delivery="outbox" if call.outbox else "on_commit",
             )
 
     # send_robust() reports errors against the receiver: let it read as the user's function.
@@ -96,6 +98,17 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
     proxy.__doc__ = getattr(func, "__doc__", None)
     proxy.__wrapped__ = func  # type: ignore[attr-defined]
     return proxy
+
+
+def _coalesce_key(index: int, sender: Any, instance: Any) -> coalesce.Key | None:
+    """What makes two calls one under ``coalesce=True``: signal, sender and saved row."""
+    if not isinstance(instance, Model) or instance.pk is None:
+        return None  # no row to coalesce on
+    try:
+        hash(sender)
+    except TypeError:
+        return None
+    return (index, sender, instance._meta.label, instance.pk, instance._state.db)
 
 
 def _check_signature(handler: Handler, names: frozenset[str]) -> None:

@@ -102,6 +102,7 @@ def test_valid_settings_pass_the_checks() -> None:
         ({"DEFAULTS": {"max_retries": True}}, ["deferred_signals.E005"]),
         ({"DEFAULTS": {"priority": 300}}, ["deferred_signals.E005"]),
         ({"DEFAULTS": {"acks_late": "yes"}}, ["deferred_signals.E005"]),
+        ({"DEFAULTS": {"coalesce": "yes"}}, ["deferred_signals.E005"]),
         ({"DEFAULTS": {"rate_limit": "10/sec"}}, ["deferred_signals.E005"]),
         ({"DEFAULTS": {"rate_limit": "fast"}}, ["deferred_signals.E005"]),
         ({"EAGER_PROPAGATES": 1}, ["deferred_signals.E007"]),

@@ -65,6 +65,29 @@ def saved_sync(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None
     touch(instance.pk, created)
 
 
+def _numbered(kind: str, number: int) -> Callable[..., None]:
+    """One of ten distinct post_save receivers of ``kind`` (case 3b: ten handlers)."""
+
+    def deferred(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
+        touch(instance.pk, number)
+
+    def idiom(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
+        transaction.on_commit(lambda: notify_saved.delay(instance.pk, created))
+
+    def on_commit_task(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
+        notify_saved.delay_on_commit(instance.pk, created)
+
+    handler = {"deferred": deferred, "idiom": idiom, "delay_on_commit": on_commit_task}[kind]
+    handler.__name__ = handler.__qualname__ = f"saved_{kind}_{number}"
+    return handler
+
+
+SAVED_TEN = {
+    kind: [_numbered(kind, number) for number in range(10)]
+    for kind in ("deferred", "idiom", "delay_on_commit")
+}
+
+
 # --- case 2: a custom signal, 1,000 times in one transaction ------------------------------
 
 
@@ -125,3 +148,85 @@ def _encode_probe(value: Probe) -> int:
 
 
 register_codec(Probe, name="benchmarks-probe", encode=_encode_probe, decode=lambda data: Probe())
+
+
+# --- end to end (benchmarks.endtoend): run by a real worker --------------------------------
+
+_redis: dict[int, Any] = {}
+
+
+def e2e_record(task_name: str, committed_at: float | None) -> None:
+    """Count a run, and how long after its commit it started (Redis: the bench reads it)."""
+    import os
+    import time
+
+    from benchmarks import settings
+    from benchmarks.services import redis_client
+
+    started = time.time()
+    client = _redis.get(os.getpid())
+    if client is None:
+        client = _redis[os.getpid()] = redis_client()
+    prefix = f"e2e-{settings.QUEUE}"
+    pipe = client.pipeline(transaction=False)
+    pipe.incr(f"{prefix}:count")
+    pipe.set(f"{prefix}:last", started)
+    pipe.set(f"{prefix}:first", started, nx=True)
+    if committed_at is not None:
+        pipe.rpush(f"{prefix}:latency:{task_name}", started - committed_at)
+    pipe.execute()
+
+
+def _committed_at() -> float | None:
+    from celery import current_task
+
+    at = current_task.request.kwargs.get("at") if current_task else None
+    return float(at) if at is not None else None
+
+
+def e2e_deferred(sender: Any, instance: Any, **kwargs: Any) -> None:
+    e2e_record("on_commit", _committed_at())
+    touch(instance.pk)
+
+
+def e2e_deferred_outbox(sender: Any, instance: Any, **kwargs: Any) -> None:
+    e2e_record("outbox", _committed_at())
+    touch(instance.pk)
+
+
+@shared_task(name="benchmarks.e2e_plain", ignore_result=True)
+def e2e_plain(pk: int, at: float | None = None) -> None:
+    """The baseline: a plain task that fetches the row itself."""
+    from benchmarks.benchapp.models import Item
+
+    e2e_record("idiom", at)
+    touch(Item.objects.get(pk=pk).pk)
+
+
+def e2e_idiom(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
+    import time
+
+    pk = instance.pk
+    transaction.on_commit(lambda: e2e_plain.delay(pk, time.time()))
+
+
+E2E_NAMES = {"on_commit": "bench.e2e", "outbox": "bench.e2e.outbox"}
+
+
+def register_e2e() -> None:
+    """In the worker process: the deferred handlers it must know (by name, as in a project)."""
+    from django.db.models.signals import post_save
+
+    from deferred_signals import connect
+
+    from .models import Item
+
+    connect(post_save, e2e_deferred, sender=Item, defer=True, name=E2E_NAMES["on_commit"])
+    connect(
+        post_save,
+        e2e_deferred_outbox,
+        sender=Item,
+        defer=True,
+        name=E2E_NAMES["outbox"],
+        delivery="outbox",
+    )

@@ -39,6 +39,7 @@ _SIGNAL_NAMES = {
     signals.killable_signal: "killable_signal",
     signals.counted_signal: "counted_signal",
     signals.db_flaky_signal: "db_flaky_signal",
+    signals.row_touched: "row_touched",
 }
 
 
@@ -254,3 +255,7 @@ def db_flaky(
     if attempt.count <= outages + failures:
         raise FlakyError(f"attempt {attempt.count} of {key}")
     record("db_flaky", signal, sender, {"key": key, "call": call_info()})
+# A coalescing handler: one call per row and transaction; snapshots show the arguments.
+@receiver(signals.row_touched, defer=True, coalesce=True, instance="snapshot")
+def row_touched(signal: Signal, sender: Any, **kwargs: Any) -> None:
+    record("row_touched", signal, sender, kwargs)

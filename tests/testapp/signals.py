@@ -10,3 +10,5 @@ renamed_signal = Signal()
 killable_signal = Signal()
 counted_signal = Signal()
 db_flaky_signal = Signal()
+#: Sent like post_save (instance, created, update_fields) to a coalescing handler.
+row_touched = Signal()
