@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import Permission, User
-from django.db import transaction
 from pytest_django.live_server_helper import LiveServer
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -25,10 +24,8 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
-from deferred_signals.models import DeadLetter
-from tests.conftest import missing, records, wait_for
-from tests.testapp.models import Attempt
-from tests.testapp.signals import flaky_signal
+from tests.conftest import missing
+from tests.test_replay_worker import fail_for_good, flaky_record
 from tests.workers import Worker
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
@@ -38,7 +35,6 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 INSTALL = "make browser (or, as root: apt-get install chromium chromium-driver)"
 # A loaded 2-core machine can take many seconds to start Chromium or render a page.
 TIMEOUT = 60
-FLAKY = "tests.testapp.handlers.flaky"
 # The flags Chromium needs here: no sandbox as root, and no calls home on a closed network.
 FLAGS = (
     "--headless",
@@ -72,19 +68,6 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
     driver.quit()
 
 
-def fail_for_good(key: str) -> DeadLetter:
-    """max_retries=3 in settings: 4 runs fail on the worker, the 5th (a replay) succeeds."""
-    with transaction.atomic():
-        flaky_signal.send(sender=None, key=key, fail_times=4)
-    letter: DeadLetter = wait_for(
-        lambda: DeadLetter.objects.filter(handler=FLAKY, body__contains=key).first(),
-        timeout=TIMEOUT,
-        what="the dead letter",
-    )
-    assert Attempt.objects.get(key=key).count == 4
-    return letter
-
-
 def staff_user(key: str) -> User:
     """Staff, not superuser: only view and change on dead letters, as an operator would have."""
     user = User.objects.create_user(f"ops-{key[:8]}", password="a-browser-test-pw", is_staff=True)
@@ -98,7 +81,7 @@ def test_replay_from_the_admin_in_a_browser_runs_the_handler_on_the_worker(
     deferred_to: Worker, live_server: LiveServer, browser: WebDriver, tmp_path: Path
 ) -> None:
     key = uuid.uuid4().hex
-    letter = fail_for_good(key)
+    letter = fail_for_good(key)  # on the worker: 4 runs fail, retries exhausted
     user = staff_user(key)
     wait = WebDriverWait(browser, TIMEOUT)
 
@@ -129,13 +112,9 @@ def test_replay_from_the_admin_in_a_browser_runs_the_handler_on_the_worker(
     screenshot = tmp_path / f"dead-letters-after-replay-{deferred_to.broker}.png"
     assert browser.save_screenshot(str(screenshot))
 
-    (rerun,) = wait_for(
-        lambda: [r for r in records("flaky") if key in str(r.call)],
-        timeout=TIMEOUT,
-        what="the replayed handler's run on the worker",
-    )
-    kwargs = {name: value["repr"] for name, value in rerun.call["kwargs"].items()}
-    assert kwargs["attempts"] == "5" and kwargs["call"] == repr(letter.call_id)
+    # The worker runs the handler a 5th time, past its 4 failures, as the same call.
+    rerun = flaky_record(key)
+    assert rerun["attempts"] == "5" and rerun["call"] == repr(letter.call_id)
     letter.refresh_from_db()
     assert letter.replayed_at is not None
     print(f"\n[{deferred_to.broker}] replayed from the admin in Chromium; screenshot: {screenshot}")
