@@ -10,7 +10,7 @@ PYTEST := $(PY) -m pytest
 EXAMPLE := example_project
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-unit docs services demo worker relay runserver bench matrix lint format clean
+.PHONY: help venv test test-unit docs services browser demo worker relay runserver bench matrix lint format clean
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -28,12 +28,27 @@ venv: $(STAMP)  ## Create .venv with the package, its test tools and the docs bu
 services:  ## Start PostgreSQL, Redis and RabbitMQ on 127.0.0.1 if installed but stopped.
 	@bash scripts/services.sh
 
-test: $(STAMP) services  ## The whole suite: unit + SQLite, then PostgreSQL + real workers; coverage; docs.
+test: $(STAMP) services browser  ## The whole suite: unit + SQLite, then PostgreSQL + real workers; coverage; docs.
 	rm -f .coverage .coverage.*
 	$(PYTEST) --cov --cov-report= --ds=tests.settings
 	$(PYTEST) --cov --cov-append --cov-report= --ds=tests.settings_postgres
 	$(PY) -m coverage report
 	$(MAKE) --no-print-directory docs
+
+# Never fails the build by itself: without a browser, the browser test says what to install
+# (a skip with the command, or a failure under CI=true).
+browser:  ## Install Debian's chromium and chromium-driver for the admin browser test (as root).
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "browser: no Chromium here; as root: apt-get install chromium chromium-driver"; \
+	else \
+		echo "browser: installing Debian's chromium and chromium-driver with apt-get"; \
+		log=$$(mktemp); \
+		{ DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+			>"$$log" 2>&1 || { tail -n 5 "$$log"; echo "browser: apt-get failed"; }; \
+		rm -f "$$log"; \
+	fi
 
 test-unit: $(STAMP)  ## Only the fast layers (unit tests and SQLite), no services needed.
 	$(PYTEST) --ds=tests.settings

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from celery import Celery, current_app
@@ -42,15 +42,19 @@ def service_up(name: str) -> bool:
         return False
 
 
+def missing(message: str) -> NoReturn:
+    """Skip with ``message``, which says how to get what is missing; under CI=true, fail."""
+    if CI:
+        pytest.fail(f"CI=true: {message}", pytrace=False)
+    pytest.skip(message)
+
+
 def require(name: str) -> None:
     """Skip when a service is absent, with how to start it; under CI=true, fail instead."""
     if service_up(name):
         return
     port, label, how = SERVICES[name]
-    message = f"{label} is not reachable on 127.0.0.1:{port}; start it with: {how}"
-    if CI:
-        pytest.fail(f"CI=true: {message}", pytrace=False)
-    pytest.skip(message)
+    missing(f"{label} is not reachable on 127.0.0.1:{port}; start it with: {how}")
 
 
 def on_postgres() -> bool:

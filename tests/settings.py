@@ -14,11 +14,14 @@ INSTALLED_APPS = [
     "django.contrib.auth",
     "django.contrib.sessions",
     "django.contrib.messages",
+    # The live server of the browser test serves the admin's CSS and JavaScript.
+    "django.contrib.staticfiles",
     "deferred_signals",
     "tests.testapp",
 ]
 # The admin (dead letters, outbox) is tested through real requests.
 ROOT_URLCONF = "tests.urls"
+STATIC_URL = "/static/"
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
