@@ -53,6 +53,7 @@ def publishing_through(
         **settings.DEFERRED_SIGNALS,
         "EAGER": False,
         "DEFAULTS": {"queue": worker.queue},
+        "PUBLISH_TIMEOUT": TIMEOUT,
         **extra,
     }
     previous, previous_default = current_app._get_current_object(), celery_state.default_app

@@ -112,6 +112,7 @@ def test_celery_publish_signals_fire_so_tracing_headers_survive(redis_queue: Que
 def broker_down(settings: SettingsWrapper) -> Iterator[None]:
     app = make_app("broker-down", "redis://127.0.0.1:1/0")  # nothing listens on port 1
     publisher.reset()
+    settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "PUBLISH_TIMEOUT": 2}
     with use_app(app, settings, "nowhere"):
         yield
     publisher.reset()
