@@ -79,6 +79,10 @@ def message_problem(message: Any) -> str | None:
         return f"header 'timelimit' is {timelimit!r:.80}"
     if too_deep(headers, MAX_DEPTH):
         return f"headers nest deeper than {MAX_DEPTH} levels"
+    # Celery copies the properties (on Redis, any JSON the envelope carries) into the request
+    # it pickles for a prefork child, delivery_info included: bounded like the headers.
+    if too_deep(getattr(message, "properties", None), MAX_DEPTH):
+        return f"message properties nest deeper than {MAX_DEPTH} levels"
     try:
         payload = message.payload
     except ContentDisallowed:

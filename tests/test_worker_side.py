@@ -93,6 +93,14 @@ def test_the_strategy_lets_good_messages_through() -> None:
     assert message_problem(FakeMessage(good, {"id": "x", "timelimit": [None, 5]})) is None
 
 
+def test_the_strategy_refuses_deep_message_properties() -> None:
+    # Redis carries properties as JSON; Celery pickles them with the request for the pool.
+    message = FakeMessage([[], body(), None], {"id": "x"})
+    message.properties = {"delivery_info": {"exchange": nested(MAX_DEPTH + 1)}}
+    problem = message_problem(message)
+    assert problem is not None and "properties nest" in problem
+
+
 def test_depth_is_measured_without_recursion() -> None:
     assert too_deep(nested(100_000), 10)
     assert not too_deep(nested(10), 10)
