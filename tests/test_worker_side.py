@@ -306,3 +306,28 @@ def test_the_settings_check_the_new_options() -> None:
     ]
     assert option_problems({"idempotent": True, "db_retry_window": 0}, "x") == []
     assert [p.id for p in settings_problems({"DEAD_LETTERS": "no"})] == ["deferred_signals.E007"]
+
+
+@pytest.mark.django_db
+def test_a_retry_the_broker_refuses_makes_a_dead_letter(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a worker, Task.retry publishes the retry; when that publish fails Celery raises
+    # Reject(requeue=False) and the message is dropped: the call must survive as a dead letter.
+    from celery.canvas import Signature
+
+    def refused(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise OSError("broker refuses writes")
+
+    task = current_app.tasks[DB_FLAKY]
+    real_retry = type(task).retry
+
+    def retry_as_a_worker(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self.request.is_eager = False  # apply() is eager: publish as a worker would
+        return real_retry(self, *args, **kwargs)
+
+    monkeypatch.setattr(Signature, "apply_async", refused)
+    monkeypatch.setattr(type(task), "retry", retry_as_a_worker)
+    options = {"autoretry_for": [FlakyError], "max_retries": 3, "default_retry_delay": 0}
+    result = run(body(key="k", outages=0, failures=100), **options)
+    assert isinstance(result.result, Reject)
+    letter = DeadLetter.objects.get(call_id="call-1")
+    assert letter.exception == "tests.testapp.handlers.FlakyError"
