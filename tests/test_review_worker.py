@@ -66,3 +66,31 @@ def test_deep_message_properties_do_not_stop_the_worker(deferred_to: Worker) -> 
         deferred_to.start()  # leave a live worker for the other tests of the session
     assert "Unrecoverable error" not in log[-20000:]
     assert alive
+
+
+def test_bad_stamped_headers_do_not_stop_the_worker(deferred_to: Worker) -> None:
+    """With an ``expires`` header, Celery's main process iterates ``stamped_headers``
+    (Request.revoked) before the pool: a number there raises TypeError in the consumer."""
+    from tests.test_worker_faults import call, publish_raw
+
+    marker = uuid.uuid4().hex[:12]
+    publish_raw(
+        deferred_to,
+        USER_EVENT,
+        call(None, label=marker),
+        headers={"expires": "2999-01-01T00:00:00+00:00", "stamped_headers": 5},
+    )
+    title = f"{marker}-after"
+    Article.objects.create(title=title)
+    wait_for(
+        lambda: [r for r in records("article_saved") if title in str(r.call)]
+        or not deferred_to.alive(),
+        timeout=60,
+        what="a good call after the bad stamped_headers message",
+    )
+    alive = deferred_to.alive()
+    log = deferred_to.log()
+    if not alive:
+        deferred_to.start()
+    assert "Unrecoverable error" not in log[-20000:]
+    assert alive

@@ -77,7 +77,10 @@ def nested(depth: int) -> Any:
         ([[], body(), {}], {"id": "x", "timelimit": "soon"}, "timelimit"),
         ([[], body(), {}], {"id": "x", "timelimit": [1, 2, 3]}, "timelimit"),
         ([[], body(), {}], {"id": "x", "retries": "1"}, "retries"),
-        ([[], body(), {}], {"id": "x", "stamps": nested(MAX_DEPTH + 1)}, "headers nest"),
+        ([[], body(), {}], {"id": "x", "stamps": {"a": nested(MAX_DEPTH + 1)}}, "headers nest"),
+        ([[], body(), {}], {"id": "x", "stamped_headers": 5}, "stamped_headers"),
+        ([[], body(), {}], {"id": "x", "stamped_headers": [[1]]}, "stamped_headers"),
+        ([[], body(), {}], {"id": "x", "stamps": [1]}, "stamps"),
         (ValueError("bad json"), None, "does not decode"),
     ],
 )
@@ -91,6 +94,8 @@ def test_the_strategy_refuses_what_celery_would_choke_on(
 def test_the_strategy_lets_good_messages_through() -> None:
     good = [[], {**body(x=nested(MAX_DEPTH)), "at": 1.0, "dbf": 2.0, "dbr": 1}, None]
     assert message_problem(FakeMessage(good, {"id": "x", "timelimit": [None, 5]})) is None
+    stamped = {"id": "x", "stamped_headers": ["a"], "stamps": {"a": "b"}}
+    assert message_problem(FakeMessage(good, stamped)) is None
 
 
 def test_the_strategy_refuses_deep_message_properties() -> None:
