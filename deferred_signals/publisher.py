@@ -308,7 +308,9 @@ class _Pool:
         try:
             # Not release(): a polite AMQP close waits for the broker's answer (read timeout
             # per channel and connection), which a broken or partitioned broker never sends.
-            producer.connection.collect(socket_timeout=0)
+            # No socket_timeout: on Redis (no _collect) kombu would set it as the process-wide
+            # socket default while closing, and 0 makes other threads' new sockets non-blocking.
+            producer.connection.collect()
         except Exception:  # a broken connection may fail to close: it is dropped anyway
             logger.debug("deferred_signals: closing a broken broker connection failed")
 

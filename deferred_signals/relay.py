@@ -124,8 +124,8 @@ class Relay:
         for row, reason in broken:
             result.failed_rows += 1
             if row.attempts + 1 >= conf.relay_max_attempts:
-                _dead_letter(row, reason, using)
-                result.dead_lettered += 1
+                if _dead_letter(row, reason, using):
+                    result.dead_lettered += 1
             else:
                 outbox.retry_later([row], using, reason)
 
@@ -189,15 +189,20 @@ def _call_of(row: OutboxCall) -> PendingCall:
     return PendingCall(handler, row.id, body)
 
 
-def _dead_letter(row: OutboxCall, error: BaseException, using: str) -> None:
-    deadletters.record(
+def _dead_letter(row: OutboxCall, error: BaseException, using: str) -> bool:
+    """Move ``row`` to the dead letters; False (row kept, retried later) when they refuse it."""
+    kept = deadletters.record(
         call_id=row.id,
         handler=row.handler,
         body=row.body,
         exception=error,
         attempts=row.attempts + 1,
     )
-    row.delete(using=using)
+    if not kept and conf.dead_letters:
+        # The dead-letter database refused it (logged by record()): the row is the only copy.
+        outbox.retry_later([row], using, error)
+        return False
+    # Before delete(), which sets row.id to None.
     logger.error(
         "deferred_signals relay gave up on %s [%s] after %d attempts: %s",
         row.handler,
@@ -205,6 +210,8 @@ def _dead_letter(row: OutboxCall, error: BaseException, using: str) -> None:
         row.attempts + 1,
         error,
     )
+    row.delete(using=using)
+    return True
 
 
 def pending(using: str) -> dict[str, Any]:

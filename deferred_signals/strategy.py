@@ -36,6 +36,9 @@ HEADER_TYPES: dict[str, type | tuple[type, ...]] = {
     "shadow": str,
     "root_id": str,
     "parent_id": str,
+    # Request.revoked() iterates these in the main process for a message with "expires".
+    "stamped_headers": (list, tuple),
+    "stamps": dict,
 }
 
 
@@ -77,8 +80,15 @@ def message_problem(message: Any) -> str | None:
         or not all(limit is None or isinstance(limit, numbers.Real) for limit in timelimit)
     ):
         return f"header 'timelimit' is {timelimit!r:.80}"
+    stamped = headers.get("stamped_headers")
+    if stamped is not None and not all(isinstance(name, str) for name in stamped):
+        return "header 'stamped_headers' holds a name that is not a string"
     if too_deep(headers, MAX_DEPTH):
         return f"headers nest deeper than {MAX_DEPTH} levels"
+    # Celery copies the properties (on Redis, any JSON the envelope carries) into the request
+    # it pickles for a prefork child, delivery_info included: bounded like the headers.
+    if too_deep(getattr(message, "properties", None), MAX_DEPTH):
+        return f"message properties nest deeper than {MAX_DEPTH} levels"
     try:
         payload = message.payload
     except ContentDisallowed:

@@ -160,6 +160,17 @@ def run_task(task: DeferredHandlerTask, args: tuple[Any, ...], body: Any) -> Non
             call.failed(call_id, attempt, exc, final=False)
             retried(handler, call_id, attempt, exc, retry, database)
             raise
+        except Reject:
+            # Celery could not publish the retry and rejects the message without requeue:
+            # without a dead letter the call would be gone.
+            call.failed(call_id, attempt, exc, final=True)
+            logger.error(
+                "Deferred handler %s [%s] failed on attempt %d (%s) and its retry could not "
+                "be published: kept as a dead letter",
+                handler.name, call_id, attempt, _kind(exc),
+            )  # fmt: skip
+            dead_letter(task, handler, body, exc)
+            raise
         call.failed(call_id, attempt, exc, final=True)
         logger.error(
             "Deferred handler %s [%s] failed for good on attempt %d: %s",

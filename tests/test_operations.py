@@ -191,6 +191,23 @@ def test_a_row_whose_handler_is_unknown_backs_off_then_becomes_a_dead_letter(
     assert [task_id for task_id, _ in published(redis_queue)] == ["good"]
 
 
+def test_a_row_is_kept_when_its_dead_letter_cannot_be_written(
+    redis_queue: Queue, settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # record() returns False when the dead-letter database refuses the row: deleting the
+    # outbox row then would lose the committed call, with only a log line left of it.
+    from deferred_signals import deadletters
+
+    settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "RELAY_MAX_ATTEMPTS": 1}
+    monkeypatch.setattr(deadletters, "record", lambda **kwargs: False)
+    OutboxCall.objects.create(
+        id="orphan", handler="gone.handler", body="{}", next_attempt_at=timezone.now()
+    )
+    Relay().run_once()
+    row = OutboxCall.objects.get(id="orphan")
+    assert row.attempts == 1 and row.next_attempt_at > timezone.now()
+
+
 def test_rows_in_their_grace_period_are_left_to_the_request(redis_queue: Queue) -> None:
     later = timezone.now() + datetime.timedelta(seconds=30)
     OutboxCall.objects.create(

@@ -221,3 +221,26 @@ def test_outbox_mode_per_handler_with_the_broker_down_leaves_rows_due(
         "tests.testapp.handlers.article_snapshot",  # spilled after it
     }
     assert all(row.next_attempt_at <= timezone.now() for row in rows.values())
+
+
+def test_dropping_a_broken_connection_leaves_other_threads_sockets_blocking(
+    redis_queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # kombu's Redis transport has no _collect(): collect(socket_timeout=t) sets the process-wide
+    # socket.setdefaulttimeout(t) while it closes. With 0, every socket another thread opens
+    # meanwhile (an HTTP client, a new broker connection) is non-blocking and fails at once.
+    import socket
+
+    defaults: list[Any] = []
+    real = socket.setdefaulttimeout
+
+    def recording(timeout: Any) -> None:
+        defaults.append(timeout)
+        real(timeout)
+
+    pool = publisher._pool()
+    producer = pool.acquire()
+    producer.channel  # connected
+    monkeypatch.setattr(socket, "setdefaulttimeout", recording)
+    pool.release(producer, healthy=False)
+    assert 0 not in defaults

@@ -77,7 +77,10 @@ def nested(depth: int) -> Any:
         ([[], body(), {}], {"id": "x", "timelimit": "soon"}, "timelimit"),
         ([[], body(), {}], {"id": "x", "timelimit": [1, 2, 3]}, "timelimit"),
         ([[], body(), {}], {"id": "x", "retries": "1"}, "retries"),
-        ([[], body(), {}], {"id": "x", "stamps": nested(MAX_DEPTH + 1)}, "headers nest"),
+        ([[], body(), {}], {"id": "x", "stamps": {"a": nested(MAX_DEPTH + 1)}}, "headers nest"),
+        ([[], body(), {}], {"id": "x", "stamped_headers": 5}, "stamped_headers"),
+        ([[], body(), {}], {"id": "x", "stamped_headers": [[1]]}, "stamped_headers"),
+        ([[], body(), {}], {"id": "x", "stamps": [1]}, "stamps"),
         (ValueError("bad json"), None, "does not decode"),
     ],
 )
@@ -91,6 +94,16 @@ def test_the_strategy_refuses_what_celery_would_choke_on(
 def test_the_strategy_lets_good_messages_through() -> None:
     good = [[], {**body(x=nested(MAX_DEPTH)), "at": 1.0, "dbf": 2.0, "dbr": 1}, None]
     assert message_problem(FakeMessage(good, {"id": "x", "timelimit": [None, 5]})) is None
+    stamped = {"id": "x", "stamped_headers": ["a"], "stamps": {"a": "b"}}
+    assert message_problem(FakeMessage(good, stamped)) is None
+
+
+def test_the_strategy_refuses_deep_message_properties() -> None:
+    # Redis carries properties as JSON; Celery pickles them with the request for the pool.
+    message = FakeMessage([[], body(), None], {"id": "x"})
+    message.properties = {"delivery_info": {"exchange": nested(MAX_DEPTH + 1)}}
+    problem = message_problem(message)
+    assert problem is not None and "properties nest" in problem
 
 
 def test_depth_is_measured_without_recursion() -> None:
@@ -298,3 +311,28 @@ def test_the_settings_check_the_new_options() -> None:
     ]
     assert option_problems({"idempotent": True, "db_retry_window": 0}, "x") == []
     assert [p.id for p in settings_problems({"DEAD_LETTERS": "no"})] == ["deferred_signals.E007"]
+
+
+@pytest.mark.django_db
+def test_a_retry_the_broker_refuses_makes_a_dead_letter(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a worker, Task.retry publishes the retry; when that publish fails Celery raises
+    # Reject(requeue=False) and the message is dropped: the call must survive as a dead letter.
+    from celery.canvas import Signature
+
+    def refused(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise OSError("broker refuses writes")
+
+    task = current_app.tasks[DB_FLAKY]
+    real_retry = type(task).retry
+
+    def retry_as_a_worker(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self.request.is_eager = False  # apply() is eager: publish as a worker would
+        return real_retry(self, *args, **kwargs)
+
+    monkeypatch.setattr(Signature, "apply_async", refused)
+    monkeypatch.setattr(type(task), "retry", retry_as_a_worker)
+    options = {"autoretry_for": [FlakyError], "max_retries": 3, "default_retry_delay": 0}
+    result = run(body(key="k", outages=0, failures=100), **options)
+    assert isinstance(result.result, Reject)
+    letter = DeadLetter.objects.get(call_id="call-1")
+    assert letter.exception == "tests.testapp.handlers.FlakyError"
