@@ -17,7 +17,7 @@ from typing import Any
 
 from django.apps import apps
 from django.core.exceptions import ValidationError
-from django.db import DEFAULT_DB_ALIAS, connections, models
+from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connections, models
 
 from .codec import JSON, TAG, allowed_class, custom_codec, lookup_class
 from .exceptions import MalformedMessageError
@@ -56,7 +56,7 @@ class Decoder:
                 return apps.get_model(data["m"])._base_manager.db_manager(self._db(data)).none()
             custom = custom_codec(tag)
             if custom is not None:
-                return custom.decode(self.decode(data["v"]))
+                return _decode_custom(custom, self.decode(data["v"]))
         except MalformedMessageError:
             raise
         except (
@@ -232,3 +232,14 @@ _TAGS: dict[str, Callable[[Decoder, Any], Any]] = {
     "modelclass": _decode_string(apps.get_model),
     "class": _decode_string(_find_class),
 }
+
+
+def _decode_custom(custom: Any, data: Any) -> Any:
+    """A registered codec's ``decode()``: a database outage is retried like the handler's own
+    (``db_retry_window``); anything else it raises means it cannot read this message."""
+    try:
+        return custom.decode(data)
+    except (OperationalError, InterfaceError):
+        raise
+    except Exception as error:
+        raise MalformedMessageError(f"codec {custom.tag!r} could not decode: {error!r}") from None

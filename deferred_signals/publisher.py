@@ -79,14 +79,16 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
         )
     started = time.monotonic()
     progress = _Progress(calls, deadline=started + conf.publish_timeout)
+    failure: BaseException | None = None
     for attempt in (1, 2):
         try:
             with _producer() as (app, producer):
                 progress.send(app, producer)
             cooldown.clear()
-            _confirmed(calls, progress.done, started)
-            return progress.done, None
+            failure = None
+            break
         except Exception as error:
+            failure = error
             answered = getattr(error, "broker_answering", False)
             if (
                 attempt == 1
@@ -96,9 +98,14 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
                 continue  # a stale pooled connection: once more on a fresh one
             if not answered:  # an outage: spill without trying for a while
                 cooldown.start(error)
-            _confirmed(calls, progress.done, started)
-            return progress.done, error
-    raise AssertionError("unreachable")  # pragma: no cover
+            break
+    # Outside the try: a failing call_published receiver must not pass for a broker failure
+    # (a false cooldown), nor keep the caller from spilling what was not confirmed.
+    try:
+        _confirmed(calls, progress.done, started)
+    except Exception:
+        logger.exception("deferred_signals: a call_published receiver failed")
+    return progress.done, failure
 
 
 def _confirmed(calls: Sequence[PendingCall], done: int, started: float) -> None:

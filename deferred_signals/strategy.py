@@ -104,6 +104,10 @@ def message_problem(message: Any) -> str | None:
         return "args must be a list and kwargs an object"
     if embed is not None and type(embed) is not dict:
         return f"embed is a {type(embed).__name__}"
+    if embed and any(value is not None for value in embed.values()):
+        # We never send callbacks, errbacks, chains or chords: such a message would make the
+        # worker run other tasks inline.
+        return "embed carries callbacks, errbacks, a chain or a chord"
     # The task checks each key in depth; this bounds what the pool has to carry.
     if not MESSAGE_KEYS <= kwargs.keys() <= MESSAGE_KEYS | OPTIONAL_KEYS:
         return f"unexpected message fields {sorted(map(str, kwargs))!r:.200}"

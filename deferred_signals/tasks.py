@@ -144,6 +144,13 @@ def run_task(task: DeferredHandlerTask, args: tuple[Any, ...], body: Any) -> Non
             call_id=call_id, handler=task.name, body=body, exception=error, attempts=0
         )
         raise Reject(f"malformed message: {error}", requeue=False) from None
+    except DATABASE_ERRORS as exc:  # a registered codec's decode() met a database outage
+        window = handler.merged.get("db_retry_window")
+        if window:
+            close_connections()
+            retry_after_database_error(task, handler, body, exc, window)  # Retry, or returns
+        dead_letter(task, handler, body, exc)
+        raise
     attempt = request.retries + 1
     try:
         call.run(call_id, attempt, final=False)

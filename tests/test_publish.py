@@ -240,7 +240,24 @@ def test_dropping_a_broken_connection_leaves_other_threads_sockets_blocking(
 
     pool = publisher._pool()
     producer = pool.acquire()
-    producer.channel  # connected
+    assert producer.channel is not None  # connected
     monkeypatch.setattr(socket, "setdefaulttimeout", recording)
     pool.release(producer, healthy=False)
     assert 0 not in defaults
+
+
+def test_a_failing_call_published_receiver_is_not_a_broker_failure(redis_queue: Queue) -> None:
+    from deferred_signals import signals
+
+    def broken(**kwargs: Any) -> None:
+        raise RuntimeError("metrics backend down")
+
+    signals.call_published.connect(broken, weak=False)
+    try:
+        with transaction.atomic():
+            Article.objects.create(title="published")
+    finally:
+        signals.call_published.disconnect(broken)
+    assert len(redis_queue) == 2  # published once,
+    assert not OutboxCall.objects.exists()  # not spilled as if the broker had failed,
+    assert not publisher.cooldown.active()  # and no cooldown for the next request

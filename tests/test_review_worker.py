@@ -55,8 +55,9 @@ def test_deep_message_properties_do_not_stop_the_worker(deferred_to: Worker) -> 
     title = f"{marker}-after"
     Article.objects.create(title=title)
     wait_for(
-        lambda: [r for r in records("article_saved") if title in str(r.call)]
-        or not deferred_to.alive(),
+        lambda: (
+            [r for r in records("article_saved") if title in str(r.call)] or not deferred_to.alive()
+        ),
         timeout=60,
         what="a good call after the deep-properties message",
     )
@@ -83,8 +84,9 @@ def test_bad_stamped_headers_do_not_stop_the_worker(deferred_to: Worker) -> None
     title = f"{marker}-after"
     Article.objects.create(title=title)
     wait_for(
-        lambda: [r for r in records("article_saved") if title in str(r.call)]
-        or not deferred_to.alive(),
+        lambda: (
+            [r for r in records("article_saved") if title in str(r.call)] or not deferred_to.alive()
+        ),
         timeout=60,
         what="a good call after the bad stamped_headers message",
     )

@@ -69,6 +69,8 @@ def nested(depth: int) -> Any:
         ([[1], body(), {}], None, "positional"),
         ([(), body(), {}], None, "args must be a list"),
         ([[], body(), 5], None, "embed"),
+        ([[], body(), {"errbacks": [{"task": "other.task"}]}], None, "errbacks"),
+        ([[], body(), {"callbacks": None, "chain": [{"task": "x"}]}], None, "a chain"),
         ([[], {"v": 1}, {}], None, "unexpected message fields"),
         ([[], {**body(), "code": 1}, {}], None, "unexpected message fields"),
         ([[], body(x=nested(MAX_DEPTH + 1)), None], None, "deeper than"),
@@ -94,6 +96,8 @@ def test_the_strategy_refuses_what_celery_would_choke_on(
 def test_the_strategy_lets_good_messages_through() -> None:
     good = [[], {**body(x=nested(MAX_DEPTH)), "at": 1.0, "dbf": 2.0, "dbr": 1}, None]
     assert message_problem(FakeMessage(good, {"id": "x", "timelimit": [None, 5]})) is None
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}  # as we send it
+    assert message_problem(FakeMessage([[], body(), embed], {"id": "x"})) is None
     stamped = {"id": "x", "stamped_headers": ["a"], "stamps": {"a": "b"}}
     assert message_problem(FakeMessage(good, stamped)) is None
 

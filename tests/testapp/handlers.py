@@ -255,6 +255,8 @@ def db_flaky(
     if attempt.count <= outages + failures:
         raise FlakyError(f"attempt {attempt.count} of {key}")
     record("db_flaky", signal, sender, {"key": key, "call": call_info()})
+
+
 # A coalescing handler: one call per row and transaction; snapshots show the arguments.
 @receiver(signals.row_touched, defer=True, coalesce=True, instance="snapshot")
 def row_touched(signal: Signal, sender: Any, **kwargs: Any) -> None:

@@ -1,0 +1,70 @@
+"""A registered codec's decode() failing on the worker: never a silently lost call."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from celery import current_app
+from django.db import OperationalError
+from django.test import override_settings
+
+from deferred_signals import register_codec, unregister_codec
+from deferred_signals.models import DeadLetter
+from tests.conftest import records
+
+
+class Token:
+    pass
+
+
+FAILURE: list[BaseException] = []
+
+
+def _decode(data: object) -> Token:
+    if FAILURE:
+        raise FAILURE.pop(0)
+    return Token()
+
+
+@pytest.fixture(autouse=True)
+def token_codec() -> Any:
+    register_codec(Token, name="tests.token", encode=lambda token: 1, decode=_decode)
+    yield
+    unregister_codec(Token)
+    FAILURE.clear()
+
+
+def run(call_id: str, **extra: Any) -> Any:
+    body = {
+        "v": 1, "signal": 0, "sender": None,
+        "kwargs": {"label": call_id, "t": {"$t": "x:tests.token", "v": 1}}, **extra,
+    }  # fmt: skip
+    with override_settings(DEFERRED_SIGNALS={}):
+        return current_app.tasks["tests.user_event"].apply(kwargs=body, task_id=call_id)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_database_outage_in_a_codec_is_retried_like_the_handlers_own() -> None:
+    FAILURE.extend([OperationalError("the database is down")] * 2)
+    assert run("codec-db").successful()  # retried twice (eagerly here), then run
+    assert [r.call["kwargs"]["label"]["repr"] for r in records("user_event")] == ["'codec-db'"]
+    assert not DeadLetter.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_codec_outage_past_the_window_is_a_dead_letter() -> None:
+    FAILURE.append(OperationalError("the database is down"))
+    result = run("codec-late", dbf=time.time() - 10_000)
+    assert isinstance(result.result, OperationalError)
+    assert DeadLetter.objects.get(call_id="codec-late").exception.endswith("OperationalError")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_any_other_codec_error_is_a_refused_message_kept_as_a_dead_letter() -> None:
+    FAILURE.append(RuntimeError("cannot read that"))
+    result = run("codec-bug")
+    assert result.state == "REJECTED" or result.failed()
+    letter = DeadLetter.objects.get(call_id="codec-bug")
+    assert "codec 'x:tests.token' could not decode" in letter.message
