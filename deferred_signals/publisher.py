@@ -14,9 +14,11 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
+import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +84,7 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
     failure: BaseException | None = None
     for attempt in (1, 2):
         try:
-            with _producer() as (app, producer):
+            with _producer(progress.deadline) as (app, producer):
                 progress.send(app, producer)
             cooldown.clear()
             failure = None
@@ -179,6 +181,7 @@ class _Progress:
         size = BATCH_SIZE if pipelines else 1
         while self.done < len(self.calls):
             remaining = self.remaining(answering=self.done > 0)
+            bound_sockets(producer, remaining)
             chunk = self.calls[self.done : self.done + size]
             with producer.batch(max_size=len(chunk)) if len(chunk) > 1 else nullcontext():
                 for call in chunk:
@@ -188,6 +191,7 @@ class _Progress:
     def _send_confirmed(self, producer: Any, publish: _Publish, confirms: _Confirms) -> None:
         """AMQP: publish everything, then wait for the broker's acks (one wait, not one each)."""
         first, base = confirms.next_tag, self.done
+        bound_sockets(producer, self.remaining())
         for call in self.calls[self.done :]:
             publish(call, self.remaining())
             confirms.next_tag += 1
@@ -292,20 +296,28 @@ class _Pool:
         self.pid = os.getpid()
         self.idle: list[Any] = []
 
-    def acquire(self) -> Any:
+    def acquire(self, deadline: float) -> Any:
         try:
             return self.idle.pop()
         except IndexError:
             pass
+        return _within(deadline, self._connect, lambda producer: self.release(producer, False))
+
+    def _connect(self) -> Any:
+        """A new connection and its channel: a handful of round trips (TCP, handshake or
+        HELLO/SELECT/PING, channel open, confirm mode), each bounded by the timeout."""
         connection = self.app.connection_for_write(
             connect_timeout=self.timeout,
             heartbeat=0,  # nobody would answer heartbeats between requests
             transport_options=transport_options(self.app, self.timeout),
         )
         try:
-            return self.app.amqp.Producer(connection, auto_declare=False)
+            producer = self.app.amqp.Producer(connection, auto_declare=False)
+            if getattr(producer.channel, "confirm_select", None) is not None:
+                _Confirms.of(producer.channel)  # one more round trip: part of connecting
+            return producer
         except BaseException:
-            connection.release()
+            connection.collect()
             raise
 
     def release(self, producer: Any, healthy: bool) -> None:
@@ -337,10 +349,74 @@ def _pool() -> _Pool:
     return pool
 
 
+def _within(deadline: float, make: Callable[[], Any], discard: Callable[[Any], None]) -> Any:
+    """``make()``, given up at ``deadline``: each of its socket operations is bounded, but a
+    broker that answers each one slowly could hold a commit for several timeouts in a row.
+
+    It runs in a thread of its own (connecting is rare: the first publish of a process, and
+    after failures); given up, its result is discarded once it arrives.
+    """
+    lock = threading.Lock()
+    outcome: list[Any] = []  # [True, result] or [False, error]; [None] once given up
+
+    def run() -> None:
+        try:
+            result: list[Any] = [True, make()]
+        except BaseException as error:  # handed to the waiting thread
+            result = [False, error]
+        with lock:
+            late = outcome == [None]
+            if not late:
+                outcome[:] = result
+        if late and result[0]:
+            discard(result[1])
+
+    thread = threading.Thread(target=run, name="deferred_signals connect", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    with lock:
+        if not outcome:
+            outcome.append(None)
+            raise PublishTimeout(
+                f"connecting to the broker took longer than PUBLISH_TIMEOUT "
+                f"({conf.publish_timeout} s)"
+            )
+    ok, value = outcome
+    if not ok:
+        raise value
+    return value
+
+
+def bound_sockets(producer: Any, timeout: float) -> None:
+    """Let no socket operation of ``producer``'s connection outlast ``timeout`` seconds: the
+    time left of PUBLISH_TIMEOUT, set before each chunk rather than once at connect time."""
+    timeout = max(timeout, 0.001)
+    channel = producer.channel
+    pool = getattr(channel, "_pool", None)  # kombu's Redis channel: a redis-py pool
+    if pool is not None:
+        connections = [
+            *getattr(pool, "_available_connections", ()),
+            *getattr(pool, "_in_use_connections", ()),
+        ]
+        for connection in connections:
+            connection.socket_timeout = timeout  # redis-py re-applies it after custom reads
+            sock = getattr(connection, "_sock", None)
+            if sock is not None:
+                sock.settimeout(timeout)
+        return
+    transport = getattr(getattr(producer.connection, "connection", None), "transport", None)
+    sock = getattr(transport, "sock", None)  # py-amqp: timeouts are SO_RCVTIMEO/SO_SNDTIMEO
+    if sock is not None:
+        seconds = int(timeout)
+        value = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
 @contextmanager
-def _producer() -> Iterator[tuple[Any, Any]]:
+def _producer(deadline: float) -> Iterator[tuple[Any, Any]]:
     pool = _pool()
-    producer = pool.acquire()
+    producer = pool.acquire(deadline)
     healthy = False
     try:
         yield pool.app, producer

@@ -313,3 +313,74 @@ def test_a_message_the_broker_refuses_is_spilled_not_counted(settings: SettingsW
                 queue(conn.default_channel).delete()
     print(f"\nfull queue on RabbitMQ: published 3, confirmed {messages}, spilled {len(spilled)}")
     assert messages == 1 and spilled == [1, 2]
+
+
+class SlowProxy:
+    """Forwards to the broker; every chunk the broker sends back arrives ``delay`` s late."""
+
+    def __init__(self, target: int, delay: float) -> None:
+        import socket
+
+        self.target, self.delay = target, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[Any] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            self.sockets += [client, server]
+            for src, dst, delay in ((client, server, 0.0), (server, client, self.delay)):
+                threading.Thread(target=self._pipe, args=(src, dst, delay), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: Any, dst: Any, delay: float) -> None:
+        try:
+            while data := src.recv(65536):
+                time.sleep(delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def url_for(self, url: str) -> str:
+        return url
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_slow_broker_holds_a_commit_no_longer_than_publish_timeout(
+    settings: SettingsWrapper, broker: str
+) -> None:
+    """Each answer within the timeout, the connection's set-up (several round trips) well past
+    it: the whole attempt is bounded, not each socket operation."""
+    require(broker)
+    from tests.workers import BROKERS
+
+    timeout, delay = 1.0, 0.7
+    proxy = SlowProxy(PORTS[broker], delay)
+    url = BROKERS[broker].replace(f":{PORTS[broker]}", f":{proxy.port}")
+    queue = f"ds-slow-{uuid.uuid4().hex[:8]}"
+    try:
+        with publishing_through(proxy, _FakeWorker(url, queue), settings):  # type: ignore[arg-type]
+            settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "PUBLISH_TIMEOUT": timeout}
+            started = time.monotonic()
+            commit("slow", 0)
+            took = time.monotonic() - started
+    finally:
+        proxy.close()
+    (row,) = OutboxCall.objects.all()
+    print(
+        f"\nslow {broker} (every reply {delay} s late), PUBLISH_TIMEOUT {timeout} s: "
+        f"commit took {took:.2f} s, call spilled ({row.last_error[:60]})"
+    )
+    assert took < timeout + 0.5

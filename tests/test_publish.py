@@ -155,9 +155,9 @@ def test_after_a_failure_the_process_spills_at_once_for_a_cooldown(
     attempts: list[int] = []
     acquire = publisher._Pool.acquire
 
-    def counting(self: publisher._Pool) -> Any:
+    def counting(self: publisher._Pool, deadline: float) -> Any:
         attempts.append(1)
-        return acquire(self)
+        return acquire(self, deadline)
 
     monkeypatch.setattr(publisher._Pool, "acquire", counting)
     Article.objects.create(title="first")  # tries the broker: fails (and retries once)
@@ -239,7 +239,7 @@ def test_dropping_a_broken_connection_leaves_other_threads_sockets_blocking(
         real(timeout)
 
     pool = publisher._pool()
-    producer = pool.acquire()
+    producer = pool.acquire(time.monotonic() + 5)
     assert producer.channel is not None  # connected
     monkeypatch.setattr(socket, "setdefaulttimeout", recording)
     pool.release(producer, healthy=False)
