@@ -8,16 +8,19 @@ def send_welcome_email(sender, instance, created, **kwargs): ...
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-from .codec import register_codec, unregister_codec
-from .exceptions import (
-    DeferredSignalConfigError,
-    DeferredSignalError,
-    DuplicateHandlerError,
-    MalformedMessageError,
-)
-from .receivers import connect, receiver
+if TYPE_CHECKING:
+    from .codec import register_codec, unregister_codec
+    from .exceptions import (
+        DeferredSignalConfigError,
+        DeferredSignalError,
+        DuplicateHandlerError,
+        MalformedMessageError,
+    )
+    from .receivers import connect, receiver
 
 try:
     __version__ = version("deferred-signals")
@@ -35,3 +38,25 @@ __all__ = [
     "register_codec",
     "unregister_codec",
 ]
+
+#: Where each public name lives. Imported on first use: the pytest plugin (an entry point,
+#: loaded by every pytest run) imports this package, and must not import Django with it.
+_EXPORTS = {
+    "DeferredSignalConfigError": ".exceptions",
+    "DeferredSignalError": ".exceptions",
+    "DuplicateHandlerError": ".exceptions",
+    "MalformedMessageError": ".exceptions",
+    "connect": ".receivers",
+    "receiver": ".receivers",
+    "register_codec": ".codec",
+    "unregister_codec": ".codec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
