@@ -223,10 +223,9 @@ class DeferredCapture:
 
     def _record(self, calls: list[PendingCall], using: str) -> None:
         """dispatch.flush()'s hook: these calls are committed."""
-        for call in calls:
-            if call not in self._taken:
-                self._taken.add(call)
-                self._calls.append(CapturedCall(call))
+        # Each call comes here once: its batch releases it once.
+        self._taken.update(calls)
+        self._calls.extend(CapturedCall(call) for call in calls)
         written = [call.id for call in calls if call.outbox]
         if written and not transaction.get_connection(using).needs_rollback:
             outbox.delete(written, using)  # captured, not to be relayed
@@ -241,8 +240,6 @@ class DeferredCapture:
         for call in _pending(connection):
             if call not in self._taken and call not in self._passed:
                 call()  # as Django would at commit: its batch goes to flush(), then _record
-                if call not in self._taken:  # its batch had gone out before the capture
-                    self._passed.add(call)
 
     def _forget(self, connection: BaseDatabaseWrapper) -> None:
         self._passed.update(call for call in _pending(connection) if call not in self._taken)
@@ -297,12 +294,12 @@ def _exit(
     exc_value: BaseException | None,
     traceback: TracebackType | None,
 ) -> None:
+    failed = True  # unless Django's exit returns: a failed savepoint release raises
     try:
         _atomic_exit(self, exc_type, exc_value, traceback)
-    except BaseException:
-        _exited(self, failed=True)
-        raise
-    _exited(self, failed=exc_type is not None)
+        failed = exc_type is not None
+    finally:
+        _exited(self, failed)
 
 
 def _exited(block: Atomic, failed: bool) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from django.db import transaction
-from django.db.models.signals import post_save
+from django.db.models.signals import post_delete, post_save, pre_delete
 from django.test import TestCase
 from pytest_django.fixtures import Settings as SettingsWrapper
 
@@ -82,6 +82,17 @@ def test_calls_in_atomic_blocks_count_when_the_outermost_exits(
     assert titles(deferred) == ["outer", "inner", "no savepoint"]
 
 
+def test_a_delete_counts_when_its_own_atomic_block_exits(
+    db: None, deferred: DeferredCapture
+) -> None:
+    article = Article.objects.create(title="gone")
+    pk = article.pk
+    article.delete()  # post_delete is sent inside the deletion's atomic block
+    pre, post = [call for call in deferred.calls if call.handler.endswith("article_deleted")]
+    assert (pre.signal, post.signal) == (pre_delete, post_delete)
+    assert post.kwargs["instance"].pk == pk  # a snapshot, with its pk
+
+
 def test_calls_made_at_the_tests_level_count_before_a_later_block(
     db: None, deferred: DeferredCapture
 ) -> None:
@@ -120,12 +131,17 @@ def test_a_rolled_back_savepoint_drops_only_its_own_calls(
 def test_a_failed_block_without_savepoint_drops_its_calls(
     db: None, deferred: DeferredCapture
 ) -> None:
+    Article.objects.create(title="before")
     # Django batches both calls together (same savepoints); only the first one committed.
     user_registered.send(sender=None, label="before")
     with pytest.raises(Boom), transaction.atomic(savepoint=False):
         user_registered.send(sender=None, label="doomed")
         raise Boom
     assert labels(deferred) == ["before"]
+    # The transaction is broken now (the fresh row cannot be read), yet a failing assertion
+    # still lists what was deferred.
+    with pytest.raises(AssertionError, match=r"article_saved\(\{.*\(not decodable here: "):
+        deferred.assert_not_deferred(handlers.article_saved)
 
 
 def test_an_error_caught_inside_a_block_still_rolls_it_back(
@@ -208,6 +224,7 @@ def test_kwargs_are_decoded_as_a_worker_decodes_them(db: None, deferred: Deferre
     assert kwargs["pair"] == (1, 2) and type(kwargs["pair"]) is tuple
     assert kwargs["when"] == when
     assert call.signal is user_registered
+    assert repr(call) == f"<CapturedCall tests.user_event [{call.id}]>"
     assert "tests.money" in call.message  # the JSON a worker would receive
 
 
