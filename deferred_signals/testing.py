@@ -20,10 +20,12 @@ exited with only test blocks left open, the deferred calls still waiting in the 
 ``on_commit`` list are either run as Django would run them at commit (so they reach
 :func:`dispatch.flush`, which hands them to the capture) or, after a rollback, forgotten.
 Django itself removes the callbacks of a rolled-back savepoint; a block without a savepoint
-that fails leaves the transaction marked for rollback, which the exit sees. Reading the
-capture (``calls``, the assertions, ``run()``) and leaving it count the calls made at the
-test's level since. Under ``TransactionTestCase`` or ``transactional_db`` nothing is wrapped
-in a test block: calls count at the real commit, through Django's ``on_commit``.
+that fails leaves the transaction marked for rollback, which the exit sees. Entering a
+block counts the test-level calls before it: dispatch batches a call with those of a
+following block without savepoint (one fate in production), which must not drop it here.
+Reading the capture (``calls``, the assertions, ``run()``) and leaving it count the calls
+made at the test's level since. Under ``TransactionTestCase`` or ``transactional_db`` nothing
+is wrapped in a test block: calls count at the real commit, through Django's ``on_commit``.
 
 Limits: calls made before the capture started are not captured, nor calls whose outermost
 block is still open when the capture ends (start and end it at the test's level). Only one
