@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .calls import DeferredCall, current_call
     from .codec import register_codec, unregister_codec
     from .exceptions import (
         DeferredSignalConfigError,
@@ -28,12 +29,14 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "DeferredCall",
     "DeferredSignalConfigError",
     "DeferredSignalError",
     "DuplicateHandlerError",
     "MalformedMessageError",
     "__version__",
     "connect",
+    "current_call",
     "receiver",
     "register_codec",
     "unregister_codec",
@@ -42,6 +45,8 @@ __all__ = [
 #: Where each public name lives. Imported on first use: the pytest plugin (an entry point,
 #: loaded by every pytest run) imports this package, and must not import Django with it.
 _EXPORTS = {
+    "DeferredCall": ".calls",
+    "current_call": ".calls",
     "DeferredSignalConfigError": ".exceptions",
     "DeferredSignalError": ".exceptions",
     "DuplicateHandlerError": ".exceptions",

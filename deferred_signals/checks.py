@@ -49,6 +49,8 @@ def _unknown_handlers(handlers: Mapping[str, Any]) -> list[Problem]:
 
 #: Delays a message waits on the broker before a worker may start it.
 DELAYS = ("countdown", "default_retry_delay", "retry_backoff_max")
+#: How long a message may stay unacknowledged while it runs (acks_late, the default).
+RUN_TIMES = ("time_limit", "soft_time_limit")
 
 
 def _redis_redelivery() -> list[Problem]:
@@ -61,17 +63,18 @@ def _redis_redelivery() -> list[Problem]:
     problems = []
     for handler in registry.all_handlers():
         merged = handler.merged
-        for key in DELAYS:
+        for key in (*DELAYS, *RUN_TIMES):
             delay = merged.get(key)
             if key == "retry_backoff_max" and not merged.get("retry_backoff"):
                 continue
             if delay is not None and delay >= timeout:
+                what = "waits" if key in DELAYS else "runs"
                 problems.append(
                     Problem(
                         "deferred_signals.W002",
                         f"Deferred handler {handler.name!r} has {key}={delay!r} s, at least "
                         f"Redis's visibility_timeout ({timeout} s): the message would be "
-                        "redelivered again and again while it waits.",
+                        f"redelivered again and again while it {what}.",
                         f"Lower {key}, or raise broker_transport_options['visibility_timeout'].",
                         warning=True,
                     )

@@ -25,6 +25,10 @@ from django.db.models.query import QuerySet
 from django.utils.functional import Promise
 
 TAG = "$t"
+#: How deeply an argument may nest once encoded (JSON containers, tagged forms included).
+#: Deeper arguments are refused at send time and deeper messages at the worker, where a few
+#: hundred levels would otherwise crash Celery's main process while it pickles them for the pool.
+MAX_DEPTH = 100
 #: kombu's JSON decoder turns an object with exactly these keys back into a Python value:
 #: such dicts travel in the tagged form, like dicts that contain TAG.
 KOMBU_KEYS = "__type__"
@@ -38,6 +42,10 @@ class EncodeError(Exception):
         super().__init__(value)
         self.value = value
         self.hint = hint
+
+
+class TooDeepError(EncodeError):
+    """Internal: an argument nests deeper than :data:`MAX_DEPTH` once encoded."""
 
 
 @dataclass(frozen=True)
@@ -110,36 +118,51 @@ class Encoder:
         #: pre/post_delete: a QuerySet ``origin`` (a bulk delete) is sent as its model and db.
         self.deleting = deleting
 
-    def encode(self, value: Any) -> JSON:
+    def encode(self, value: Any, level: int = 1) -> JSON:
         # The hot path: no path strings are built here; locate() finds the path on error.
+        # ``level`` is the JSON depth the value's encoding starts at; each container checks
+        # its own depth with one comparison, so the wire depth never exceeds MAX_DEPTH.
         kind = type(value)
         if kind is str or kind is int or kind is bool or kind is float or value is None:
             return value
+        if level > MAX_DEPTH:
+            raise TooDeepError(value)
         if kind is list:
-            return [self.encode(item) for item in value]
+            return [self.encode(item, level + 1) for item in value]
         if kind is dict:
             if (
                 TAG not in value
                 and KOMBU_KEYS not in value
                 and all(type(key) is str for key in value)
             ):
-                return {key: self.encode(item) for key, item in value.items()}
+                return {key: self.encode(item, level + 1) for key, item in value.items()}
+            if level + 2 > MAX_DEPTH:
+                raise TooDeepError(value)
             return {
                 TAG: "dict",
-                "v": [[self.encode(key), self.encode(item)] for key, item in value.items()],
+                "v": [
+                    [self.encode(key, level + 3), self.encode(item, level + 3)]
+                    for key, item in value.items()
+                ],
             }
         simple = _SIMPLE_ENCODERS.get(kind)
         if simple is not None:
+            if level + 1 > MAX_DEPTH:  # a timedelta's list
+                raise TooDeepError(value)
             return {TAG: simple[0], "v": simple[1](value)}
+        if level + 1 > MAX_DEPTH:  # every form below is an object around a value
+            raise TooDeepError(value)
         if kind is tuple or kind is set or kind is frozenset:
             items = value if kind is tuple else _stable(value)
             tag = "tuple" if kind is tuple else kind.__name__
-            return {TAG: tag, "v": [self.encode(item) for item in items]}
-        return self._encode_other(value)
+            return {TAG: tag, "v": [self.encode(item, level + 2) for item in items]}
+        return self._encode_other(value, level)
 
-    def _encode_other(self, value: Any) -> JSON:
+    def _encode_other(self, value: Any, level: int) -> JSON:
         if isinstance(value, models.Model):
-            return self._encode_instance(value)
+            if level + 2 > MAX_DEPTH:  # {"f": {name: {"$t": "field", ...}}}
+                raise TooDeepError(value)
+            return self._encode_instance(value, level)
         if isinstance(value, type):
             return _encode_class(value)
         if isinstance(value, QuerySet):
@@ -152,11 +175,11 @@ class Encoder:
             return str(value)
         codec = _find_custom(type(value))
         if codec is not None:
-            return {TAG: codec.tag, "v": self.encode(codec.encode(value))}
+            return {TAG: codec.tag, "v": self.encode(codec.encode(value), level + 1)}
         if isinstance(value, enum.Enum):
             if isinstance(value, (str, int)):
                 # Django's TextChoices / IntegerChoices: the plain value compares equal.
-                return self.encode(value.value)
+                return self.encode(value.value, level)
             raise EncodeError(value, "send the member's .value, or register a codec")
         # Subclasses of the base types (SafeString, a datetime subclass...) travel as the base.
         for base in (str, int, float):
@@ -167,13 +190,13 @@ class Encoder:
                 return {TAG: tag, "v": encode(value)}
         raise EncodeError(value)
 
-    def _encode_instance(self, instance: models.Model) -> JSON:
+    def _encode_instance(self, instance: models.Model, level: int) -> JSON:
         meta = instance._meta
         pk = instance.pk
         data: dict[str, JSON] = {
             TAG: "model",
             "m": meta.label_lower,
-            "pk": self.encode(pk),
+            "pk": self.encode(pk, level + 1),
             "db": instance._state.db,
         }
         adding = instance._state.adding or pk is None
@@ -191,7 +214,7 @@ class Encoder:
                 if isinstance(value, FieldFile):
                     value = value.name
                 try:
-                    fields[field.attname] = self.encode(value)
+                    fields[field.attname] = self.encode(value, level + 2)
                 except EncodeError:
                     fields[field.attname] = _field_text(field, instance, value)
             data["f"] = fields
@@ -250,6 +273,15 @@ def _encode_class(cls: type) -> JSON:
     meta = getattr(cls, "_meta", None)
     if isinstance(meta, models.options.Options) and issubclass(cls, models.Model):
         return {TAG: "modelclass", "v": meta.label}
+    if not allowed_class(cls):
+        # A worker hands class values to handlers, which may call them: only classes the
+        # project vouched for travel (the same rule the worker applies to what it receives).
+        raise EncodeError(
+            cls,
+            "only model classes and classes with a registered codec travel as values; "
+            f"register_codec({cls.__qualname__}, name=..., encode=..., decode=...) vouches "
+            "for the class (and its subclasses)",
+        )
     if "<locals>" in cls.__qualname__:
         raise EncodeError(cls, "a class defined inside a function cannot be found again")
     if cls.__module__ == "__main__" or lookup_class(cls.__module__, cls.__qualname__) is not cls:
@@ -257,6 +289,11 @@ def _encode_class(cls: type) -> JSON:
             cls, "a worker cannot find this class by module and name: define it in a module"
         )
     return {TAG: "class", "v": f"{cls.__module__}:{cls.__qualname__}"}
+
+
+def allowed_class(cls: type) -> bool:
+    """A non-model class may travel as a value if a codec is registered for it or a base."""
+    return _find_custom(cls) is not None
 
 
 def _find_custom(kind: type) -> _Custom | None:

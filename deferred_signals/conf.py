@@ -27,6 +27,7 @@ SETTING = "DEFERRED_SIGNALS"
 TOP_LEVEL_DEFAULTS: dict[str, Any] = {
     "EAGER": False,
     "EAGER_PROPAGATES": False,
+    "DEAD_LETTERS": True,
     "DELIVERY": "on_commit",
     "PUBLISH_TIMEOUT": 2.0,
     "PUBLISH_COOLDOWN": 5.0,
@@ -108,6 +109,9 @@ OPTIONS: dict[str, Option] = {
     "on_missing": Option(lambda v: v in ON_MISSING, " or ".join(map(repr, ON_MISSING))),
     # How calls leave the request.
     "delivery": Option(lambda v: v in DELIVERY_MODES, " or ".join(map(repr, DELIVERY_MODES))),
+    # How the worker runs the handler.
+    "idempotent": Option(lambda v: isinstance(v, bool), "a bool"),
+    "db_retry_window": Option(_non_negative, "a non-negative number of seconds (0: off)"),
 }
 
 
@@ -118,6 +122,7 @@ def _positive(value: object) -> bool:
 TOP_LEVEL_OPTIONS: dict[str, Option] = {
     "EAGER": Option(lambda v: isinstance(v, bool), "True or False"),
     "EAGER_PROPAGATES": Option(lambda v: isinstance(v, bool), "True or False"),
+    "DEAD_LETTERS": Option(lambda v: isinstance(v, bool), "True or False"),
     "DELIVERY": OPTIONS["delivery"],
     "PUBLISH_TIMEOUT": Option(_positive, "a positive number of seconds"),
     "PUBLISH_COOLDOWN": Option(_non_negative, "a non-negative number of seconds"),
@@ -139,6 +144,11 @@ WORKER_OPTIONS = {
 }
 #: What a handler gets when no layer sets the option (beyond Celery's own task defaults).
 BUILTIN_DEFAULTS: dict[str, Any] = {
+    # At-least-once on the worker: a child killed mid-handler (OOM, deploy) runs it again.
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "idempotent": False,
+    "db_retry_window": 900,
     "instance": "fresh",
     "on_missing": "skip",
     "retry_backoff": False,
@@ -354,6 +364,11 @@ class Settings:
     @property
     def relay_max_attempts(self) -> int:
         return int(self._get("RELAY_MAX_ATTEMPTS"))
+
+    @property
+    def dead_letters(self) -> bool:
+        """Record calls that failed for good as ``DeadLetter`` rows (default True)."""
+        return bool(self.raw.get("DEAD_LETTERS", True))
 
     @property
     def handler_settings(self) -> Mapping[str, Mapping[str, Any]]:

@@ -19,7 +19,7 @@ from django.apps import apps
 from django.core.exceptions import ValidationError
 from django.db import DEFAULT_DB_ALIAS, connections, models
 
-from .codec import JSON, TAG, custom_codec, lookup_class
+from .codec import JSON, TAG, allowed_class, custom_codec, lookup_class
 from .exceptions import MalformedMessageError
 
 
@@ -88,9 +88,15 @@ class Decoder:
                 if field.attname in fields
             }
         pk = self.decode(data["pk"])
-        if isinstance(pk, (list, dict, set, frozenset)):
+        fresh = data.get("fresh") is True
+        if pk is None:
+            if fresh:  # only a saved row is sent fresh, and a saved row has a pk
+                raise MalformedMessageError(f"a fresh {model._meta.label} with no pk")
+        elif isinstance(pk, (list, dict, set, frozenset)):
             raise MalformedMessageError(f"a primary key cannot be a {type(pk).__name__}")
-        ref = _InstanceRef(model, pk, db, fields, data.get("fresh") is True)
+        else:
+            pk = _primary_key(model, pk)
+        ref = _InstanceRef(model, pk, db, fields, fresh)
         if ref.fields is None and not ref.fresh:
             raise MalformedMessageError("instance has neither field values nor fresh=true")
         # As sent: an unsaved instance stays unsaved (adding, and no database yet).
@@ -103,6 +109,16 @@ class Decoder:
         if type(data) is dict and data.get(TAG) == "field":
             return field.to_python(data["v"])
         return self.decode(data)
+
+
+def _primary_key(model: type[models.Model], pk: Any) -> Any:
+    """``pk`` as the model's primary key field reads it; a value it refuses is forged."""
+    try:
+        return model._meta.pk.to_python(pk)
+    except (ValidationError, TypeError, ValueError) as error:
+        raise MalformedMessageError(
+            f"{pk!r} is not a primary key of {model._meta.label} ({error})"
+        ) from None
 
 
 class _InstanceRef:
@@ -168,6 +184,9 @@ def _find_class(value: str) -> type:
     found = lookup_class(module_name, qualname)
     if found is None:
         raise MalformedMessageError(f"{value!r} is not a class of a loaded module")
+    if not allowed_class(found):
+        # Model classes travel as "modelclass"; any other class needs a registered codec.
+        raise MalformedMessageError(f"class {value!r} has no registered codec")
     return found
 
 

@@ -172,7 +172,7 @@ def run_inline(calls: list[PendingCall]) -> None:
     for call in calls:
         try:
             body = kombu_json.loads(kombu_json.dumps(call.body))
-            decode_call(call.handler, body).run()
+            decode_call(call.handler, body).run(call.id)
         except Exception:
             if conf.eager_propagates:
                 raise

@@ -20,7 +20,7 @@ from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import Signal
 
 from . import dispatch, readiness
-from .codec import EncodeError, Encoder, locate
+from .codec import MAX_DEPTH, EncodeError, Encoder, TooDeepError, locate
 from .exceptions import DeferredSignalError
 from .registry import Handler
 from .tasks import MESSAGE_VERSION
@@ -169,10 +169,32 @@ def _encode(
                 encoder.encode(sender),
                 {name: encoder.encode(value) for name, value in kwargs.items()},
             )
+        except TooDeepError:
+            raise _too_deep_error(handler, encoder, {"sender": sender, **kwargs}) from None
         except EncodeError as error:
             raise _encode_error(handler, error, {"sender": sender, **kwargs}) from None
         last.encoded[variant] = encoded
     return encoded
+
+
+def _too_deep_error(
+    handler: Handler, encoder: Encoder, arguments: dict[str, Any]
+) -> DeferredSignalError:
+    # locate() would recurse as deep as the argument: encode each one again to find it.
+    name = "an argument"
+    for key, value in arguments.items():
+        try:
+            encoder.encode(value)
+        except TooDeepError:
+            name = key
+            break
+        except EncodeError:
+            pass
+    return DeferredSignalError(
+        f"Deferred handler {handler.name!r} cannot receive argument {name!r}: it nests "
+        f"deeper than {MAX_DEPTH} levels (the depth a worker accepts, counted in JSON "
+        "containers once encoded). Fix: send a flatter value, or ids to look the data up."
+    )
 
 
 def _encode_error(

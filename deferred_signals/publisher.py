@@ -81,9 +81,14 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
             cooldown.clear()
             return progress.done, None
         except Exception as error:
-            if attempt == 1 and time.monotonic() - started < STALE_CONNECTION_WINDOW:
+            answered = getattr(error, "broker_answering", False)
+            if (
+                attempt == 1
+                and not answered
+                and time.monotonic() - started < STALE_CONNECTION_WINDOW
+            ):
                 continue  # a stale pooled connection: once more on a fresh one
-            if not isinstance(error, PublishTimeout) or not error.broker_answering:
+            if not answered:  # an outage: spill without trying for a while
                 cooldown.start(error)
             return progress.done, error
     raise AssertionError("unreachable")  # pragma: no cover
@@ -149,13 +154,19 @@ class _Progress:
             self.done = base + max(0, acked - first + 1)
             if acked >= last:
                 return
-            if confirms.nacked is not None:
-                raise PublishRefused(f"the broker refused message {confirms.nacked - first + 1}")
+            # Confirms may arrive out of order: after a nack, wait for the tags before it.
+            if confirms.nacked is not None and acked >= confirms.nacked - 1:
+                raise PublishRefused(
+                    f"the broker refused message {confirms.nacked - first + 1} of the batch"
+                )
             producer.connection.drain_events(timeout=self.remaining(answering=acked >= first))
 
 
 class PublishRefused(DeferredSignalError):
-    """The broker answered a publish with a negative acknowledgement (``basic.nack``)."""
+    """The broker answered a publish with a negative acknowledgement (``basic.nack``): it is
+    up, so the refused calls are spilled without a cooldown."""
+
+    broker_answering = True
 
 
 class _Confirms:

@@ -24,7 +24,7 @@ from django.db import connections, router, transaction
 from django.utils import timezone
 from kombu.utils import json as kombu_json
 
-from . import outbox, publisher, registry
+from . import deadletters, outbox, publisher, registry
 from .conf import conf
 from .dispatch import PendingCall
 from .exceptions import DeferredSignalError
@@ -190,20 +190,12 @@ def _call_of(row: OutboxCall) -> PendingCall:
 
 
 def _dead_letter(row: OutboxCall, error: BaseException, using: str) -> None:
-    from .models import DeadLetter
-
-    now = timezone.now()
-    DeadLetter.objects.using(router.db_for_write(DeadLetter)).update_or_create(
+    deadletters.record(
         call_id=row.id,
-        defaults={
-            "handler": row.handler,
-            "body": row.body,
-            "exception": f"{type(error).__module__}.{type(error).__qualname__}",
-            "message": str(error),
-            "attempts": row.attempts + 1,
-            "first_failed_at": row.created,
-            "last_failed_at": now,
-        },
+        handler=row.handler,
+        body=row.body,
+        exception=error,
+        attempts=row.attempts + 1,
     )
     row.delete(using=using)
     logger.error(

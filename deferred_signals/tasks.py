@@ -3,29 +3,37 @@
 from __future__ import annotations
 
 import logging
+import random
+import time
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from asgiref.sync import async_to_sync, iscoroutinefunction
 from celery import Task, shared_task
 from celery.exceptions import Reject
 from celery.utils.time import get_exponential_backoff_interval
-from django.core.exceptions import ObjectDoesNotExist
-from django.dispatch import Signal
+from django.db import InterfaceError, OperationalError
 
-from . import registry
+from . import deadletters, registry
 from .conf import WORKER_OPTIONS
-from .decoder import Decoder, resolve, snapshot_instance
 from .exceptions import MalformedMessageError
+from .execution import (
+    MESSAGE_KEYS,
+    MESSAGE_VERSION,
+    OPTIONAL_KEYS,
+    close_connections,
+    decode_call,
+)
 from .registry import Handler
+
+__all__ = ["MESSAGE_KEYS", "MESSAGE_VERSION", "OPTIONAL_KEYS", "create_task", "decode_call"]
 
 logger = logging.getLogger("deferred_signals")
 
-MESSAGE_VERSION = 1
-MESSAGE_KEYS = frozenset({"v", "signal", "sender", "kwargs"})
-#: Keys a message may carry besides: "at", when the call's transaction committed (epoch
-#: seconds, for ``current_call()``); "dbf", when the worker first met a database outage.
-OPTIONAL_KEYS = frozenset({"at", "dbf"})
+#: Connection-level database errors: retried for ``db_retry_window`` seconds by default.
+DATABASE_ERRORS = (OperationalError, InterfaceError)
+#: The longest wait between two attempts during a database outage, in seconds.
+DB_RETRY_BACKOFF_MAX = 60
 #: Celery's own defaults for the options it reads from the task instead of from its config.
 CELERY_TASK_DEFAULTS = {
     "max_retries": Task.max_retries,
@@ -63,6 +71,8 @@ class DeferredHandlerTask(Task):  # type: ignore[type-arg]
 
     ignore_result = True
     typing = False
+    #: Checks each message before Celery unpacks it in the worker's main process.
+    Strategy = "deferred_signals.strategy:strategy"
     #: Whatever the project's task_serializer says: these messages are JSON, never pickle.
     serializer = "json"
     _overrides: Mapping[str, Any] = {}
@@ -119,6 +129,8 @@ def _task_named(name: str, handler: Handler) -> Any:
 
 def run_task(task: DeferredHandlerTask, args: tuple[Any, ...], body: Any) -> None:
     """Body of every handler task: decode, look the rows up, call, retry per settings."""
+    request = task.request
+    call_id = str(request.id)
     try:
         handler = task.handler
         if args:
@@ -126,101 +138,95 @@ def run_task(task: DeferredHandlerTask, args: tuple[Any, ...], body: Any) -> Non
         call = decode_call(handler, body)
     except MalformedMessageError as error:
         logger.error(
-            "Rejected message %s for deferred handler task %s: %s",
-            task.request.id,
-            task.name,
-            error,
+            "Rejected message %s for deferred handler task %s: %s", call_id, task.name, error
+        )
+        deadletters.record(
+            call_id=call_id, handler=task.name, body=body, exception=error, attempts=0
         )
         raise Reject(f"malformed message: {error}", requeue=False) from None
     try:
-        call.run()
+        call.run(call_id, attempt=request.retries + 1)
     except Exception as exc:
-        retry_or_reraise(task, handler, exc)
+        window = handler.merged.get("db_retry_window")
+        if isinstance(exc, DATABASE_ERRORS) and window:
+            close_connections()
+            retry_after_database_error(task, handler, body, exc, window)
+        else:
+            retry_or_reraise(task, handler, body, exc)
+        dead_letter(task, handler, body, exc)
         raise
 
 
-def retry_or_reraise(task: DeferredHandlerTask, handler: Handler, exc: Exception) -> None:
-    """Celery's ``autoretry_for`` semantics, with the options read at run time."""
+def retry_or_reraise(
+    task: DeferredHandlerTask, handler: Handler, body: dict[str, Any], exc: Exception
+) -> None:
+    """Celery's ``autoretry_for`` semantics, with the options read at run time.
+
+    Retries spent on a database outage do not count against the handler's ``max_retries``:
+    ``request.retries`` counts every retry, and the message's "dbr" says how many were the
+    outage's. Returns when the exception is not retried (the caller re-raises it).
+    """
     options = handler.merged
     if not isinstance(exc, options.autoretry_for) or isinstance(exc, options.dont_autoretry_for):
         return
+    retries = task.request.retries
+    max_retries = task.max_retries
+    if max_retries is not None and retries - body.get("dbr", 0) >= max_retries:
+        return  # out of retries
     if options.get("retry_backoff"):
         countdown = get_exponential_backoff_interval(
             factor=int(max(1.0, float(options.get("retry_backoff")))),
-            retries=task.request.retries,
+            retries=retries - body.get("dbr", 0),
             maximum=int(options.get("retry_backoff_max")),
             full_jitter=bool(options.get("retry_jitter")),
         )
     else:
         countdown = task.default_retry_delay
-    raise task.retry(exc=exc, countdown=countdown)
+    # The outage, if any, is over: a later one gets a window of its own.
+    kwargs = {key: value for key, value in body.items() if key != "dbf"}
+    raise task.retry(exc=exc, countdown=countdown, kwargs=kwargs, max_retries=retries + 1)
 
 
-class DecodedCall:
-    """A handler call read back from a message, ready to run."""
-
-    def __init__(
-        self, handler: Handler, signal: Signal, decoder: Decoder, sender: Any, kwargs: Any
-    ):
-        self.handler = handler
-        self.signal = signal
-        self.decoder = decoder
-        self.sender = sender
-        self.kwargs = kwargs
-
-    def run(self) -> bool:
-        """Fetch the instances, call the handler; False when a missing row skipped the call."""
-        if not self._resolve_instances():
-            return False
-        func = self.handler.func
-        if iscoroutinefunction(func):  # an async receiver: awaited, as Django's asend would
-            func = async_to_sync(func)
-        func(signal=self.signal, sender=resolve(self.sender), **resolve(self.kwargs))
-        return True
-
-    def _resolve_instances(self) -> bool:
-        for ref in self.decoder.instances:
-            if not ref.fresh or ref.pk is None:
-                ref.resolved = snapshot_instance(ref)
-                continue
-            try:
-                ref.resolved = ref.model._base_manager.db_manager(ref.db).get(pk=ref.pk)
-            except ObjectDoesNotExist:
-                policy = self.handler.merged.get("on_missing")
-                if policy == "raise":
-                    raise
-                if policy == "snapshot" and ref.fields is not None:
-                    ref.resolved = snapshot_instance(ref)
-                    continue
-                logger.warning(
-                    "Skipped deferred handler %s: %s with pk=%r no longer exists in database "
-                    "%r (on_missing=%r).",
-                    self.handler.name,
-                    ref.model._meta.label,
-                    ref.pk,
-                    ref.db,
-                    policy,
-                )
-                return False
-        return True
+def retry_after_database_error(
+    task: DeferredHandlerTask, handler: Handler, body: dict[str, Any], exc: Exception, window: float
+) -> None:
+    """Retry a call the database failed, with backoff, until ``window`` seconds after the
+    first failure; returns once the window is spent (the caller makes a dead letter)."""
+    now = time.time()
+    first, outage_retries = body.get("dbf", now), body.get("dbr", 0)
+    left = window - (now - first)
+    if left <= 0:
+        logger.error(
+            "Deferred handler %s [%s]: the database has failed for %.0f s, past db_retry_window "
+            "(%s s); giving up after %d retries: %r",
+            handler.name, task.request.id, now - first, window, outage_retries, exc,
+        )  # fmt: skip
+        return
+    delay = min(2.0**outage_retries, DB_RETRY_BACKOFF_MAX, left)
+    countdown = delay * random.uniform(0.5, 1.0)  # spread the herd
+    logger.warning(
+        "Deferred handler %s [%s]: database error, retry in %.1f s (%.0f s left of "
+        "db_retry_window): %r",
+        handler.name, task.request.id, countdown, left, exc,
+    )  # fmt: skip
+    raise task.retry(
+        exc=exc,
+        countdown=countdown,
+        kwargs={**body, "dbf": first, "dbr": outage_retries + 1},
+        # Not the handler's budget: it has its own max_retries for its own errors.
+        max_retries=task.request.retries + 1,
+    )
 
 
-def decode_call(handler: Handler, body: Any) -> DecodedCall:
-    """Check a message's shape and decode it; anything unexpected is a malformed message."""
-    if type(body) is not dict or body.keys() - OPTIONAL_KEYS != MESSAGE_KEYS:
-        keys = sorted(body) if isinstance(body, dict) else type(body).__name__
-        raise MalformedMessageError(f"unexpected message fields {keys}")
-    if body["v"] != MESSAGE_VERSION:
-        raise MalformedMessageError(f"unsupported message version {body['v']!r}")
-    index, kwargs = body["signal"], body["kwargs"]
-    if type(index) is not int or not 0 <= index < len(handler.signals):
-        raise MalformedMessageError(f"signal index {index!r} is not one of the handler's signals")
-    if type(kwargs) is not dict:
-        raise MalformedMessageError("kwargs must be an object")
-    for key in kwargs:
-        if not key.isidentifier() or key in ("signal", "sender"):
-            raise MalformedMessageError(f"invalid argument name {key!r}")
-    decoder = Decoder()
-    sender = decoder.decode(body["sender"])
-    decoded = {key: decoder.decode(value) for key, value in kwargs.items()}
-    return DecodedCall(handler, handler.signals[index], decoder, sender, decoded)
+def dead_letter(
+    task: DeferredHandlerTask, handler: Handler, body: dict[str, Any], exc: Exception
+) -> None:
+    """Keep a call that failed for good, with its traceback, so it can be replayed."""
+    deadletters.record(
+        call_id=str(task.request.id),
+        handler=handler.name,
+        body=body,
+        exception=exc,
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        attempts=task.request.retries + 1,
+    )

@@ -50,7 +50,7 @@ from . import dispatch, outbox, registry
 from .decoder import resolve
 from .dispatch import PendingCall
 from .exceptions import DeferredSignalError
-from .tasks import decode_call
+from .execution import decode_call
 
 __all__ = ["CapturedCall", "DeferredCapture", "capture_deferred"]
 
@@ -105,7 +105,7 @@ class CapturedCall:
 
     def _run(self) -> None:
         self._ran = True
-        decode_call(self._registered, kombu_json.loads(self.message)).run()
+        decode_call(self._registered, kombu_json.loads(self.message)).run(self.id)
 
     def describe(self) -> str:
         """``handler(sender=..., name=value, ...)``, for assertion messages."""

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from celery import Celery, current_app
 from celery import _state as celery_state
-from celery import current_app
 from django.conf import settings
 from pytest_django.fixtures import Settings as SettingsWrapper
 
@@ -18,7 +22,7 @@ import tests.celery_app  # noqa: F401  (the project's Celery app is current, as 
 from deferred_signals import publisher
 from tests.testapp import handlers
 from tests.testapp.models import Record
-from tests.workers import Worker
+from tests.workers import Worker, make_app
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -141,3 +145,46 @@ def deferred_to(worker: Worker, settings: SettingsWrapper) -> Iterator[Worker]:
     yield worker
     previous.set_current()
     celery_state.set_default_app(previous_default)
+
+
+@dataclass
+class Queue:
+    app: Celery
+    name: str
+    redis: Any
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in reversed(self.redis.lrange(self.name, 0, -1))]
+
+    def __len__(self) -> int:
+        return int(self.redis.llen(self.name))
+
+
+@contextmanager
+def use_app(app: Celery, settings: SettingsWrapper, queue: str) -> Iterator[None]:
+    """Publish deferred calls through ``app`` (this thread and others) to ``queue``."""
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "EAGER": False,
+        "DEFAULTS": {"queue": queue},
+    }
+    previous, previous_default = current_app._get_current_object(), celery_state.default_app
+    app.set_current()
+    app.set_default()
+    yield
+    previous.set_current()
+    celery_state.set_default_app(previous_default)
+    app.close()
+
+
+@pytest.fixture
+def redis_queue(settings: SettingsWrapper) -> Iterator[Queue]:
+    require("redis")
+    import redis
+
+    url = "redis://127.0.0.1:6379/14"
+    app = make_app("publish-tests", url)
+    queue = Queue(app, f"ds-publish-{uuid.uuid4().hex[:8]}", redis.Redis.from_url(url))
+    with use_app(app, settings, queue.name):
+        yield queue
+    queue.redis.delete(queue.name)

@@ -22,9 +22,19 @@ DATABASES = {
     "default": {**_pg, "NAME": os.environ.get("DS_TEST_DB_DEFAULT", "deferred_signals")},
     "other": {**_pg, "NAME": os.environ.get("DS_TEST_DB_OTHER", "deferred_signals_other")},
 }
+# Fault tests: the worker reaches the default database through a proxy of the tests' own
+# (tests/test_worker_faults.py), and keeps its dead letters on the other one, which stays up.
+if os.environ.get("DS_TEST_PG_PORT_DEFAULT"):
+    DATABASES["default"]["PORT"] = os.environ["DS_TEST_PG_PORT_DEFAULT"]
+    DATABASES["default"]["OPTIONS"] = {"connect_timeout": 3}
+if os.environ.get("DS_TEST_DEADLETTER_DB"):
+    DATABASE_ROUTERS = ["tests.routers.DeadLetterRouter"]
 
+_defaults: dict[str, object] = {"queue": os.environ.get("DS_TEST_QUEUE", "deferred-signals-tests")}
+if os.environ.get("DS_TEST_DB_RETRY_WINDOW"):
+    _defaults["db_retry_window"] = float(os.environ["DS_TEST_DB_RETRY_WINDOW"])
 DEFERRED_SIGNALS = {
     **DEFERRED_SIGNALS,
     "EAGER": os.environ.get("DS_TEST_EAGER", "1") == "1",
-    "DEFAULTS": {"queue": os.environ.get("DS_TEST_QUEUE", "deferred-signals-tests")},
+    "DEFAULTS": _defaults,
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import subprocess
 import uuid
 import zoneinfo
 from decimal import Decimal
@@ -23,6 +24,10 @@ from tests.testapp.handlers import Money, Plain
 from tests.testapp.models import Article, Author, Ticket
 
 PARIS = zoneinfo.ZoneInfo("Europe/Paris")
+
+
+class SubPlain(Plain):
+    pass
 
 
 def wire(value: Any, *, fresh: bool = False, fields: bool = False) -> Any:
@@ -96,11 +101,28 @@ def test_update_fields_comes_back_a_frozenset() -> None:
     assert type(back["update_fields"]) is frozenset
 
 
-def test_model_classes_and_plain_classes_round_trip() -> None:
+def test_model_classes_and_classes_with_a_codec_round_trip() -> None:
     assert wire(Article) is Article
     assert wire(Article.tags.through) is Article.tags.through
-    assert wire(Plain) is Plain
-    assert wire([int, Decimal]) == [int, Decimal]
+    assert wire(Plain) is Plain  # tests/testapp/handlers.py registers a codec for it
+    assert wire([Money]) == [Money]
+
+
+@pytest.mark.parametrize("cls", [int, Decimal, subprocess.Popen, type])
+def test_other_classes_are_refused_at_send_time(cls: type) -> None:
+    with pytest.raises(EncodeError) as info:
+        Encoder(fresh=True, fields=False).encode(cls)
+    assert "register_codec(" in info.value.hint
+
+
+def test_a_subclass_of_a_class_with_a_codec_travels() -> None:
+    assert wire(SubPlain) is SubPlain
+
+
+@pytest.mark.parametrize("path", ["subprocess:Popen", "builtins:type", "decimal:Decimal"])
+def test_the_worker_refuses_classes_without_a_codec(path: str) -> None:
+    with pytest.raises(MalformedMessageError, match="no registered codec"):
+        Decoder().decode({"$t": "class", "v": path})
 
 
 def test_snapshot_instance_has_the_field_values_of_send_time() -> None:
@@ -212,7 +234,7 @@ def test_locate_finds_values_in_every_container_and_in_instance_fields() -> None
 
 
 def test_local_class_is_refused_with_a_hint() -> None:
-    class Local:
+    class Local(Plain):  # vouched for by Plain's codec, but not findable by name
         pass
 
     with pytest.raises(EncodeError) as info:
@@ -351,7 +373,7 @@ def test_field_values_no_codec_knows_use_the_fields_text_form() -> None:
 
 
 def test_a_class_a_worker_cannot_find_is_refused_at_send_time() -> None:
-    dynamic = type("Dynamic", (), {"__module__": __name__})
+    dynamic = type("Dynamic", (Plain,), {"__module__": __name__})
     with pytest.raises(EncodeError) as info:
         Encoder(fresh=True, fields=False).encode(dynamic)
     assert "cannot find this class" in info.value.hint

@@ -185,6 +185,7 @@ def test_a_partition_on_rabbitmq_loses_nothing(
 CHILD = """
 import os, signal, sys
 import django
+import tests.celery_app  # the project's Celery app, as its __init__ would import it
 django.setup()
 from django.conf import settings
 from django.db import transaction
@@ -280,3 +281,34 @@ def test_relay_command_once(settings: SettingsWrapper) -> None:
         out = StringIO()
         call_command("deferred_signals", "relay", "--once", stdout=out)
     assert "relayed 1 call(s)" in out.getvalue()
+
+
+def test_a_message_the_broker_refuses_is_spilled_not_counted(settings: SettingsWrapper) -> None:
+    """RabbitMQ nacks publishes to a full queue (x-overflow: reject-publish): only the
+    confirmed message counts as published, the refused ones go to the outbox."""
+    require("rabbitmq")
+    from kombu import Queue
+
+    from tests.workers import BROKERS
+
+    name = f"ds-full-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, queue_arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+    with (
+        FaultProxy(5672) as proxy,
+        publishing_through(proxy, _FakeWorker(BROKERS["rabbitmq"], name), settings),
+    ):
+        current_app.conf.task_queues = [queue]
+        try:
+            with transaction.atomic():
+                for i in range(3):
+                    user_registered.send(sender=None, label="full", i=i)
+            spilled = sorted(
+                json.loads(row.body)["kwargs"]["i"] for row in OutboxCall.objects.all()
+            )
+            with current_app.connection_for_write() as conn:
+                _, messages, _ = queue(conn.default_channel).queue_declare(passive=True)
+        finally:
+            with current_app.connection_for_write() as conn:
+                queue(conn.default_channel).delete()
+    print(f"\nfull queue on RabbitMQ: published 3, confirmed {messages}, spilled {len(spilled)}")
+    assert messages == 1 and spilled == [1, 2]

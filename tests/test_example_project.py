@@ -39,3 +39,54 @@ def test_the_demo_runs_and_checks_its_own_claims(tmp_path: Path) -> None:
     assert result.returncode == 0, output[-4000:]
     assert "OK: all of the above checked; no worker process left behind." in output
     assert "dave's registration rolled back" in output
+    # The durable path and the latency figure are shown (the demo checks their claims).
+    assert "handlers inline (EAGER)" in output
+    assert "broker CUT for the web side and the relay" in output
+    assert "calls spilled to the outbox" in output
+    assert "broker RESTORED" in output
+    assert "the relay published the calls" in output
+    assert "dead letter #" in output
+    assert "replayed 1 dead letter(s)" in output
+    assert "sync_to_crm succeeded (call " in output
+
+
+def _manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DJANGO_", "BROKER", "DATABASE_URL", "DEMO_"))
+    }
+    return subprocess.run(
+        [sys.executable, str(ROOT / "example_project" / "manage.py"), *args],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_example_refuses_production_without_a_secret_key(tmp_path: Path) -> None:
+    result = _manage("check", DJANGO_DEBUG="0", DEMO_STATE_DIR=str(tmp_path))
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY" in result.stderr
+
+
+def test_the_example_takes_production_settings_from_the_environment(tmp_path: Path) -> None:
+    code = (
+        "from django.conf import settings as s; "
+        "print(s.DEBUG, s.ALLOWED_HOSTS, s.SECRET_KEY == 'k' * 50, s.QUEUE)"
+    )
+    result = _manage(
+        "shell",
+        "-c",
+        code,
+        DJANGO_DEBUG="0",
+        DJANGO_SECRET_KEY="k" * 50,
+        DJANGO_ALLOWED_HOSTS="example.com, www.example.com",
+        DEMO_STATE_DIR=str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        result.stdout.splitlines()[-1] == "False ['example.com', 'www.example.com'] True accounts"
+    )

@@ -8,13 +8,9 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from celery import Celery, current_app
-from celery import _state as celery_state
 from celery.signals import after_task_publish, before_task_publish
 from django.db import transaction
 from django.utils import timezone
@@ -22,55 +18,12 @@ from pytest_django.fixtures import Settings as SettingsWrapper
 
 from deferred_signals import publisher
 from deferred_signals.models import OutboxCall
-from tests.conftest import require
+from tests.conftest import Queue, use_app
 from tests.testapp.models import Article
 from tests.testapp.signals import user_registered
 from tests.workers import make_app
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@dataclass
-class Queue:
-    app: Celery
-    name: str
-    redis: Any
-
-    def messages(self) -> list[dict[str, Any]]:
-        return [json.loads(raw) for raw in reversed(self.redis.lrange(self.name, 0, -1))]
-
-    def __len__(self) -> int:
-        return int(self.redis.llen(self.name))
-
-
-@contextmanager
-def use_app(app: Celery, settings: SettingsWrapper, queue: str) -> Iterator[None]:
-    """Publish deferred calls through ``app`` (this thread and others) to ``queue``."""
-    settings.DEFERRED_SIGNALS = {
-        **settings.DEFERRED_SIGNALS,
-        "EAGER": False,
-        "DEFAULTS": {"queue": queue},
-    }
-    previous, previous_default = current_app._get_current_object(), celery_state.default_app
-    app.set_current()
-    app.set_default()
-    yield
-    previous.set_current()
-    celery_state.set_default_app(previous_default)
-    app.close()
-
-
-@pytest.fixture
-def redis_queue(settings: SettingsWrapper) -> Iterator[Queue]:
-    require("redis")
-    import redis
-
-    url = "redis://127.0.0.1:6379/14"
-    app = make_app("publish-tests", url)
-    queue = Queue(app, f"ds-publish-{uuid.uuid4().hex[:8]}", redis.Redis.from_url(url))
-    with use_app(app, settings, queue.name):
-        yield queue
-    queue.redis.delete(queue.name)
 
 
 def test_a_transaction_publishes_all_its_calls_at_commit(redis_queue: Queue) -> None:

@@ -169,6 +169,9 @@ def redis_app() -> Any:
         ({"retry_backoff": False, "retry_backoff_max": 4000}, {}, []),
         ({"countdown": 3600}, {"visibility_timeout": 43200}, []),
         ({"countdown": 600, "default_retry_delay": 60}, {}, []),
+        ({"time_limit": 3600}, {}, ["deferred_signals.W002"]),
+        ({"soft_time_limit": 100}, {"visibility_timeout": 100}, ["deferred_signals.W002"]),
+        ({"time_limit": 300, "soft_time_limit": 200}, {}, []),
     ],
 )
 def test_redis_delays_longer_than_the_visibility_timeout_warn(

@@ -36,12 +36,14 @@ def capture(send: Callable[[], Any], capture_callbacks: Any) -> list[PendingCall
 
 def test_worker_options_come_from_settings_then_from_celery() -> None:
     saved = task(ARTICLE_SAVED)
-    assert saved.acks_late is current_app.conf.task_acks_late is False
+    # At-least-once by default (issue 8), whatever the Celery app's task_acks_late says.
+    assert current_app.conf.task_acks_late is False
+    assert saved.acks_late is True and saved.reject_on_worker_lost is True
     assert saved.max_retries == 3 and saved.default_retry_delay == 180  # Celery's defaults
     handlers = {
         ARTICLE_SAVED: {
-            "acks_late": True,
-            "reject_on_worker_lost": True,
+            "acks_late": False,
+            "reject_on_worker_lost": False,
             "rate_limit": "5/s",
             "time_limit": 30,
             "soft_time_limit": 20,
@@ -49,11 +51,11 @@ def test_worker_options_come_from_settings_then_from_celery() -> None:
         }
     }
     with override_settings(DEFERRED_SIGNALS={"HANDLERS": handlers}):
-        assert saved.acks_late is True and saved.reject_on_worker_lost is True
+        assert saved.acks_late is False and saved.reject_on_worker_lost is False
         assert saved.rate_limit == "5/s"
         assert (saved.time_limit, saved.soft_time_limit) == (30, 20)
         assert saved.max_retries is None  # retry forever
-    assert saved.acks_late is False
+    assert saved.acks_late is True
 
 
 def test_remote_control_can_still_set_a_rate_limit() -> None:

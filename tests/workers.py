@@ -29,11 +29,20 @@ def make_app(name: str, broker_url: str) -> Celery:
 class Worker:
     """One ``celery -A tests.celery_app worker`` process consuming a queue of its own."""
 
-    def __init__(self, broker: str, databases: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self,
+        broker: str,
+        databases: dict[str, str],
+        log_dir: Path,
+        *,
+        pool: str = "prefork",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.broker = broker
+        self.pool = pool
         self.url = BROKERS[broker]
         self.queue = f"ds-tests-{broker}-{uuid.uuid4().hex[:8]}"
-        self.log_path = log_dir / f"worker-{broker}.log"
+        self.log_path = log_dir / f"worker-{broker}-{pool}-{self.queue[-8:]}.log"
         self.env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "tests.settings_postgres",
@@ -43,6 +52,7 @@ class Worker:
             "DS_TEST_DB_DEFAULT": databases["default"],
             "DS_TEST_DB_OTHER": databases["other"],
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            **(env or {}),
         }
         # The test process publishes through an app of its own on the same broker.
         self.app = make_app(f"tests-{broker}", self.url)
@@ -53,21 +63,25 @@ class Worker:
             sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker",
             "--queues", self.queue,
             "--hostname", f"{self.queue}@%h",
-            "--pool", "prefork", "--concurrency", "2",
+            "--pool", self.pool, "--concurrency", "2",
             "--without-gossip", "--without-mingle",
             "--loglevel", "INFO",
         ]  # fmt: skip
-        with self.log_path.open("wb") as log:
+        with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
-        while " ready." not in self.log():
+        readies = self.log().count(" ready.")  # a restart appends to the same log
+        while self.log().count(" ready.") <= readies:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 pytest.fail(f"the {self.broker} worker did not start:\n{self.log()[-3000:]}")
             time.sleep(0.1)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

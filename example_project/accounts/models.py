@@ -36,6 +36,7 @@ class AuditLog(models.Model):
         WELCOME_EMAIL = "welcome_email", "welcome email sent"
         REGISTERED = "registered", "registration audited"
         CRM_SYNC_FAILED = "crm_sync_failed", "CRM sync failed"
+        CRM_SYNC_REJECTED = "crm_sync_rejected", "CRM refused the contact"
         CRM_SYNCED = "crm_synced", "CRM sync succeeded"
 
     event = models.CharField(max_length=32, choices=Event.choices)

@@ -12,7 +12,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from deferred_signals import receiver
+from deferred_signals import current_call, receiver
 from django.contrib.auth.models import User
 from django.core.mail import send_mail
 from django.db.models.signals import post_save
@@ -57,13 +57,24 @@ def record_registration(
 
 @receiver(user_registered, sender=User, defer=True)
 def sync_to_crm(sender: type[User], user: User, **kwargs: Any) -> None:
-    """Push the new user to the CRM, which often fails: the worker retries it, per settings."""
+    """Push the new user to the CRM, which often fails: the worker retries it, per settings.
+
+    A refusal (``CRMRejected``) is not retried: the call becomes a dead letter, to replay
+    once the data is fixed. The call id, the same on every retry and replay, is a natural
+    idempotency key for a real CRM; here it goes into the audit log.
+    """
+    call = current_call()
+    call_id = f"call {call.id[:8]}" if call is not None else ""
     try:
         crm.push_contact(user)
     except crm.CRMUnavailable as exc:
         AuditLog.objects.record(Event.CRM_SYNC_FAILED, user.username, "sync_to_crm", str(exc))
         raise  # autoretry_for in settings.DEFERRED_SIGNALS turns this into a retry
-    AuditLog.objects.record(Event.CRM_SYNCED, user.username, "sync_to_crm")
+    except crm.CRMRejected as exc:
+        detail = f"{call_id}: {exc}"
+        AuditLog.objects.record(Event.CRM_SYNC_REJECTED, user.username, "sync_to_crm", detail)
+        raise  # not retried: a dead letter
+    AuditLog.objects.record(Event.CRM_SYNCED, user.username, "sync_to_crm", call_id)
 
 
 @receiver(user_registered, sender=User)

@@ -9,11 +9,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.db import transaction
 from django.db.models.signals import pre_save
-from django.test import Client
+from django.test import Client, override_settings
 from django.urls import reverse
 
 
@@ -89,3 +90,16 @@ def sign_up_with_the_command(username: str, email: str, *options: str) -> SignUp
     finished = time.time()
     how = " ".join(["manage.py register_user", username, email, *options])
     return SignUp(username, email, how, started, finished)
+
+
+@contextmanager
+def handlers_inline() -> Iterator[None]:
+    """The synchronous variant, for comparison: every deferred handler runs in the request.
+
+    ``EAGER`` runs them right after the commit, in this process, before the response goes
+    out, as plain receivers calling the SMTP server and the CRM would. The CRM answers at
+    once here (no failures): the best case for running them inline.
+    """
+    eager = {**settings.DEFERRED_SIGNALS, "EAGER": True}
+    with override_settings(DEFERRED_SIGNALS=eager, CRM_FAILURES_BEFORE_SUCCESS=0):
+        yield

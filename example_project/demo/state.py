@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 from pathlib import Path
 
+from deferred_signals.models import DeadLetter, OutboxCall
 from django.conf import settings
+from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.db import connection, connections
 
 from accounts.models import AuditLog
 from example_project.celery import app
+
+#: The registered names of the example's deferred handlers start so.
+HANDLERS_PREFIX = "accounts.receivers."
 
 
 def within_state_dir(path: Path) -> bool:
@@ -27,7 +34,7 @@ def describe_database() -> str:
 
 
 def describe_broker() -> str:
-    url = app.connection_for_write().as_uri()  # the password masked
+    url = app.connection_for_read().as_uri()  # the password masked; the worker's way in
     if url.startswith("filesystem://"):
         folder = shown(Path(settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_in"]).parent)
         return f"{url} (kombu's filesystem transport, no server: a file per message in {folder}/)"
@@ -54,6 +61,9 @@ def reset_database(usernames: list[str]) -> str:
     call_command("migrate", verbosity=0)
     User.objects.filter(username__in=usernames).delete()
     AuditLog.objects.filter(username__in=usernames).delete()
+    # The example's own calls left by an earlier run: its dead letters, its outbox rows.
+    for model in (DeadLetter, OutboxCall):
+        model.objects.filter(handler__startswith=HANDLERS_PREFIX).delete()
     return done
 
 
@@ -94,3 +104,32 @@ def shown(path: Path) -> str:
         return str(path.resolve().relative_to(settings.BASE_DIR.parent.resolve()))
     except ValueError:
         return str(path)
+
+
+ADMIN_USERNAME = "admin"
+
+
+def ensure_admin() -> str:
+    """Create the ``admin`` superuser, or give it a new password; returns the password.
+
+    ``EXAMPLE_ADMIN_PASSWORD`` chooses it; otherwise it is new and random on every call, and
+    printed: the example's database is a demo's, never a place for a password you chose.
+    """
+    password = os.environ.get("EXAMPLE_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+    hashed = make_password(password)
+    # Neither creates nor saves a model instance, so no post_save: the admin account is no
+    # sign-up, and gets no welcome email.
+    admins = User.objects.filter(username=ADMIN_USERNAME)
+    if not admins.update(password=hashed, is_staff=True, is_superuser=True, is_active=True):
+        User.objects.bulk_create(
+            [
+                User(
+                    username=ADMIN_USERNAME,
+                    email="admin@example.com",
+                    password=hashed,
+                    is_staff=True,
+                    is_superuser=True,
+                )
+            ]
+        )
+    return password

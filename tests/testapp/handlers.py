@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from django.db import models
+from django.db import OperationalError, models
 from django.db.models.fields.files import FieldFile
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete
 from django.dispatch import Signal
 
-from deferred_signals import receiver, register_codec
+from deferred_signals import current_call, receiver, register_codec
 
 from . import signals
 from .models import Article, Attempt, Record, Ticket
@@ -36,6 +36,9 @@ _SIGNAL_NAMES = {
     signals.flaky_signal: "flaky_signal",
     signals.slow_signal: "slow_signal",
     signals.renamed_signal: "renamed_signal",
+    signals.killable_signal: "killable_signal",
+    signals.counted_signal: "counted_signal",
+    signals.db_flaky_signal: "db_flaky_signal",
 }
 
 
@@ -55,6 +58,10 @@ register_codec(
 
 class Plain:
     """A non-model class used as a signal sender."""
+
+
+# A class travels as a value (here: a sender) only once a codec vouches for it.
+register_codec(Plain, name="tests.plain", encode=lambda plain: None, decode=lambda data: Plain())
 
 
 class FlakyError(Exception):
@@ -183,7 +190,10 @@ def flaky(signal: Signal, sender: Any, key: str, fail_times: int, **kwargs: Any)
     attempt.refresh_from_db()
     if attempt.count <= fail_times:
         raise FlakyError(f"attempt {attempt.count} of {key}")
-    record("flaky", signal, sender, {"key": key, "attempts": attempt.count})
+    call = current_call()
+    record(
+        "flaky", signal, sender, {"key": key, "attempts": attempt.count, "call": call and call.id}
+    )
 
 
 @receiver(signals.slow_signal, defer=True)
@@ -195,3 +205,52 @@ def marker(signal: Signal, sender: Any, **kwargs: Any) -> None:
 @receiver(signals.renamed_signal, defer=True, aliases=["tests.testapp.handlers.old_name"])
 def renamed(signal: Signal, sender: Any, **kwargs: Any) -> None:
     record("renamed", signal, sender, kwargs)
+
+
+# --- the worker's faults (tests/test_worker_faults.py) ---------------------------------------
+
+
+def call_info() -> dict[str, Any]:
+    call = current_call()
+    assert call is not None
+    return {"id": call.id, "attempt": call.attempt, "handler": call.handler}
+
+
+@receiver(signals.killable_signal, defer=True)
+def killable(signal: Signal, sender: Any, key: str, seconds: float, **kwargs: Any) -> None:
+    """Says which process runs it, then takes ``seconds``: a test kills it in between."""
+    Record.objects.create(
+        handler="killable_start",
+        call={"key": key, **call_info()},
+        pid=os.getpid(),
+        ran_at=time.time(),
+    )
+    time.sleep(seconds)
+    Record.objects.create(
+        handler="killable_done",
+        call={"key": key, **call_info()},
+        pid=os.getpid(),
+        ran_at=time.time(),
+    )
+
+
+@receiver(signals.counted_signal, defer=True, idempotent=True)
+def counted(signal: Signal, sender: Any, key: str, **kwargs: Any) -> None:
+    """Its database writes happen once per call, however often the call is delivered."""
+    attempt, _ = Attempt.objects.get_or_create(key=key)
+    Attempt.objects.filter(pk=attempt.pk).update(count=models.F("count") + 1)
+
+
+@receiver(signals.db_flaky_signal, defer=True)
+def db_flaky(
+    signal: Signal, sender: Any, key: str, outages: int, failures: int, **kwargs: Any
+) -> None:
+    """Meets ``outages`` database errors, then ``failures`` FlakyErrors, then records."""
+    attempt, _ = Attempt.objects.get_or_create(key=key)
+    Attempt.objects.filter(pk=attempt.pk).update(count=models.F("count") + 1)
+    attempt.refresh_from_db()
+    if attempt.count <= outages:
+        raise OperationalError(f"outage {attempt.count} of {key}")
+    if attempt.count <= outages + failures:
+        raise FlakyError(f"attempt {attempt.count} of {key}")
+    record("db_flaky", signal, sender, {"key": key, "call": call_info()})

@@ -18,7 +18,8 @@ from django.db import router
 from django.db.models import Count
 from django.utils import timezone
 
-from deferred_signals import listing
+from deferred_signals import listing, readiness
+from deferred_signals.exceptions import DeferredSignalConfigError
 from deferred_signals.relay import Relay, RoundResult, outbox_databases, pending
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -79,6 +80,11 @@ class Command(BaseCommand):
         prune.add_argument("--older-than", type=duration, default=duration("7d"))
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["subcommand"] in ("relay", "replay"):
+            try:  # they publish: refuse Celery's unconfigured fallback app, as a send would
+                readiness.check()
+            except DeferredSignalConfigError as error:
+                raise CommandError(str(error)) from None
         getattr(self, f"handle_{options['subcommand']}")(**options)
 
     def handle_list(self, **options: Any) -> None:

@@ -1,0 +1,60 @@
+"""``current_call()``: which deferred call the running handler serves."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DeferredCall:
+    """The deferred call a handler is running for.
+
+    ``id`` is the same from the signal to the handler, on every retry, redelivery and replay:
+    store it to make a handler idempotent. ``attempt`` is 1 for the first run and grows by one
+    with each retry. ``committed_at`` is when the transaction that sent the signal committed
+    (``None`` when the message does not say).
+    """
+
+    id: str
+    handler: str
+    attempt: int
+    committed_at: datetime.datetime | None
+
+
+_current: ContextVar[DeferredCall | None] = ContextVar("deferred_call", default=None)
+
+
+def current_call() -> DeferredCall | None:
+    """The call the running deferred handler serves; ``None`` outside a deferred handler.
+
+    Works on the worker and inline with ``EAGER``::
+
+        @receiver(post_save, sender=Order, defer=True)
+        def notify(sender, instance, **kwargs):
+            call = current_call()
+            if Notification.objects.filter(call_id=call.id).exists():
+                return  # a second delivery of the same call
+    """
+    return _current.get()
+
+
+@contextmanager
+def running(call_id: str, handler: str, attempt: int, body: dict[str, Any]) -> Iterator[None]:
+    """Make ``current_call()`` answer for the duration of one handler run."""
+    token = _current.set(DeferredCall(call_id, handler, attempt, committed_at(body)))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def committed_at(body: dict[str, Any]) -> datetime.datetime | None:
+    at = body.get("at")
+    if at is None:
+        return None
+    return datetime.datetime.fromtimestamp(at, tz=datetime.timezone.utc)

@@ -1,0 +1,76 @@
+"""Dead letters: calls that failed for good, kept with their message so they can be replayed."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.db import IntegrityError, router, transaction
+from django.utils import timezone
+from kombu.utils import json as kombu_json
+
+from .conf import conf
+
+logger = logging.getLogger("deferred_signals")
+
+#: Keys the worker adds to a message for its own retries; a replay starts afresh without them.
+WORKER_KEYS = ("dbf", "dbr")
+
+
+def body_text(body: Any) -> str:
+    """The JSON text a replay publishes again: kombu's JSON, as Celery wrote the message."""
+    if isinstance(body, dict):
+        body = {key: value for key, value in body.items() if key not in WORKER_KEYS}
+    return kombu_json.dumps(body)
+
+
+def record(
+    *,
+    call_id: str,
+    handler: str,
+    body: Any,
+    exception: BaseException,
+    traceback: str = "",
+    attempts: int = 1,
+) -> bool:
+    """Record (or update, for a call id seen before) the dead letter of one call.
+
+    ``body`` is the message body (a dict), or the raw text of a message that was not even
+    one. Never raises: when the database cannot take the row, the call id is logged at ERROR
+    and the caller carries on with Celery's own failure handling. Returns whether it was kept.
+    """
+    if not conf.dead_letters:
+        return False
+    from .models import NAME_LENGTH, DeadLetter  # models load once Django's apps are ready
+
+    kind = type(exception)
+    now = timezone.now()
+    fields: dict[str, Any] = {
+        "handler": handler[:NAME_LENGTH],
+        "body": body if isinstance(body, str) else body_text(body),
+        "exception": f"{kind.__module__}.{kind.__qualname__}"[:NAME_LENGTH],
+        "message": str(exception),
+        "traceback": traceback,
+        "attempts": attempts,
+        "last_failed_at": now,
+    }
+    try:
+        using = router.db_for_write(DeadLetter)
+        rows = DeadLetter.objects.using(using)
+        with transaction.atomic(using=using):
+            if not rows.filter(call_id=call_id).update(**fields):
+                try:
+                    with transaction.atomic(using=using):
+                        rows.create(call_id=call_id, first_failed_at=now, **fields)
+                except IntegrityError:  # another worker recorded the same call just now
+                    rows.filter(call_id=call_id).update(**fields)
+    except Exception:
+        logger.exception(
+            "Could not record the dead letter of call %s (deferred handler %s, %s: %s)",
+            call_id,
+            handler,
+            fields["exception"],
+            fields["message"],
+        )
+        return False
+    return True

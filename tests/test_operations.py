@@ -1,0 +1,342 @@
+"""Operating durable delivery: the relay, replay, status, prune, the admin and check W010.
+
+Publishing goes to a real Redis list nobody consumes, so the test reads exactly what was sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+from django.core.management import call_command
+from django.db import connection, connections, transaction
+from django.test import Client
+from django.utils import timezone
+from pytest_django.fixtures import Settings as SettingsWrapper
+
+from deferred_signals import publisher
+from deferred_signals.checks import check_outbox_tables
+from deferred_signals.conf import settings_problems
+from deferred_signals.models import DeadLetter, OutboxCall, ProcessedCall, RelayHeartbeat
+from deferred_signals.outbox import body_text
+from deferred_signals.relay import Relay
+from tests.conftest import Queue, use_app
+from tests.workers import ROOT, make_app
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+EVENT = "tests.user_event"
+
+
+def body(label: str) -> dict[str, Any]:
+    return {"v": 1, "signal": 0, "sender": None, "kwargs": {"label": label}, "at": time.time()}
+
+
+def dead_letter(label: str, handler: str = EVENT) -> DeadLetter:
+    return DeadLetter.objects.create(
+        call_id=str(uuid.uuid4()),
+        handler=handler,
+        body=body_text(body(label)),
+        exception="tests.testapp.handlers.FlakyError",
+        message="attempt 4",
+        traceback="Traceback ...",
+        attempts=4,
+    )
+
+
+def published(queue: Queue) -> list[tuple[str, dict[str, Any]]]:
+    """(task id, our body) of each message in the queue, oldest first."""
+    return [
+        (m["headers"]["id"], json.loads(base64.b64decode(m["body"]))[1]) for m in queue.messages()
+    ]
+
+
+def command(*args: str) -> tuple[str, str]:
+    out, err = StringIO(), StringIO()
+    call_command("deferred_signals", *args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+# --- replay --------------------------------------------------------------------------------
+
+
+def test_replay_publishes_the_same_message_with_the_same_call_id(redis_queue: Queue) -> None:
+    letters = [dead_letter("a"), dead_letter("b")]
+    out, _ = command("replay", str(letters[0].id), letters[1].call_id)
+    assert "replayed 2 dead letter(s), skipped 0" in out
+    sent = published(redis_queue)
+    assert [task_id for task_id, _ in sent] == [letter.call_id for letter in letters]
+    assert [b["kwargs"]["label"] for _, b in sent] == ["a", "b"]
+    assert all(letter.replayed_at for letter in DeadLetter.objects.all())
+    # Replayed letters are left out of --all unless asked for.
+    out, _ = command("replay", "--all")
+    assert "replayed 0 dead letter(s)" in out and len(redis_queue) == 2
+
+
+def test_replay_by_handler_all_and_dry_run(redis_queue: Queue) -> None:
+    dead_letter("x")
+    dead_letter("y", handler="tests.testapp.handlers.marker")
+    out, _ = command("replay", "--all", "--dry-run")
+    assert out.count("would replay") == 3 and len(redis_queue) == 0
+    assert not DeadLetter.objects.exclude(replayed_at=None).exists()
+    command("replay", "--handler", "tests.testapp.handlers.marker")
+    assert [b["kwargs"]["label"] for _, b in published(redis_queue)] == ["y"]
+
+
+def test_replay_skips_what_this_code_could_not_have_sent(redis_queue: Queue) -> None:
+    unknown = dead_letter("z", handler="gone.handler")
+    forged = DeadLetter.objects.create(
+        call_id="f", handler=EVENT, body='"just a string"', exception="x"
+    )
+    out, err = command("replay", "--all")
+    assert "replayed 0 dead letter(s), skipped 2" in out
+    assert f"skipped {unknown.id}: gone.handler" in err and "no deferred handler" in err
+    assert f"skipped {forged.id}" in err and "not one this package sends" in err
+    assert len(redis_queue) == 0
+
+
+def test_replay_with_the_broker_down_goes_to_the_outbox(settings: SettingsWrapper) -> None:
+    letter = dead_letter("later")
+    with use_app(make_app("down", "redis://127.0.0.1:1/0"), settings, "nowhere"):
+        command("replay", "--all")
+    (row,) = OutboxCall.objects.all()
+    assert row.id == letter.call_id and json.loads(row.body)["kwargs"]["label"] == "later"
+
+
+def test_the_admin_replay_action_needs_the_change_permission(redis_queue: Queue) -> None:
+    letter = dead_letter("admin")
+    viewer = User.objects.create_user("viewer", password="pw", is_staff=True)
+    viewer.user_permissions.add(*_permissions("view_deadletter"))
+    client = Client()
+    client.force_login(viewer)
+    page = client.get("/admin/deferred_signals/deadletter/")
+    assert page.status_code == 200 and letter.call_id in page.content.decode()
+    assert "replay_selected" not in page.content.decode()  # no action without the permission
+    client.post(
+        "/admin/deferred_signals/deadletter/",
+        {"action": "replay_selected", "_selected_action": [letter.pk]},
+    )
+    assert len(redis_queue) == 0
+
+    staff = User.objects.create_user("operator", password="pw", is_staff=True)
+    staff.user_permissions.add(*_permissions("view_deadletter", "change_deadletter"))
+    client.force_login(staff)
+    page = client.get("/admin/deferred_signals/deadletter/?q=" + letter.call_id)
+    assert "replay_selected" in page.content.decode()
+    response = client.post(
+        "/admin/deferred_signals/deadletter/",
+        {"action": "replay_selected", "_selected_action": [letter.pk]},
+        follow=True,
+    )
+    assert "Replayed 1 dead letter(s)" in response.content.decode()
+    ((task_id, sent),) = published(redis_queue)
+    assert task_id == letter.call_id and sent["kwargs"]["label"] == "admin"
+    # Read-only: no add form, no editable fields.
+    assert client.get("/admin/deferred_signals/deadletter/add/").status_code == 403
+    detail = client.get(f"/admin/deferred_signals/deadletter/{letter.pk}/change/")
+    assert detail.status_code == 200 and 'name="handler"' not in detail.content.decode()
+
+
+def test_the_admin_lists_pending_outbox_calls() -> None:
+    OutboxCall.objects.create(
+        id="pending-1", handler=EVENT, body="{}", next_attempt_at=timezone.now()
+    )
+    admin = User.objects.create_superuser("admin", password="pw")
+    client = Client()
+    client.force_login(admin)
+    page = client.get("/admin/deferred_signals/outboxcall/")
+    assert page.status_code == 200 and "pending-1" in page.content.decode()
+    assert client.get("/admin/deferred_signals/outboxcall/add/").status_code == 403
+
+
+def _permissions(*codenames: str) -> list[Any]:
+    from django.contrib.auth.models import Permission
+
+    return list(Permission.objects.filter(codename__in=codenames))
+
+
+# --- relay ---------------------------------------------------------------------------------
+
+
+def test_a_row_whose_handler_is_unknown_backs_off_then_becomes_a_dead_letter(
+    redis_queue: Queue, settings: SettingsWrapper
+) -> None:
+    settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "RELAY_MAX_ATTEMPTS": 2}
+    now = timezone.now()
+    OutboxCall.objects.create(id="orphan", handler="gone.handler", body="{}", next_attempt_at=now)
+    OutboxCall.objects.create(
+        id="good", handler=EVENT, body=body_text(body("ok")), next_attempt_at=now
+    )
+    assert Relay().run_once() == 1
+    orphan = OutboxCall.objects.get()
+    assert orphan.attempts == 1 and "no deferred handler" in orphan.last_error
+    assert orphan.next_attempt_at > timezone.now()  # backing off
+    OutboxCall.objects.update(next_attempt_at=timezone.now())
+    Relay().run_once()
+    assert not OutboxCall.objects.exists()
+    letter = DeadLetter.objects.get()
+    assert (letter.call_id, letter.handler, letter.attempts) == ("orphan", "gone.handler", 2)
+    assert [task_id for task_id, _ in published(redis_queue)] == ["good"]
+
+
+def test_rows_in_their_grace_period_are_left_to_the_request(redis_queue: Queue) -> None:
+    later = timezone.now() + datetime.timedelta(seconds=30)
+    OutboxCall.objects.create(
+        id="young", handler=EVENT, body=body_text(body("y")), next_attempt_at=later
+    )
+    assert Relay().run_once() == 0 and OutboxCall.objects.exists()
+
+
+def test_relay_process_stops_on_sigterm_and_touches_its_health_file(
+    postgres_only: None, redis_queue: Queue, tmp_path: Path
+) -> None:
+    health = tmp_path / "alive"
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings_postgres",
+        "DS_TEST_DB_DEFAULT": connection.settings_dict["NAME"],
+        "DS_TEST_DB_OTHER": connections["other"].settings_dict["NAME"],
+        "DS_TEST_BROKER": "redis://127.0.0.1:6379/14",
+        "DS_TEST_QUEUE": redis_queue.name,
+        "DS_TEST_EAGER": "0",
+        "PYTHONPATH": str(ROOT),
+    }
+    command = ["tests/manage.py", "deferred_signals", "relay", "--health-file", str(health)]
+    relay = subprocess.Popen(
+        [sys.executable, *command],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not health.exists():
+            assert relay.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        OutboxCall.objects.create(
+            id="relayed", handler=EVENT, body=body_text(body("r")), next_attempt_at=timezone.now()
+        )
+        while len(redis_queue) == 0:
+            assert time.monotonic() < deadline, "the running relay did not publish the row"
+            time.sleep(0.1)
+        assert RelayHeartbeat.objects.exists()
+        relay.send_signal(signal.SIGTERM)
+        output = relay.communicate(timeout=30)[0].decode()
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+    assert relay.returncode == 0, output
+    assert "finishing the round in hand" in output and "relay stopped" in output
+    assert [task_id for task_id, _ in published(redis_queue)] == ["relayed"]
+
+
+def test_relay_refuses_an_unconfigured_celery_app(postgres_only: None) -> None:
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings_postgres",
+        "DS_TEST_DB_DEFAULT": connection.settings_dict["NAME"],
+        "DS_TEST_EAGER": "0",
+        "PYTHONPATH": str(ROOT),
+    }
+    # python -m django: the project's Celery app is never imported (no proj/__init__.py).
+    relay = subprocess.run(
+        [sys.executable, "-m", "django", "deferred_signals", "relay", "--once"],
+        cwd=ROOT, env=env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert relay.returncode != 0
+    assert "has no broker_url" in relay.stderr.decode()
+    assert "Import your Celery app when Django starts" in relay.stderr.decode()
+
+
+# --- status and prune ----------------------------------------------------------------------
+
+
+def test_status_reports_pending_rows_dead_letters_and_relays() -> None:
+    OutboxCall.objects.create(
+        id="p1",
+        handler=EVENT,
+        body="{}",
+        created=timezone.now() - datetime.timedelta(seconds=90),
+        next_attempt_at=timezone.now(),
+    )
+    dead_letter("a")
+    dead_letter("b")
+    RelayHeartbeat.objects.create(name="host:1", last_loop_at=timezone.now())
+    report = json.loads(command("status", "--json")[0])
+    default = next(entry for entry in report["outbox"] if entry["database"] == "default")
+    assert default["pending"] == 1 and default["oldest_age_seconds"] >= 90
+    assert report["dead_letters"] == {EVENT: 2}
+    assert "host:1" in report["relays"]
+    text = command("status")[0]
+    assert "outbox default: 1 pending, oldest" in text
+    assert f"dead letters not replayed: 2\n  {EVENT}: 2" in text
+    assert "relay host:1: last loop 0 s ago" in text
+
+
+def test_prune_deletes_old_processed_ids_and_replayed_letters() -> None:
+    old = timezone.now() - datetime.timedelta(days=8)
+    ProcessedCall.objects.create(call_id="old", handler=EVENT, processed_at=old)
+    ProcessedCall.objects.create(call_id="new", handler=EVENT)
+    replayed, kept = dead_letter("r"), dead_letter("k")
+    DeadLetter.objects.filter(pk=replayed.pk).update(replayed_at=old)
+    out, _ = command("prune", "--older-than", "7d")
+    assert "pruned 1 processed call id(s) and 1 replayed dead letter(s)" in out
+    assert list(ProcessedCall.objects.values_list("call_id", flat=True)) == ["new"]
+    assert list(DeadLetter.objects.values_list("pk", flat=True)) == [kept.pk]
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_w010_names_a_database_without_the_outbox_table() -> None:
+    assert check_outbox_tables(databases=["default", "other"]) == []
+    with transaction.atomic(using="other"):  # DDL rolls back on both backends
+        with connections["other"].cursor() as cursor:
+            cursor.execute(f"DROP TABLE {OutboxCall._meta.db_table}")
+        (warning,) = check_outbox_tables(databases=["default", "other"])
+        assert warning.id == "deferred_signals.W010" and "'other'" in warning.msg
+        assert "migrate deferred_signals --database=other" in warning.hint
+        transaction.set_rollback(True, using="other")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("PUBLISH_TIMEOUT", 0),
+        ("PUBLISH_TIMEOUT", "2"),
+        ("PUBLISH_COOLDOWN", -1),
+        ("OUTBOX_GRACE", None),
+        ("RELAY_MAX_ATTEMPTS", 0),
+        ("DELIVERY", "pigeon"),
+    ],
+)
+def test_top_level_settings_are_validated(key: str, value: Any) -> None:
+    (problem,) = settings_problems({key: value})
+    assert key in problem.msg and problem.id in ("deferred_signals.E007", "deferred_signals.E008")
+
+
+def test_outbox_mode_without_the_table_fails_at_send_time_naming_the_fix(
+    settings: SettingsWrapper, redis_queue: Queue
+) -> None:
+    from deferred_signals import DeferredSignalError
+    from tests.testapp.signals import user_registered
+
+    settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "DELIVERY": "outbox"}
+    fix = "migrate deferred_signals --database=default"
+    with pytest.raises(DeferredSignalError, match=fix), transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TABLE {OutboxCall._meta.db_table}")
+        user_registered.send(sender=None, label="x")
+    assert len(redis_queue) == 0
+    publisher.reset()

@@ -1,0 +1,300 @@
+"""The worker side in this process: message checks, type rules, database-outage retries, dead
+letters, ``current_call()`` and idempotent handlers (Celery's ``Task.apply``, SQLite).
+
+The real worker tests (test_worker_faults.py) prove the same against a real worker.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+import uuid
+from typing import Any
+
+import pytest
+from celery import current_app
+from celery.exceptions import Reject
+from django.db import OperationalError
+from django.test import override_settings
+from kombu.utils import json as kombu_json
+
+from deferred_signals import DeferredSignalError, current_call, deadletters, registry
+from deferred_signals.calls import running
+from deferred_signals.codec import MAX_DEPTH
+from deferred_signals.exceptions import MalformedMessageError
+from deferred_signals.execution import decode_call
+from deferred_signals.models import DeadLetter, ProcessedCall
+from deferred_signals.strategy import message_problem, too_deep
+from tests.testapp.handlers import FlakyError
+from tests.testapp.models import Article, Attempt, Record
+from tests.testapp.signals import counted_signal, killable_signal, user_registered
+
+DB_FLAKY = "tests.testapp.handlers.db_flaky"
+ARTICLE_SAVED = "tests.testapp.handlers.article_saved"
+
+
+class FakeMessage:
+    def __init__(self, payload: Any, headers: Any = None) -> None:
+        self._payload = payload
+        self.headers = {"id": "m-1", "task": "t"} if headers is None else headers
+        self.body = b"raw"
+
+    @property
+    def payload(self) -> Any:
+        if isinstance(self._payload, Exception):
+            raise self._payload
+        return self._payload
+
+
+def body(**kwargs: Any) -> dict[str, Any]:
+    return {"v": 1, "signal": 0, "sender": None, "kwargs": kwargs}
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# --- the strategy's check, before the pool ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "headers", "reason"),
+    [
+        ("just a string", None, "not Celery's"),
+        ([[], {}], None, "not Celery's"),
+        ({"args": [], "kwargs": {}}, None, "not Celery's"),
+        ([[1], body(), {}], None, "positional"),
+        ([(), body(), {}], None, "args must be a list"),
+        ([[], body(), 5], None, "embed"),
+        ([[], {"v": 1}, {}], None, "unexpected message fields"),
+        ([[], {**body(), "code": 1}, {}], None, "unexpected message fields"),
+        ([[], body(x=nested(MAX_DEPTH + 1)), None], None, "deeper than"),
+        ([[], body(), {}], [], "no task headers"),
+        ([[], body(), {}], {"task": "t"}, "no task id"),
+        ([[], body(), {}], {"id": "x", "timelimit": "soon"}, "timelimit"),
+        ([[], body(), {}], {"id": "x", "timelimit": [1, 2, 3]}, "timelimit"),
+        ([[], body(), {}], {"id": "x", "retries": "1"}, "retries"),
+        ([[], body(), {}], {"id": "x", "stamps": nested(MAX_DEPTH + 1)}, "headers nest"),
+        (ValueError("bad json"), None, "does not decode"),
+    ],
+)
+def test_the_strategy_refuses_what_celery_would_choke_on(
+    payload: Any, headers: Any, reason: str
+) -> None:
+    problem = message_problem(FakeMessage(payload, headers))
+    assert problem is not None and reason in problem
+
+
+def test_the_strategy_lets_good_messages_through() -> None:
+    good = [[], {**body(x=nested(MAX_DEPTH)), "at": 1.0, "dbf": 2.0, "dbr": 1}, None]
+    assert message_problem(FakeMessage(good, {"id": "x", "timelimit": [None, 5]})) is None
+
+
+def test_depth_is_measured_without_recursion() -> None:
+    assert too_deep(nested(100_000), 10)
+    assert not too_deep(nested(10), 10)
+    assert too_deep({"a": [{"b": nested(8)}]}, 10)
+
+
+@pytest.mark.django_db
+def test_send_time_refusal_names_handler_argument_and_depth() -> None:
+    user_registered.send(sender=None, deep=nested(MAX_DEPTH))  # EAGER: runs inline
+    with pytest.raises(DeferredSignalError) as info:
+        user_registered.send(sender=None, label="x", deep=nested(MAX_DEPTH + 1))
+    message = str(info.value)
+    assert "'tests.user_event'" in message and "'deep'" in message and str(MAX_DEPTH) in message
+    with pytest.raises(DeferredSignalError, match="'deep'"):
+        user_registered.send(sender=None, deep={"k": (nested(MAX_DEPTH),)})
+    with pytest.raises(DeferredSignalError, match="'deep'"):
+        user_registered.send(sender=None, deep=nested(5000))  # no RecursionError either
+
+
+# --- forged references and type confusion -------------------------------------------------
+
+
+def article_call(sender: Any, instance: Any) -> dict[str, Any]:
+    return {
+        "v": 1, "signal": 0, "sender": sender,
+        "kwargs": {"instance": instance, "created": True, "raw": False, "using": "default",
+                   "update_fields": None},
+    }  # fmt: skip
+
+
+ARTICLE = {"$t": "modelclass", "v": "testapp.Article"}
+
+
+def ref(pk: Any, model: str = "testapp.article", **extra: Any) -> dict[str, Any]:
+    return {"$t": "model", "m": model, "pk": pk, "db": "default", "fresh": True, **extra}
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (article_call(ARTICLE, ref(None)), "no pk"),
+        (article_call(ARTICLE, ref("abc")), "not a primary key"),
+        (article_call({"$t": "modelclass", "v": "auth.User"}, ref(1)), "not one"),
+        (article_call(ARTICLE, ref(1, "testapp.author")), "not an instance of"),
+        (article_call(ARTICLE, "not an instance"), "not an instance of"),
+        (article_call(None, ref(1)), "not one"),
+        (article_call(ARTICLE, {"$t": "class", "v": "subprocess:Popen"}), "no registered codec"),
+        ({**article_call(ARTICLE, ref(1)), "at": "yesterday"}, "not a time"),
+        ({**article_call(ARTICLE, ref(1)), "dbf": float("nan")}, "not a time"),
+        ({**article_call(ARTICLE, ref(1)), "dbr": -1}, "not a count"),
+    ],
+)
+def test_forged_calls_are_malformed(message: dict[str, Any], reason: str) -> None:
+    handler = registry.get(ARTICLE_SAVED)
+    assert handler is not None
+    with pytest.raises(MalformedMessageError, match=reason):
+        decode_call(handler, message)
+
+
+def test_a_handler_without_sender_takes_model_classes_and_classes_with_a_codec() -> None:
+    handler = registry.get("tests.user_event")
+    assert handler is not None
+    for sender in (None, "a string", ARTICLE, {"$t": "class", "v": "tests.testapp.handlers:Plain"}):
+        decode_call(handler, {**body(), "sender": sender})
+    with pytest.raises(MalformedMessageError, match="no registered codec"):
+        decode_call(handler, {**body(), "sender": {"$t": "class", "v": "builtins:type"}})
+
+
+def test_a_model_signal_instance_must_be_of_the_sender_model() -> None:
+    handler = registry.get(ARTICLE_SAVED)
+    assert handler is not None
+    call = decode_call(handler, article_call(ARTICLE, ref(1)))
+    assert call.sender is Article
+
+
+# --- current_call() and idempotent handlers, inline (EAGER) ---------------------------------
+
+
+@pytest.mark.django_db
+def test_current_call_is_set_during_a_deferred_run_only(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    with django_capture_on_commit_callbacks(execute=True):
+        killable_signal.send(sender=None, key="k", seconds=0)
+    assert current_call() is None
+    start, done = Record.objects.order_by("id")
+    assert start.call == done.call
+    assert start.call["handler"] == "tests.testapp.handlers.killable"
+    assert start.call["attempt"] == 1
+    uuid.UUID(start.call["id"])
+
+
+def test_committed_at_comes_from_the_message() -> None:
+    with running("c", "h", 2, {"at": 1_800_000_000.5}):
+        call = current_call()
+    assert call is not None and call.attempt == 2
+    assert call.committed_at == datetime.datetime(
+        2027, 1, 15, 8, 0, 0, 500000, tzinfo=datetime.timezone.utc
+    )
+    with running("c", "h", 1, {}):
+        assert current_call().committed_at is None  # type: ignore[union-attr]
+
+
+@pytest.mark.django_db
+def test_an_idempotent_handler_skips_a_second_delivery(
+    caplog: pytest.LogCaptureFixture, django_capture_on_commit_callbacks: Any
+) -> None:
+    handler = registry.get("tests.testapp.handlers.counted")
+    assert handler is not None
+    message = body(key="k")
+    for _ in range(2):
+        decode_call(handler, message).run("call-1")
+    assert Attempt.objects.get(key="k").count == 1
+    assert ProcessedCall.objects.filter(call_id="call-1").exists()
+    assert "call call-1 was already processed" in caplog.text
+    with django_capture_on_commit_callbacks(execute=True):
+        counted_signal.send(sender=None, key="k")  # another call id
+    assert Attempt.objects.get(key="k").count == 2
+
+
+# --- database outages and dead letters (Celery's Task.apply) --------------------------------
+
+
+def run(message: dict[str, Any], task_id: str = "call-1", **options: Any) -> Any:
+    with override_settings(DEFERRED_SIGNALS={"HANDLERS": {DB_FLAKY: options}}):
+        return current_app.tasks[DB_FLAKY].apply(kwargs=message, task_id=task_id)
+
+
+@pytest.mark.django_db
+def test_database_errors_are_retried_off_the_handlers_own_budget() -> None:
+    options = {"autoretry_for": ["tests.testapp.handlers.FlakyError"], "max_retries": 1}
+    result = run(body(key="k", outages=3, failures=1), **options, default_retry_delay=0)
+    assert result.successful()
+    (record,) = Record.objects.filter(handler="db_flaky")
+    # 3 outage retries + 1 of its own: attempt 5; max_retries=1 was not eaten by the outage.
+    call = {k["repr"]: v["repr"] for k, v in record.call["kwargs"]["call"]["items"]}
+    assert call["'attempt'"] == "5"
+    assert Attempt.objects.get(key="k").count == 5
+    assert not DeadLetter.objects.exists()
+
+
+@pytest.mark.django_db
+def test_past_the_window_a_database_error_makes_a_dead_letter() -> None:
+    message = {**body(key="k", outages=5, failures=0), "dbf": time.time() - 1000, "dbr": 7}
+    result = run(message, db_retry_window=900)
+    assert isinstance(result.result, OperationalError)
+    letter = DeadLetter.objects.get(call_id="call-1")
+    assert letter.exception == "django.db.utils.OperationalError"
+    assert letter.handler == DB_FLAKY and "outage 1 of k" in letter.traceback
+    # The body a replay publishes: the worker's own retry keys stripped.
+    assert kombu_json.loads(letter.body) == body(key="k", outages=5, failures=0)
+
+
+@pytest.mark.django_db
+def test_with_the_window_off_a_database_error_is_the_handlers_own() -> None:
+    result = run(body(key="k", outages=1, failures=0), db_retry_window=0)
+    assert isinstance(result.result, OperationalError)
+    assert Attempt.objects.get(key="k").count == 1
+    assert DeadLetter.objects.filter(call_id="call-1").exists()
+
+
+@pytest.mark.django_db
+def test_running_out_of_retries_makes_one_dead_letter_per_call() -> None:
+    options = {"autoretry_for": [FlakyError], "max_retries": 1, "default_retry_delay": 0}
+    for _ in range(2):  # the same call id failing again (a replay) updates its row
+        result = run(body(key="k", outages=0, failures=100), **options)
+        assert isinstance(result.result, FlakyError)
+    letter = DeadLetter.objects.get(call_id="call-1")
+    assert letter.attempts == 2 and letter.exception == "tests.testapp.handlers.FlakyError"
+    assert letter.last_failed_at >= letter.first_failed_at
+    assert letter.message == "attempt 4 of k"
+
+
+@pytest.mark.django_db
+def test_a_malformed_message_is_a_dead_letter() -> None:
+    result = run({"v": 1}, task_id="forged")
+    assert isinstance(result.result, Reject)
+    assert DeadLetter.objects.get(call_id="forged").attempts == 0
+
+
+@pytest.mark.django_db
+def test_dead_letters_can_be_turned_off() -> None:
+    with override_settings(DEFERRED_SIGNALS={"DEAD_LETTERS": False}):
+        assert not deadletters.record(
+            call_id="x", handler="h", body=body(), exception=ValueError("v")
+        )
+    assert not DeadLetter.objects.exists()
+
+
+def test_a_dead_letter_the_database_refuses_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    # No database access in this test: the write fails as it would with the database down.
+    kept = deadletters.record(call_id="lost-1", handler="h", body=body(), exception=KeyError())
+    assert kept is False
+    assert "Could not record the dead letter of call lost-1" in caplog.text
+
+
+def test_the_settings_check_the_new_options() -> None:
+    from deferred_signals.conf import option_problems, settings_problems
+
+    assert [p.id for p in option_problems({"idempotent": "yes"}, "x")] == ["deferred_signals.E005"]
+    assert [p.id for p in option_problems({"db_retry_window": -1}, "x")] == [
+        "deferred_signals.E005"
+    ]
+    assert option_problems({"idempotent": True, "db_retry_window": 0}, "x") == []
+    assert [p.id for p in settings_problems({"DEAD_LETTERS": "no"})] == ["deferred_signals.E007"]
