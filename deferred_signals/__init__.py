@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from . import signals
     from .calls import DeferredCall, current_call
     from .codec import register_codec, unregister_codec
     from .exceptions import (
@@ -39,6 +40,7 @@ __all__ = [
     "current_call",
     "receiver",
     "register_codec",
+    "signals",
     "unregister_codec",
 ]
 
@@ -54,6 +56,7 @@ _EXPORTS = {
     "connect": ".receivers",
     "receiver": ".receivers",
     "register_codec": ".codec",
+    "signals": ".",  # the module deferred_signals.signals itself
     "unregister_codec": ".codec",
 }
 
@@ -62,6 +65,10 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(module, __name__), name)
+    value = (
+        import_module(f".{name}", __name__)
+        if module == "."
+        else getattr(import_module(module, __name__), name)
+    )
     globals()[name] = value
     return value

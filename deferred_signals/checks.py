@@ -132,5 +132,17 @@ def check_outbox_tables(
         for alias in databases or ()
         if alias in connections.settings
         and (alias in senders or router.allow_migrate_model(alias, OutboxCall))
+        and _migrated(alias)
         and not has_outbox(alias)
     ]
+
+
+def _migrated(alias: str) -> bool:
+    """Whether ``migrate`` has ever run on ``alias``: the first ``migrate`` of a new database
+    runs this check before it creates any table, and must not be told to run itself."""
+    from django.db.migrations.recorder import MigrationRecorder
+
+    try:
+        return bool(MigrationRecorder(connections[alias]).has_table())
+    except Exception:
+        return False

@@ -322,45 +322,29 @@ _SIMPLE_ENCODERS: dict[type, tuple[str, Callable[[Any], JSON]]] = {
 
 
 def summary(body: dict[str, Any], limit: int = 400) -> str:
-    """A short, readable line for a message (Celery's ``kwargsrepr``: logs, Flower)."""
-    parts = [f"sender={_short(body['sender'])}"]
-    parts += [f"{name}={_short(value)}" for name, value in body["kwargs"].items()]
+    """A short line for a message: Celery's ``kwargsrepr`` (Flower, worker logs) and our logs.
+
+    It holds no argument values, which may be personal data: an instance shows its model and
+    pk, a model class its label, ``None`` and booleans themselves, anything else its type.
+    """
+    parts = [f"sender={_redacted(body['sender'])}"]
+    parts += [f"{name}={_redacted(value)}" for name, value in body["kwargs"].items()]
     text = ", ".join(parts)
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
-def redacted_summary(body: dict[str, Any]) -> str:
-    """Like :func:`summary`, with no values that may be personal data: for logs at INFO and
-    above. Instances show their model and pk; other values only their type."""
-    parts = [f"sender={_redacted(body['sender'])}"]
-    parts += [f"{name}={_redacted(value)}" for name, value in body["kwargs"].items()]
-    return ", ".join(parts)
-
-
 def _redacted(data: JSON) -> str:
-    if type(data) is dict and data.get(TAG) in ("model", "modelclass"):
-        return _short(data)
     if data is None or type(data) is bool:
         return repr(data)
-    if type(data) is dict and TAG in data:
-        return f"<{data[TAG]}>"
-    return f"<{type(data).__name__}>"
-
-
-def _short(data: JSON) -> str:
     if type(data) is dict:
         tag = data.get(TAG)
         if tag == "model":
-            return f"<{data['m']} pk={_short(data['pk'])}>"
-        if tag in ("modelclass", "class", "dt", "date", "time", "dec", "uuid"):
+            pk = data["pk"]
+            return f"<{data['m']} pk={pk['v'] if type(pk) is dict else pk}>"
+        if tag == "modelclass":
             return str(data["v"])
-        if tag in ("set", "frozenset", "tuple"):
-            return f"{tag}({len(data['v'])} items)"
-        return f"<{tag}>" if tag else f"{{{len(data)} keys}}"
-    if type(data) is list:
-        return f"[{len(data)} items]"
-    text = repr(data)
-    return text if len(text) <= 60 else f"{text[:57]}..."
+        return f"<{tag or 'dict'}>"
+    return f"<{type(data).__name__}>"
 
 
 def lookup_class(module_name: str, qualname: str) -> type | None:

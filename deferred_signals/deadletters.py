@@ -9,6 +9,7 @@ from django.db import IntegrityError, router, transaction
 from django.utils import timezone
 from kombu.utils import json as kombu_json
 
+from . import registry, signals
 from .conf import conf
 
 logger = logging.getLogger("deferred_signals")
@@ -65,12 +66,20 @@ def record(
                 except IntegrityError:  # another worker recorded the same call just now
                     rows.filter(call_id=call_id).update(**fields)
     except Exception:
+        # Not the exception's text: it may quote the call's arguments.
         logger.exception(
-            "Could not record the dead letter of call %s (deferred handler %s, %s: %s)",
+            "Could not record the dead letter of call %s (deferred handler %s, %s)",
             call_id,
             handler,
             fields["exception"],
-            fields["message"],
         )
         return False
+    registered = registry.get(handler)
+    signals.call_dead_lettered.send(
+        None if registered is None else registered.func,
+        handler=handler,
+        call_id=call_id,
+        exception=exception,
+        attempts=attempts,
+    )
     return True

@@ -20,8 +20,8 @@ from typing import Any
 from django.db import DatabaseError, transaction
 from kombu.utils import json as kombu_json
 
-from . import outbox, publisher
-from .codec import redacted_summary
+from . import outbox, publisher, signals
+from .codec import summary
 from .conf import conf
 from .exceptions import DeferredSignalError
 from .registry import Handler
@@ -127,15 +127,15 @@ def flush(calls: list[PendingCall], using: str) -> None:
     Never raises, but for a handler's own exception with ``EAGER_PROPAGATES``: the data is
     committed already, so a broker failure must not reach the request.
     """
+    committed_at = time.time()
+    for call in calls:
+        call.body["at"] = committed_at
     if capture is not None:
         capture(calls, using)
         return
     if conf.eager:
         run_inline(calls)
         return
-    committed_at = time.time()
-    for call in calls:
-        call.body["at"] = committed_at
     confirmed, error = publisher.publish(calls)
     outbox.delete([call.id for call in calls[:confirmed] if call.outbox], using)
     failed = calls[confirmed:]
@@ -162,8 +162,12 @@ def _spill(calls: list[PendingCall], using: str, error: BaseException | None) ->
             fate,
             call.handler.name,
             call.id,
-            redacted_summary(call.body),
+            summary(call.body),
             "broker cooling down" if cooling else type(error).__name__,
+        )
+        lost = not (call.outbox or spilled)
+        (signals.call_lost if lost else signals.call_spilled).send(
+            call.handler.func, handler=call.handler.name, call_id=call.id, error=error
         )
 
 
@@ -173,7 +177,10 @@ def run_inline(calls: list[PendingCall]) -> None:
         try:
             body = kombu_json.loads(kombu_json.dumps(call.body))
             decode_call(call.handler, body).run(call.id)
-        except Exception:
+        except Exception as error:
             if conf.eager_propagates:
                 raise
-            logger.exception("Deferred handler %s failed (EAGER) [%s]", call.handler.name, call.id)
+            # The exception's text may quote the call's arguments: the traceback at DEBUG.
+            name, kind = call.handler.name, type(error).__name__
+            logger.error("Deferred handler %s failed (EAGER) [%s]: %s", name, call.id, kind)
+            logger.debug("Deferred handler %s failed (EAGER) [%s]", name, call.id, exc_info=error)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any
 
 from asgiref.sync import async_to_sync, iscoroutinefunction
@@ -25,7 +26,8 @@ from django.db.models.signals import (
 )
 from django.dispatch import Signal
 
-from .calls import running
+from . import signals, tracing
+from .calls import committed_at, running
 from .decoder import Decoder, _InstanceRef, resolve, snapshot_instance
 from .exceptions import MalformedMessageError
 from .registry import Handler
@@ -62,44 +64,100 @@ class DecodedCall:
         self.sender = sender
         self.kwargs = kwargs
         self.body = body
+        #: When the current run started (``time.monotonic()``), for durations.
+        self.started = 0.0
 
-    def run(self, call_id: str, attempt: int = 1) -> bool:
+    def run(self, call_id: str, attempt: int = 1, *, final: bool = True) -> bool:
         """Fetch the instances, call the handler; False when it was skipped (a missing row,
-        or an ``idempotent`` handler that already processed this call)."""
+        or an ``idempotent`` handler that already processed this call).
+
+        Sends ``handler_started`` and ``handler_succeeded``/``handler_skipped``, and with
+        ``final`` (no retry can follow, as inline) ``handler_failed`` when the handler raises;
+        the worker, which decides on retries, calls :meth:`failed` itself.
+        """
         with running(call_id, self.handler.name, attempt, self.body):
-            if not self.handler.merged.get("idempotent"):
-                return self._call()
-            from .models import ProcessedCall  # models load once Django's apps are ready
+            self.started = time.monotonic()
+            at = self.body.get("at")
+            signals.handler_started.send(
+                self.handler.func,
+                handler=self.handler.name,
+                call_id=call_id,
+                attempt=attempt,
+                committed_at=committed_at(self.body),
+                latency=None if at is None else max(0.0, time.time() - at),
+            )
+            tracing.annotate(self.handler.name, call_id, attempt)
+            try:
+                ran = self._run(call_id, attempt)
+            except Exception as exc:
+                if final:
+                    self.failed(call_id, attempt, exc, final=True)
+                raise
+            if ran:
+                signals.handler_succeeded.send(
+                    self.handler.func,
+                    handler=self.handler.name,
+                    call_id=call_id,
+                    attempt=attempt,
+                    duration=time.monotonic() - self.started,
+                )
+            return ran
 
-            using = self.handler.using or DEFAULT_DB_ALIAS
-            with transaction.atomic(using=using):
-                try:
-                    with transaction.atomic(using=using):
-                        # A concurrent delivery of the same id waits here for this one's
-                        # transaction, then fails the insert and skips.
-                        ProcessedCall.objects.using(using).create(
-                            call_id=call_id, handler=self.handler.name
-                        )
-                except IntegrityError:
-                    logger.info(
-                        "Skipped deferred handler %s: call %s was already processed "
-                        "(idempotent=True).",
-                        self.handler.name,
-                        call_id,
+    def failed(self, call_id: str, attempt: int, exc: BaseException, *, final: bool) -> None:
+        """Send ``handler_failed`` for this run."""
+        signals.handler_failed.send(
+            self.handler.func,
+            handler=self.handler.name,
+            call_id=call_id,
+            attempt=attempt,
+            exception=exc,
+            duration=time.monotonic() - self.started,
+            final=final,
+        )
+
+    def _skipped(self, call_id: str, attempt: int, reason: str) -> bool:
+        signals.handler_skipped.send(
+            self.handler.func,
+            handler=self.handler.name,
+            call_id=call_id,
+            attempt=attempt,
+            reason=reason,
+        )
+        return False
+
+    def _run(self, call_id: str, attempt: int) -> bool:
+        if not self.handler.merged.get("idempotent"):
+            return self._call(call_id, attempt)
+        from .models import ProcessedCall  # models load once Django's apps are ready
+
+        using = self.handler.using or DEFAULT_DB_ALIAS
+        with transaction.atomic(using=using):
+            try:
+                with transaction.atomic(using=using):
+                    # A concurrent delivery of the same id waits here for this one's
+                    # transaction, then fails the insert and skips.
+                    ProcessedCall.objects.using(using).create(
+                        call_id=call_id, handler=self.handler.name
                     )
-                    return False
-                return self._call()
+            except IntegrityError:
+                logger.info(
+                    "Skipped deferred handler %s: call %s was already processed (idempotent=True).",
+                    self.handler.name,
+                    call_id,
+                )
+                return self._skipped(call_id, attempt, "duplicate")
+            return self._call(call_id, attempt)
 
-    def _call(self) -> bool:
-        if not self._resolve_instances():
-            return False
+    def _call(self, call_id: str, attempt: int) -> bool:
+        if not self._resolve_instances(call_id):
+            return self._skipped(call_id, attempt, "missing")
         func = self.handler.func
         if iscoroutinefunction(func):  # an async receiver: awaited, as Django's asend would
             func = async_to_sync(func)
         func(signal=self.signal, sender=resolve(self.sender), **resolve(self.kwargs))
         return True
 
-    def _resolve_instances(self) -> bool:
+    def _resolve_instances(self, call_id: str) -> bool:
         for ref in self.decoder.instances:
             if not ref.fresh:
                 ref.resolved = snapshot_instance(ref)
@@ -114,9 +172,10 @@ class DecodedCall:
                     ref.resolved = snapshot_instance(ref)
                     continue
                 logger.warning(
-                    "Skipped deferred handler %s: %s with pk=%r no longer exists in database "
-                    "%r (on_missing=%r).",
+                    "Skipped deferred handler %s: call %s: %s with pk=%r no longer exists in "
+                    "database %r (on_missing=%r).",
                     self.handler.name,
+                    call_id,
                     ref.model._meta.label,
                     ref.pk,
                     ref.db,

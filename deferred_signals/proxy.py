@@ -19,7 +19,7 @@ from django.db.models.query import QuerySet
 from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import Signal
 
-from . import dispatch, readiness
+from . import dispatch, readiness, signals
 from .codec import MAX_DEPTH, EncodeError, Encoder, TooDeepError, locate
 from .exceptions import DeferredSignalError
 from .registry import Handler
@@ -75,8 +75,18 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
             handler, serial, signal, sender, kwargs, fresh, fields, deletes
         )
         body = {"v": MESSAGE_VERSION, "signal": index, "sender": sender_data, "kwargs": kwargs_data}
-        call = dispatch.PendingCall(handler, uuid(), body, options.get("delivery") == "outbox")
-        dispatch.enqueue(call, _alias(handler, kwargs))
+        outbox = options.get("delivery") == "outbox"
+        call = dispatch.PendingCall(handler, uuid(), body, outbox)
+        using = _alias(handler, kwargs)
+        dispatch.enqueue(call, using)
+        if signals.call_deferred.receivers:  # the request path: not even the call, unused
+            signals.call_deferred.send(
+                handler.func,
+                handler=handler.name,
+                call_id=call.id,
+                using=using,
+                delivery="outbox" if outbox else "on_commit",
+            )
 
     # send_robust() reports errors against the receiver: let it read as the user's function.
     func = handler.func

@@ -11,6 +11,7 @@ outage costs one slow request per process and cooldown, not a timeout on every r
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import threading
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from celery._state import get_current_app
 
+from . import signals
+from .calls import committed_at
 from .conf import conf
 from .exceptions import DeferredSignalError
 from .messages import MessageBuilder, publish_fallback, publish_message
@@ -36,6 +39,8 @@ BATCH_SIZE = 100
 #: A failure this soon after the attempt started is a stale pooled connection (the broker
 #: restarted, an idle connection was closed): one retry on a fresh connection is cheap.
 STALE_CONNECTION_WINDOW = 0.25
+#: Calls named in a batch's log line; a relay's batch of 500 says "and 490 more".
+LOGGED_CALLS = 10
 
 
 class BrokerUnavailable(DeferredSignalError):
@@ -79,6 +84,7 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
             with _producer() as (app, producer):
                 progress.send(app, producer)
             cooldown.clear()
+            _confirmed(calls, progress.done, started)
             return progress.done, None
         except Exception as error:
             answered = getattr(error, "broker_answering", False)
@@ -90,8 +96,38 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
                 continue  # a stale pooled connection: once more on a fresh one
             if not answered:  # an outage: spill without trying for a while
                 cooldown.start(error)
+            _confirmed(calls, progress.done, started)
             return progress.done, error
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _confirmed(calls: Sequence[PendingCall], done: int, started: float) -> None:
+    """One log line for the batch, and ``call_published`` for each call the broker confirmed."""
+    if not done:
+        return
+    if logger.isEnabledFor(logging.INFO):
+        shown = calls[: min(done, LOGGED_CALLS)]
+        logger.info(
+            "deferred_signals published %d call(s) in %.1f ms: %s%s",
+            done,
+            (time.monotonic() - started) * 1000,
+            ", ".join(f"{call.handler.name} [{call.id}]" for call in shown),
+            f" and {done - len(shown)} more" if done > len(shown) else "",
+        )
+    if not signals.call_published.receivers:
+        return
+    now = time.time()
+    published_at = datetime.datetime.fromtimestamp(now, tz=datetime.timezone.utc)
+    for call in calls[:done]:
+        at = call.body.get("at")
+        signals.call_published.send(
+            call.handler.func,
+            handler=call.handler.name,
+            call_id=call.id,
+            committed_at=committed_at(call.body),
+            published_at=published_at,
+            seconds=None if at is None else max(0.0, now - at),
+        )
 
 
 class PublishTimeout(DeferredSignalError):

@@ -10,11 +10,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery import Task, shared_task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 from celery.utils.time import get_exponential_backoff_interval
 from django.db import InterfaceError, OperationalError
 
-from . import deadletters, registry
+from . import deadletters, registry, signals
 from .conf import WORKER_OPTIONS
 from .exceptions import MalformedMessageError
 from .execution import (
@@ -144,17 +144,58 @@ def run_task(task: DeferredHandlerTask, args: tuple[Any, ...], body: Any) -> Non
             call_id=call_id, handler=task.name, body=body, exception=error, attempts=0
         )
         raise Reject(f"malformed message: {error}", requeue=False) from None
+    attempt = request.retries + 1
     try:
-        call.run(call_id, attempt=request.retries + 1)
+        call.run(call_id, attempt, final=False)
     except Exception as exc:
         window = handler.merged.get("db_retry_window")
-        if isinstance(exc, DATABASE_ERRORS) and window:
-            close_connections()
-            retry_after_database_error(task, handler, body, exc, window)
-        else:
-            retry_or_reraise(task, handler, body, exc)
+        database = isinstance(exc, DATABASE_ERRORS) and bool(window)
+        try:
+            if database:
+                close_connections()
+                retry_after_database_error(task, handler, body, exc, window)
+            else:
+                retry_or_reraise(task, handler, body, exc)
+        except Retry as retry:
+            call.failed(call_id, attempt, exc, final=False)
+            retried(handler, call_id, attempt, exc, retry, database)
+            raise
+        call.failed(call_id, attempt, exc, final=True)
+        logger.error(
+            "Deferred handler %s [%s] failed for good on attempt %d: %s",
+            handler.name, call_id, attempt, _kind(exc),
+        )  # fmt: skip
         dead_letter(task, handler, body, exc)
         raise
+
+
+def retried(
+    handler: Handler, call_id: str, attempt: int, exc: Exception, retry: Retry, database: bool
+) -> None:
+    """Log a retry (database-outage retries log their own line) and send ``handler_retried``."""
+    countdown = float(retry.when) if isinstance(retry.when, (int, float)) else None
+    if not database:
+        logger.warning(
+            "Deferred handler %s [%s] failed on attempt %d (%s); retry in %s s",
+            handler.name, call_id, attempt, _kind(exc),
+            "?" if countdown is None else f"{countdown:.1f}",
+        )  # fmt: skip
+    signals.handler_retried.send(
+        handler.func,
+        handler=handler.name,
+        call_id=call_id,
+        attempt=attempt,
+        exception=exc,
+        countdown=countdown,
+        database=database,
+    )
+
+
+def _kind(exc: BaseException) -> str:
+    """An exception for a log line at INFO and above: its type, never its text, which may
+    quote the call's arguments (the dead letter keeps the text and the traceback)."""
+    kind = type(exc)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
 
 
 def retry_or_reraise(
@@ -198,16 +239,16 @@ def retry_after_database_error(
     if left <= 0:
         logger.error(
             "Deferred handler %s [%s]: the database has failed for %.0f s, past db_retry_window "
-            "(%s s); giving up after %d retries: %r",
-            handler.name, task.request.id, now - first, window, outage_retries, exc,
+            "(%s s); giving up after %d retries: %s",
+            handler.name, task.request.id, now - first, window, outage_retries, _kind(exc),
         )  # fmt: skip
         return
     delay = min(2.0**outage_retries, DB_RETRY_BACKOFF_MAX, left)
     countdown = delay * random.uniform(0.5, 1.0)  # spread the herd
     logger.warning(
         "Deferred handler %s [%s]: database error, retry in %.1f s (%.0f s left of "
-        "db_retry_window): %r",
-        handler.name, task.request.id, countdown, left, exc,
+        "db_retry_window): %s",
+        handler.name, task.request.id, countdown, left, _kind(exc),
     )  # fmt: skip
     raise task.retry(
         exc=exc,

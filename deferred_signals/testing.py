@@ -96,7 +96,7 @@ class CapturedCall:
             decoded = decode_call(self._registered, kombu_json.loads(self.message))
             # The worker's own lookup: fresh rows, snapshots, ``on_missing`` ("raise" raises).
             with suppress(ObjectDoesNotExist):
-                decoded._resolve_instances()
+                decoded._resolve_instances(self.id)
             for ref in decoded.decoder.instances:
                 if ref.resolved is None:
                     ref.resolved = ref.model(pk=ref.pk)

@@ -307,6 +307,11 @@ def test_w010_names_a_database_without_the_outbox_table() -> None:
         (warning,) = check_outbox_tables(databases=["default", "other"])
         assert warning.id == "deferred_signals.W010" and "'other'" in warning.msg
         assert "migrate deferred_signals --database=other" in warning.hint
+        # A database never migrated at all: this is the first `migrate` running the check
+        # before it creates the tables; it must not be told to run migrate.
+        with connections["other"].cursor() as cursor:
+            cursor.execute("DROP TABLE django_migrations")
+        assert check_outbox_tables(databases=["other"]) == []
         transaction.set_rollback(True, using="other")
 
 

@@ -38,8 +38,9 @@ def test_a_transaction_publishes_all_its_calls_at_commit(redis_queue: Queue) -> 
     assert len({m["headers"]["id"] for m in messages}) == 1000
     bodies = [json.loads(base64.b64decode(m["body"])) for m in messages]
     assert [body[1]["kwargs"]["i"] for body in bodies] == list(range(1000))  # send order
-    # What Flower and the worker log show: a short summary, not the tagged body.
-    assert messages[7]["headers"]["kwargsrepr"] == f"sender=None, label='{label}', i=7"
+    # What Flower and the worker log show: a short summary without argument values (they may
+    # be personal data), not the tagged body.
+    assert messages[7]["headers"]["kwargsrepr"] == "sender=None, label=<str>, i=<int>"
 
 
 def test_many_signals_cost_a_few_broker_round_trips_not_one_each(

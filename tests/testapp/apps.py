@@ -9,4 +9,5 @@ class TestAppConfig(AppConfig):
     default_auto_field = "django.db.models.AutoField"
 
     def ready(self) -> None:
-        from . import handlers  # noqa: F401  (connects the test handlers, as a project would)
+        # Connects the test handlers, as a project would.
+        from . import handlers, traced  # noqa: F401

@@ -1,0 +1,269 @@
+"""Our own signals: each sent once, where its event happens, with the documented arguments.
+
+Request side on the in-memory broker (and a refused one for spills), worker side through
+Celery's ``Task.apply``; the tracing test (test_tracing.py) and the real-worker tests cover
+the same code in a worker process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from celery import current_app
+from django.db import DatabaseError, transaction
+from django.db.models.query import QuerySet
+from django.test import override_settings
+from pytest_django.fixtures import Settings as SettingsWrapper
+
+import deferred_signals
+from deferred_signals import registry, signals
+from deferred_signals.execution import decode_call
+from deferred_signals.models import OutboxCall
+from tests.conftest import use_app
+from tests.testapp import handlers
+from tests.testapp.handlers import FlakyError
+from tests.testapp.models import Article
+from tests.testapp.signals import counted_signal, user_registered
+from tests.workers import make_app
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+USER_EVENT = "tests.user_event"
+FLAKY = "tests.testapp.handlers.flaky"
+DB_FLAKY = "tests.testapp.handlers.db_flaky"
+
+
+@dataclass
+class Event:
+    name: str
+    sender: Any
+    kwargs: dict[str, Any]
+
+
+@contextmanager
+def recording(sender: Any = None) -> Iterator[list[Event]]:
+    """Every signal of ours sent meanwhile (for ``sender`` only, if given), in order."""
+    events: list[Event] = []
+    connected: list[tuple[Any, Callable[..., None]]] = []
+    for name in signals.__all__:
+        signal = getattr(signals, name)
+
+        def receive(sender: Any, signal: Any, _name: str = name, **kwargs: Any) -> None:
+            events.append(Event(_name, sender, kwargs))
+
+        signal.connect(receive, sender=sender, weak=False)
+        connected.append((signal, receive))
+    try:
+        yield events
+    finally:
+        for signal, receive in connected:
+            signal.disconnect(receive, sender=sender)
+
+
+def names(events: list[Event]) -> list[str]:
+    return [event.name for event in events]
+
+
+@pytest.fixture
+def memory_broker(settings: SettingsWrapper) -> None:
+    """Publish for real, to the test app's in-memory broker."""
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "EAGER": False,
+        "DEFAULTS": {"queue": f"ds-signals-{uuid.uuid4().hex[:8]}"},
+    }
+
+
+def test_the_signals_are_exported() -> None:
+    assert "signals" in deferred_signals.__all__
+    assert deferred_signals.signals is signals
+    for name in signals.__all__:
+        assert getattr(signals, name).receivers == []  # nothing of ours listens by default
+
+
+def test_commit_sends_deferred_then_published(memory_broker: None) -> None:
+    func = registry.get(USER_EVENT).func  # type: ignore[union-attr]
+    before = datetime.datetime.now(datetime.timezone.utc)
+    with recording() as events, transaction.atomic():
+        user_registered.send(sender=None, email="ann@example.com")
+        assert names(events) == ["call_deferred"]
+    deferred, published = events
+    assert names(events) == ["call_deferred", "call_published"]
+    assert deferred.sender is func and published.sender is func
+    call_id = deferred.kwargs["call_id"]
+    assert deferred.kwargs == {
+        "handler": USER_EVENT,
+        "call_id": call_id,
+        "using": "default",
+        "delivery": "on_commit",
+    }
+    assert published.kwargs["handler"] == USER_EVENT
+    assert published.kwargs["call_id"] == call_id
+    committed_at, published_at = published.kwargs["committed_at"], published.kwargs["published_at"]
+    assert before <= committed_at <= published_at
+    assert published.kwargs["seconds"] == pytest.approx(
+        (published_at - committed_at).total_seconds(), abs=0.01
+    )
+
+
+def test_rollback_sends_deferred_only(memory_broker: None) -> None:
+    with recording() as events, transaction.atomic():
+        user_registered.send(sender=None, email="ann@example.com")
+        transaction.set_rollback(True)
+    assert names(events) == ["call_deferred"]
+
+
+def test_a_sender_receiver_hears_only_its_handler(memory_broker: None) -> None:
+    with recording(sender=handlers.counted) as events, transaction.atomic():
+        user_registered.send(sender=None, email="ann@example.com")
+        counted_signal.send(sender=None, key="k")
+    assert names(events) == ["call_deferred", "call_published"]
+    assert {event.kwargs["handler"] for event in events} == {"tests.testapp.handlers.counted"}
+
+
+def test_an_outbox_call_says_so(memory_broker: None) -> None:
+    with (
+        override_settings(DEFERRED_SIGNALS={"EAGER": False, "DELIVERY": "outbox"}),
+        recording() as events,
+        transaction.atomic(),
+    ):
+        user_registered.send(sender=None, email="ann@example.com")
+    assert events[0].kwargs["delivery"] == "outbox"
+    assert names(events) == ["call_deferred", "call_published"]
+
+
+@pytest.fixture
+def broker_down(settings: SettingsWrapper) -> Iterator[None]:
+    with use_app(make_app("down", "redis://127.0.0.1:1/0"), settings, "ds-down"):
+        yield
+
+
+def test_a_call_the_broker_refuses_is_spilled(broker_down: None) -> None:
+    with recording() as events, transaction.atomic():
+        user_registered.send(sender=None, email="ann@example.com")
+    assert names(events) == ["call_deferred", "call_spilled"]
+    spilled = events[1].kwargs
+    assert spilled["handler"] == USER_EVENT
+    assert spilled["call_id"] == events[0].kwargs["call_id"]
+    assert isinstance(spilled["error"], Exception)
+    assert OutboxCall.objects.filter(id=spilled["call_id"]).exists()
+
+
+def test_a_call_neither_broker_nor_database_takes_is_lost(
+    broker_down: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise DatabaseError("the database is down too")
+
+    with recording() as events, transaction.atomic():
+        user_registered.send(sender=None, email="ann@example.com")
+        monkeypatch.setattr(QuerySet, "bulk_create", refuse)
+    assert names(events) == ["call_deferred", "call_lost"]
+    assert events[1].kwargs["call_id"] == events[0].kwargs["call_id"]
+
+
+def test_an_eager_run_sends_started_and_succeeded() -> None:
+    with recording() as events, transaction.atomic():
+        user_registered.send(sender=None, email="ann@example.com")
+    assert names(events) == ["call_deferred", "handler_started", "handler_succeeded"]
+    _, started, succeeded = events
+    assert started.kwargs["attempt"] == 1 and succeeded.kwargs["attempt"] == 1
+    assert started.kwargs["latency"] >= 0
+    assert isinstance(started.kwargs["committed_at"], datetime.datetime)
+    assert succeeded.kwargs["duration"] >= 0
+    assert len({event.kwargs["call_id"] for event in events}) == 1
+
+
+def test_an_eager_failure_is_final(settings: SettingsWrapper) -> None:
+    with recording() as events, transaction.atomic():
+        handlers.signals.flaky_signal.send(sender=None, key="k", fail_times=1)
+    assert names(events) == ["call_deferred", "handler_started", "handler_failed"]
+    failed = events[-1].kwargs
+    assert failed["final"] is True and isinstance(failed["exception"], FlakyError)
+    assert failed["duration"] >= 0
+
+
+def body(**kwargs: Any) -> dict[str, Any]:
+    return {"v": 1, "signal": 0, "sender": None, "kwargs": kwargs, "at": 1e9}
+
+
+def test_retries_then_a_final_failure_then_a_dead_letter() -> None:
+    with recording() as events:
+        current_app.tasks[FLAKY].apply(kwargs=body(key="k", fail_times=100), task_id="c-1")
+    assert names(events) == [
+        *["handler_started", "handler_failed", "handler_retried"] * 3,
+        "handler_started",
+        "handler_failed",
+        "call_dead_lettered",
+    ]
+    assert {event.kwargs["call_id"] for event in events} == {"c-1"}
+    assert all(event.sender is handlers.flaky for event in events)
+    started = [e.kwargs for e in events if e.name == "handler_started"]
+    assert [s["attempt"] for s in started] == [1, 2, 3, 4]
+    assert started[0]["committed_at"] == datetime.datetime.fromtimestamp(
+        1e9, tz=datetime.timezone.utc
+    )
+    failed = [e.kwargs for e in events if e.name == "handler_failed"]
+    assert [f["final"] for f in failed] == [False, False, False, True]
+    retried = [e.kwargs for e in events if e.name == "handler_retried"]
+    assert [(r["attempt"], r["countdown"], r["database"]) for r in retried] == [
+        (1, 0, False),
+        (2, 0, False),
+        (3, 0, False),
+    ]
+    assert isinstance(retried[0]["exception"], FlakyError)
+    letter = events[-1].kwargs
+    assert letter["handler"] == FLAKY and letter["attempts"] == 4
+    assert isinstance(letter["exception"], FlakyError)
+
+
+def test_a_database_outage_retry_is_flagged() -> None:
+    with recording() as events:
+        current_app.tasks[DB_FLAKY].apply(
+            kwargs=body(key="k", outages=1, failures=0), task_id="c-2"
+        )
+    assert names(events) == [
+        "handler_started",
+        "handler_failed",
+        "handler_retried",
+        "handler_started",
+        "handler_succeeded",
+    ]
+    retried = events[2].kwargs
+    assert retried["database"] is True and 0 < retried["countdown"] <= 1
+
+
+def test_skips_say_why() -> None:
+    counted = registry.get("tests.testapp.handlers.counted")
+    assert counted is not None
+    with recording() as events:
+        for _ in range(2):
+            decode_call(counted, body(key="k")).run("c-3")
+    assert names(events) == [
+        "handler_started",
+        "handler_succeeded",
+        "handler_started",
+        "handler_skipped",
+    ]
+    assert events[-1].kwargs["reason"] == "duplicate"
+
+    article = Article.objects.create(title="gone")
+    with recording() as events, transaction.atomic():
+        article.save()
+        article.delete()
+    saved = [event for event in events if event.sender is handlers.article_saved]
+    assert names(saved) == ["call_deferred", "handler_started", "handler_skipped"]
+    assert saved[-1].kwargs["reason"] == "missing"
+
+
+def test_a_refused_message_is_a_dead_letter() -> None:
+    with recording() as events:
+        current_app.tasks[DB_FLAKY].apply(kwargs={"v": 1}, task_id="forged")
+    assert names(events) == ["call_dead_lettered"]
+    assert events[0].kwargs["attempts"] == 0 and events[0].sender is handlers.db_flaky

@@ -1,0 +1,149 @@
+"""Tracing through a real worker: the handler's span descends from the request's span.
+
+The request side runs OpenTelemetry's Celery instrumentation with an in-memory exporter; the
+worker (another process) runs it too, writing its finished spans to a file. The chain must
+read: request span -> Celery's publish span (``apply_async/<handler>``) -> the handler's run
+span (``run/<handler>``), one trace id throughout, the call id on both Celery spans.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import _state as celery_state
+from celery import current_app
+from django.db import transaction
+from opentelemetry.instrumentation.celery import CeleryInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pytest_django.fixtures import Settings as SettingsWrapper
+
+from deferred_signals import signals, tracing
+from tests.conftest import on_postgres, require, wait_for
+from tests.otel import ENV, read_spans, span_dict
+from tests.testapp.models import Record
+from tests.testapp.traced import traced_signal
+from tests.workers import Worker
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
+
+HANDLER = "tests.testapp.traced.traced"
+
+
+@pytest.fixture(scope="module", params=["redis", "rabbitmq"])
+def traced_worker(
+    request: pytest.FixtureRequest, django_db_setup: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Worker, Path]]:
+    """A real worker whose pool processes trace with Celery's instrumentation, into a file."""
+    if not on_postgres():
+        pytest.skip(
+            "end-to-end: runs in make test's PostgreSQL pass (--ds=tests.settings_postgres)"
+        )
+    require(request.param)
+    from django.db import connections
+
+    names = {alias: connections[alias].settings_dict["NAME"] for alias in ("default", "other")}
+    directory = tmp_path_factory.mktemp("traced")
+    spans = directory / "spans.jsonl"
+    worker = Worker(request.param, names, directory, env={ENV: str(spans)})
+    worker.start()
+    yield worker, spans
+    worker.stop()
+    worker.delete_queue()
+
+
+@pytest.fixture
+def instrumented() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrumentor = CeleryInstrumentor()
+    instrumentor.instrument(tracer_provider=provider)
+    try:
+        yield provider, exporter
+    finally:
+        instrumentor.uninstrument()
+
+
+def test_the_handler_span_descends_from_the_request_span(
+    traced_worker: tuple[Worker, Path],
+    instrumented: tuple[TracerProvider, InMemorySpanExporter],
+    settings: SettingsWrapper,
+) -> None:
+    worker, spans_file = traced_worker
+    provider, exporter = instrumented
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "EAGER": False,
+        "DEFAULTS": {"queue": worker.queue},
+    }
+    call_ids: list[str] = []
+
+    def deferred(sender: Any, call_id: str, **kwargs: Any) -> None:
+        call_ids.append(call_id)
+
+    signals.call_deferred.connect(deferred, weak=False)
+    previous, previous_default = current_app._get_current_object(), celery_state.default_app
+    worker.app.set_current()
+    worker.app.set_default()
+    label = uuid.uuid4().hex
+    try:
+        tracer = provider.get_tracer("tests")
+        with tracer.start_as_current_span("POST /signup") as request_span, transaction.atomic():
+            traced_signal.send(sender=None, label=label)
+    finally:
+        signals.call_deferred.disconnect(deferred)
+        previous.set_current()
+        celery_state.set_default_app(previous_default)
+    (call_id,) = call_ids
+
+    finished = [span_dict(span) for span in exporter.get_finished_spans()]
+    request = next(span for span in finished if span["name"] == "POST /signup")
+    publish = next(span for span in finished if span["name"] == f"apply_async/{HANDLER}")
+    assert request["span_id"] == f"{request_span.get_span_context().span_id:016x}"
+    assert publish["trace_id"] == request["trace_id"]
+    assert publish["parent_id"] == request["span_id"]
+    assert publish["attributes"]["messaging.message.id"] == call_id
+
+    record = wait_for(
+        lambda: Record.objects.filter(handler="traced", call__label=label).first(),
+        timeout=60,
+        what="the traced handler to run on the worker",
+    )
+    run = wait_for(
+        lambda: next(
+            (
+                span
+                for span in read_spans(spans_file)
+                if span["name"] == f"run/{HANDLER}"
+                and span["attributes"].get(tracing.CALL_ID) == call_id
+            ),
+            None,
+        ),
+        timeout=30,
+        what="the worker's run span",
+    )
+    print(
+        f"\n{worker.broker}: trace {request['trace_id']}\n"
+        f"  request span  {request['span_id']} (parent {request['parent_id']})\n"
+        f"  publish span  {publish['span_id']} (parent {publish['parent_id']}) "
+        f"message id {publish['attributes']['messaging.message.id']}\n"
+        f"  run span      {run['span_id']} (parent {run['parent_id']}, pid {run['pid']}) "
+        f"call id {run['attributes'][tracing.CALL_ID]}\n"
+        f"  handler saw   span {record.call['span_id']} (parent {record.call['parent_id']}) "
+        f"in trace {record.call['trace_id']}"
+    )
+    assert run["trace_id"] == request["trace_id"]
+    assert run["parent_id"] == publish["span_id"]
+    assert run["attributes"][tracing.HANDLER] == HANDLER
+    assert run["attributes"]["messaging.message.id"] == call_id
+    # The handler's own code runs inside that span.
+    assert record.call["trace_id"] == request["trace_id"]
+    assert record.call["span_id"] == run["span_id"]
+    assert record.call["parent_id"] == publish["span_id"]
+    assert record.call["attributes"][tracing.CALL_ID] == call_id
