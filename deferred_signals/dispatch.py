@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from django.db import DatabaseError, transaction
@@ -27,6 +28,10 @@ from .registry import Handler
 from .tasks import decode_call
 
 logger = logging.getLogger("deferred_signals")
+
+#: Set by :func:`deferred_signals.testing.capture_deferred` while a test captures deferred
+#: calls: committed calls go to it, instead of to the broker or to ``EAGER``.
+capture: Callable[[list[PendingCall], str], None] | None = None
 
 
 class PendingCall:
@@ -125,6 +130,9 @@ def flush(calls: list[PendingCall], using: str) -> None:
     committed_at = time.time()
     for call in calls:
         call.body["at"] = committed_at
+    if capture is not None:
+        capture(calls, using)
+        return
     if conf.eager:
         run_inline(calls)
         return
