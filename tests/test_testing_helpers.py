@@ -431,3 +431,26 @@ def test_the_plugin_is_harmless_without_django(tmp_path: Path) -> None:
         [*command, "--fixtures"], capture_output=True, text=True, cwd=tmp_path, env=env
     )
     assert "deferred -- " in listed.stdout, listed.stdout
+
+
+@pytest.mark.django_db
+def test_capturing_needs_no_broker(settings: SettingsWrapper) -> None:
+    """A project's tests may have no broker configured: captured calls are never published."""
+    from celery import Celery
+    from celery import _state as celery_state
+
+    from deferred_signals import DeferredSignalConfigError
+    from tests.testapp.signals import user_registered
+
+    settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "EAGER": False}
+    bare = Celery("no-broker", set_as_current=False)
+    previous = celery_state.get_current_app()
+    bare.set_current()
+    try:
+        with pytest.raises(DeferredSignalConfigError, match="has no broker_url"):
+            user_registered.send(sender=None, label="uncaptured")
+        with capture_deferred() as captured:
+            user_registered.send(sender=None, label="captured")
+        captured.assert_deferred("tests.user_event", label="captured")
+    finally:
+        previous.set_current()
