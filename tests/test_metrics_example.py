@@ -1,4 +1,5 @@
-"""The README's Prometheus example, run as written, with the real prometheus_client."""
+"""The docs' Prometheus example (docs/how-to/monitoring.md), run as written, with the real
+prometheus_client."""
 
 from __future__ import annotations
 
@@ -24,14 +25,17 @@ USER_EVENT = "tests.user_event"
 FLAKY = "tests.testapp.handlers.flaky"
 
 
-def readme_example() -> str:
-    readme = (ROOT / "README.md").read_text()
+EXAMPLE_PAGE = "docs/how-to/monitoring.md"
+
+
+def docs_example() -> str:
+    page = (ROOT / EXAMPLE_PAGE).read_text()
     found = re.search(
         r"<!-- prometheus-example -->\n```python\n(.*?)```\n<!-- /prometheus-example -->",
-        readme,
+        page,
         re.DOTALL,
     )
-    assert found, "the README's Prometheus example is gone"
+    assert found, f"the Prometheus example of {EXAMPLE_PAGE} is gone"
     return found.group(1)
 
 
@@ -40,7 +44,7 @@ def metrics() -> Iterator[types.ModuleType]:
     """The example as the module ``metrics.apps``, its AppConfig's ready() run (once: its
     metrics live in prometheus_client's global registry)."""
     module = types.ModuleType("metrics.apps")
-    exec(compile(readme_example(), "README.md (prometheus example)", "exec"), module.__dict__)
+    exec(compile(docs_example(), f"{EXAMPLE_PAGE} (prometheus example)", "exec"), module.__dict__)
     config = module.MetricsConfig.__new__(module.MetricsConfig)  # no app module to point at
     config.ready()
     yield module
@@ -54,7 +58,7 @@ def value(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_the_readme_example_counts_per_handler(
+def test_the_docs_example_counts_per_handler(
     metrics: types.ModuleType, settings: SettingsWrapper
 ) -> None:
     before: dict[str, Any] = {
