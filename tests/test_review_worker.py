@@ -52,21 +52,7 @@ def test_deep_message_properties_do_not_stop_the_worker(deferred_to: Worker) -> 
             serializer="json",
             x_deep=nested(800),  # an extra property: kombu's Redis envelope keeps it
         )
-    title = f"{marker}-after"
-    Article.objects.create(title=title)
-    wait_for(
-        lambda: (
-            [r for r in records("article_saved") if title in str(r.call)] or not deferred_to.alive()
-        ),
-        timeout=60,
-        what="a good call after the deep-properties message",
-    )
-    alive = deferred_to.alive()
-    log = deferred_to.log()
-    if not alive:
-        deferred_to.start()  # leave a live worker for the other tests of the session
-    assert "Unrecoverable error" not in log[-20000:]
-    assert alive
+    assert_survived(deferred_to, marker, "the deep-properties message")
 
 
 def test_bad_stamped_headers_do_not_stop_the_worker(deferred_to: Worker) -> None:
@@ -81,18 +67,20 @@ def test_bad_stamped_headers_do_not_stop_the_worker(deferred_to: Worker) -> None
         call(None, label=marker),
         headers={"expires": "2999-01-01T00:00:00+00:00", "stamped_headers": 5},
     )
+    assert_survived(deferred_to, marker, "the bad stamped_headers message")
+
+
+def assert_survived(worker: Worker, marker: str, what: str) -> None:
+    """A good call after the bad message runs, and the worker is still up."""
     title = f"{marker}-after"
     Article.objects.create(title=title)
     wait_for(
-        lambda: (
-            [r for r in records("article_saved") if title in str(r.call)] or not deferred_to.alive()
-        ),
+        lambda: [r for r in records("article_saved") if title in str(r.call)] or not worker.alive(),
         timeout=60,
-        what="a good call after the bad stamped_headers message",
+        what=f"a good call after {what}",
     )
-    alive = deferred_to.alive()
-    log = deferred_to.log()
+    alive, log = worker.alive(), worker.log()
     if not alive:
-        deferred_to.start()
+        worker.start()  # leave a live worker for the other tests of the session
     assert "Unrecoverable error" not in log[-20000:]
     assert alive
