@@ -23,7 +23,7 @@ from kombu.utils import json as kombu_json
 from . import outbox, publisher, signals
 from .codec import summary
 from .conf import conf
-from .exceptions import DeferredSignalError
+from .exceptions import BrokerUnavailable, DeferredSignalError
 from .registry import Handler
 from .tasks import decode_call
 
@@ -144,7 +144,7 @@ def flush(calls: list[PendingCall], using: str) -> None:
 
 
 def _spill(calls: list[PendingCall], using: str, error: BaseException | None) -> None:
-    cooling = isinstance(error, publisher.BrokerUnavailable)
+    cooling = isinstance(error, BrokerUnavailable)
     if not cooling:  # the traceback once per failure, not once per call or per request
         logger.warning(
             "deferred_signals could not publish %d committed call(s); they go to the outbox "

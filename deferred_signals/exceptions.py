@@ -27,3 +27,26 @@ class MalformedMessageError(DeferredSignalError):
 
     The worker logs it at ERROR, rejects the message without retrying and carries on.
     """
+
+
+class BrokerUnavailable(DeferredSignalError):
+    """The broker failed recently: calls are spilled without trying it until the cooldown ends."""
+
+
+class PublishTimeout(DeferredSignalError):
+    """Publishing ran past ``PUBLISH_TIMEOUT``: the calls not yet confirmed are spilled.
+
+    ``broker_answering``: the broker confirmed everything sent so far, the batch was just too
+    big for the time allowed; that is no outage, so no cooldown follows.
+    """
+
+    def __init__(self, message: str, broker_answering: bool = False) -> None:
+        super().__init__(message)
+        self.broker_answering = broker_answering
+
+
+class PublishRefused(DeferredSignalError):
+    """The broker answered a publish with a negative acknowledgement (``basic.nack``): it is
+    up, so the refused calls are spilled without a cooldown."""
+
+    broker_answering = True

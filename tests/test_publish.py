@@ -16,7 +16,7 @@ from django.db import transaction
 from django.utils import timezone
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from deferred_signals import publisher
+from deferred_signals import broker, publisher
 from deferred_signals.models import OutboxCall
 from tests.conftest import Queue, use_app
 from tests.testapp.models import Article
@@ -153,13 +153,13 @@ def test_after_a_failure_the_process_spills_at_once_for_a_cooldown(
     broker_down: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     attempts: list[int] = []
-    acquire = publisher._Pool.acquire
+    acquire = broker._Pool.acquire
 
-    def counting(self: publisher._Pool, deadline: float) -> Any:
+    def counting(self: broker._Pool, deadline: float) -> Any:
         attempts.append(1)
         return acquire(self, deadline)
 
-    monkeypatch.setattr(publisher._Pool, "acquire", counting)
+    monkeypatch.setattr(broker._Pool, "acquire", counting)
     Article.objects.create(title="first")  # tries the broker: fails (and retries once)
     tried = len(attempts)
     assert tried >= 1
@@ -238,7 +238,7 @@ def test_dropping_a_broken_connection_leaves_other_threads_sockets_blocking(
         defaults.append(timeout)
         real(timeout)
 
-    pool = publisher._pool()
+    pool = broker._pool()
     producer = pool.acquire(time.monotonic() + 5)
     assert producer.channel is not None  # connected
     monkeypatch.setattr(socket, "setdefaulttimeout", recording)

@@ -1,0 +1,227 @@
+"""Connections of our own to the broker, for publishing: bounded in time, confirmed.
+
+Celery's producer pool waits on a broker as long as its sockets allow (minutes for one that
+accepts connections and never answers). These connections bound connecting and every socket
+operation by ``PUBLISH_TIMEOUT`` and switch AMQP channels to publisher confirms. One pool of
+idle producers per Celery app and process; a forked child starts its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery._state import get_current_app
+
+from .conf import conf
+from .exceptions import PublishTimeout
+
+logger = logging.getLogger("deferred_signals")
+
+
+class Confirms:
+    """Publisher confirms of one AMQP channel: acks arrive asynchronously, maybe batched."""
+
+    def __init__(self, channel: Any) -> None:
+        channel.confirm_select()
+        self.next_tag = 1  # RabbitMQ numbers a confirming channel's publishes from 1
+        self.acked = 0  # every tag up to this one is confirmed
+        self.scattered: set[int] = set()
+        self.nacked: int | None = None
+        channel.events["basic_ack"].add(self.on_ack)
+        channel.events["basic_nack"].add(self.on_nack)
+
+    @classmethod
+    def of(cls, channel: Any) -> Confirms:
+        confirms: Confirms | None = getattr(channel, "_deferred_signals_confirms", None)
+        if confirms is None:
+            confirms = cls(channel)
+            channel._deferred_signals_confirms = confirms
+        return confirms
+
+    def on_ack(self, tag: int, multiple: bool) -> None:
+        if multiple:
+            self.acked = max(self.acked, tag)
+        else:
+            self.scattered.add(tag)
+        while self.acked + 1 in self.scattered:
+            self.acked += 1
+            self.scattered.discard(self.acked)
+        self.scattered = {t for t in self.scattered if t > self.acked}
+
+    def on_nack(self, tag: int, multiple: bool) -> None:
+        first = self.acked + 1 if multiple else tag
+        self.nacked = first if self.nacked is None else min(self.nacked, first)
+
+    def acked_up_to(self, last: int) -> int:
+        if self.nacked is not None:
+            return min(self.acked, self.nacked - 1, last)
+        return min(self.acked, last)
+
+
+def transport_options(app: Any, timeout: float) -> dict[str, Any]:
+    """What bounds every socket operation of ``app``'s broker transport by ``timeout``."""
+    options: dict[str, Any] = {"max_retries": 0}  # connecting: one try, no sleeps
+    scheme = str(app.conf.broker_write_url or app.conf.broker_url or "").split(":", 1)[0]
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        # Publisher confirms are switched on per channel by _Confirms, and waited for in bulk.
+        options.update(read_timeout=timeout, write_timeout=timeout)
+    elif scheme in ("redis", "rediss", "sentinel"):
+        options.update(socket_timeout=timeout, socket_connect_timeout=timeout)
+    return options
+
+
+class _Pool:
+    """Idle producers of one Celery app, on connections with our timeouts (per process)."""
+
+    def __init__(self, app: Any, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+        self.pid = os.getpid()
+        self.idle: list[Any] = []
+
+    def acquire(self, deadline: float) -> Any:
+        try:
+            return self.idle.pop()
+        except IndexError:
+            pass
+        return _within(deadline, self._connect, lambda producer: self.release(producer, False))
+
+    def _connect(self) -> Any:
+        """A new connection and its channel: a handful of round trips (TCP, handshake or
+        HELLO/SELECT/PING, channel open, confirm mode), each bounded by the timeout."""
+        connection = self.app.connection_for_write(
+            connect_timeout=self.timeout,
+            heartbeat=0,  # nobody would answer heartbeats between requests
+            transport_options=transport_options(self.app, self.timeout),
+        )
+        try:
+            producer = self.app.amqp.Producer(connection, auto_declare=False)
+            if getattr(producer.channel, "confirm_select", None) is not None:
+                Confirms.of(producer.channel)  # one more round trip: part of connecting
+            return producer
+        except BaseException:
+            connection.collect()
+            raise
+
+    def release(self, producer: Any, healthy: bool) -> None:
+        if healthy:
+            self.idle.append(producer)
+            return
+        try:
+            # Not release(): a polite AMQP close waits for the broker's answer (read timeout
+            # per channel and connection), which a broken or partitioned broker never sends.
+            # No socket_timeout: on Redis (no _collect) kombu would set it as the process-wide
+            # socket default while closing, and 0 makes other threads' new sockets non-blocking.
+            producer.connection.collect()
+        except Exception:  # a broken connection may fail to close: it is dropped anyway
+            logger.debug("deferred_signals: closing a broken broker connection failed")
+
+
+_pools: dict[int, _Pool] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool() -> _Pool:
+    app = get_current_app()
+    timeout = conf.publish_timeout
+    pool = _pools.get(id(app))
+    # A forked child must not share its parent's sockets; new settings need new connections.
+    if pool is None or pool.app is not app or pool.pid != os.getpid() or pool.timeout != timeout:
+        with _pools_lock:
+            pool = _pools[id(app)] = _Pool(app, timeout)
+    return pool
+
+
+def _within(deadline: float, make: Callable[[], Any], discard: Callable[[Any], None]) -> Any:
+    """``make()``, given up at ``deadline``: each of its socket operations is bounded, but a
+    broker that answers each one slowly could hold a commit for several timeouts in a row.
+
+    It runs in a thread of its own (connecting is rare: the first publish of a process, and
+    after failures); given up, its result is discarded once it arrives.
+    """
+    lock = threading.Lock()
+    outcome: list[Any] = []  # [True, result] or [False, error]; [None] once given up
+
+    def run() -> None:
+        try:
+            result: list[Any] = [True, make()]
+        except BaseException as error:  # handed to the waiting thread
+            result = [False, error]
+        with lock:
+            late = outcome == [None]
+            if not late:
+                outcome[:] = result
+        if late and result[0]:
+            discard(result[1])
+
+    thread = threading.Thread(target=run, name="deferred_signals connect", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    with lock:
+        if not outcome:
+            outcome.append(None)
+            raise PublishTimeout(
+                f"connecting to the broker took longer than PUBLISH_TIMEOUT "
+                f"({conf.publish_timeout} s)"
+            )
+    ok, value = outcome
+    if not ok:
+        raise value
+    return value
+
+
+def bound_sockets(producer: Any, timeout: float) -> None:
+    """Let no socket operation of ``producer``'s connection outlast ``timeout`` seconds: the
+    time left of PUBLISH_TIMEOUT, set before each chunk rather than once at connect time."""
+    timeout = max(timeout, 0.001)
+    channel = producer.channel
+    pool = getattr(channel, "_pool", None)  # kombu's Redis channel: a redis-py pool
+    if pool is not None:
+        connections = [
+            *getattr(pool, "_available_connections", ()),
+            *getattr(pool, "_in_use_connections", ()),
+        ]
+        for connection in connections:
+            connection.socket_timeout = timeout  # redis-py re-applies it after custom reads
+            sock = getattr(connection, "_sock", None)
+            if sock is not None:
+                sock.settimeout(timeout)
+        return
+    transport = getattr(getattr(producer.connection, "connection", None), "transport", None)
+    sock = getattr(transport, "sock", None)  # py-amqp: timeouts are SO_RCVTIMEO/SO_SNDTIMEO
+    if sock is not None:
+        seconds = int(timeout)
+        value = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+@contextmanager
+def producer(deadline: float) -> Iterator[tuple[Any, Any]]:
+    pool = _pool()
+    producer = pool.acquire(deadline)
+    healthy = False
+    try:
+        yield pool.app, producer
+        healthy = True
+    finally:
+        pool.release(producer, healthy)
+
+
+def reset() -> None:
+    """Forget pooled connections (settings changed, tests)."""
+    with _pools_lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for pool in pools:
+        if pool.pid == os.getpid():
+            for producer in pool.idle:
+                pool.release(producer, healthy=False)
