@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import celery
 from celery import Celery, signals
 from celery._state import get_current_worker_task
 from celery.app.routes import MapRoute
@@ -54,6 +55,9 @@ _add: Callable[[datetime, float], datetime] = getattr(
 )
 
 __all__ = ["Message", "MessageBuilder", "publish_fallback", "publish_message"]
+
+#: Celery 5.7 passes before_task_publish the retry policy merged with its defaults.
+_SIGNALS_GET_MERGED_POLICY = celery.VERSION >= (5, 7)
 
 #: ``Task.apply_async``/``send_task_message`` arguments that are not message properties.
 _ROUTING_KEYS = frozenset((
@@ -347,7 +351,8 @@ def publish_message(
         declare=message.declare,
         headers=message.headers,
         properties=message.properties,
-        retry_policy=message.retry_policy,
+        # Celery < 5.7 hands receivers the retry_policy argument as given (none here).
+        retry_policy=message.retry_policy if _SIGNALS_GET_MERGED_POLICY else None,
     )
     if message.declare:
         channel = producer.channel
