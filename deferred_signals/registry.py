@@ -118,6 +118,7 @@ def unregister(name: str) -> None:
     handler = _handlers.pop(name, None)
     for alias in handler.aliases if handler is not None else ():
         _aliases.pop(alias, None)
+    conf.forget(name)
 
 
 def all_handlers() -> Iterator[Handler]:
