@@ -91,6 +91,7 @@ def _option(key: str) -> property:
         value = self._resolve().values[key]
         if value is not _FROM_APP:
             return value
+        assert celery_setting is not None  # only options with a Celery setting are _FROM_APP
         return self._from_app(key, celery_setting)
 
     def set_(self: DeferredHandlerTask, value: Any) -> None:
@@ -138,7 +139,7 @@ class DeferredHandlerTask(Task):  # type: ignore[type-arg]
         # Reading app.conf through Django's settings costs ~20 us: once per value. A change
         # made on app.conf itself lands in its ``changes``; Django settings bump the generation.
         app_conf = self.app.conf
-        changes = app_conf.changes
+        changes = app_conf.changes or {}
         stamp = (app_conf, len(changes), changes.get(setting))
         resolved = self._resolve()
         seen = resolved.app.get(key)
