@@ -8,6 +8,9 @@ plain Celery task that fetches the same row itself, same worker options.
 
 Latency: with the worker warm, one call per transaction, commit → handler start, for ours
 (on_commit and outbox) and the idiom, interleaved. Long: selected with ``--cases e2e``.
+
+"Handler start" is the same point for both: once the row is fetched (ours: the worker's
+fresh fetch before the handler runs; the plain task: its own ``get()`` before it records).
 """
 
 from __future__ import annotations

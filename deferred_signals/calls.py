@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -43,14 +41,21 @@ def current_call() -> DeferredCall | None:
     return _current.get()
 
 
-@contextmanager
-def running(call_id: str, handler: str, attempt: int, body: dict[str, Any]) -> Iterator[None]:
-    """Make ``current_call()`` answer for the duration of one handler run."""
-    token = _current.set(DeferredCall(call_id, handler, attempt, committed_at(body)))
-    try:
-        yield
-    finally:
-        _current.reset(token)
+class running:
+    """Make ``current_call()`` answer for the duration of one handler run (a class, not a
+    ``@contextmanager``: it runs for every message on the worker)."""
+
+    __slots__ = ("call", "token")
+
+    def __init__(self, call_id: str, handler: str, attempt: int, body: dict[str, Any]) -> None:
+        self.call = DeferredCall(call_id, handler, attempt, committed_at(body))
+
+    def __enter__(self) -> DeferredCall:
+        self.token = _current.set(self.call)
+        return self.call
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.reset(self.token)
 
 
 def committed_at(body: dict[str, Any]) -> datetime.datetime | None:

@@ -324,14 +324,20 @@ class Settings:
 
     def __init__(self) -> None:
         self._options: dict[str, HandlerOptions] = {}
+        #: Grows with every change that may change a handler's options, ours or Celery's
+        #: (any setting, a handler registered again): what is cached per handler elsewhere
+        #: (the tasks' attributes) is kept only while it stays the same.
+        self.generation = 0
 
     def reset(self) -> None:
         self._options.clear()
         self.__dict__.pop("raw", None)
+        self.generation += 1
 
     def forget(self, name: str) -> None:
-        """Drop one handler's merged options (it was registered again)."""
+        """Drop one handler's merged options (it was registered again, or removed)."""
         self._options.pop(name, None)
+        self.generation += 1
 
     @cached_property
     def raw(self) -> Mapping[str, Any]:
@@ -416,3 +422,5 @@ conf = Settings()
 def _reset_on_setting_changed(*, setting: str, **kwargs: Any) -> None:
     if setting == SETTING:
         conf.reset()
+    else:  # e.g. a CELERY_* setting, which the tasks' attributes may fall back to
+        conf.generation += 1

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any
 
-from asgiref.sync import async_to_sync, iscoroutinefunction
+from asgiref.sync import async_to_sync
 from django.apps import apps
 from django.core.exceptions import ObjectDoesNotExist
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, models, transaction
@@ -27,7 +27,7 @@ from django.db.models.signals import (
 from django.dispatch import Signal
 
 from . import signals, tracing
-from .calls import committed_at, running
+from .calls import running
 from .decoder import Decoder, _InstanceRef, resolve, snapshot_instance
 from .exceptions import MalformedMessageError
 from .registry import Handler
@@ -75,7 +75,7 @@ class DecodedCall:
         ``final`` (no retry can follow, as inline) ``handler_failed`` when the handler raises;
         the worker, which decides on retries, calls :meth:`failed` itself.
         """
-        with running(call_id, self.handler.name, attempt, self.body):
+        with running(call_id, self.handler.name, attempt, self.body) as call:
             self.started = time.monotonic()
             at = self.body.get("at")
             signals.handler_started.send(
@@ -83,7 +83,7 @@ class DecodedCall:
                 handler=self.handler.name,
                 call_id=call_id,
                 attempt=attempt,
-                committed_at=committed_at(self.body),
+                committed_at=call.committed_at,
                 latency=None if at is None else max(0.0, time.time() - at),
             )
             tracing.annotate(self.handler.name, call_id, attempt)
@@ -152,7 +152,7 @@ class DecodedCall:
         if not self._resolve_instances(call_id):
             return self._skipped(call_id, attempt, "missing")
         func = self.handler.func
-        if iscoroutinefunction(func):  # an async receiver: awaited, as Django's asend would
+        if self.handler.is_async:  # an async receiver: awaited, as Django's asend would
             func = async_to_sync(func)
         func(signal=self.signal, sender=resolve(self.sender), **resolve(self.kwargs))
         return True

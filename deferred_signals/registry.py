@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
+from asgiref.sync import iscoroutinefunction
 from django.dispatch import Signal
 
 from .conf import HandlerOptions, conf
@@ -30,6 +32,11 @@ class Handler:
     connections: list[tuple[Signal, Any, Any]] = field(default_factory=list)
     #: The Celery task (a ``shared_task`` proxy), set by ``tasks.create_task``.
     task: Any = None
+
+    @cached_property
+    def is_async(self) -> bool:
+        """An ``async def`` receiver (the worker runs it with ``async_to_sync``)."""
+        return iscoroutinefunction(self.func)
 
     @property
     def merged(self) -> HandlerOptions:
@@ -118,6 +125,7 @@ def unregister(name: str) -> None:
     handler = _handlers.pop(name, None)
     for alias in handler.aliases if handler is not None else ():
         _aliases.pop(alias, None)
+    conf.forget(name)
 
 
 def all_handlers() -> Iterator[Handler]:

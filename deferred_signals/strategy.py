@@ -117,20 +117,25 @@ def message_problem(message: Any) -> str | None:
 
 
 def too_deep(value: Any, limit: int) -> bool:
-    """Whether lists and objects nest more than ``limit`` deep (iterative: no recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if type(item) is dict:
-            children: Any = item.values()
-        elif type(item) in (list, tuple):
-            children = item
-        else:
-            continue
+    """Whether lists and objects nest more than ``limit`` deep (iterative: no recursion).
+
+    Walks one level at a time, keeping only the containers: it runs on every message.
+    """
+    level = [value] if type(value) in _CONTAINERS else []
+    depth = 1
+    while level:
         if depth > limit:
             return True
-        stack.extend((child, depth + 1) for child in children)
+        below: list[Any] = []
+        for item in level:
+            children = item.values() if type(item) is dict else item
+            below += [child for child in children if type(child) in _CONTAINERS]
+        level = below
+        depth += 1
     return False
+
+
+_CONTAINERS = (dict, list, tuple)
 
 
 def refuse(task_name: str, message: Any, reason: str) -> None:

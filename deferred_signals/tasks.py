@@ -15,7 +15,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from django.db import InterfaceError, OperationalError
 
 from . import deadletters, registry, signals
-from .conf import WORKER_OPTIONS
+from .conf import WORKER_OPTIONS, conf
 from .exceptions import MalformedMessageError
 from .execution import (
     MESSAGE_KEYS,
@@ -39,25 +39,60 @@ CELERY_TASK_DEFAULTS = {
     "max_retries": Task.max_retries,
     "default_retry_delay": Task.default_retry_delay,
 }
+#: Task attributes read from the handler's options: the Celery setting an unset one falls
+#: back to, or None for Celery's task default.
+TASK_OPTIONS: dict[str, str | None] = {
+    **WORKER_OPTIONS,
+    "max_retries": None,
+    "default_retry_delay": None,
+}
 
 
-def _option(key: str, celery_setting: str | None) -> property:
-    """A task attribute read from the handler's merged options at every access.
+#: An option no layer of the handler's settings sets: Celery's app configuration decides.
+_FROM_APP = object()
 
-    Celery reads these from the task while it works, so computing them from
-    ``settings.DEFERRED_SIGNALS`` each time keeps ``override_settings`` honest; an
-    unset option falls back to the Celery app's own configuration, as for any task.
+
+class _Resolved:
+    """What a handler task reads per message, computed once per configuration.
+
+    ``generation`` is :attr:`conf.generation <deferred_signals.conf.Settings.generation>` when
+    this was computed: settings changes and a handler registered again bump it.
     """
 
+    __slots__ = ("app", "generation", "handler", "values")
+
+    def __init__(self, generation: int, handler: Handler | None) -> None:
+        self.generation = generation
+        self.handler = handler
+        merged = handler.merged.values if handler is not None else {}
+        self.values = {
+            key: merged[key]
+            if key in merged
+            else (_FROM_APP if setting is not None else CELERY_TASK_DEFAULTS[key])
+            for key, setting in TASK_OPTIONS.items()
+        }
+        #: key -> (what ``app.conf`` said, the app.conf changes it was read under).
+        self.app: dict[str, tuple[Any, tuple[Any, ...]]] = {}
+
+
+def _option(key: str) -> property:
+    """A task attribute read from the handler's merged options, cached per handler.
+
+    Celery reads these from the task while it works, so they follow ``override_settings``
+    (the cache is dropped on every settings change); an unset option falls back to the
+    Celery app's own configuration, as for any task.
+    """
+    celery_setting = TASK_OPTIONS[key]
+
     def get(self: DeferredHandlerTask) -> Any:
-        if key in self._overrides:
-            return self._overrides[key]
-        handler = registry.get(self.name)
-        if handler is not None and key in handler.merged.values:
-            return handler.merged.values[key]
-        if celery_setting is None:
-            return CELERY_TASK_DEFAULTS[key]
-        return self.app.conf.get(celery_setting)
+        overrides = self._overrides
+        if key in overrides:
+            return overrides[key]
+        value = self._resolve().values[key]
+        if value is not _FROM_APP:
+            return value
+        assert celery_setting is not None  # only options with a Celery setting are _FROM_APP
+        return self._from_app(key, celery_setting)
 
     def set_(self: DeferredHandlerTask, value: Any) -> None:
         # e.g. ``celery control rate_limit`` sets the attribute on the live task.
@@ -76,23 +111,45 @@ class DeferredHandlerTask(Task):  # type: ignore[type-arg]
     #: Whatever the project's task_serializer says: these messages are JSON, never pickle.
     serializer = "json"
     _overrides: Mapping[str, Any] = {}
+    _resolved: _Resolved | None = None
 
-    acks_late = _option("acks_late", WORKER_OPTIONS["acks_late"])
-    reject_on_worker_lost = _option(
-        "reject_on_worker_lost", WORKER_OPTIONS["reject_on_worker_lost"]
-    )
-    rate_limit = _option("rate_limit", WORKER_OPTIONS["rate_limit"])
-    time_limit = _option("time_limit", WORKER_OPTIONS["time_limit"])
-    soft_time_limit = _option("soft_time_limit", WORKER_OPTIONS["soft_time_limit"])
-    max_retries = _option("max_retries", None)
-    default_retry_delay = _option("default_retry_delay", None)
+    acks_late = _option("acks_late")
+    reject_on_worker_lost = _option("reject_on_worker_lost")
+    rate_limit = _option("rate_limit")
+    time_limit = _option("time_limit")
+    soft_time_limit = _option("soft_time_limit")
+    max_retries = _option("max_retries")
+    default_retry_delay = _option("default_retry_delay")
 
     @property
     def handler(self) -> Handler:
-        handler = registry.get(self.name)
+        handler = self._resolve().handler
         if handler is None:  # the task outlived a handler removed in tests
             raise MalformedMessageError(f"no deferred handler is registered as {self.name!r}")
         return handler
+
+    def _resolve(self) -> _Resolved:
+        resolved = self._resolved
+        generation = conf.generation
+        if resolved is None or resolved.generation != generation:
+            resolved = self._resolved = _Resolved(generation, registry.get(self.name))
+        return resolved
+
+    def _from_app(self, key: str, setting: str) -> Any:
+        # Reading app.conf through Django's settings costs ~20 us: once per value. A change
+        # made on app.conf itself lands in its ``changes``; Django settings bump the generation.
+        app_conf = self.app.conf
+        changes = app_conf.changes or {}
+        stamp = (app_conf, len(changes), changes.get(setting))
+        resolved = self._resolve()
+        seen = resolved.app.get(key)
+        if seen is None or not _same(seen[1], stamp):
+            seen = resolved.app[key] = (app_conf.get(setting), stamp)
+        return seen[0]
+
+
+def _same(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
+    return old[0] is new[0] and old[1] == new[1] and old[2] is new[2]
 
 
 _tasks: dict[str, Any] = {}

@@ -7,6 +7,7 @@ The real worker tests (test_worker.py) prove retries across a broker; these run 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -56,6 +57,45 @@ def test_worker_options_come_from_settings_then_from_celery() -> None:
         assert (saved.time_limit, saved.soft_time_limit) == (30, 20)
         assert saved.max_retries is None  # retry forever
     assert saved.acks_late is True
+
+
+def test_worker_options_follow_celery_settings_and_app_conf() -> None:
+    """Unset options fall back to the Celery app's configuration, however it changes."""
+    saved = task(ARTICLE_SAVED)
+    assert saved.time_limit is None and saved.rate_limit is None
+    with override_settings(CELERY_TASK_TIME_LIMIT=40, CELERY_TASK_DEFAULT_RATE_LIMIT="2/s"):
+        assert saved.time_limit == 40 and saved.rate_limit == "2/s"
+    assert saved.time_limit is None
+    conf = current_app.conf
+    had, previous = "task_soft_time_limit" in conf.changes, conf.changes.get("task_soft_time_limit")
+    conf.task_soft_time_limit = 15  # set on app.conf itself, not through Django settings
+    try:
+        assert saved.soft_time_limit == 15
+        conf.task_soft_time_limit = 16
+        assert saved.soft_time_limit == 16
+    finally:
+        if had:
+            conf.changes["task_soft_time_limit"] = previous
+        else:
+            del conf.changes["task_soft_time_limit"]
+    assert saved.soft_time_limit is None
+
+
+def test_worker_options_follow_a_handler_registered_again() -> None:
+    from deferred_signals import registry
+
+    saved = task(ARTICLE_SAVED)
+    handler = registry.get(ARTICLE_SAVED)
+    assert handler is not None and saved.max_retries == 3
+    registry.unregister(ARTICLE_SAVED)
+    try:
+        assert saved.max_retries == 3  # Celery's default, with no handler behind the task
+        registry.register(replace(handler, options={**handler.options, "max_retries": 7}))
+        assert saved.max_retries == 7 and saved.handler is not handler
+    finally:
+        registry.unregister(ARTICLE_SAVED)
+        registry.register(handler)
+    assert saved.max_retries == 3 and saved.handler is handler
 
 
 def test_remote_control_can_still_set_a_rate_limit() -> None:

@@ -196,11 +196,16 @@ def e2e_deferred_outbox(sender: Any, instance: Any, **kwargs: Any) -> None:
 
 @shared_task(name="benchmarks.e2e_plain", ignore_result=True)
 def e2e_plain(pk: int, at: float | None = None) -> None:
-    """The baseline: a plain task that fetches the row itself."""
+    """The baseline: a plain task that fetches the row itself.
+
+    It records its start once it has the row, where a deferred handler starts (after the
+    worker fetched its instance), so both latencies run from commit to the same point.
+    """
     from benchmarks.benchapp.models import Item
 
+    item = Item.objects.get(pk=pk)
     e2e_record("idiom", at)
-    touch(Item.objects.get(pk=pk).pk)
+    touch(item.pk)
 
 
 def e2e_idiom(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
@@ -230,3 +235,17 @@ def register_e2e() -> None:
         name=E2E_NAMES["outbox"],
         delivery="outbox",
     )
+
+
+@shared_task(name="benchmarks.worker_plain", ignore_result=True)
+def worker_plain(pk: int) -> None:
+    """benchmarks.workerpath's baseline: a plain task fetching the row, nothing recorded."""
+    from benchmarks.benchapp.models import Item
+
+    touch(Item.objects.get(pk=pk).pk)
+
+
+@shared_task(name="benchmarks.worker_plain_ping", ignore_result=True)
+def worker_plain_ping(key: str, n: int) -> None:
+    """benchmarks.workerpath's baseline with no row: the arguments only."""
+    touch(key, n)
