@@ -175,10 +175,12 @@ def use_app(app: Celery, settings: SettingsWrapper, queue: str) -> Iterator[None
     previous, previous_default = current_app._get_current_object(), celery_state.default_app
     app.set_current()
     app.set_default()
-    yield
-    previous.set_current()
-    celery_state.set_default_app(previous_default)
-    app.close()
+    try:
+        yield
+    finally:
+        previous.set_current()
+        celery_state.set_default_app(previous_default)
+        app.close()
 
 
 @pytest.fixture

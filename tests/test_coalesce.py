@@ -15,15 +15,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from celery import _state as celery_state
-from celery import current_app
 from django.db import transaction
 from django.db.models.signals import post_save
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 from deferred_signals import connect, registry
 from deferred_signals.models import OutboxCall
-from tests.conftest import records, require, wait_for
+from tests.conftest import records, require, use_app, wait_for
 from tests.testapp.models import Author, Record
 from tests.testapp.signals import row_touched
 from tests.workers import Worker, make_app
@@ -225,23 +223,12 @@ def publishing_to_redis(settings: SettingsWrapper, **extra: Any) -> Iterator[tup
 
     url = "redis://127.0.0.1:6379/14"
     queue = f"ds-coalesce-{uuid.uuid4().hex[:8]}"
-    app = make_app("coalesce", url)
-    settings.DEFERRED_SIGNALS = {
-        **settings.DEFERRED_SIGNALS,
-        "EAGER": False,
-        "DEFAULTS": {"queue": queue},
-        **extra,
-    }
-    previous, previous_default = current_app._get_current_object(), celery_state.default_app
-    app.set_current()
-    app.set_default()
     client = redis.Redis.from_url(url)
     try:
-        yield client, queue
+        with use_app(make_app("coalesce", url), settings, queue):
+            settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, **extra}
+            yield client, queue
     finally:
-        previous.set_current()
-        celery_state.set_default_app(previous_default)
-        app.close()
         client.delete(queue)
 
 
