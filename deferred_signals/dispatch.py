@@ -53,7 +53,14 @@ class PendingCall:
     def __call__(self) -> None:
         """Django runs this at commit (or a test's ``captureOnCommitCallbacks`` does)."""
         assert self.batch is not None
-        self.batch.release_from(self.index)
+        try:
+            self.batch.release_from(self.index)
+        except Exception:
+            if conf.eager_propagates:  # tests asked for the handler's exception
+                raise
+            # Never to Django: its robust on_commit logs ``func.__qualname__``, which an
+            # instance lacks, so the request would fail on an AttributeError instead.
+            logger.exception("deferred_signals: handing committed calls over failed")
 
     def __repr__(self) -> str:
         return f"<deferred call {self.handler.name} [{self.id}]>"

@@ -261,3 +261,18 @@ def test_a_failing_call_published_receiver_is_not_a_broker_failure(redis_queue: 
     assert len(redis_queue) == 2  # published once,
     assert not OutboxCall.objects.exists()  # not spilled as if the broker had failed,
     assert not publisher.cooldown.active()  # and no cooldown for the next request
+
+
+def test_a_failing_call_spilled_receiver_does_not_fail_the_request(broker_down: None) -> None:
+    from deferred_signals import signals
+
+    def broken(**kwargs: Any) -> None:
+        raise RuntimeError("metrics backend down")
+
+    signals.call_spilled.connect(broken, weak=False)
+    try:
+        with transaction.atomic():
+            Article.objects.create(title="spilled anyway")
+    finally:
+        signals.call_spilled.disconnect(broken)
+    assert OutboxCall.objects.count() == 2  # committed and spilled; the request went on
