@@ -165,13 +165,8 @@ class Queue:
 
 
 @contextmanager
-def use_app(app: Celery, settings: SettingsWrapper, queue: str) -> Iterator[None]:
-    """Publish deferred calls through ``app`` (this thread and others) to ``queue``."""
-    settings.DEFERRED_SIGNALS = {
-        **settings.DEFERRED_SIGNALS,
-        "EAGER": False,
-        "DEFAULTS": {"queue": queue},
-    }
+def current(app: Celery) -> Iterator[None]:
+    """Make ``app`` Celery's current and default app (this thread and others), then restore."""
     previous, previous_default = current_app._get_current_object(), celery_state.default_app
     app.set_current()
     app.set_default()
@@ -180,6 +175,20 @@ def use_app(app: Celery, settings: SettingsWrapper, queue: str) -> Iterator[None
     finally:
         previous.set_current()
         celery_state.set_default_app(previous_default)
+
+
+@contextmanager
+def use_app(app: Celery, settings: SettingsWrapper, queue: str) -> Iterator[None]:
+    """Publish deferred calls through ``app`` (this thread and others) to ``queue``."""
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "EAGER": False,
+        "DEFAULTS": {"queue": queue},
+    }
+    try:
+        with current(app):
+            yield
+    finally:
         app.close()
 
 

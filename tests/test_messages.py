@@ -20,15 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from celery import Celery, current_app
-from celery import _state as celery_state
+from celery import Celery
 from celery.signals import after_task_publish, before_task_publish
 from kombu import Producer
 
 from deferred_signals import registry
 from deferred_signals.codec import summary
 from deferred_signals.messages import MessageBuilder, publish_fallback, publish_message
-from tests.conftest import records, require, wait_for
+from tests.conftest import current, records, require, wait_for
 from tests.workers import Worker, make_app
 
 URL = "redis://127.0.0.1:6379/14"
@@ -55,18 +54,6 @@ class Broker:
         keys = [queue, *self.redis.keys(f"{queue}\x06\x16*")]
         self.queues.extend(key.decode() for key in keys[1:])
         return [json.loads(raw) for key in keys for raw in reversed(self.redis.lrange(key, 0, -1))]
-
-
-@contextmanager
-def current(app: Celery) -> Iterator[None]:
-    previous, previous_default = current_app._get_current_object(), celery_state.default_app
-    app.set_current()
-    app.set_default()
-    try:
-        yield
-    finally:
-        previous.set_current()
-        celery_state.set_default_app(previous_default)
 
 
 @pytest.fixture
