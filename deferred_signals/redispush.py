@@ -135,15 +135,22 @@ class RedisPush:
                 pipe.execute()
             return
         try:
-            connection.send_packed_command(
-                connection.pack_commands([("LPUSH", key, data) for key, data in pending])
-            )
+            connection.send_packed_command([_pack(pending)])
             for _ in pending:
                 connection.read_response()  # an error reply raises (redis.ResponseError)
         except BaseException:
             # Replies may be left unread: this connection must never serve another batch.
             connection.disconnect()
             raise
+
+
+def _pack(pending: list[tuple[str, str]]) -> bytes:
+    """``LPUSH key data`` for each pair, in the Redis protocol (RESP), ready to send."""
+    parts = []
+    for key, data in pending:
+        k, d = key.encode(), data.encode()
+        parts.append(b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(k), k, len(d), d))
+    return b"".join(parts)
 
 
 def _connection(channel: Any) -> Any:

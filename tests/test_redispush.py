@@ -142,3 +142,12 @@ def test_one_connection_serves_every_batch_of_a_producer(redis_client: Any) -> N
         pool = producer.channel.pool
         assert producer.channel._deferred_signals_connection in pool._in_use_connections
     assert labels(redis_client, queue) == ["0.0", "1.0", "1.1", "2.0", "2.1", "2.2"]
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    redis = pytest.importorskip("redis")
+    from deferred_signals.redispush import _pack
+
+    pairs = [("queue", "héllo"), ("queue\x06\x163", "x" * 7000), ("q", "")]
+    expected = redis.Connection().pack_commands([("LPUSH", key, data) for key, data in pairs])
+    assert _pack(pairs) == b"".join(expected)
