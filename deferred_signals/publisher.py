@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
-from . import broker, signals
+from . import broker, sentry, signals
 from .calls import committed_at
 from .conf import conf
 from .exceptions import BrokerUnavailable, PublishRefused, PublishTimeout
@@ -203,6 +203,7 @@ class _Publish:
         self.builder = MessageBuilder(app)
         #: Redis: messages written as kombu would, without its per-message machinery.
         self.push = RedisPush.of(producer) if FAST_REDIS else None
+        self.send = sentry.publishing(publish_message)
 
     def __call__(self, call: PendingCall, remaining: float) -> None:
         task, options = call.handler.task, call.handler.merged.publish
@@ -210,7 +211,7 @@ class _Publish:
         if message is None:
             publish_fallback(self.producer, task, call.id, call.body, options, timeout=remaining)
         else:
-            publish_message(self.producer, message, timeout=remaining, push=self.push)
+            self.send(self.producer, message, timeout=remaining, push=self.push)
 
 
 # --- connections of our own ----------------------------------------------------------------
