@@ -73,7 +73,7 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def init(transport: Transport, integrations: list[Integration]) -> None:
+def init(transport: Transport, integrations: list[Integration], **options: Any) -> None:
     """Sentry as a project sets it up, with only ``integrations`` and every trace sampled."""
     sentry_sdk.init(
         dsn=DSN,
@@ -82,17 +82,20 @@ def init(transport: Transport, integrations: list[Integration]) -> None:
         integrations=integrations,
         default_integrations=False,
         auto_enabling_integrations=False,
+        **options,
     )
 
 
 @contextmanager
-def initialised(transport: Transport, integrations: list[Integration]) -> Iterator[None]:
+def initialised(
+    transport: Transport, integrations: list[Integration], **options: Any
+) -> Iterator[None]:
     """Sentry on in this process for the block; then no client, as before.
 
     The integrations' patches stay (sentry-sdk installs them once per process), but each
     patched function does nothing more when the client lacks its integration.
     """
-    init(transport, integrations)
+    init(transport, integrations, **options)
     try:
         yield
     finally:

@@ -149,6 +149,28 @@ def test_a_message_carries_the_headers_apply_async_would_put(
         assert publish["data"]["messaging.message.id"] == headers["id"]
 
 
+@pytest.mark.parametrize("in_span", [True, False], ids=["in a span", "outside spans"])
+def test_span_streaming_mode_propagates_its_trace_too(
+    memory_app: Celery, published: list[dict[str, Any]], in_span: bool
+) -> None:
+    """sentry-sdk's newer mode, where spans are sent as they end (``trace_lifecycle``)."""
+    with initialised(MemoryTransport(), [CeleryIntegration()], trace_lifecycle="stream"):
+        if in_span:
+            with sentry_sdk.traces.start_span(name="POST /articles/") as request:
+                save_article()
+            trace_id = request.trace_id
+        else:
+            save_article()
+            trace_id = sentry_sdk.get_traceparent().split("-")[0]
+    assert len(published) == 2
+    for headers in published:
+        assert sentry_keys(headers) == SENTRY_KEYS
+        trace, span_id = headers["sentry-trace"].split("-")[:2]
+        assert trace == trace_id
+        if in_span:  # a submit span of its own, under the request's
+            assert span_id != request.span_id
+
+
 def test_the_relay_publishes_without_the_trace_of_its_own_process(
     memory_app: Celery, published: list[dict[str, Any]]
 ) -> None:
