@@ -41,15 +41,9 @@ def freeze(value: JSON) -> Frozen:
     """``value`` (an :class:`~deferred_signals.codec.Encoder`'s output) as tuples."""
     kind = type(value)
     if kind is dict:
-        keys = tuple(value)
-        shared = _keys.get(keys)
-        if shared is None:
-            shared = keys
-            if len(_keys) < MAX_SHARED_KEYS:
-                _keys[keys] = keys
-        return Object((shared, *map(freeze, value.values())))
+        return _freeze_object(value)
     if kind is list:
-        return tuple(map(freeze, value))
+        return _freeze_array(value)
     return value  # an encoder's output holds only JSON types: the rest is immutable
 
 
@@ -57,10 +51,70 @@ def thaw(frozen: Frozen) -> JSON:
     """``frozen`` as fresh JSON data: new dicts and lists, never shared with anything."""
     kind = type(frozen)
     if kind is Object:
-        return dict(zip(frozen[0], map(thaw, frozen[1:]), strict=True))
+        return _thaw_object(frozen)
     if kind is tuple:
-        return list(map(thaw, frozen))
+        return _thaw_array(frozen)
     return frozen
+
+
+# The helpers test each value's type inline rather than call themselves for every scalar:
+# thaw runs for every call at commit, freeze for every send.
+
+
+def _freeze_object(value: dict[str, JSON]) -> Object:
+    keys = tuple(value)
+    shared = _keys.get(keys)
+    if shared is None:
+        shared = keys
+        if len(_keys) < MAX_SHARED_KEYS:
+            _keys[keys] = keys
+    items: list[Frozen] = [shared]
+    for item in value.values():
+        kind = type(item)
+        if kind is dict:
+            item = _freeze_object(item)
+        elif kind is list:
+            item = _freeze_array(item)
+        items.append(item)
+    return Object(items)
+
+
+def _freeze_array(value: list[JSON]) -> tuple[Frozen, ...]:
+    return tuple(
+        [
+            _freeze_object(item)
+            if type(item) is dict
+            else _freeze_array(item)
+            if type(item) is list
+            else item
+            for item in value
+        ]
+    )
+
+
+def _thaw_object(frozen: Object) -> dict[str, JSON]:
+    values = iter(frozen)
+    data = {}
+    for key in next(values):
+        value = next(values)
+        kind = type(value)
+        if kind is Object:
+            value = _thaw_object(value)
+        elif kind is tuple:
+            value = _thaw_array(value)
+        data[key] = value
+    return data
+
+
+def _thaw_array(frozen: tuple[Frozen, ...]) -> list[JSON]:
+    return [
+        _thaw_object(item)
+        if type(item) is Object
+        else _thaw_array(item)
+        if type(item) is tuple
+        else item
+        for item in frozen
+    ]
 
 
 def sender(encoder: Encoder, value: Any) -> Frozen:
