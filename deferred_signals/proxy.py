@@ -1,7 +1,8 @@
 """The proxy receiver: what runs in the request when a signal reaches a deferred handler.
 
-It encodes the call (once per ``send()``, however many deferred handlers receive it) and
-hands it to :mod:`dispatch`, which attaches it to the transaction of the right database.
+It encodes the call (once per ``send()``, however many deferred handlers receive it), keeps
+the encoding frozen (:mod:`frozen`: compact and shared until the commit) and hands the call
+to :mod:`dispatch`, which attaches it to the transaction of the right database.
 """
 
 from __future__ import annotations
