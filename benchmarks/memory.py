@@ -4,7 +4,9 @@ Each variant runs in a fresh child process (``python -m benchmarks.memory VARIAN
 warms up, reads its RSS, saves N rows in one transaction, reads its RSS again just before
 the commit (what the process holds for the commit), then commits and reports the peak RSS
 (``ru_maxrss``) and how long the commit took (publishing included). Figures are above the
-same loop with no receiver, the floor. Long: selected with ``--cases memory``;
+same loop with no receiver, the floor. ``PUBLISH_TIMEOUT`` is raised to 600 s here: the
+case measures publishing every call (the idiom has no bound), where the default 2 s would
+spill most of a 100,000-call commit to the outbox. Long: selected with ``--cases memory``;
 ``DS_BENCH_MEMORY_SAVES`` sets N (default 100,000).
 """
 
@@ -44,8 +46,10 @@ def child(variant: str, saves: int) -> dict[str, Any]:
     import django
 
     django.setup()
+    from django.conf import settings
     from django.db import transaction
     from django.db.models.signals import post_save
+    from django.test import override_settings
 
     from benchmarks import cases, celery_app
     from benchmarks.benchapp import handlers
@@ -60,6 +64,9 @@ def child(variant: str, saves: int) -> dict[str, Any]:
         "idiom": lambda: cases.plain(post_save, handlers.saved_idiom, Item),
     }
     install = installers[variant]
+    override_settings(
+        DEFERRED_SIGNALS={**settings.DEFERRED_SIGNALS, "PUBLISH_TIMEOUT": 600}
+    ).enable()
     with install():
         with transaction.atomic():  # warm: connections, producer, queue declaration
             for _ in range(10):

@@ -167,7 +167,8 @@ class Encoder:
             return _encode_class(value)
         if isinstance(value, QuerySet):
             if self.deleting:
-                return {TAG: "deleted", "m": value.model._meta.label_lower, "db": value.db}
+                label = sys.intern(value.model._meta.label_lower)
+                return {TAG: "deleted", "m": label, "db": value.db}
             raise EncodeError(value, "send a list of pks: list(qs.values_list('pk', flat=True))")
         if isinstance(value, (bytearray, memoryview)):
             return {TAG: "bytes", "v": base64.b64encode(bytes(value)).decode("ascii")}
@@ -195,7 +196,8 @@ class Encoder:
         pk = instance.pk
         data: dict[str, JSON] = {
             TAG: "model",
-            "m": meta.label_lower,
+            # label_lower builds a new str on each read: pending calls share one.
+            "m": sys.intern(meta.label_lower),
             "pk": self.encode(pk, level + 1),
             "db": instance._state.db,
         }
@@ -272,7 +274,7 @@ def _stable(items: set[Any] | frozenset[Any]) -> list[Any]:
 def _encode_class(cls: type) -> JSON:
     meta = getattr(cls, "_meta", None)
     if isinstance(meta, models.options.Options) and issubclass(cls, models.Model):
-        return {TAG: "modelclass", "v": meta.label}
+        return {TAG: "modelclass", "v": sys.intern(meta.label)}
     if not allowed_class(cls):
         # A worker hands class values to handlers, which may call them: only classes the
         # project vouched for travel (the same rule the worker applies to what it receives).

@@ -24,8 +24,9 @@ from . import outbox, publisher, signals
 from .codec import summary
 from .conf import conf
 from .exceptions import BrokerUnavailable, DeferredSignalError
+from .frozen import Frozen, thaw
 from .registry import Handler
-from .tasks import decode_call
+from .tasks import MESSAGE_VERSION, decode_call
 
 logger = logging.getLogger("deferred_signals")
 
@@ -37,24 +38,63 @@ capture: Callable[[list[PendingCall], str], None] | None = None
 class PendingCall:
     """One handler call waiting for its transaction, and its own ``on_commit`` callback.
 
-    ``body`` is the message, already encoded. ``outbox``: the call has an outbox row.
+    ``body`` is the message body, already encoded. A call made by a signal keeps it frozen
+    (:mod:`frozen`: tuples shared with the other calls of the same send and sender) and
+    builds it on each read, so a reader gets a dict of its own: only :meth:`stamp` changes
+    a call. ``outbox``: the call has an outbox row.
     """
 
-    __slots__ = ("batch", "body", "handler", "id", "index", "outbox")
+    __slots__ = ("at", "batch", "handler", "id", "kwargs", "outbox", "sender", "signal", "stored")
 
-    def __init__(self, handler: Handler, id: str, body: dict[str, Any], outbox: bool = False):
+    def __init__(
+        self,
+        handler: Handler,
+        id: str,
+        body: dict[str, Any] | None = None,
+        outbox: bool = False,
+        *,
+        signal: int = 0,
+        sender: Frozen = None,
+        kwargs: Frozen = None,
+    ) -> None:
         self.handler = handler
         self.id = id
-        self.body = body
         self.outbox = outbox
         self.batch: Batch | None = None
-        self.index = 0
+        #: The body as given (relayed, replayed, coalesced calls); None for a signal's call,
+        #: kept as the index of the signal among the handler's and its frozen arguments.
+        self.stored = body
+        self.signal = signal
+        self.sender = sender
+        self.kwargs = kwargs
+        #: When the transaction committed (set at flush).
+        self.at: float | None = None
+
+    @property
+    def body(self) -> dict[str, Any]:
+        if self.stored is not None:
+            return self.stored
+        body = {
+            "v": MESSAGE_VERSION,
+            "signal": self.signal,
+            "sender": thaw(self.sender),
+            "kwargs": thaw(self.kwargs),
+        }
+        if self.at is not None:
+            body["at"] = self.at
+        return body
+
+    def stamp(self, committed_at: float) -> None:
+        """The transaction committed at ``committed_at``: the body says so from now on."""
+        self.at = committed_at
+        if self.stored is not None:
+            self.stored["at"] = committed_at
 
     def __call__(self) -> None:
         """Django runs this at commit (or a test's ``captureOnCommitCallbacks`` does)."""
         assert self.batch is not None
         try:
-            self.batch.release_from(self.index)
+            self.batch.release(self)
         except Exception:
             if conf.eager_propagates:  # tests asked for the handler's exception
                 raise
@@ -84,19 +124,27 @@ class Batch:
         self.using = using
 
     def add(self, call: PendingCall) -> None:
-        call.batch, call.index = self, len(self.calls)
+        call.batch = self
         self.calls.append(call)
         self.end = len(self.calls)
 
-    def release_from(self, index: int) -> None:
+    def release(self, call: PendingCall) -> None:
         self.open = False  # later calls start a batch of their own
-        if index >= self.end:
-            return  # released already, with an earlier callback of the batch
-        calls = self.calls[index : self.end]
+        calls = self.calls
+        # A call does not keep its index (an int object per call): the first callback to
+        # run is the batch's first call, but under a test's capture of later callbacks.
+        if self.end and calls[0] is call:
+            index = 0
+        else:
+            try:
+                index = calls.index(call, 0, self.end)
+            except ValueError:
+                return  # released already, with an earlier callback of the batch
+        released = calls[index : self.end]
         self.end = index
         if index == 0:
             self.calls = []  # everything is out: let the encoded calls go
-        flush(calls, self.using)
+        flush(released, self.using)
 
 
 def enqueue(call: PendingCall, using: str) -> None:
@@ -136,7 +184,7 @@ def flush(calls: list[PendingCall], using: str) -> None:
     """
     committed_at = time.time()
     for call in calls:
-        call.body["at"] = committed_at
+        call.stamp(committed_at)
     if capture is not None:
         capture(calls, using)
         return

@@ -1,7 +1,8 @@
 """The proxy receiver: what runs in the request when a signal reaches a deferred handler.
 
-It encodes the call (once per ``send()``, however many deferred handlers receive it) and
-hands it to :mod:`dispatch`, which attaches it to the transaction of the right database.
+It encodes the call (once per ``send()``, however many deferred handlers receive it), keeps
+the encoding frozen (:mod:`frozen`: compact and shared until the commit) and hands the call
+to :mod:`dispatch`, which attaches it to the transaction of the right database.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from django.db.models.query import QuerySet
 from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import Signal
 
-from . import coalesce, dispatch, readiness, signals
+from . import coalesce, dispatch, frozen, readiness, signals
 from .codec import MAX_DEPTH, EncodeError, Encoder, TooDeepError, locate
 from .exceptions import DeferredSignalError
+from .frozen import Frozen, freeze
 from .registry import Handler
-from .tasks import MESSAGE_VERSION
 
 DELETE_SIGNALS = (pre_delete, post_delete)
 
@@ -46,7 +47,7 @@ class _LastSend(threading.local):
     signal: Signal | None = None
     sender: Any = None
     kwargs: dict[str, Any] | None = None
-    encoded: dict[tuple[bool, bool, bool], tuple[Any, Any]]
+    encoded: dict[tuple[bool, bool, bool], tuple[Frozen, Frozen]]
 
 
 _last_send = _LastSend()
@@ -73,8 +74,15 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
         sender_data, kwargs_data = _encode(
             handler, serial, signal, sender, kwargs, fresh, options.snapshot_fallback, deletes
         )
-        body = {"v": MESSAGE_VERSION, "signal": index, "sender": sender_data, "kwargs": kwargs_data}
-        call = dispatch.PendingCall(handler, uuid(), body, options.outbox)
+        call = dispatch.PendingCall(
+            handler,
+            uuid(),
+            None,
+            options.outbox,
+            signal=index,
+            sender=sender_data,
+            kwargs=kwargs_data,
+        )
         using = _alias(handler, kwargs)
         key = _coalesce_key(index, sender, kwargs.get("instance")) if options.coalesce else None
         if key is None:
@@ -167,7 +175,8 @@ def _encode(
     fresh: bool,
     fields: bool,
     deleting: bool,
-) -> tuple[Any, Any]:
+) -> tuple[Frozen, Frozen]:
+    """The sender and the arguments, encoded and frozen: shared by the send's calls."""
     last = _last_send
     previous = last.kwargs
     same_send = (
@@ -189,8 +198,8 @@ def _encode(
         encoder = Encoder(fresh=fresh, fields=fields, deleting=deleting)
         try:
             encoded = (
-                encoder.encode(sender),
-                {name: encoder.encode(value) for name, value in kwargs.items()},
+                frozen.sender(encoder, sender),
+                freeze({name: encoder.encode(value) for name, value in kwargs.items()}),
             )
         except TooDeepError:
             raise _too_deep_error(handler, encoder, {"sender": sender, **kwargs}) from None
