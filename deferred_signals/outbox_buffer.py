@@ -4,7 +4,7 @@
 row commits if and only if that transaction commits, savepoints included. A transaction's
 first row is inserted at once (a missing table fails at the send, naming the handler); the
 next ones wait in a buffer of that connection (one per database alias and thread) and go
-out together, in one statement per :data:`MAX_ROWS`:
+out together, in one statement per :data:`MAX_ROWS` rows:
 
 - **before any other statement on the connection**: an entry at the head of the
   connection's ``execute_wrappers``, present only while rows wait. Django runs
@@ -46,7 +46,8 @@ from .conf import conf
 from .exceptions import OutboxWriteError
 
 #: Rows per INSERT statement (fewer where the backend limits query parameters: SQLite 999).
-MAX_ROWS = 500
+#: As fast as 500 for 1,000 calls, for a fifth of the memory held until the INSERT.
+MAX_ROWS = 100
 #: What each row binds: id, handler, body, created, next_attempt_at.
 ROW_PARAMS = 5
 _COLUMNS = ("id", "handler", "body", "created", "attempts", "next_attempt_at", "last_error")
