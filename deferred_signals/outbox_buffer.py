@@ -124,6 +124,8 @@ def insert(connection: Any, rows: Sequence[Row]) -> None:
 def _insert_now(connection: Any, using: str, rows: Sequence[Row]) -> None:
     try:
         insert(connection, rows)
+    except OutboxWriteError:
+        raise  # rows that were waiting, written before this INSERT: named already
     except DatabaseError as error:
         raise write_error([each[1] for each in rows], len(rows), using, error) from error
 
