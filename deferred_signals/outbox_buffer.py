@@ -209,8 +209,8 @@ class _Buffer:
     def before_statement(
         self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
     ) -> Any:
-        if not self.rows:
-            pass
+        if not self.rows or self.connection.needs_rollback:
+            pass  # the statement fails as Django says; the rows go with the rollback
         elif not self.alive():
             self.drop()
         elif isinstance(sql, str) and sql.lstrip()[:8].upper() == "ROLLBACK":

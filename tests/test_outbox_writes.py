@@ -243,6 +243,19 @@ def test_a_write_failing_before_a_statement_dooms_the_transaction(
     assert not OutboxCall.objects.exists() and len(outbox_queue) == 0
 
 
+def test_a_transaction_marked_for_rollback_fails_as_django_says(outbox_queue: Queue) -> None:
+    from django.db.transaction import TransactionManagementError
+
+    with transaction.atomic():
+        send(0)
+        send(1)
+        transaction.set_rollback(True)
+        with pytest.raises(TransactionManagementError) as raised:
+            Author.objects.count()
+        assert not isinstance(raised.value, OutboxWriteError)
+    assert not OutboxCall.objects.exists() and len(outbox_queue) == 0
+
+
 def test_capture_on_commit_callbacks_publishes_and_deletes_the_waiting_rows(
     outbox_queue: Queue, django_capture_on_commit_callbacks: Any
 ) -> None:
