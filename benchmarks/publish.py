@@ -1,8 +1,9 @@
 """Case 5: the publish step alone, ``apply_async`` against the lean message builder.
 
 1,000 committed calls published to Redis through one producer inside ``Producer.batch``,
-as deferred_signals' flush does, once per call with ``Task.apply_async`` (today) and once
-with ``MessageBuilder`` + ``publish_message``. The other rows split what remains: building
+as deferred_signals' flush does, once per call with ``Task.apply_async`` (today), once
+with ``MessageBuilder`` + ``publish_message`` through kombu, and once as the request path
+does on Redis, ``MessageBuilder`` + ``RedisPush``. The other rows split what remains: building
 alone, kombu's publish of messages built beforehand (JSON + kombu + Redis), the JSON alone,
 and a raw pipelined LPUSH of the same bytes (the broker floor).
 """
@@ -30,6 +31,7 @@ from benchmarks.stats import table, us
 from deferred_signals import registry
 from deferred_signals.codec import Encoder, summary
 from deferred_signals.messages import Message, MessageBuilder, publish_message
+from deferred_signals.redispush import RedisPush
 
 if TYPE_CHECKING:
     from benchmarks.run import Plan
@@ -94,6 +96,7 @@ def _envelope(message: Message) -> bytes:
 VARIANTS = [
     Variant("apply_async", "Task.apply_async per call (today)", True, CALLS, _install("apply")),
     Variant("builder", "MessageBuilder + publish_message", True, CALLS, _install("builder")),
+    Variant("push", "MessageBuilder + RedisPush (the request path)", True, CALLS, _install("push")),
     Variant("build", "  building only, nothing sent", False, 0, _install("build")),
     Variant("kombu", "  Producer.publish of built messages", True, CALLS, _install("kombu")),
     Variant("json", "  JSON only: body + envelope dumps", False, 0, _install("json")),
@@ -121,6 +124,16 @@ def publish_all() -> float:
         with current_app.producer_or_acquire() as producer, producer.batch(max_size=BATCH_SIZE):
             for body in STATE.bodies:
                 publish_message(producer, _build(builder, body, options))
+    elif mode == "push":
+        builder = MessageBuilder(current_app)
+        with current_app.producer_or_acquire() as producer:
+            push = RedisPush.of(producer)
+            assert push is not None, "not a Redis channel"
+            for at in range(0, len(STATE.bodies), BATCH_SIZE):
+                for body in STATE.bodies[at : at + BATCH_SIZE]:
+                    publish_message(producer, _build(builder, body, options), push=push)
+                push.flush()
+            assert not push.pending
     elif mode == "build":
         builder = MessageBuilder(current_app)
         for body in STATE.bodies:
@@ -211,3 +224,6 @@ def case5(runner: Runner, plan: Plan) -> None:
     if reference and "builder" in found:
         ratio = found["builder"].samples.ratio_to(reference.samples)
         print(f"\n> MessageBuilder + publish_message / apply_async, 1,000 messages: {ratio}")
+    if reference and "push" in found:
+        ratio = found["push"].samples.ratio_to(reference.samples)
+        print(f"> MessageBuilder + RedisPush / apply_async, 1,000 messages: {ratio}")

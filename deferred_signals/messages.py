@@ -31,6 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import celery
+import celery._state
 from celery import Celery, signals
 from celery._state import get_current_worker_task
 from celery.app.routes import MapRoute
@@ -43,6 +44,10 @@ from kombu import Producer, Queue
 from kombu.common import Broadcast
 
 from .codec import summary
+from .redispush import RedisPush
+
+#: What get_current_worker_task() walks; private, hence None if a Celery moved it.
+_task_stack: Any = getattr(celery._state, "_task_stack", None)
 
 
 def _add_seconds(dt: datetime, seconds: float) -> datetime:
@@ -123,8 +128,22 @@ _EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "c
 _routes: dict[tuple[Any, ...], _Route] = {}
 #: Celery settings that send a call down the per-call path.
 _PER_CALL_SETTINGS = ("task_always_eager", "task_send_sent_event")
-#: Per app: (what it was read from, lean, origin).
-_app_state: dict[int, tuple[tuple[Any, ...], bool, str]] = {}
+
+
+@dataclass(slots=True)
+class _AppState:
+    """What one app's configuration says, and the routes checked against it."""
+
+    #: What it was read from: the router, its routes, the queues, app.conf changes.
+    seen: tuple[Any, ...]
+    lean: bool
+    origin: str
+    #: Routes by (task object id, options): kept with the task, so a reused id cannot
+    #: return another task's route.
+    routes: dict[tuple[int, tuple[Any, ...]], tuple[Any, _Route]]
+
+
+_app_state: dict[int, _AppState] = {}
 
 
 def clear_cache() -> None:
@@ -133,42 +152,56 @@ def clear_cache() -> None:
     _app_state.clear()
 
 
+def _cached(obj: Any, name: str) -> Any:
+    """``obj.name`` for one of Celery's cached properties, without their lock once computed."""
+    value = obj.__dict__.get(name)
+    return getattr(obj, name) if value is None else value
+
+
+def _worker_task() -> Any:
+    """Celery's ``get_current_worker_task()``, after a cheap look at its stack (empty outside
+    a worker's task, that is on every request)."""
+    if _task_stack is not None and _task_stack.top is None:
+        return None
+    return get_current_worker_task()
+
+
 class MessageBuilder:
     """Builds the messages of one batch for ``app``.
 
     Create one per batch: a batch is built against one configuration, and a later batch sees
-    any change to it (Django settings, ``app.conf`` changes, a new router or queues).
+    any change to it (Django settings, ``app.conf`` changes, a new router or queues). What
+    the configuration says, and each handler's route, is kept per app until it changes.
     """
 
     __slots__ = ("app", "lean", "origin", "reply_to", "routes", "stamp")
 
     def __init__(self, app: Celery) -> None:
-        amqp = app.amqp
-        router: Any = amqp.router
+        amqp = _cached(app, "amqp")
+        router: Any = _cached(amqp, "router")
         self.app = app
         # Celery routes with the routes its router was built with, whatever app.conf says
         # since (reading app.conf.task_routes costs ~15 us when it is Django's settings): a
         # project that changes them rebuilds the router, and a new router recomputes.
-        self.stamp = (app, router, router.routes, amqp.queues)
+        self.stamp = (app, router, router.routes, _cached(amqp, "queues"))
         # What app.conf says is read once per app (~40 us through Django's settings): again
         # after a settings change, or a change made on app.conf itself (kept in its changes).
         changes = app.conf.changes or {}
         seen = (*self.stamp, *(changes.get(key) for key in _PER_CALL_SETTINGS))
         state = _app_state.get(id(app))
-        if state is None or not _same(state[0], seen):
+        if state is None or not _same(state.seen, seen):
             conf = app.conf
             lean = not (
                 conf.task_always_eager
                 or conf.task_send_sent_event
                 or any(not isinstance(route, MapRoute) for route in router.routes)
             )
-            state = _app_state[id(app)] = (seen, lean, anon_nodename())
+            state = _app_state[id(app)] = _AppState(seen, lean, anon_nodename(), {})
         # A call made while a worker runs a task takes Celery's path (root and parent ids).
-        self.lean = state[1] and get_current_worker_task() is None
-        self.origin = state[2]
+        self.lean = state.lean and _worker_task() is None
+        self.origin = state.origin
         self.reply_to = app.thread_oid
-        #: Routes checked against this batch's configuration, by task object and options.
-        self.routes: dict[tuple[int, tuple[Any, ...]], tuple[Any, _Route]] = {}
+        self.routes = state.routes
 
     def build(
         self, task: Any, call_id: str, body: dict[str, Any], options: Mapping[str, Any]
@@ -236,7 +269,8 @@ class MessageBuilder:
 
     def _route(self, task: Any, options: Mapping[str, Any]) -> _Route:
         # Handler tasks are shared_task proxies, and each attribute read resolves the proxy:
-        # look a route up once per batch, then by the identity of the task object.
+        # look a route up by the identity of the task object, for as long as the app's
+        # configuration holds (a Django setting change clears it all).
         items = tuple(options.items())
         seen = self.routes.get((id(task), items))
         if seen is not None and seen[0] is task:
@@ -247,7 +281,6 @@ class MessageBuilder:
         route = _routes.get(key)
         if route is None or not _same(route.stamp, stamp):
             route = _routes[key] = _resolve(self.app, task, options, stamp)
-        # Kept with the task itself, so a reused id cannot return another task's route.
         self.routes[(id(task), items)] = (task, route)
         return route
 
@@ -335,12 +368,14 @@ def publish_message(
     *,
     timeout: float | None = None,
     confirm_timeout: float | None = None,
+    push: RedisPush | None = None,
 ) -> None:
     """Publish ``message`` through ``producer`` once, without retrying (``retry=False``).
 
     Fires ``before_task_publish`` and ``after_task_publish`` as Celery does. Each queue of
     ``message.declare`` is declared the first time this producer's channel publishes to it.
-    Errors propagate: the caller decides on retries and deadlines.
+    Errors propagate: the caller decides on retries and deadlines. With ``push`` (a Redis
+    channel), the message is queued there when it can be, and written by ``push.flush()``.
     """
     send_before = signals.before_task_publish.send
     send_before(
@@ -364,9 +399,10 @@ def publish_message(
             if ident not in declared:
                 producer.maybe_declare(entity, retry=False)
                 declared.add(ident)
-    kwargs = message.publish_kwargs()
-    kwargs["declare"] = None
-    producer.publish(message.body, timeout=timeout, confirm_timeout=confirm_timeout, **kwargs)
+    if push is None or not push.add(message):
+        kwargs = message.publish_kwargs()
+        kwargs["declare"] = None
+        producer.publish(message.body, timeout=timeout, confirm_timeout=confirm_timeout, **kwargs)
     signals.after_task_publish.send(
         sender=message.task,
         body=message.body,

@@ -24,7 +24,7 @@ from django.db import connections, router, transaction
 from django.utils import timezone
 from kombu.utils import json as kombu_json
 
-from . import deadletters, outbox, publisher, registry
+from . import deadletters, outbox, publisher, registry, sentry
 from .conf import conf
 from .dispatch import PendingCall
 from .exceptions import DeferredSignalError
@@ -107,7 +107,8 @@ class Relay:
                 calls.append(_call_of(row))
             except RowError as row_error:
                 broken.append((row, row_error))
-        confirmed, error = publisher.publish(calls)
+        with sentry.detached():  # long after the request: no trace to continue
+            confirmed, error = publisher.publish(calls)
         result.published = confirmed
         outbox.delete([call.id for call in calls[:confirmed]], using)
         if confirmed < len(calls):

@@ -16,3 +16,9 @@ if os.environ.get("DS_TEST_OTEL_SPANS"):  # the tracing tests' worker
     from tests.otel import ENV, trace_worker_to
 
     trace_worker_to(os.environ[ENV])
+
+if os.environ.get("DS_TEST_SENTRY_EVENTS"):  # the Sentry tests' worker
+    from tests.sentry_capture import ENV as SENTRY_ENV
+    from tests.sentry_capture import report_worker_to
+
+    report_worker_to(os.environ[SENTRY_ENV])

@@ -27,6 +27,7 @@ from kombu import Producer
 from deferred_signals import registry
 from deferred_signals.codec import summary
 from deferred_signals.messages import MessageBuilder, publish_fallback, publish_message
+from deferred_signals.redispush import RedisPush
 from tests.conftest import current, records, require, wait_for
 from tests.workers import Worker, make_app
 
@@ -133,11 +134,27 @@ def via_builder(app: Celery, call_id: str, options: dict[str, Any]) -> Published
     return call
 
 
+def via_push(app: Celery, call_id: str, options: dict[str, Any]) -> None:
+    """The request path's way on Redis: the builder's message written by ``RedisPush``."""
+    message = MessageBuilder(app).build(task(), call_id, body("same"), options)
+    assert message is not None
+    with app.connection_for_write() as connection:
+        producer = Producer(connection, auto_declare=False)
+        push = RedisPush.of(producer)
+        assert push is not None
+        with recording(producer) as calls:
+            publish_message(producer, message, push=push)
+            push.flush()
+        assert calls == [], "RedisPush refused the message: it went through Producer.publish"
+
+
 def assert_same_message(broker: Broker, options: dict[str, Any], queue: str) -> None:
-    """apply_async and the builder, one call each: same publish arguments, same stored JSON."""
-    ids = [str(uuid.uuid4()), str(uuid.uuid4())]
+    """apply_async and the builder, one call each: same publish arguments, same stored JSON;
+    and a third call through ``RedisPush``, which must store the very same JSON as kombu."""
+    ids = [str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())]
     celery = via_apply_async(broker.app, ids[0], options)
     ours = via_builder(broker.app, ids[1], options)
+    via_push(broker.app, ids[2], options)
     # The call id is the one field meant to differ; put it back, then compare everything.
     for call in (celery, ours):
         call.kwargs["headers"]["id"] = call.kwargs["headers"]["root_id"] = "ID"
@@ -150,14 +167,19 @@ def assert_same_message(broker: Broker, options: dict[str, Any], queue: str) -> 
     assert list(ours.kwargs["headers"]) == list(celery.kwargs["headers"])  # same order too
 
     stored = broker.raw(queue)
-    assert len(stored) == 2
+    assert len(stored) == 3
+    tags = set()
     for message, call_id in zip(stored, ids, strict=True):
         assert message["headers"]["id"] == message["properties"]["correlation_id"] == call_id
         message["headers"]["id"] = message["headers"]["root_id"] = "ID"
         message["properties"]["correlation_id"] = "ID"
-        del message["properties"]["delivery_tag"]  # kombu's, unique per message
-    celery_stored, ours_stored = stored
+        tags.add(message["properties"].pop("delivery_tag"))  # unique per message
+    assert len(tags) == 3
+    celery_stored, ours_stored, pushed = stored
     assert ours_stored == celery_stored
+    assert pushed == celery_stored
+    assert list(pushed) == list(celery_stored)
+    assert sorted(pushed["properties"]) == sorted(celery_stored["properties"])
     assert json.loads(base64.b64decode(ours_stored["body"])) == [[], body("same"), EMBED]
 
 
@@ -180,7 +202,7 @@ def test_publish_options_give_the_same_headers_and_properties(broker: Broker) ->
         "soft_time_limit": 50,
     }
     assert_same_message(broker, options, queue)
-    (message, _) = broker.raw(queue)
+    (message, _, _) = broker.raw(queue)
     assert message["headers"]["eta"] == (NOW + datetime.timedelta(seconds=30)).isoformat()
     assert message["headers"]["expires"] == (NOW + datetime.timedelta(seconds=600)).isoformat()
     assert message["headers"]["timelimit"] == [60, 50]
@@ -198,7 +220,7 @@ def test_task_routes_route_the_handler(broker: Broker) -> None:
     queue = broker.queue()
     broker.app.conf.task_routes = {HANDLER: {"queue": queue, "priority": 7}}
     assert_same_message(broker, {}, queue)
-    assert [m["properties"]["priority"] for m in broker.raw(queue)] == [7, 7]
+    assert [m["properties"]["priority"] for m in broker.raw(queue)] == [7, 7, 7]
 
 
 def test_new_task_routes_are_followed(broker: Broker) -> None:
@@ -212,7 +234,7 @@ def test_new_task_routes_are_followed(broker: Broker) -> None:
     app.amqp.flush_routes()
     app.amqp.router = app.amqp.Router()  # type: ignore[misc]
     assert_same_message(broker, {}, second)
-    assert len(broker.raw(first)) == 2
+    assert len(broker.raw(first)) == 3
 
 
 def test_a_routing_function_is_asked_on_every_call(broker: Broker) -> None:

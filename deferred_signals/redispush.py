@@ -1,0 +1,174 @@
+"""Task messages written to Redis the way kombu's Redis transport writes them, minus its detours.
+
+``Producer.publish`` on kombu's Redis transport spends most of its time on what is the same
+for every message of a batch: serializer lookup, ``_prepare``, the virtual channel's
+``prepare_message`` and ``basic_publish`` bookkeeping, a new ``redis.Redis`` command per
+message. A :class:`RedisPush` builds the very envelope kombu stores (the same keys and
+values: base64 body, ``delivery_info``, ``delivery_tag``, priority) and writes a chunk of
+them with one pipelined ``LPUSH`` per message, on the channel's own client, so key prefixes
+(``global_keyprefix``) and priority queues behave exactly as kombu's.
+
+Only the common shape is taken: the default (anonymous) exchange, the JSON serializer, no
+compression, no queue with ``x-expires``; anything else is refused (:meth:`RedisPush.add`
+returns False) and goes through ``Producer.publish`` as before.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import TYPE_CHECKING, Any
+from uuid import uuid4
+
+from kombu.utils import json as kombu_json
+
+_RedisChannel: Any
+try:  # kombu's Redis transport needs redis-py; without it there is nothing to speed up
+    from kombu.transport.redis import Channel as _RedisChannel
+except ImportError:  # pragma: no cover - redis-py is a test and example dependency
+    _RedisChannel = None
+
+if TYPE_CHECKING:
+    from .messages import Message
+
+__all__ = ["RedisPush"]
+
+#: Arguments of ``Producer.publish`` a message property binds to, not properties there:
+#: Celery's routing passes ``mandatory``, ``immediate`` and ``priority`` (often None), which
+#: kombu's Redis transport ignores or turns into the priority; the others (a serializer's
+#: content type, the transport's own fields) make a message take kombu's own path.
+_IGNORED = ("mandatory", "immediate")
+_REFUSED = ("content_type", "content_encoding", "delivery_info", "body_encoding", "delivery_tag")
+
+_plain_dumps = json.JSONEncoder().encode
+
+
+def _dumps(value: Any) -> str:
+    """What ``kombu.utils.json.dumps`` returns, without building an encoder per call for the
+    plain JSON that task messages nearly always are."""
+    try:
+        return _plain_dumps(value)
+    except TypeError:  # a datetime or a UUID a tracing tool put in the headers
+        return str(kombu_json.dumps(value))
+
+
+class RedisPush:
+    """The messages of one chunk for one kombu Redis channel, written with one round trip.
+
+    Use: :meth:`add` each message (False: publish it through the producer instead), then
+    :meth:`flush`, which raises if Redis did not take every command.
+    """
+
+    __slots__ = ("channel", "delivery_modes", "pending", "producer")
+
+    def __init__(self, producer: Any, channel: Any) -> None:
+        self.producer = producer
+        self.channel = channel
+        self.pending: list[tuple[str, str]] = []
+        self.delivery_modes: dict[Any, Any] = {}
+
+    @classmethod
+    def of(cls, producer: Any) -> RedisPush | None:
+        """A push for ``producer``'s channel, or None when it is not kombu's Redis channel."""
+        channel = producer.channel
+        if _RedisChannel is None or not isinstance(channel, _RedisChannel):
+            return None
+        if (channel.body_encoding or "").lower() != "base64":
+            return None
+        return cls(producer, channel)
+
+    def add(self, message: Message) -> bool:
+        """Queue ``message``'s ``LPUSH``; False if it needs kombu's own path."""
+        channel = self.channel
+        queue = message.routing_key
+        if (
+            message.exchange != ""
+            or not queue
+            or message.serializer != "json"
+            or message.compression
+            or (channel._expires and queue in channel._expires)
+        ):
+            return False
+        properties = dict(message.properties)
+        if any(properties.get(name) is not None for name in _REFUSED):
+            return False
+        for name in (*_IGNORED, *_REFUSED):
+            properties.pop(name, None)
+        priority = properties.pop("priority", 0)
+        # Producer.publish: the delivery mode, resolved against its default exchange.
+        mode = self.delivery_modes.get(message.delivery_mode)
+        if mode is None:
+            mode = self.producer._delivery_details("", message.delivery_mode)[1]
+            self.delivery_modes[message.delivery_mode] = mode
+        properties["delivery_mode"] = mode
+        expiration = properties.pop("expiration", None)  # a handler's expires, in seconds
+        if expiration is not None:
+            properties["expiration"] = str(int(expiration * 1000))
+        # Channel.prepare_message and basic_publish (_inplace_augment_message).
+        properties["delivery_info"] = {"exchange": "", "routing_key": queue}
+        properties["priority"] = priority or channel.default_priority
+        properties["body_encoding"] = "base64"
+        properties["delivery_tag"] = str(uuid4())
+        body = base64.b64encode(_dumps(message.body).encode("utf-8")).decode("ascii")
+        envelope = {
+            "body": body,
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": message.headers or {},
+            "properties": properties,
+        }
+        # Channel._put: the priority picks the list, as kombu's consumers expect.
+        key = channel._q_for_pri(queue, channel._get_message_priority(envelope, reverse=False))
+        self.pending.append((key, _dumps(envelope)))
+        return True
+
+    def flush(self) -> None:
+        """Write the queued messages in one round trip; raise unless Redis took them all."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        connection = _connection(self.channel)
+        if connection is None:  # keys to prefix: the channel's own client does it
+            with self.channel.conn_or_acquire() as client, client.pipeline(False) as pipe:
+                for key, data in pending:
+                    pipe.lpush(key, data)
+                pipe.execute()
+            return
+        try:
+            connection.send_packed_command([_pack(pending)])
+            for _ in pending:
+                connection.read_response()  # an error reply raises (redis.ResponseError)
+        except BaseException:
+            # Replies may be left unread: this connection must never serve another batch.
+            connection.disconnect()
+            raise
+
+
+def _pack(pending: list[tuple[str, str]]) -> bytes:
+    """``LPUSH key data`` for each pair, in the Redis protocol (RESP), ready to send."""
+    parts = []
+    for key, data in pending:
+        k, d = key.encode(), data.encode()
+        parts.append(b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(k), k, len(d), d))
+    return b"".join(parts)
+
+
+def _connection(channel: Any) -> Any:
+    """A redis-py connection of ``channel``'s pool kept for our publishes, or None.
+
+    redis-py's client spends more per command than the round trip itself on loopback (pool
+    checkout with a readiness poll of the socket, retry and observability wrappers); a
+    producer of ours is used by one thread at a time, so it keeps one connection checked out
+    and writes the packed commands on it. The pool still lists it (in use): the socket
+    timeouts of :func:`deferred_signals.broker.bound_sockets` and the channel's close reach
+    it. A channel that prefixes keys (``global_keyprefix``) goes through its client.
+    """
+    if getattr(channel, "global_keyprefix", ""):
+        return None
+    connection = getattr(channel, "_deferred_signals_connection", None)
+    if connection is None or getattr(connection, "_sock", True) is None:
+        if connection is not None:  # disconnected after a failure: back to the pool
+            channel.pool.release(connection)
+        connection = channel.pool.get_connection()
+        channel._deferred_signals_connection = connection
+    return connection

@@ -1,0 +1,153 @@
+"""``RedisPush`` on a real Redis: what it refuses, key prefixes, and a batch that fails midway.
+
+That its messages are kombu's, field by field, is proven in ``test_messages.py``; that a real
+worker runs them, by every worker test on Redis (the request path publishes through it).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kombu import Producer
+
+from deferred_signals.messages import Message, MessageBuilder
+from deferred_signals.redispush import RedisPush
+from tests.conftest import current, require
+from tests.workers import make_app
+
+URL = "redis://127.0.0.1:6379/14"
+HANDLER = "tests.user_event"
+
+
+@pytest.fixture
+def redis_client() -> Iterator[Any]:
+    require("redis")
+    import redis
+
+    client = redis.Redis.from_url(URL)
+    keys: list[str] = []
+    client.cleanup_keys = keys  # type: ignore[attr-defined]
+    yield client
+    if keys:
+        client.delete(*keys)
+
+
+def message(app: Any, queue: str, label: str = "x", **options: Any) -> Message:
+    from deferred_signals import registry
+
+    handler = registry.get(HANDLER)
+    assert handler is not None
+    body = {"v": 1, "signal": 0, "sender": None, "kwargs": {"label": label}}
+    built = MessageBuilder(app).build(handler.task, str(uuid.uuid4()), body, {"queue": queue})
+    assert built is not None
+    for key, value in options.items():
+        setattr(built, key, value)
+    return built
+
+
+def labels(client: Any, key: str) -> list[str]:
+    """The labels of the messages in list ``key``, oldest first."""
+    found = []
+    for raw in reversed(client.lrange(key, 0, -1)):
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        found.append(body[1]["kwargs"]["label"])
+    return found
+
+
+def test_shapes_it_does_not_write_go_to_kombu(redis_client: Any) -> None:
+    app = make_app("push-refuses", URL)
+    queue = f"ds-push-{uuid.uuid4().hex[:8]}"
+    with current(app), app.connection_for_write() as connection:
+        push = RedisPush.of(Producer(connection))
+        assert push is not None
+        assert not push.add(message(app, queue, compression="zlib"))
+        assert not push.add(message(app, queue, serializer="pickle"))
+        assert not push.add(message(app, queue, exchange="an-exchange"))
+        assert not push.add(message(app, queue, properties={"content_type": "text/plain"}))
+        assert push.pending == []
+        assert push.add(message(app, queue, properties={"mandatory": None, "priority": None}))
+        push.pending.clear()
+
+
+def test_not_a_redis_channel() -> None:
+    app = make_app("push-memory", "memory://")
+    with app.connection_for_write() as connection:
+        assert RedisPush.of(Producer(connection)) is None
+
+
+def test_a_key_prefix_is_applied_as_kombu_applies_it(redis_client: Any) -> None:
+    app = make_app("push-prefix", URL)
+    app.conf.broker_transport_options = {"global_keyprefix": "dsprefix:"}
+    queue = f"ds-push-{uuid.uuid4().hex[:8]}"
+    redis_client.cleanup_keys.append(f"dsprefix:{queue}")
+    with current(app), app.connection_for_write() as connection:
+        push = RedisPush.of(Producer(connection))
+        assert push is not None
+        assert push.add(message(app, queue, "one"))
+        assert push.add(message(app, queue, "two"))
+        push.flush()
+    assert labels(redis_client, f"dsprefix:{queue}") == ["one", "two"]
+    assert redis_client.llen(queue) == 0
+
+
+def test_an_error_reply_fails_the_batch_and_the_next_uses_a_new_socket(
+    redis_client: Any,
+) -> None:
+    app = make_app("push-errors", URL)
+    good, wrong = (f"ds-push-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    redis_client.cleanup_keys.extend([good, wrong])
+    redis_client.set(wrong, "not a list")  # LPUSH to it: WRONGTYPE
+    import redis
+
+    with current(app), app.connection_for_write() as connection:
+        producer = Producer(connection)
+        push = RedisPush.of(producer)
+        assert push is not None
+        for queue, label in ((good, "before"), (wrong, "refused"), (good, "after")):
+            assert push.add(message(app, queue, label))
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            push.flush()
+        # Redis ran the commands around the refused one: the caller spills the whole batch
+        # (at least once), it never counts a failed batch as published.
+        assert labels(redis_client, good) == ["before", "after"]
+        used = producer.channel._deferred_signals_connection
+        assert used._sock is None, "a socket with unread replies must not be reused"
+
+        assert push.add(message(app, good, "next"))
+        push.flush()  # on a new socket (redis-py reuses the Connection object)
+        assert producer.channel._deferred_signals_connection._sock is not None
+    assert labels(redis_client, good) == ["before", "after", "next"]
+
+
+def test_one_connection_serves_every_batch_of_a_producer(redis_client: Any) -> None:
+    app = make_app("push-reuse", URL)
+    queue = f"ds-push-{uuid.uuid4().hex[:8]}"
+    redis_client.cleanup_keys.append(queue)
+    with current(app), app.connection_for_write() as connection:
+        producer = Producer(connection)
+        seen = set()
+        for batch in range(3):
+            push = RedisPush.of(producer)
+            assert push is not None
+            for i in range(batch + 1):
+                assert push.add(message(app, queue, f"{batch}.{i}"))
+            push.flush()
+            seen.add(id(producer.channel._deferred_signals_connection))
+        assert len(seen) == 1
+        pool = producer.channel.pool
+        assert producer.channel._deferred_signals_connection in pool._in_use_connections
+    assert labels(redis_client, queue) == ["0.0", "1.0", "1.1", "2.0", "2.1", "2.2"]
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    redis = pytest.importorskip("redis")
+    from deferred_signals.redispush import _pack
+
+    pairs = [("queue", "héllo"), ("queue\x06\x163", "x" * 7000), ("q", "")]
+    expected = redis.Connection().pack_commands([("LPUSH", key, data) for key, data in pairs])
+    assert _pack(pairs) == b"".join(expected)
