@@ -98,6 +98,22 @@ def deferred(
 OUTBOX = {"delivery": "outbox"}
 
 
+@contextmanager
+def outbox_row_by_row(
+    signal: Signal, funcs: Sequence[Callable[..., Any]], names: Sequence[str]
+) -> Iterator[None]:
+    """Outbox mode writing one INSERT per call, as before rows were written together:
+    what the multi-row INSERT saves, measured in the same run."""
+    from deferred_signals import outbox_buffer
+
+    rows, outbox_buffer.MAX_ROWS = outbox_buffer.MAX_ROWS, 1
+    try:
+        with deferred(signal, funcs, names, **OUTBOX):
+            yield
+    finally:
+        outbox_buffer.MAX_ROWS = rows
+
+
 def _disconnect(signal: Signal, func: Callable[..., Any], sender: Any) -> None:
     # A receiver left connected would add its cost to every later variant: fail loudly.
     if not signal.disconnect(func, sender=sender):
@@ -198,6 +214,15 @@ CASE2 = [
         SIGNALS_PER_TRANSACTION,
         lambda: deferred(
             handlers.order_placed, [handlers.order_deferred], ["bench.order.outbox"], **OUTBOX
+        ),
+    ),
+    Variant(
+        "outbox_row_by_row",
+        "deferred_signals, delivery='outbox', one INSERT per call",
+        True,
+        SIGNALS_PER_TRANSACTION,
+        lambda: outbox_row_by_row(
+            handlers.order_placed, [handlers.order_deferred], ["bench.order.outbox"]
         ),
     ),
     Variant(

@@ -88,6 +88,7 @@ def report() -> None:
             for key, label in (
                 ("deferred", "ours (on_commit)"),
                 ("outbox", "ours (outbox)"),
+                ("outbox_row_by_row", "ours (outbox, one INSERT per call)"),
                 ("delay_on_commit", "delay_on_commit"),
             ):
                 if key not in case.medians:

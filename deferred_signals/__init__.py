@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         DeferredSignalError,
         DuplicateHandlerError,
         MalformedMessageError,
+        OutboxWriteError,
     )
     from .receivers import connect, receiver
 
@@ -35,6 +36,7 @@ __all__ = [
     "DeferredSignalError",
     "DuplicateHandlerError",
     "MalformedMessageError",
+    "OutboxWriteError",
     "__version__",
     "connect",
     "current_call",
@@ -53,6 +55,7 @@ _EXPORTS = {
     "DeferredSignalError": ".exceptions",
     "DuplicateHandlerError": ".exceptions",
     "MalformedMessageError": ".exceptions",
+    "OutboxWriteError": ".exceptions",
     "connect": ".receivers",
     "receiver": ".receivers",
     "register_codec": ".codec",

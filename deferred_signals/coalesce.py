@@ -27,10 +27,10 @@ from typing import Any
 
 from django.db import DatabaseError, transaction
 
-from . import dispatch, outbox
+from . import dispatch, outbox, outbox_buffer
 from .codec import TAG
 from .conf import conf
-from .exceptions import DeferredSignalError
+from .exceptions import OutboxWriteError
 
 Key = tuple[Hashable, ...]
 
@@ -198,14 +198,13 @@ def _union(earlier: Any, later: Any) -> Any:
 
 
 def _write_outbox(member: _Member, first: bool, using: str) -> None:
+    if first:
+        outbox.write(member.call, using, anchor=member)  # raises OutboxWriteError
+        return
     try:
-        if first:
-            outbox.write(member.call, using)
-        else:
-            outbox.rewrite(member.row, member.body, using)
+        outbox.rewrite(member.row, member.body, using)
+    except OutboxWriteError:
+        raise  # the waiting rows written before the UPDATE: named already
     except DatabaseError as error:
-        raise DeferredSignalError(
-            f"Deferred handler {member.call.handler.name!r} (delivery='outbox') could not write "
-            f"its call to the outbox of database {using!r}: {error}. Has `manage.py "
-            f"migrate deferred_signals --database={using}` run?"
-        ) from error
+        handler = member.call.handler.name
+        raise outbox_buffer.write_error([handler], 1, using, error) from error

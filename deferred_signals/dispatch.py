@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from django.db import DatabaseError, transaction
+from django.db import transaction
 from kombu.utils import json as kombu_json
 
 from . import outbox, publisher, signals
 from .codec import summary
 from .conf import conf
-from .exceptions import BrokerUnavailable, DeferredSignalError
+from .exceptions import BrokerUnavailable
 from .frozen import Frozen, thaw
 from .registry import Handler
 from .tasks import MESSAGE_VERSION, decode_call
@@ -151,14 +151,7 @@ def enqueue(call: PendingCall, using: str) -> None:
     """Send ``call`` when the transaction open on ``using`` commits (at once outside one)."""
     connection = transaction.get_connection(using)
     if call.outbox and not conf.eager:
-        try:
-            outbox.write(call, using)
-        except DatabaseError as error:
-            raise DeferredSignalError(
-                f"Deferred handler {call.handler.name!r} (delivery='outbox') could not write "
-                f"its call to the outbox of database {using!r}: {error}. Has `manage.py "
-                f"migrate deferred_signals --database={using}` run?"
-            ) from error
+        outbox.write(call, using)  # raises OutboxWriteError, naming the handler and the fix
     batch = _open_batch(connection) or Batch(using)
     batch.add(call)
     connection.on_commit(call, robust=not conf.eager_propagates)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError
 
 
 class DeferredSignalError(TypeError):
@@ -50,3 +51,12 @@ class PublishRefused(DeferredSignalError):
     up, so the refused calls are spilled without a cooldown."""
 
     broker_answering = True
+
+
+class OutboxWriteError(DeferredSignalError, DatabaseError):
+    """A ``delivery="outbox"`` call could not be written to the outbox of its database.
+
+    Raised from the send, or from the statement or the commit before which the waiting rows
+    were written; the transaction then does not commit. It is also a ``DatabaseError``, as
+    the failed INSERT is one.
+    """

@@ -1,7 +1,8 @@
 """The outbox table: calls written down until the broker confirms them.
 
 Two ways in: ``write`` inside the transaction that sent the signal (``delivery="outbox"``: the
-row commits or rolls back with the business data, savepoints included), and ``spill`` right
+row commits or rolls back with the business data, savepoints included; a transaction's rows
+go out in one INSERT, see :mod:`~deferred_signals.outbox_buffer`), and ``spill`` right
 after a commit whose publish failed (a short transaction of its own). One way out: deleted,
 in one statement per batch, once the broker confirmed the messages; what a crash or an outage
 leaves behind, the relay publishes.
@@ -18,7 +19,7 @@ from django.db import connections, transaction
 from django.utils import timezone
 from kombu.utils import json as kombu_json
 
-from .conf import conf
+from . import outbox_buffer
 
 if TYPE_CHECKING:
     from .dispatch import PendingCall
@@ -35,25 +36,19 @@ def body_text(body: dict[str, Any]) -> str:
     return str(kombu_json.dumps(body))
 
 
-def write(call: PendingCall, using: str) -> None:
-    """Insert ``call`` in the transaction open on ``using`` (request path: one raw INSERT).
+def write(call: PendingCall, using: str, anchor: object | None = None) -> None:
+    """Write ``call``'s row in the transaction open on ``using`` (at once outside one).
 
-    The relay leaves the row alone for ``OUTBOX_GRACE`` seconds: the request publishes and
-    deletes it right after the commit.
+    Inside an atomic block the rows after the transaction's first one wait and go out in
+    one INSERT before the connection's next statement or its commit
+    (:mod:`~deferred_signals.outbox_buffer`). ``anchor``: the commit callback the caller
+    registers right after (default: the call itself). Raises
+    :class:`~deferred_signals.exceptions.OutboxWriteError`. The relay leaves the row alone
+    for ``OUTBOX_GRACE`` seconds: the request publishes and deletes it right after the commit.
     """
-    from .models import OutboxCall  # not at import time: the app registry may not be ready
-
     connection = connections[using]
-    now = timezone.now()
-    due = now + datetime.timedelta(seconds=conf.outbox_grace)
-    adapt = connection.ops.adapt_datetimefield_value
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {connection.ops.quote_name(OutboxCall._meta.db_table)} "
-            "(id, handler, body, created, attempts, next_attempt_at, last_error) "
-            "VALUES (%s, %s, %s, %s, 0, %s, '')",
-            [call.id, call.handler.name, body_text(call.body), adapt(now), adapt(due)],
-        )
+    row = outbox_buffer.row(connection, call.id, call.handler.name, body_text(call.body))
+    outbox_buffer.write(connection, using, row, call if anchor is None else anchor)
 
 
 def rewrite(id: str, body: dict[str, Any], using: str) -> None:
@@ -61,11 +56,14 @@ def rewrite(id: str, body: dict[str, Any], using: str) -> None:
     from .models import OutboxCall
 
     connection = connections[using]
+    text = body_text(body)
+    if outbox_buffer.rewrite(connection, id, text):
+        return  # still waiting to be written: written with this body
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {connection.ops.quote_name(OutboxCall._meta.db_table)} "
             "SET body = %s WHERE id = %s",
-            [body_text(body), id],
+            [text, id],
         )
 
 

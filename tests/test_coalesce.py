@@ -266,6 +266,36 @@ def test_outbox_row_of_a_rolled_back_first_call_goes_with_it(settings: SettingsW
     assert not OutboxCall.objects.exists()
 
 
+def test_outbox_mode_rewrites_a_row_still_waiting_to_be_written(
+    settings: SettingsWrapper, postgres_only: None
+) -> None:
+    """After a transaction's first outbox row, rows wait for the next statement: a later
+    call of the group rewrites the waiting row, and the table only ever sees the merge."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from tests.testapp.signals import user_registered
+
+    author = Author.objects.create(name="a")
+    table = OutboxCall._meta.db_table
+    with publishing_to_redis(settings, DELIVERY="outbox") as (client, queue):
+        with CaptureQueriesContext(connection) as captured, transaction.atomic():
+            user_registered.send(sender=None, i=0)  # the transaction's first row: at once
+            touch(author, "first", created=True, update_fields=frozenset({"a"}))
+            touch(author, "second", update_fields=frozenset({"b"}))
+            touch(author, "last", update_fields=frozenset({"c"}))
+            (row,) = OutboxCall.objects.filter(handler__endswith="row_touched")
+        messages = [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+    body = json.loads(row.body)["kwargs"]
+    assert body["label"] == "last" and body["created"] is True
+    assert sorted(body["update_fields"]["v"]) == ["a", "b", "c"]
+    statements = [query["sql"] for query in captured.captured_queries]
+    assert not [sql for sql in statements if sql.startswith(f'UPDATE "{table}"')]
+    assert len([sql for sql in statements if sql.startswith(f'INSERT INTO "{table}"')]) == 2
+    assert len(messages) == 2  # user_event, and one for the three coalesced calls
+    assert not OutboxCall.objects.exists()
+
+
 def test_ten_calls_publish_exactly_one_message(settings: SettingsWrapper) -> None:
     author = Author.objects.create(name="a")
     with publishing_to_redis(settings) as (client, queue):
