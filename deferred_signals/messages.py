@@ -24,6 +24,7 @@ takes the per-call path, :func:`publish_fallback`, which is ``apply_async`` itse
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -158,6 +159,16 @@ def _cached(obj: Any, name: str) -> Any:
     return getattr(obj, name) if value is None else value
 
 
+#: This process's pid, one int object until a fork (the caches compare by identity).
+_pids = [os.getpid()]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _pids.__setitem__(0, os.getpid()))
+
+
+def _pid() -> int:
+    return _pids[0]
+
+
 def _worker_task() -> Any:
     """Celery's ``get_current_worker_task()``, after a cheap look at its stack (empty outside
     a worker's task, that is on every request)."""
@@ -187,7 +198,8 @@ class MessageBuilder:
         # What app.conf says is read once per app (~40 us through Django's settings): again
         # after a settings change, or a change made on app.conf itself (kept in its changes).
         changes = app.conf.changes or {}
-        seen = (*self.stamp, *(changes.get(key) for key in _PER_CALL_SETTINGS))
+        # The pid too: a forked child's origin ("gen<pid>@host") is its own.
+        seen = (*self.stamp, _pid(), *(changes.get(key) for key in _PER_CALL_SETTINGS))
         state = _app_state.get(id(app))
         if state is None or not _same(state.seen, seen):
             conf = app.conf
@@ -271,13 +283,16 @@ class MessageBuilder:
         # Handler tasks are shared_task proxies, and each attribute read resolves the proxy:
         # look a route up by the identity of the task object, for as long as the app's
         # configuration holds (a Django setting change clears it all).
+        # The task's own options are read once by Celery and kept on the task: a task
+        # registered again under the name (a shared_task proxy then resolves to it) has new
+        # ones, and gets a new route.
         items = tuple(options.items())
+        exec_options = task._get_exec_options()
         seen = self.routes.get((id(task), items))
-        if seen is not None and seen[0] is task:
+        if seen is not None and seen[0] is task and seen[1].stamp[-1] is exec_options:
             return seen[1]
         key = (self.app, task.name, items)
-        # The task's own options are read once by Celery and kept on the task.
-        stamp = (*self.stamp, task._get_exec_options())
+        stamp = (*self.stamp, exec_options)
         route = _routes.get(key)
         if route is None or not _same(route.stamp, stamp):
             route = _routes[key] = _resolve(self.app, task, options, stamp)

@@ -179,9 +179,13 @@ class _Buffer:
         self.drop()
         try:
             insert(self.connection, rows)
-        except DatabaseError as error:
+        except BaseException as error:
+            # Whatever stopped the INSERT (a database error, a worker's timeout signal), the
+            # transaction must not commit without these rows.
             if self.connection.in_atomic_block:
                 self.connection.needs_rollback = True
+            if not isinstance(error, DatabaseError):
+                raise
             raise write_error([each[1] for each in rows], len(rows), self.using, error) from error
 
     def drop(self) -> None:
@@ -225,8 +229,10 @@ class _Buffer:
         if self.rows and self.alive():
             try:
                 self.flush()
-            except OutboxWriteError:
-                # atomic() rolls back again, and closes the connection if that fails.
+            except BaseException:
+                # Rolled back here: for anything but a DatabaseError, atomic() goes straight
+                # to set_autocommit(True), which would COMMIT on SQLite and MySQL. atomic()
+                # rolls back again after a DatabaseError, and closes the connection if that fails.
                 with contextlib.suppress(Error):
                     connection.rollback()
                 raise

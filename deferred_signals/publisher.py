@@ -122,12 +122,13 @@ def _confirmed(calls: Sequence[PendingCall], done: int, started: float) -> None:
     now = time.time()
     published_at = datetime.datetime.fromtimestamp(now, tz=datetime.timezone.utc)
     for call in calls[:done]:
-        at = call.body.get("at")
+        body = call.body  # built on each read: once
+        at = body.get("at")
         signals.call_published.send(
             call.handler.func,
             handler=call.handler.name,
             call_id=call.id,
-            committed_at=committed_at(call.body),
+            committed_at=committed_at(body),
             published_at=published_at,
             seconds=None if at is None else max(0.0, now - at),
         )
@@ -171,7 +172,7 @@ class _Progress:
                 for call in chunk:
                     publish(call, remaining)
                 if push is not None:
-                    push.flush()
+                    push.flush(remaining)
             self.done += len(chunk)
 
     def _send_confirmed(self, producer: Any, publish: _Publish, confirms: broker.Confirms) -> None:

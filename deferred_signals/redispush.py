@@ -5,8 +5,12 @@ for every message of a batch: serializer lookup, ``_prepare``, the virtual chann
 ``prepare_message`` and ``basic_publish`` bookkeeping, a new ``redis.Redis`` command per
 message. A :class:`RedisPush` builds the very envelope kombu stores (the same keys and
 values: base64 body, ``delivery_info``, ``delivery_tag``, priority) and writes a chunk of
-them with one pipelined ``LPUSH`` per message, on the channel's own client, so key prefixes
-(``global_keyprefix``) and priority queues behave exactly as kombu's.
+them with one pipelined ``LPUSH`` per message, packed here and written on one connection of
+the channel's pool that the producer keeps (a channel with ``global_keyprefix`` goes
+through its own client, which prefixes the keys); priority queues are kombu's lists.
+
+Celery's ``after_task_publish`` fires once a message is queued for its chunk's write, as with
+kombu's own batches: a failed write spills the chunk after the signal.
 
 Only the common shape is taken: the default (anonymous) exchange, the JSON serializer, no
 compression, no queue with ``x-expires``; anything else is refused (:meth:`RedisPush.add`
@@ -20,13 +24,18 @@ import json
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
+from kombu import serialization as kombu_serialization
 from kombu.utils import json as kombu_json
 
 _RedisChannel: Any
+RedisConnectionError: Any
+RedisTimeoutError: Any
 try:  # kombu's Redis transport needs redis-py; without it there is nothing to speed up
     from kombu.transport.redis import Channel as _RedisChannel
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError:  # pragma: no cover - redis-py is a test and example dependency
-    _RedisChannel = None
+    _RedisChannel = RedisConnectionError = RedisTimeoutError = None
 
 if TYPE_CHECKING:
     from .messages import Message
@@ -75,6 +84,12 @@ class RedisPush:
             return None
         if (channel.body_encoding or "").lower() != "base64":
             return None
+        # A project that registered a JSON encoder of its own gets it, from kombu.
+        json_codec = getattr(getattr(kombu_serialization, "registry", None), "_encoders", {}).get(
+            "json"
+        )
+        if json_codec is not None and getattr(json_codec, "encoder", None) is not kombu_json.dumps:
+            return None
         return cls(producer, channel)
 
     def add(self, message: Message) -> bool:
@@ -122,12 +137,18 @@ class RedisPush:
         self.pending.append((key, _dumps(envelope)))
         return True
 
-    def flush(self) -> None:
-        """Write the queued messages in one round trip; raise unless Redis took them all."""
+    def flush(self, timeout: float | None = None) -> None:
+        """Write the queued messages in one round trip; raise unless Redis took them all.
+
+        ``timeout``: the most any socket operation may take (the time left to publish).
+        """
         pending, self.pending = self.pending, []
         if not pending:
             return
         connection = _connection(self.channel)
+        if connection is not None and timeout is not None:
+            # A connection opened for this write takes its socket timeout from here.
+            connection.socket_timeout = max(timeout, 0.001)
         if connection is None:  # keys to prefix: the channel's own client does it
             with self.channel.conn_or_acquire() as client, client.pipeline(False) as pipe:
                 for key, data in pending:
@@ -166,9 +187,18 @@ def _connection(channel: Any) -> Any:
     if getattr(channel, "global_keyprefix", ""):
         return None
     connection = getattr(channel, "_deferred_signals_connection", None)
-    if connection is None or getattr(connection, "_sock", True) is None:
-        if connection is not None:  # disconnected after a failure: back to the pool
-            channel.pool.release(connection)
+    if connection is None:
         connection = channel.pool.get_connection()
         channel._deferred_signals_connection = connection
+    elif connection._sock is not None and _stale(connection):
+        # What redis-py's pool checks at every checkout: the server closed it (a restart,
+        # an idle timeout, CLIENT KILL) or left data on it. It reconnects on the next write.
+        connection.disconnect()
     return connection
+
+
+def _stale(connection: Any) -> bool:
+    try:
+        return bool(connection.can_read())
+    except (ConnectionError, OSError, RedisConnectionError, RedisTimeoutError):
+        return True

@@ -67,6 +67,14 @@ def publishing(publish: Publish) -> Publish:
     sdk = sys.modules.get("sentry_sdk")
     if sdk is None or _detached.get():
         return publish
+    try:
+        return _publishing(publish, sdk)
+    except Exception:  # an SDK we do not know: tracing must never stop a publish
+        logger.debug("deferred_signals: Sentry tracing is off for this batch", exc_info=True)
+        return publish
+
+
+def _publishing(publish: Publish, sdk: Any) -> Publish:
     client = sdk.get_client()
     integration = client.get_integration("celery")
     if (

@@ -343,3 +343,20 @@ def test_a_changed_django_setting_recomputes_the_route(settings: Any) -> None:
         assert routing_key({}) == ("ds-messages-first", "ds-messages-first")
         settings.CELERY_TASK_DEFAULT_QUEUE = "ds-messages-second"
         assert routing_key({}) == ("ds-messages-second", "ds-messages-second")
+
+
+def test_a_task_registered_again_gets_a_route_of_its_own(broker: Broker) -> None:
+    first, second = broker.queue(), broker.queue()
+    options: dict[str, Any] = {}
+    handler = registry.get(HANDLER)
+    assert handler is not None
+    broker.app.conf.task_default_queue = first
+    message = MessageBuilder(broker.app).build(task(), "a", body("x"), options)
+    assert message is not None and message.routing_key == first
+    # Another task object under the name, with a queue of its own (Celery 5.7 refuses a
+    # second callable for a name, a project can still set app.tasks[name]): the shared_task
+    # proxy now resolves to it, and the cached route must not hide its options.
+    other = broker.app.task(name=f"{HANDLER}.v2", queue=second, ignore_result=True, shared=False)
+    broker.app.tasks[HANDLER] = other(handler.func)
+    message = MessageBuilder(broker.app).build(task(), "b", body("x"), options)
+    assert message is not None and message.routing_key == second

@@ -119,8 +119,10 @@ def test_the_body_read_after_commit_says_when() -> None:
         Author.objects.create(name="a")
         seen += pending()
     (call,) = seen
-    assert isinstance(call.body["at"], float)
-    assert call.body["at"] == call.body["at"]  # each read, the same commit time
+    first, second = call.body, call.body
+    assert first is not second  # a dict of its own on each read
+    assert isinstance(first["at"], float)
+    assert first["at"] == second["at"] == call.at  # the commit time flush() stamped
 
 
 @pytest.mark.parametrize(

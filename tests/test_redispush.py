@@ -151,3 +151,36 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
     pairs = [("queue", "héllo"), ("queue\x06\x163", "x" * 7000), ("q", "")]
     expected = redis.Connection().pack_commands([("LPUSH", key, data) for key, data in pairs])
     assert _pack(pairs) == b"".join(expected)
+
+
+def test_a_kept_connection_the_server_closed_is_reopened(redis_client: Any) -> None:
+    # A Redis restart, an idle timeout or CLIENT KILL: redis-py's pool would have noticed at
+    # checkout; the kept connection is checked the same way before each write.
+    app = make_app("push-killed", URL)
+    queue = f"ds-push-{uuid.uuid4().hex[:8]}"
+    redis_client.cleanup_keys.append(queue)
+    with current(app), app.connection_for_write() as connection:
+        producer = Producer(connection)
+        push = RedisPush.of(producer)
+        assert push is not None
+        assert push.add(message(app, queue, "before"))
+        push.flush(5.0)
+        kept = producer.channel._deferred_signals_connection
+        kept.send_command("CLIENT", "ID")
+        client_id = kept.read_response()
+        assert redis_client.client_kill_filter(_id=client_id) == 1
+        assert push.add(message(app, queue, "after"))
+        push.flush(5.0)
+    assert labels(redis_client, queue) == ["before", "after"]
+
+
+def test_a_json_encoder_of_the_projects_own_goes_through_kombu(
+    redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kombu.serialization import registry
+
+    codec = registry._encoders["json"]
+    monkeypatch.setitem(registry._encoders, "json", codec._replace(encoder=lambda v: "{}"))
+    app = make_app("push-json", URL)
+    with app.connection_for_write() as connection:
+        assert RedisPush.of(Producer(connection)) is None

@@ -17,6 +17,7 @@ its own to a file (tests/sentry_capture.py); nothing is sent anywhere. Checked:
 from __future__ import annotations
 
 import copy
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -283,3 +284,21 @@ def test_the_handler_transaction_continues_the_request_trace(
         (process,) = [span for span in run["spans"] if span["op"] == "queue.process"]
         assert process["data"]["messaging.message.id"] == call_ids[name]
         assert process["data"]["messaging.message.receive.latency"] >= 0
+
+
+def test_an_sdk_that_fails_leaves_publishing_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from deferred_signals import sentry
+
+    broken = types.ModuleType("sentry_sdk")
+
+    def get_client() -> Any:
+        raise AttributeError("an SDK whose API moved")
+
+    broken.get_client = get_client  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sentry_sdk", broken)
+
+    def publish(*args: Any, **kwargs: Any) -> None: ...
+
+    assert sentry.publishing(publish) is publish
