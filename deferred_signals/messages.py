@@ -5,13 +5,12 @@ options, routing through ``task_routes``, resolving the queue, its exchange and 
 mode, and declaring the queue. A :class:`MessageBuilder` resolves all that once per
 handler and its publish options, then builds each message as a copy of a template: the
 same protocol-v2 headers, properties and body ``apply_async`` produces, so any Celery
-worker, Flower and ``celery inspect`` read it. :func:`publish_message` hands it to a
-producer, firing Celery's ``before_task_publish``/``after_task_publish`` with Celery's
-arguments (tracing tools inject their headers there) and declaring each queue once per
-channel.
+worker, Flower and ``celery inspect`` read it.
+:func:`deferred_signals.publisher.publish_message` hands it to a producer.
 
 What the builder cannot resolve once, it refuses (``build`` returns ``None``) and the call
-takes the per-call path, :func:`publish_fallback`, which is ``apply_async`` itself:
+takes the per-call path, :func:`deferred_signals.publisher.publish_fallback`, which is
+``apply_async`` itself:
 
 - ``task_routes`` holding anything but a mapping (a router function or class, or a dotted
   path to one): a function may look at the arguments, so it is asked on every call;
@@ -25,7 +24,6 @@ takes the per-call path, :func:`publish_fallback`, which is ``apply_async`` itse
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -33,7 +31,7 @@ from typing import Any
 
 import celery
 import celery._state
-from celery import Celery, signals
+from celery import Celery
 from celery._state import get_current_worker_task
 from celery.app.routes import MapRoute
 from celery.utils import time as celery_time
@@ -41,11 +39,10 @@ from celery.utils.nodenames import anon_nodename
 from celery.utils.quorum_queues import detect_quorum_queues
 from celery.utils.time import maybe_make_aware
 from django.core.signals import setting_changed
-from kombu import Producer, Queue
+from kombu import Queue
 from kombu.common import Broadcast
 
 from .codec import summary
-from .redispush import RedisPush
 
 #: What get_current_worker_task() walks; private, hence None if a Celery moved it.
 _task_stack: Any = getattr(celery._state, "_task_stack", None)
@@ -60,10 +57,7 @@ _add: Callable[[datetime, float], datetime] = getattr(
     celery_time, "add_seconds_to_datetime", _add_seconds
 )
 
-__all__ = ["Message", "MessageBuilder", "publish_fallback", "publish_message"]
-
-#: Celery 5.7 passes before_task_publish the retry policy merged with its defaults.
-_SIGNALS_GET_MERGED_POLICY = celery.VERSION >= (5, 7)
+__all__ = ["Message", "MessageBuilder"]
 
 #: ``Task.apply_async``/``send_task_message`` arguments that are not message properties.
 _ROUTING_KEYS = frozenset((
@@ -221,7 +215,7 @@ class MessageBuilder:
         """The message ``task.apply_async(kwargs=body, task_id=call_id, **options)`` sends.
 
         ``options`` are the handler's publish options (``conf.PUBLISH_OPTIONS``). Returns
-        ``None`` when the call must take the per-call path (:func:`publish_fallback`).
+        ``None`` when the call must take the per-call path (``publisher.publish_fallback``).
         """
         if not self.lean:
             return None
@@ -371,95 +365,6 @@ def _resolve(app: Celery, task: Any, options: Mapping[str, Any], stamp: tuple[An
     if template.headers:
         return fallback  # headers given in options: rare enough to leave to Celery
     return _Route(stamp, template, time_limits, countdown, expires)
-
-
-# Channels that have seen each queue declared: a new channel (a reconnection) declares again.
-_declared: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
-
-
-def publish_message(
-    producer: Producer,
-    message: Message,
-    *,
-    timeout: float | None = None,
-    confirm_timeout: float | None = None,
-    push: RedisPush | None = None,
-) -> None:
-    """Publish ``message`` through ``producer`` once, without retrying (``retry=False``).
-
-    Fires ``before_task_publish`` and ``after_task_publish`` as Celery does. Each queue of
-    ``message.declare`` is declared the first time this producer's channel publishes to it.
-    Errors propagate: the caller decides on retries and deadlines. With ``push`` (a Redis
-    channel), the message is queued there when it can be, and written by ``push.flush()``.
-    """
-    send_before = signals.before_task_publish.send
-    send_before(
-        sender=message.task,
-        body=message.body,
-        exchange=message.exchange,
-        routing_key=message.routing_key,
-        declare=message.declare,
-        headers=message.headers,
-        properties=message.properties,
-        # Celery < 5.7 hands receivers the retry_policy argument as given (none here).
-        retry_policy=message.retry_policy if _SIGNALS_GET_MERGED_POLICY else None,
-    )
-    if message.declare:
-        channel = producer.channel
-        declared = _declared.get(channel)
-        if declared is None:
-            declared = _declared[channel] = set()
-        for entity in message.declare:
-            ident = hash(entity)
-            if ident not in declared:
-                producer.maybe_declare(entity, retry=False)
-                declared.add(ident)
-    if push is None or not push.add(message):
-        kwargs = message.publish_kwargs()
-        kwargs["declare"] = None
-        producer.publish(message.body, timeout=timeout, confirm_timeout=confirm_timeout, **kwargs)
-    signals.after_task_publish.send(
-        sender=message.task,
-        body=message.body,
-        headers=message.headers,
-        exchange=message.exchange,
-        routing_key=message.routing_key,
-    )
-    if signals.task_sent.receivers:  # Celery's deprecated signal, still sent by 5.x
-        signals.task_sent.send(
-            sender=message.task,
-            task_id=message.headers["id"],
-            task=message.task,
-            args=message.body[0],
-            kwargs=message.body[1],
-            eta=message.headers["eta"],
-            taskset=message.headers["group"],
-        )
-
-
-def publish_fallback(
-    producer: Producer,
-    task: Any,
-    call_id: str,
-    body: dict[str, Any],
-    options: Mapping[str, Any],
-    *,
-    timeout: float | None = None,
-    confirm_timeout: float | None = None,
-) -> None:
-    """The per-call path: ``Task.apply_async`` itself, once, without Celery's retry policy."""
-    task.apply_async(
-        kwargs=body,
-        task_id=call_id,
-        producer=producer,
-        # Celery would saferepr() the whole tagged body: a short summary reads better too.
-        argsrepr="()",
-        kwargsrepr=summary(body),
-        retry=False,
-        timeout=timeout,
-        confirm_timeout=confirm_timeout,
-        **options,
-    )
 
 
 def _reset(**kwargs: Any) -> None:

@@ -14,15 +14,21 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
+import celery
+from celery import signals as celery_signals
+from kombu import Producer
+
 from . import broker, sentry, signals
 from .calls import committed_at
+from .codec import summary
 from .conf import conf
 from .exceptions import BrokerUnavailable, PublishRefused, PublishTimeout
-from .messages import MessageBuilder, publish_fallback, publish_message
+from .messages import Message, MessageBuilder
 from .redispush import RedisPush
 
 if TYPE_CHECKING:
@@ -213,6 +219,101 @@ class _Publish:
             publish_fallback(self.producer, task, call.id, call.body, options, timeout=remaining)
         else:
             self.send(self.producer, message, timeout=remaining, push=self.push)
+
+
+# --- one message to a producer ---------------------------------------------------------------
+
+#: Celery 5.7 passes before_task_publish the retry policy merged with its defaults.
+_SIGNALS_GET_MERGED_POLICY = celery.VERSION >= (5, 7)
+
+
+# Channels that have seen each queue declared: a new channel (a reconnection) declares again.
+_declared: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
+
+
+def publish_message(
+    producer: Producer,
+    message: Message,
+    *,
+    timeout: float | None = None,
+    confirm_timeout: float | None = None,
+    push: RedisPush | None = None,
+) -> None:
+    """Publish ``message`` through ``producer`` once, without retrying (``retry=False``).
+
+    Fires ``before_task_publish`` and ``after_task_publish`` as Celery does. Each queue of
+    ``message.declare`` is declared the first time this producer's channel publishes to it.
+    Errors propagate: the caller decides on retries and deadlines. With ``push`` (a Redis
+    channel), the message is queued there when it can be, and written by ``push.flush()``.
+    """
+    send_before = celery_signals.before_task_publish.send
+    send_before(
+        sender=message.task,
+        body=message.body,
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        declare=message.declare,
+        headers=message.headers,
+        properties=message.properties,
+        # Celery < 5.7 hands receivers the retry_policy argument as given (none here).
+        retry_policy=message.retry_policy if _SIGNALS_GET_MERGED_POLICY else None,
+    )
+    if message.declare:
+        channel = producer.channel
+        declared = _declared.get(channel)
+        if declared is None:
+            declared = _declared[channel] = set()
+        for entity in message.declare:
+            ident = hash(entity)
+            if ident not in declared:
+                producer.maybe_declare(entity, retry=False)
+                declared.add(ident)
+    if push is None or not push.add(message):
+        kwargs = message.publish_kwargs()
+        kwargs["declare"] = None
+        producer.publish(message.body, timeout=timeout, confirm_timeout=confirm_timeout, **kwargs)
+    celery_signals.after_task_publish.send(
+        sender=message.task,
+        body=message.body,
+        headers=message.headers,
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+    )
+    if celery_signals.task_sent.receivers:  # Celery's deprecated signal, still sent by 5.x
+        celery_signals.task_sent.send(
+            sender=message.task,
+            task_id=message.headers["id"],
+            task=message.task,
+            args=message.body[0],
+            kwargs=message.body[1],
+            eta=message.headers["eta"],
+            taskset=message.headers["group"],
+        )
+
+
+def publish_fallback(
+    producer: Producer,
+    task: Any,
+    call_id: str,
+    body: dict[str, Any],
+    options: Mapping[str, Any],
+    *,
+    timeout: float | None = None,
+    confirm_timeout: float | None = None,
+) -> None:
+    """The per-call path: ``Task.apply_async`` itself, once, without Celery's retry policy."""
+    task.apply_async(
+        kwargs=body,
+        task_id=call_id,
+        producer=producer,
+        # Celery would saferepr() the whole tagged body: a short summary reads better too.
+        argsrepr="()",
+        kwargsrepr=summary(body),
+        retry=False,
+        timeout=timeout,
+        confirm_timeout=confirm_timeout,
+        **options,
+    )
 
 
 # --- connections of our own ----------------------------------------------------------------

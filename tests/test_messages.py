@@ -26,7 +26,8 @@ from kombu import Producer
 
 from deferred_signals import registry
 from deferred_signals.codec import summary
-from deferred_signals.messages import MessageBuilder, publish_fallback, publish_message
+from deferred_signals.messages import MessageBuilder
+from deferred_signals.publisher import publish_fallback, publish_message
 from deferred_signals.redispush import RedisPush
 from tests.conftest import current, records, require, wait_for
 from tests.workers import Worker, make_app
