@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
@@ -59,6 +60,28 @@ def require(name: str) -> None:
 
 def on_postgres() -> bool:
     return bool(settings.DATABASES["default"]["ENGINE"].endswith("postgresql"))
+
+
+def recording_worker(
+    broker: str, tmp_path_factory: pytest.TempPathFactory, env: str, filename: str
+) -> Iterator[tuple[Worker, Path]]:
+    """For a module-scoped fixture: a real worker on ``broker`` that records into a file (its
+    path in the environment variable ``env``), for the PostgreSQL pass's end-to-end tests."""
+    if not on_postgres():
+        pytest.skip(
+            "end-to-end: runs in make test's PostgreSQL pass (--ds=tests.settings_postgres)"
+        )
+    require(broker)
+    from django.db import connections
+
+    names = {alias: connections[alias].settings_dict["NAME"] for alias in ("default", "other")}
+    directory = tmp_path_factory.mktemp(filename.split(".")[0])
+    path = directory / filename
+    worker = Worker(broker, names, directory, env={env: str(path)})
+    worker.start()
+    yield worker, path
+    worker.stop()
+    worker.delete_queue()
 
 
 @pytest.fixture(scope="session")

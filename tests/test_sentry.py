@@ -37,7 +37,7 @@ from deferred_signals.codec import summary
 from deferred_signals.dispatch import PendingCall
 from deferred_signals.messages import MessageBuilder
 from deferred_signals.relay import Relay
-from tests.conftest import current, on_postgres, require, use_app, wait_for
+from tests.conftest import current, recording_worker, use_app, wait_for
 from tests.sentry_capture import ENV, MemoryTransport, initialised, read_events
 from tests.testapp.models import Article, Record
 from tests.workers import Worker
@@ -197,21 +197,7 @@ def sentry_worker(
     request: pytest.FixtureRequest, django_db_setup: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Worker, Path]]:
     """A real worker with Sentry's CeleryIntegration, writing its events to a file."""
-    if not on_postgres():
-        pytest.skip(
-            "end-to-end: runs in make test's PostgreSQL pass (--ds=tests.settings_postgres)"
-        )
-    require(request.param)
-    from django.db import connections
-
-    names = {alias: connections[alias].settings_dict["NAME"] for alias in ("default", "other")}
-    directory = tmp_path_factory.mktemp("sentry")
-    events = directory / "events.jsonl"
-    worker = Worker(request.param, names, directory, env={ENV: str(events)})
-    worker.start()
-    yield worker, events
-    worker.stop()
-    worker.delete_queue()
+    yield from recording_worker(request.param, tmp_path_factory, ENV, "events.jsonl")
 
 
 @pytest.mark.worker

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 from deferred_signals import signals, tracing
-from tests.conftest import on_postgres, require, wait_for
+from tests.conftest import recording_worker, wait_for
 from tests.otel import ENV, read_spans, span_dict
 from tests.testapp.models import Record
 from tests.testapp.traced import traced_signal
@@ -40,21 +40,7 @@ def traced_worker(
     request: pytest.FixtureRequest, django_db_setup: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Worker, Path]]:
     """A real worker whose pool processes trace with Celery's instrumentation, into a file."""
-    if not on_postgres():
-        pytest.skip(
-            "end-to-end: runs in make test's PostgreSQL pass (--ds=tests.settings_postgres)"
-        )
-    require(request.param)
-    from django.db import connections
-
-    names = {alias: connections[alias].settings_dict["NAME"] for alias in ("default", "other")}
-    directory = tmp_path_factory.mktemp("traced")
-    spans = directory / "spans.jsonl"
-    worker = Worker(request.param, names, directory, env={ENV: str(spans)})
-    worker.start()
-    yield worker, spans
-    worker.stop()
-    worker.delete_queue()
+    yield from recording_worker(request.param, tmp_path_factory, ENV, "spans.jsonl")
 
 
 @pytest.fixture
