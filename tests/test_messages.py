@@ -347,17 +347,15 @@ def test_a_changed_django_setting_recomputes_the_route(settings: Any) -> None:
 
 
 def test_a_task_registered_again_gets_a_route_of_its_own(broker: Broker) -> None:
-    first, second = broker.queue(), broker.queue()
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"queue": broker.queue()}
     handler = registry.get(HANDLER)
     assert handler is not None
-    broker.app.conf.task_default_queue = first
     message = MessageBuilder(broker.app).build(task(), "a", body("x"), options)
-    assert message is not None and message.routing_key == first
-    # Another task object under the name, with a queue of its own (Celery 5.7 refuses a
+    assert message is not None and message.headers["timelimit"] == [None, None]
+    # Another task object under the name, with options of its own (Celery 5.7 refuses a
     # second callable for a name, a project can still set app.tasks[name]): the shared_task
     # proxy now resolves to it, and the cached route must not hide its options.
-    other = broker.app.task(name=f"{HANDLER}.v2", queue=second, ignore_result=True, shared=False)
+    other = broker.app.task(name=f"{HANDLER}.v2", time_limit=60, ignore_result=True, shared=False)
     broker.app.tasks[HANDLER] = other(handler.func)
     message = MessageBuilder(broker.app).build(task(), "b", body("x"), options)
-    assert message is not None and message.routing_key == second
+    assert message is not None and message.headers["timelimit"] == [60, None]
