@@ -214,9 +214,10 @@ class _Publish:
 
     def __call__(self, call: PendingCall, remaining: float) -> None:
         task, options = call.handler.task, call.handler.merged.publish
-        message = self.builder.build(task, call.id, call.body, options)
+        body = call.body  # a pending call builds its body on each read: once
+        message = self.builder.build(task, call.id, body, options)
         if message is None:
-            publish_fallback(self.producer, task, call.id, call.body, options, timeout=remaining)
+            publish_fallback(self.producer, task, call.id, body, options, timeout=remaining)
         else:
             self.send(self.producer, message, timeout=remaining, push=self.push)
 
