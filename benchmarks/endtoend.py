@@ -1,10 +1,16 @@
 """Case 5e: end to end through one real worker (prefork, then threads): throughput, latency.
 
-Throughput: N calls (``DS_BENCH_E2E_CALLS``, default 10,000) are committed while no worker
-runs (transactions of 1,000 saves), then one worker starts and drains them; the rate is
-taken from the first handler start to the last handler start, so the worker's start-up is
-left out. deferred_signals (post_save handler, fresh row fetched by the worker) against a
-plain Celery task that fetches the same row itself, same worker options.
+Throughput: ``DS_BENCH_E2E_CALLS`` calls per variant (default 10,000) in
+``DS_BENCH_E2E_ROUNDS`` rounds (default 5). In each round, each variant's share is committed
+while no worker runs (transactions of 1,000 saves), then a fresh worker drains it; the rate
+is taken from the first handler start to the last, so the worker's start-up is left out.
+The variants alternate which goes first from round to round, and the ratio is taken within
+each round (median over rounds): a burst of load on this shared machine, or an order effect
+(autovacuum after the fill, a warm page cache), then hits both sides. deferred_signals
+(post_save handler, fresh row fetched by the worker) against a plain Celery task that
+fetches the same row itself, same worker options. Also printed: the CPU each process kind
+spent per call while draining (the worker's main process, its pool children, Redis), read
+from ``/proc``, which says where a gap comes from.
 
 Latency: with the worker warm, one call per transaction, commit → handler start, for ours
 (on_commit and outbox) and the idiom, interleaved. Long: selected with ``--cases e2e``.
@@ -22,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,12 +40,13 @@ from benchmarks.benchapp import handlers
 from benchmarks.benchapp.models import Item
 from benchmarks.runner import Runner
 from benchmarks.services import redis_client
-from benchmarks.stats import table
+from benchmarks.stats import Ratio, median, table
 
 if TYPE_CHECKING:
     from benchmarks.run import Plan
 
 CALLS = int(os.environ.get("DS_BENCH_E2E_CALLS", "10000"))
+ROUNDS = max(1, int(os.environ.get("DS_BENCH_E2E_ROUNDS", "5")))
 LATENCY_CALLS = int(os.environ.get("DS_BENCH_E2E_LATENCY_CALLS", "300"))
 POOLS = ("prefork", "threads")
 CONCURRENCY = 2
@@ -98,17 +106,66 @@ def _wait_count(client: Any, count: int, timeout: float = 600) -> bool:
     return False
 
 
-def _drain(client: Any, kind: str, pool: str, runner: Runner) -> float:
+@dataclass
+class Drain:
+    """One variant's share of one round: its rate, and the CPU per call of each process kind."""
+
+    rate: float
+    cpu: dict[str, float]
+
+
+def _drain(
+    client: Any, kind: str, pool: str, calls: int, runner: Runner, *, latency: bool
+) -> Drain | None:
     _reset(client)
-    _fill(kind, CALLS)
-    with _worker(pool):
-        if not _wait_count(client, CALLS):
-            runner.problems.append(f"e2e {pool} {kind}: the worker did not drain {CALLS} calls")
-            return float("nan")
+    _fill(kind, calls)
+    with _worker(pool) as process:
+        if not _wait_count(client, 1):
+            runner.problems.append(f"e2e {pool} {kind}: the worker ran no call")
+            return None
+        before = cpu_by_kind(process.pid)
+        if not _wait_count(client, calls):
+            runner.problems.append(f"e2e {pool} {kind}: the worker did not drain {calls} calls")
+            return None
+        after = cpu_by_kind(process.pid)
         first, last = float(client.get(f"{PREFIX}:first")), float(client.get(f"{PREFIX}:last"))
-        if kind != "idiom":
+        if latency:
             _latency(client, runner)
-    return (CALLS - 1) / (last - first)
+    # The CPU between the first start and the last: the calls after the first.
+    cpu = {name: (after[name] - before[name]) / max(1, calls - 1) for name in before}
+    return Drain((calls - 1) / (last - first), cpu)
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+CPU_KINDS = ("worker main", "pool children", "redis")
+
+
+def cpu_by_kind(main: int) -> dict[str, float]:
+    """CPU seconds so far of the worker's main process, its children, and redis-server.
+
+    Read from ``/proc`` (Linux); elsewhere every figure is NaN.
+    """
+    found = dict.fromkeys(CPU_KINDS, 0.0)
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return dict.fromkeys(CPU_KINDS, float("nan"))
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone since the listing
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
+        seconds = (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+        if int(entry.name) == main:
+            found["worker main"] += seconds
+        elif int(fields[1]) == main:
+            found["pool children"] += seconds
+        elif name.startswith("redis"):
+            found["redis"] += seconds
+    return found
 
 
 LATENCY: dict[str, dict[str, list[float]]] = {}
@@ -137,21 +194,57 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * len(values)) - 1))]
 
 
+Rounds = tuple[list[float], list[Drain], list[Drain]]
+
+
+def _throughput(client: Any, pool: str, runner: Runner) -> Rounds:
+    """Alternating rounds of both variants; the ratio of each round, and every drain."""
+    share = max(2, CALLS // ROUNDS)
+    ratios: list[float] = []
+    ours: list[Drain] = []
+    plain: list[Drain] = []
+    for number in range(ROUNDS):
+        order = ("on_commit", "idiom") if number % 2 == 0 else ("idiom", "on_commit")
+        drains: dict[str, Drain | None] = {}
+        for kind in order:
+            # Latency once per pool, with the warm worker of the last round's deferred drain.
+            last = number == ROUNDS - 1 and kind == "on_commit"
+            drains[kind] = _drain(client, kind, pool, share, runner, latency=last)
+        mine, theirs = drains["on_commit"], drains["idiom"]
+        if mine is None or theirs is None:
+            continue
+        ours.append(mine)
+        plain.append(theirs)
+        ratios.append(mine.rate / theirs.rate)
+    return ratios, ours, plain
+
+
+def _cpu_row(label: str, drains: list[Drain]) -> list[str]:
+    return [label] + [
+        f"{median([drain.cpu[name] for drain in drains]) * 1e6:,.0f}" for name in CPU_KINDS
+    ]
+
+
 def e2e_case(runner: Runner, plan: Plan) -> None:
     if not runner.broker_up:
         print("SKIPPED: Redis is down.")
         return
     client = redis_client()
-    rows, lat_rows = [], []
+    rows, lat_rows, cpu_rows = [], [], []
     for pool in POOLS:
         os.environ["DS_BENCH_E2E_POOL"] = pool
-        ours = _drain(client, "on_commit", pool, runner)
-        plain = _drain(client, "idiom", pool, runner)
+        ratios, ours, plain = _throughput(client, pool, runner)
         if runner.queue is not None:
             runner.queue.purge()
-        rows.append([pool, f"{ours:,.0f}", f"{plain:,.0f}", f"{ours / plain:.2f}x"])
+        if not ratios:
+            continue
+        ratio = Ratio(ratios)
+        rates = [f"{median([drain.rate for drain in side]):,.0f}" for side in (ours, plain)]
+        rows.append([pool, *rates, str(ratio), " ".join(f"{value:.2f}" for value in ratios)])
+        cpu_rows.append(_cpu_row(f"{pool}: ours", ours))
+        cpu_rows.append(_cpu_row(f"{pool}: plain task", plain))
         summary.add_target(
-            f"10.5 throughput, {pool}: ours / plain task", ours / plain, 1.0, at_most=False
+            f"10.5 throughput, {pool}: ours / plain task", ratio.value, 1.0, at_most=False
         )
         found = LATENCY.get(pool, {})
         for kind in ("on_commit", "outbox", "idiom"):
@@ -178,11 +271,21 @@ def e2e_case(runner: Runner, plan: Plan) -> None:
             )
     _reset(client)
     print(
-        f"Throughput: {CALLS:,} calls committed first, then drained by one worker "
-        f"(--concurrency {CONCURRENCY}); first to last handler start. Latency: "
+        f"Throughput: {CALLS:,} calls per variant in {ROUNDS} rounds, the variants taking turns "
+        f"to go first; each share committed first, then drained by a fresh worker "
+        f"(--concurrency {CONCURRENCY}); first to last handler start. Rates are medians over "
+        f"rounds, the ratio the median of the rounds' ratios (min-max). Latency: "
         f"{LATENCY_CALLS} transactions of one call, kinds interleaved, worker warm.\n"
     )
-    print(table(["pool", "ours calls/s", "plain task calls/s", "ours / plain"], rows))
+    print(
+        table(
+            ["pool", "ours calls/s", "plain task calls/s", "ours / plain", "each round"],
+            rows,
+            numeric=False,
+        )
+    )
+    print("\nCPU per call while draining, µs (median over rounds):\n")
+    print(table(["pool: variant", *CPU_KINDS], cpu_rows))
     print()
     print(table(["pool", "variant", "calls", "p50 ms", "p99 ms"], lat_rows))
 
