@@ -13,7 +13,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from celery.utils import uuid
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import Model
 from django.db.models.query import QuerySet
@@ -24,6 +23,7 @@ from . import coalesce, dispatch, frozen, readiness, signals
 from .codec import MAX_DEPTH, EncodeError, Encoder, TooDeepError, locate
 from .exceptions import DeferredSignalError
 from .frozen import Frozen, freeze
+from .ids import uuid4
 from .registry import Handler
 
 DELETE_SIGNALS = (pre_delete, post_delete)
@@ -76,7 +76,7 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
         )
         call = dispatch.PendingCall(
             handler,
-            uuid(),
+            uuid4(),
             None,
             options.outbox,
             signal=index,

@@ -22,10 +22,11 @@ from __future__ import annotations
 import base64
 import json
 from typing import TYPE_CHECKING, Any
-from uuid import uuid4
 
 from kombu import serialization as kombu_serialization
 from kombu.utils import json as kombu_json
+
+from .ids import uuid4
 
 _RedisChannel: Any
 RedisConnectionError: Any
@@ -123,7 +124,7 @@ class RedisPush:
         properties["delivery_info"] = {"exchange": "", "routing_key": queue}
         properties["priority"] = priority or channel.default_priority
         properties["body_encoding"] = "base64"
-        properties["delivery_tag"] = str(uuid4())
+        properties["delivery_tag"] = uuid4()
         body = base64.b64encode(_dumps(message.body).encode("utf-8")).decode("ascii")
         envelope = {
             "body": body,
