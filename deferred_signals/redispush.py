@@ -50,6 +50,10 @@ __all__ = ["RedisPush"]
 _IGNORED = ("mandatory", "immediate")
 _REFUSED = ("content_type", "content_encoding", "delivery_info", "body_encoding", "delivery_tag")
 
+#: What a kombu Redis channel must have for a push to write as kombu would (``_expires``,
+#: the queues with x-expires, is read when present: kombu >= 5.6).
+_CHANNEL_NEEDS = ("_q_for_pri", "_get_message_priority", "default_priority", "pool")
+
 _plain_dumps = json.JSONEncoder().encode
 
 
@@ -83,6 +87,11 @@ class RedisPush:
         channel = producer.channel
         if _RedisChannel is None or not isinstance(channel, _RedisChannel):
             return None
+        # kombu internals this reproduces: a kombu without one of them publishes its own way.
+        if not all(hasattr(channel, name) for name in _CHANNEL_NEEDS) or not hasattr(
+            producer, "_delivery_details"
+        ):
+            return None
         if (channel.body_encoding or "").lower() != "base64":
             return None
         # A project that registered a JSON encoder of its own gets it, from kombu.
@@ -102,7 +111,8 @@ class RedisPush:
             or not queue
             or message.serializer != "json"
             or message.compression
-            or (channel._expires and queue in channel._expires)
+            # A queue with x-expires (kombu >= 5.6 keeps them, and refreshes them on use).
+            or queue in (getattr(channel, "_expires", None) or ())
         ):
             return False
         properties = dict(message.properties)
@@ -189,13 +199,20 @@ def _connection(channel: Any) -> Any:
         return None
     connection = getattr(channel, "_deferred_signals_connection", None)
     if connection is None:
-        connection = channel.pool.get_connection()
+        connection = _checkout(channel.pool)
         channel._deferred_signals_connection = connection
     elif connection._sock is not None and _stale(connection):
         # What redis-py's pool checks at every checkout: the server closed it (a restart,
         # an idle timeout, CLIENT KILL) or left data on it. It reconnects on the next write.
         connection.disconnect()
     return connection
+
+
+def _checkout(pool: Any) -> Any:
+    try:
+        return pool.get_connection()
+    except TypeError:  # redis-py < 5.3 wants a command's name (later ones warn when given)
+        return pool.get_connection("LPUSH")
 
 
 def _stale(connection: Any) -> bool:

@@ -80,6 +80,37 @@ def test_not_a_redis_channel() -> None:
         assert RedisPush.of(Producer(connection)) is None
 
 
+@pytest.mark.parametrize("missing", ["_q_for_pri", "_get_message_priority", "pool"])
+def test_a_kombu_without_an_internal_it_reproduces_publishes_its_own_way(
+    redis_client: Any, missing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kombu that renamed a private it relies on: kombu's path, never a failed publish."""
+    from kombu.transport import redis as kombu_redis
+
+    # Wherever in its classes kombu defines it.
+    owner = next(cls for cls in kombu_redis.Channel.__mro__ if missing in vars(cls))
+    monkeypatch.delattr(owner, missing)
+    app = make_app("push-kombu-internals", URL)
+    with app.connection_for_write() as connection:
+        assert RedisPush.of(Producer(connection)) is None
+
+
+def test_a_kombu_channel_without_queue_expiry_is_written(redis_client: Any) -> None:
+    """kombu < 5.6 keeps no ``_expires`` (queues with x-expires) on its Redis channel."""
+    app = make_app("push-no-expires", URL)
+    queue = f"ds-push-{uuid.uuid4().hex[:8]}"
+    redis_client.cleanup_keys.append(queue)
+    with current(app), app.connection_for_write() as connection:
+        producer = Producer(connection)
+        vars(producer.channel).pop("_expires", None)  # as kombu 5.5 builds it
+        assert not hasattr(producer.channel, "_expires")
+        push = RedisPush.of(producer)
+        assert push is not None
+        assert push.add(message(app, queue, "kept"))
+        push.flush()
+    assert labels(redis_client, queue) == ["kept"]
+
+
 def test_a_key_prefix_is_applied_as_kombu_applies_it(redis_client: Any) -> None:
     app = make_app("push-prefix", URL)
     app.conf.broker_transport_options = {"global_keyprefix": "dsprefix:"}
@@ -184,3 +215,19 @@ def test_a_json_encoder_of_the_projects_own_goes_through_kombu(
     app = make_app("push-json", URL)
     with app.connection_for_write() as connection:
         assert RedisPush.of(Producer(connection)) is None
+
+
+def test_a_pool_of_redis_py_before_5_3_is_asked_with_a_command_name() -> None:
+    """redis-py < 5.3 requires ``get_connection(command_name)``; later ones warn when given."""
+    from deferred_signals import redispush
+
+    class OldPool:
+        def get_connection(self, command_name: str, *keys: Any, **options: Any) -> Any:
+            return ("connection for", command_name)
+
+    class NewPool:
+        def get_connection(self) -> Any:
+            return "connection"
+
+    assert redispush._checkout(OldPool()) == ("connection for", "LPUSH")
+    assert redispush._checkout(NewPool()) == "connection"
