@@ -18,6 +18,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from django.conf import settings
@@ -63,8 +64,8 @@ class FolderLink(BrokerLink):
 
     def open(self) -> FolderLink:
         self.restore()
-        options = dict(app.conf.broker_transport_options or {})
-        app.conf.update(broker_transport_options={**options, "data_folder_out": self.via})
+        options = {**(app.conf.broker_transport_options or {}), "data_folder_out": self.via}
+        _configure(broker_transport_options=options)
         return self
 
     def cut(self) -> None:
@@ -99,7 +100,7 @@ class ProxyLink(BrokerLink):
         netloc = f"{credentials}@" if credentials else ""
         netloc += f"127.0.0.1:{self.proxy.port}"
         self.via = urlunsplit(parts._replace(netloc=netloc))
-        app.conf.update(broker_write_url=self.via)
+        _configure(broker_write_url=self.via)
         return self
 
     def cut(self) -> None:
@@ -110,6 +111,16 @@ class ProxyLink(BrokerLink):
 
     def close(self) -> None:
         self.proxy.close()
+
+
+def _configure(**changes: Any) -> None:
+    """Change Celery settings at run time, under the names the project's settings use too.
+
+    The app reads Django's settings with the ``CELERY`` namespace; Celery 5.5 then answers
+    from the namespaced key (``CELERY_BROKER_TRANSPORT_OPTIONS``) before a plain one updated
+    later, so an update of the plain name alone would not be seen there.
+    """
+    app.conf.update(changes, **{f"CELERY_{name.upper()}": value for name, value in changes.items()})
 
 
 def broker_link() -> BrokerLink:
