@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.db import connections, router, transaction
 from django.utils import timezone
@@ -28,9 +28,7 @@ from . import deadletters, outbox, publisher, registry, sentry
 from .conf import conf
 from .dispatch import PendingCall
 from .exceptions import DeferredSignalError
-
-if TYPE_CHECKING:
-    from .models import OutboxCall
+from .outbox import Claimed
 
 logger = logging.getLogger("deferred_signals")
 
@@ -100,7 +98,7 @@ class Relay:
             self.on_round(using, result)
         return result
 
-    def _publish(self, rows: list[OutboxCall], using: str, result: RoundResult) -> None:
+    def _publish(self, rows: list[Claimed], using: str, result: RoundResult) -> None:
         calls, broken = [], []
         for row in rows:
             try:
@@ -172,7 +170,7 @@ def has_outbox(using: str) -> bool:
     return OutboxCall._meta.db_table in tables
 
 
-def _call_of(row: OutboxCall) -> PendingCall:
+def _call_of(row: Claimed) -> PendingCall:
     handler = registry.get(row.handler)
     if handler is None:
         raise RowError(
@@ -190,8 +188,10 @@ def _call_of(row: OutboxCall) -> PendingCall:
     return PendingCall(handler, row.id, body)
 
 
-def _dead_letter(row: OutboxCall, error: BaseException, using: str) -> bool:
+def _dead_letter(row: Claimed, error: BaseException, using: str) -> bool:
     """Move ``row`` to the dead letters; False (row kept, retried later) when they refuse it."""
+    from .models import OutboxCall
+
     kept = deadletters.record(
         call_id=row.id,
         handler=row.handler,
@@ -203,7 +203,6 @@ def _dead_letter(row: OutboxCall, error: BaseException, using: str) -> bool:
         # The dead-letter database refused it (logged by record()): the row is the only copy.
         outbox.retry_later([row], using, error)
         return False
-    # Before delete(), which sets row.id to None.
     logger.error(
         "deferred_signals relay gave up on %s [%s] after %d attempts: %s",
         row.handler,
@@ -211,7 +210,7 @@ def _dead_letter(row: OutboxCall, error: BaseException, using: str) -> bool:
         row.attempts + 1,
         error,
     )
-    row.delete(using=using)
+    OutboxCall.objects.using(using).filter(id=row.id).delete()
     return True
 
 
