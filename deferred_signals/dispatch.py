@@ -44,7 +44,18 @@ class PendingCall:
     a call. ``outbox``: the call has an outbox row.
     """
 
-    __slots__ = ("at", "batch", "handler", "id", "kwargs", "outbox", "sender", "signal", "stored")
+    __slots__ = (
+        "at",
+        "batch",
+        "handler",
+        "id",
+        "kwargs",
+        "outbox",
+        "sender",
+        "signal",
+        "stored",
+        "text",
+    )
 
     def __init__(
         self,
@@ -56,6 +67,7 @@ class PendingCall:
         signal: int = 0,
         sender: Frozen = None,
         kwargs: Frozen = None,
+        text: str | None = None,
     ) -> None:
         self.handler = handler
         self.id = id
@@ -64,6 +76,9 @@ class PendingCall:
         #: The body as given (relayed, replayed, coalesced calls); None for a signal's call,
         #: kept as the index of the signal among the handler's and its frozen arguments.
         self.stored = body
+        #: The JSON of ``body``, as kombu's encoder writes it, when known (a relayed call's
+        #: stored text): the message carries it instead of encoding the body again.
+        self.text = text
         self.signal = signal
         self.sender = sender
         self.kwargs = kwargs
@@ -89,6 +104,7 @@ class PendingCall:
         self.at = committed_at
         if self.stored is not None:
             self.stored["at"] = committed_at
+            self.text = None
 
     def __call__(self) -> None:
         """Django runs this at commit (or a test's ``captureOnCommitCallbacks`` does)."""

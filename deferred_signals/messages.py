@@ -23,6 +23,7 @@ takes the per-call path, :func:`deferred_signals.publisher.publish_fallback`, wh
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -88,6 +89,9 @@ class Message:
     serializer: str
     compression: str | None
     retry_policy: dict[str, Any]
+    #: The JSON of ``body`` as kombu's encoder writes it, when known without encoding it:
+    #: valid while ``body`` is left as built (see ``publish_message``).
+    body_json: str | None = None
 
     def publish_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``Producer.publish``, the body aside, as Celery passes them."""
@@ -119,6 +123,7 @@ class _Route:
 
 
 _EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_EMBED_JSON = json.dumps(_EMBED)
 
 _routes: dict[tuple[Any, ...], _Route] = {}
 #: Celery settings that send a call down the per-call path.
@@ -210,12 +215,18 @@ class MessageBuilder:
         self.routes = state.routes
 
     def build(
-        self, task: Any, call_id: str, body: dict[str, Any], options: Mapping[str, Any]
+        self,
+        task: Any,
+        call_id: str,
+        body: dict[str, Any],
+        options: Mapping[str, Any],
+        body_text: str | None = None,
     ) -> Message | None:
         """The message ``task.apply_async(kwargs=body, task_id=call_id, **options)`` sends.
 
-        ``options`` are the handler's publish options (``conf.PUBLISH_OPTIONS``). Returns
-        ``None`` when the call must take the per-call path (``publisher.publish_fallback``).
+        ``options`` are the handler's publish options (``conf.PUBLISH_OPTIONS``);
+        ``body_text``, if known, ``body`` as kombu's JSON encoder writes it. Returns ``None``
+        when the call must take the per-call path (``publisher.publish_fallback``).
         """
         if not self.lean:
             return None
@@ -271,6 +282,7 @@ class MessageBuilder:
             serializer=template.serializer,
             compression=template.compression,
             retry_policy=dict(template.retry_policy),
+            body_json=None if body_text is None else f"[[], {body_text}, {_EMBED_JSON}]",
         )
 
     def _route(self, task: Any, options: Mapping[str, Any]) -> _Route:

@@ -215,7 +215,7 @@ class _Publish:
     def __call__(self, call: PendingCall, remaining: float) -> None:
         task, options = call.handler.task, call.handler.merged.publish
         body = call.body  # a pending call builds its body on each read: once
-        message = self.builder.build(task, call.id, body, options)
+        message = self.builder.build(task, call.id, body, options, call.text)
         if message is None:
             publish_fallback(self.producer, task, call.id, body, options, timeout=remaining)
         else:
@@ -247,8 +247,11 @@ def publish_message(
     Errors propagate: the caller decides on retries and deadlines. With ``push`` (a Redis
     channel), the message is queued there when it can be, and written by ``push.flush()``.
     """
-    send_before = celery_signals.before_task_publish.send
-    send_before(
+    before = celery_signals.before_task_publish
+    if before.receivers:
+        # A receiver may change the body: it is encoded as it stands after them.
+        message.body_json = None
+    before.send(
         sender=message.task,
         body=message.body,
         exchange=message.exchange,

@@ -135,7 +135,10 @@ class RedisPush:
         properties["priority"] = priority or channel.default_priority
         properties["body_encoding"] = "base64"
         properties["delivery_tag"] = uuid4()
-        body = base64.b64encode(_dumps(message.body).encode("utf-8")).decode("ascii")
+        text = message.body_json
+        if text is None:
+            text = _dumps(message.body)
+        body = base64.b64encode(text.encode("utf-8")).decode("ascii")
         envelope = {
             "body": body,
             "content-encoding": "utf-8",

@@ -23,6 +23,7 @@ import pytest
 from celery import Celery
 from celery.signals import after_task_publish, before_task_publish
 from kombu import Producer
+from kombu.utils import json as kombu_json
 
 from deferred_signals import registry
 from deferred_signals.codec import summary
@@ -359,3 +360,28 @@ def test_a_task_registered_again_gets_a_route_of_its_own(broker: Broker) -> None
     broker.app.tasks[HANDLER] = other(handler.func)
     message = MessageBuilder(broker.app).build(task(), "b", body("x"), options)
     assert message is not None and message.headers["timelimit"] == [60, None]
+
+
+def test_a_body_given_as_json_text_is_written_as_that_text(broker: Broker) -> None:
+    # The relay hands the builder the JSON an outbox row holds: RedisPush writes it as it
+    # is, and the message must be the very one encoding the parsed body gives.
+    queue = broker.queue()
+    options = {"queue": queue, "priority": 3, "expires": 600}
+    text = kombu_json.dumps(body("same"))
+    with broker.app.connection_for_write() as connection:
+        producer = Producer(connection, auto_declare=False)
+        push = RedisPush.of(producer)
+        assert push is not None
+        for body_text in (None, text):
+            message = MessageBuilder(broker.app).build(
+                task(), "ID", body("same"), options, body_text
+            )
+            assert message is not None
+            publish_message(producer, message, push=push)
+        push.flush()
+    encoded, given = broker.raw(queue)
+    assert base64.b64decode(given["body"]) == base64.b64decode(encoded["body"])
+    assert base64.b64decode(given["body"]) == kombu_json.dumps([[], body("same"), EMBED]).encode()
+    for message in (encoded, given):
+        del message["properties"]["delivery_tag"]  # unique per message
+    assert given == encoded
