@@ -184,7 +184,7 @@ class MessageBuilder:
     the configuration says, and each handler's route, is kept per app until it changes.
     """
 
-    __slots__ = ("app", "lean", "origin", "reply_to", "routes", "stamp")
+    __slots__ = ("app", "last", "lean", "origin", "reply_to", "routes", "stamp")
 
     def __init__(self, app: Celery) -> None:
         amqp = _cached(app, "amqp")
@@ -213,6 +213,8 @@ class MessageBuilder:
         self.origin = state.origin
         self.reply_to = app.thread_oid
         self.routes = state.routes
+        #: The last route: (task, options, route).
+        self.last: tuple[Any, Any, _Route] | None = None
 
     def build(
         self,
@@ -292,10 +294,16 @@ class MessageBuilder:
         # The task's own options are read once by Celery and kept on the task: a task
         # registered again under the name (a shared_task proxy then resolves to it) has new
         # ones, and gets a new route.
+        # A batch often holds many calls of one handler in a row: the same objects give
+        # the same route for as long as this builder lives.
+        last = self.last
+        if last is not None and last[0] is task and last[1] is options:
+            return last[2]
         items = tuple(options.items())
         exec_options = task._get_exec_options()
         seen = self.routes.get((id(task), items))
         if seen is not None and seen[0] is task and seen[1].stamp[-1] is exec_options:
+            self.last = (task, options, seen[1])
             return seen[1]
         key = (self.app, task.name, items)
         stamp = (*self.stamp, exec_options)
@@ -303,6 +311,7 @@ class MessageBuilder:
         if route is None or not _same(route.stamp, stamp):
             route = _routes[key] = _resolve(self.app, task, options, stamp)
         self.routes[(id(task), items)] = (task, route)
+        self.last = (task, options, route)
         return route
 
 

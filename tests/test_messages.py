@@ -385,3 +385,19 @@ def test_a_body_given_as_json_text_is_written_as_that_text(broker: Broker) -> No
     for message in (encoded, given):
         del message["properties"]["delivery_tag"]  # unique per message
     assert given == encoded
+
+
+def test_one_builder_routes_each_call_by_its_own_options(broker: Broker) -> None:
+    # A batch mixes handlers and options: the route of one call is never another's.
+    first: dict[str, Any] = {"queue": broker.queue()}
+    second: dict[str, Any] = {"queue": broker.queue(), "time_limit": 60}
+    builder = MessageBuilder(broker.app)
+    built = [
+        builder.build(task(), "id", body("x"), options) for options in (first, first, second, first)
+    ]
+    assert [m and (m.routing_key, m.headers["timelimit"]) for m in built] == [
+        (first["queue"], [None, None]),
+        (first["queue"], [None, None]),
+        (second["queue"], [60, None]),
+        (first["queue"], [None, None]),
+    ]
