@@ -31,6 +31,7 @@ from .conf import conf
 from .dispatch import PendingCall
 from .exceptions import DeferredSignalError
 from .outbox import Claimed
+from .tasks import MESSAGE_KEYS
 
 logger = logging.getLogger("deferred_signals")
 
@@ -192,6 +193,10 @@ def _call_of(row: Claimed) -> PendingCall:
         raise RowError(f"the stored body is not JSON: {error}") from None
     if type(body) is not dict:
         raise RowError("the stored body is not a JSON object")
+    if not body.keys() >= MESSAGE_KEYS or type(body["kwargs"]) is not dict:
+        # Else building its message fails, and the publish takes that for a broker outage:
+        # a cooldown, and the row first in line again on every round, never dead-lettered.
+        raise RowError("the stored body is not a message this package sends")
     if "at" not in body:
         # When the call committed, for current_call(): the row's creation is the closest known.
         at = body["at"] = row.created.timestamp()

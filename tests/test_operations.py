@@ -191,6 +191,35 @@ def test_a_row_whose_handler_is_unknown_backs_off_then_becomes_a_dead_letter(
     assert [task_id for task_id, _ in published(redis_queue)] == ["good"]
 
 
+def test_a_row_whose_body_is_not_a_message_backs_off_then_becomes_a_dead_letter(
+    redis_queue: Queue, settings: SettingsWrapper
+) -> None:
+    # JSON objects, but not messages: building one failed like a broker outage (a cooldown,
+    # and the row first in line again on every round, holding up the rows behind it).
+    settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "RELAY_MAX_ATTEMPTS": 2}
+    now = timezone.now()
+    for id, text in (
+        ("no-sender", '{"v": 1}'),
+        ("list-kwargs", body_text({**body("l"), "kwargs": []})),
+    ):
+        OutboxCall.objects.create(id=id, handler=EVENT, body=text, next_attempt_at=now)
+    OutboxCall.objects.create(
+        id="good", handler=EVENT, body=body_text(body("ok")), next_attempt_at=now
+    )
+    assert Relay().run_once() == 1
+    assert not publisher.cooldown.active()
+    assert [task_id for task_id, _ in published(redis_queue)] == ["good"]
+    for row in OutboxCall.objects.all():
+        assert row.attempts == 1 and "not a message this package sends" in row.last_error
+    OutboxCall.objects.update(next_attempt_at=timezone.now())
+    Relay().run_once()
+    assert not OutboxCall.objects.exists()
+    assert sorted(DeadLetter.objects.values_list("call_id", flat=True)) == [
+        "list-kwargs",
+        "no-sender",
+    ]
+
+
 def test_a_row_is_kept_when_its_dead_letter_cannot_be_written(
     redis_queue: Queue, settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
 ) -> None:
