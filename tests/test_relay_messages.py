@@ -80,6 +80,8 @@ def test_each_message_body_is_byte_for_byte_its_encoded_row(redis_queue: Queue) 
     }
     for id, text in texts.items():
         add_row(id, text)
+    # With a receiver connected the relay encodes every body again: nothing to compare.
+    assert not before_task_publish.receivers
     assert Relay().run_once() == len(texts)
     messages = sent(redis_queue)
     assert sorted(messages) == sorted(texts)
