@@ -11,6 +11,7 @@ registered here, its body does not parse) backs off exponentially and, after
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -145,6 +146,19 @@ class Relay:
                 logger.exception("deferred_signals relay: could not record its heartbeat")
         if self.health_file is not None:
             self.health_file.touch()
+
+
+def freeze_heap() -> None:
+    """For a process that relays from now on (the command): keep every object alive now,
+    Django's, Celery's and the project's, out of the garbage collector's full passes.
+
+    Each round leaves thousands of objects behind long enough to count as old, and every
+    few rounds that sets off a full collection, which walks the whole heap: ~15% of the
+    time of a 5,000-row ``run_once()`` in the benchmark. Garbage is collected first; what
+    is frozen is only ever freed by reference counting.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def relay_name() -> str:

@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from deferred_signals import listing, readiness
 from deferred_signals.exceptions import DeferredSignalConfigError
-from deferred_signals.relay import Relay, RoundResult, outbox_databases, pending
+from deferred_signals.relay import Relay, RoundResult, freeze_heap, outbox_databases, pending
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -159,6 +159,7 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         self.stdout.write(f"relaying the outbox of {', '.join(relay.databases)} (Ctrl-C to stop)")
+        freeze_heap()  # this process relays until it stops
         relay.run()
         self.stdout.write("relay stopped")
 
