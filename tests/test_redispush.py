@@ -37,6 +37,13 @@ def redis_client() -> Iterator[Any]:
         client.delete(*keys)
 
 
+def new_queue(redis_client: Any) -> str:
+    """A queue name of this test's own, its list deleted at the end."""
+    queue = f"ds-push-{uuid.uuid4().hex[:8]}"
+    redis_client.cleanup_keys.append(queue)
+    return queue
+
+
 def message(app: Any, queue: str, label: str = "x", **options: Any) -> Message:
     from deferred_signals import registry
 
@@ -98,8 +105,7 @@ def test_a_kombu_without_an_internal_it_reproduces_publishes_its_own_way(
 def test_a_kombu_channel_without_queue_expiry_is_written(redis_client: Any) -> None:
     """kombu < 5.6 keeps no ``_expires`` (queues with x-expires) on its Redis channel."""
     app = make_app("push-no-expires", URL)
-    queue = f"ds-push-{uuid.uuid4().hex[:8]}"
-    redis_client.cleanup_keys.append(queue)
+    queue = new_queue(redis_client)
     with current(app), app.connection_for_write() as connection:
         producer = Producer(connection)
         vars(producer.channel).pop("_expires", None)  # as kombu 5.5 builds it
@@ -157,8 +163,7 @@ def test_an_error_reply_fails_the_batch_and_the_next_uses_a_new_socket(
 
 def test_one_connection_serves_every_batch_of_a_producer(redis_client: Any) -> None:
     app = make_app("push-reuse", URL)
-    queue = f"ds-push-{uuid.uuid4().hex[:8]}"
-    redis_client.cleanup_keys.append(queue)
+    queue = new_queue(redis_client)
     with current(app), app.connection_for_write() as connection:
         producer = Producer(connection)
         seen = set()
@@ -188,8 +193,7 @@ def test_a_kept_connection_the_server_closed_is_reopened(redis_client: Any) -> N
     # A Redis restart, an idle timeout or CLIENT KILL: redis-py's pool would have noticed at
     # checkout; the kept connection is checked the same way before each write.
     app = make_app("push-killed", URL)
-    queue = f"ds-push-{uuid.uuid4().hex[:8]}"
-    redis_client.cleanup_keys.append(queue)
+    queue = new_queue(redis_client)
     with current(app), app.connection_for_write() as connection:
         producer = Producer(connection)
         push = RedisPush.of(producer)
