@@ -19,9 +19,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery._state import get_current_app
+from kombu.exceptions import KombuError
 
 from .conf import conf
-from .exceptions import PublishTimeout
+from .exceptions import BrokerUnavailable, PublishRefused, PublishTimeout
 
 logger = logging.getLogger("deferred_signals")
 
@@ -139,6 +140,44 @@ def _pool() -> _Pool:
         with _pools_lock:
             pool = _pools[id(app)] = _Pool(app, timeout)
     return pool
+
+
+#: Errors that say the broker, or the way to it, failed, whatever the transport.
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # sockets: refused, reset, timed out, unreachable (and file-based transports)
+    KombuError,  # kombu's OperationalError, ChannelError, ...
+    PublishTimeout,
+    PublishRefused,
+    BrokerUnavailable,
+)
+_transport_errors: dict[tuple[int, str], tuple[type[BaseException], ...]] = {}
+
+
+def is_broker_failure(error: BaseException) -> bool:
+    """Did the broker (or the way to it) fail, rather than code on the publishing side?
+
+    Only a broker failure is worth a retry on a fresh connection and a cooldown: an error
+    raised by a ``before_task_publish`` receiver, or any other bug, would only stop every
+    request of the process from publishing for ``PUBLISH_COOLDOWN`` seconds. Both kinds
+    leave the unconfirmed calls to be spilled to the outbox.
+    """
+    if isinstance(error, BROKER_ERRORS):
+        return True
+    return isinstance(error, _errors_of(get_current_app()))
+
+
+def _errors_of(app: Any) -> tuple[type[BaseException], ...]:
+    """The connection and channel errors of ``app``'s transport (redis-py's, py-amqp's, ...)."""
+    key = (id(app), str(app.conf.broker_write_url or app.conf.broker_url))
+    found = _transport_errors.get(key)
+    if found is None:
+        try:
+            connection = app.connection_for_write()  # not connected: the transport's classes
+            found = tuple(connection.connection_errors) + tuple(connection.channel_errors)
+        except Exception:  # an unknown transport: only the errors every transport shares
+            found = ()
+        _transport_errors[key] = found
+    return found
 
 
 def _within(deadline: float, make: Callable[[], Any], discard: Callable[[Any], None]) -> Any:

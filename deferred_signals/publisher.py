@@ -91,6 +91,10 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
             break
         except Exception as error:
             failure = error
+            if not broker.is_broker_failure(error):
+                # A before_task_publish receiver or a bug raised: the broker is not to
+                # blame, so neither another try nor a cooldown; the caller spills the rest.
+                break
             answered = getattr(error, "broker_answering", False)
             if (
                 attempt == 1

@@ -14,9 +14,11 @@ import pytest
 from celery.signals import after_task_publish, before_task_publish
 from django.db import transaction
 from django.utils import timezone
+from kombu.exceptions import OperationalError as KombuOperationalError
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 from deferred_signals import broker, publisher
+from deferred_signals.exceptions import PublishTimeout
 from deferred_signals.models import OutboxCall
 from tests.conftest import Queue, use_app
 from tests.testapp.models import Article
@@ -261,6 +263,57 @@ def test_a_failing_call_published_receiver_is_not_a_broker_failure(redis_queue: 
     assert len(redis_queue) == 2  # published once,
     assert not OutboxCall.objects.exists()  # not spilled as if the broker had failed,
     assert not publisher.cooldown.active()  # and no cooldown for the next request
+
+
+def test_a_bug_on_the_publishing_side_spills_without_a_retry_or_a_cooldown(
+    redis_queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a broker outage (here: kombu internals the Redis path relies on, changed): the
+    calls are kept (spilled), neither tried again on a new connection nor followed by a
+    cooldown that would spill every request of the process for PUBLISH_COOLDOWN seconds."""
+    from deferred_signals.redispush import RedisPush
+
+    tries: list[str] = []
+
+    def changed_kombu(self: RedisPush, message: Any) -> bool:
+        tries.append(message.headers["id"])
+        raise AttributeError("'Channel' object has no attribute '_q_for_pri'")
+
+    monkeypatch.setattr(RedisPush, "add", changed_kombu)
+    with transaction.atomic():
+        user_registered.send(sender=None, label="kept")
+    assert len(tries) == 1  # one try: a fresh connection would not change the code
+    assert len(redis_queue) == 0
+    assert OutboxCall.objects.count() == 1  # committed, so kept for the relay
+    assert not publisher.cooldown.active()
+    monkeypatch.undo()
+    with transaction.atomic():
+        user_registered.send(sender=None, label="next request")
+    assert len(redis_queue) == 1  # published at once, not spilled for a cooldown
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (ConnectionRefusedError(111, "refused"), True),
+        (TimeoutError("timed out"), True),
+        (KombuOperationalError("gone"), True),
+        (PublishTimeout("PUBLISH_TIMEOUT ran out"), True),
+        (ValueError("a bug"), False),
+        (TypeError("a bug"), False),
+        (KeyError("a bug"), False),
+    ],
+)
+def test_what_counts_as_a_broker_failure(error: BaseException, expected: bool) -> None:
+    assert broker.is_broker_failure(error) is expected
+
+
+def test_the_transports_own_errors_count_as_broker_failures(redis_queue: Queue) -> None:
+    import redis
+
+    assert broker.is_broker_failure(redis.exceptions.ConnectionError("reset"))
+    assert broker.is_broker_failure(redis.exceptions.TimeoutError("slow"))
+    assert not broker.is_broker_failure(AttributeError("a bug"))
 
 
 def test_a_failing_call_spilled_receiver_does_not_fail_the_request(broker_down: None) -> None:
