@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery._state import get_current_app
-from kombu.exceptions import KombuError
+from kombu.exceptions import ChannelError, KombuError
+from kombu.exceptions import ConnectionError as KombuConnectionError
 
 from .conf import conf
 from .exceptions import BrokerUnavailable, PublishRefused, PublishTimeout
@@ -145,7 +146,9 @@ def _pool() -> _Pool:
 #: Errors that say the broker, or the way to it, failed, whatever the transport.
 BROKER_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # sockets: refused, reset, timed out, unreachable (and file-based transports)
-    KombuError,  # kombu's OperationalError, ChannelError, ...
+    KombuError,  # kombu's OperationalError, ...
+    ChannelError,  # py-amqp's, which kombu re-exports (the filesystem transport raises it)
+    KombuConnectionError,
     PublishTimeout,
     PublishRefused,
     BrokerUnavailable,
@@ -173,10 +176,16 @@ def _errors_of(app: Any) -> tuple[type[BaseException], ...]:
     if found is None:
         try:
             connection = app.connection_for_write()  # not connected: the transport's classes
-            found = tuple(connection.connection_errors) + tuple(connection.channel_errors)
+            errors = (*connection.connection_errors, *connection.channel_errors)
         except Exception:  # an unknown transport: only the errors every transport shares
-            found = ()
-        _transport_errors[key] = found
+            return ()  # not kept: asked again next time
+        # Python's own exceptions but OSError say nothing of a broker (kombu's Redis
+        # transport lists KeyError; Celery's QueueNotFound is one): a bug stays a bug.
+        found = _transport_errors[key] = tuple(
+            error
+            for error in errors
+            if error.__module__ != "builtins" or issubclass(error, OSError)
+        )
     return found
 
 

@@ -20,6 +20,7 @@ returns False) and goes through ``Producer.publish`` as before.
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -212,10 +213,15 @@ def _connection(channel: Any) -> Any:
 
 
 def _checkout(pool: Any) -> Any:
+    """A connection of ``pool``: redis-py < 5.3 wants a command's name, later ones warn
+    when given one."""
     try:
-        return pool.get_connection()
-    except TypeError:  # redis-py < 5.3 wants a command's name (later ones warn when given)
+        wanted = inspect.signature(pool.get_connection).parameters.get("command_name")
+    except (TypeError, ValueError):  # no signature to read
+        wanted = None
+    if wanted is not None and wanted.default is inspect.Parameter.empty:
         return pool.get_connection("LPUSH")
+    return pool.get_connection()
 
 
 def _stale(connection: Any) -> bool:

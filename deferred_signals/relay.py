@@ -26,7 +26,7 @@ from django.db import connections, router, transaction
 from django.utils import timezone
 from kombu.utils import json as kombu_json
 
-from . import deadletters, outbox, publisher, registry, sentry
+from . import broker, deadletters, outbox, publisher, registry, sentry
 from .codec import KOMBU_KEYS
 from .conf import conf
 from .dispatch import PendingCall
@@ -104,6 +104,7 @@ class Relay:
 
     def _publish(self, rows: list[Claimed], using: str, result: RoundResult) -> None:
         calls, broken = [], []
+        rows_by_id = {row.id: row for row in rows}
         for row in rows:
             try:
                 calls.append(_call_of(row))
@@ -113,7 +114,13 @@ class Relay:
             confirmed, error = publisher.publish(calls)
         result.published = confirmed
         outbox.delete([call.id for call in calls[:confirmed]], using)
-        if confirmed < len(calls):
+        if confirmed < len(calls) and error is not None and not broker.is_broker_failure(error):
+            # Publishing this row raised on our side, not the broker's (a route, a receiver of
+            # Celery's publish signals): it counts an attempt, so it cannot hold the rows
+            # behind it forever; they go on in the next round.
+            failing = rows_by_id[calls[confirmed].id]
+            broken.append((failing, RowError(f"publishing it failed: {error!r:.300}")))
+        elif confirmed < len(calls):
             # The broker failed: the rows wait, without counting an attempt against them.
             result.broker_error = error
             logger.warning(

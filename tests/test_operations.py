@@ -40,6 +40,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 EVENT = "tests.user_event"
 
 
+SECOND = datetime.timedelta(seconds=1)
+
+
 def body(label: str) -> dict[str, Any]:
     return {"v": 1, "signal": 0, "sender": None, "kwargs": {"label": label}, "at": time.time()}
 
@@ -189,6 +192,44 @@ def test_a_row_whose_handler_is_unknown_backs_off_then_becomes_a_dead_letter(
     letter = DeadLetter.objects.get()
     assert (letter.call_id, letter.handler, letter.attempts) == ("orphan", "gone.handler", 2)
     assert [task_id for task_id, _ in published(redis_queue)] == ["good"]
+
+
+def test_a_row_whose_publish_fails_on_our_side_backs_off_then_becomes_a_dead_letter(
+    redis_queue: Queue, settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not the broker's failure (here a route that raises for one call): the row counts an
+    attempt and stops being first in line, so the rows behind it are published."""
+    from deferred_signals.messages import MessageBuilder
+
+    settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "RELAY_MAX_ATTEMPTS": 2}
+    build = MessageBuilder.build
+
+    def failing(self: MessageBuilder, task: Any, call_id: str, *args: Any) -> Any:
+        if call_id == "poison":
+            raise TypeError("a route function with a bug")
+        return build(self, task, call_id, *args)
+
+    monkeypatch.setattr(MessageBuilder, "build", failing)
+    now = timezone.now()
+    OutboxCall.objects.create(
+        id="poison", handler=EVENT, body=body_text(body("p")), next_attempt_at=now
+    )
+    OutboxCall.objects.create(
+        id="good", handler=EVENT, body=body_text(body("ok")), next_attempt_at=now + SECOND
+    )
+    Relay().run_once()
+    assert not publisher.cooldown.active()
+    poison = OutboxCall.objects.get(id="poison")
+    assert poison.attempts == 1 and "a route function with a bug" in poison.last_error
+    assert poison.next_attempt_at > timezone.now()  # backing off: no longer first in line
+    OutboxCall.objects.filter(id="good").update(next_attempt_at=timezone.now())
+    Relay().run_once()
+    assert [task_id for task_id, _ in published(redis_queue)] == ["good"]
+    OutboxCall.objects.update(next_attempt_at=timezone.now())
+    Relay().run_once()
+    assert not OutboxCall.objects.exists()
+    letter = DeadLetter.objects.get()
+    assert (letter.call_id, letter.attempts) == ("poison", 2)
 
 
 def test_a_row_whose_body_is_not_a_message_backs_off_then_becomes_a_dead_letter(

@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from celery.exceptions import QueueNotFound
 from celery.signals import after_task_publish, before_task_publish
 from django.db import transaction
 from django.utils import timezone
+from kombu.exceptions import ChannelError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from pytest_django.fixtures import Settings as SettingsWrapper
 
@@ -314,6 +316,11 @@ def test_the_transports_own_errors_count_as_broker_failures(redis_queue: Queue) 
     assert broker.is_broker_failure(redis.exceptions.ConnectionError("reset"))
     assert broker.is_broker_failure(redis.exceptions.TimeoutError("slow"))
     assert not broker.is_broker_failure(AttributeError("a bug"))
+    # kombu's Redis transport lists KeyError among its connection errors: a missing queue
+    # (Celery's QueueNotFound is a KeyError) is a project's mistake, not an outage.
+    assert not broker.is_broker_failure(QueueNotFound("nowhere"))
+    assert not broker.is_broker_failure(KeyError("a bug"))
+    assert broker.is_broker_failure(ChannelError("Cannot add file to directory"))
 
 
 def test_a_failing_call_spilled_receiver_does_not_fail_the_request(broker_down: None) -> None:
