@@ -15,8 +15,8 @@ import datetime
 import logging
 import time
 import weakref
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext, suppress
 from typing import TYPE_CHECKING, Any
 
 import celery
@@ -180,7 +180,8 @@ class _Progress:
             # What the push refuses goes through kombu's own batch; the push writes the rest.
             with producer.batch(max_size=len(chunk)) if len(chunk) > 1 else nullcontext():
                 for call in chunk:
-                    publish(call, remaining)
+                    with _blamed(call):
+                        publish(call, remaining)
                 if push is not None:
                     push.flush(remaining)
             self.done += len(chunk)
@@ -190,7 +191,8 @@ class _Progress:
         first, base = confirms.next_tag, self.done
         broker.bound_sockets(producer, self.remaining())
         for call in self.calls[self.done :]:
-            publish(call, self.remaining())
+            with _blamed(call):
+                publish(call, self.remaining())
             confirms.next_tag += 1
         last = confirms.next_tag - 1
         while True:
@@ -204,6 +206,21 @@ class _Progress:
                     f"the broker refused message {confirms.nacked - first + 1} of the batch"
                 )
             producer.connection.drain_events(timeout=self.remaining(answering=acked >= first))
+
+
+#: Set on an exception raised while one call's message was built or handed to the producer
+#: (not while a batch was written or confirmed): that call's id.
+FAILED_CALL = "deferred_signals_call_id"
+
+
+@contextmanager
+def _blamed(call: PendingCall) -> Iterator[None]:
+    try:
+        yield
+    except Exception as error:
+        with suppress(AttributeError, TypeError):  # an exception that takes no attributes
+            setattr(error, FAILED_CALL, call.id)
+        raise
 
 
 class _Publish:

@@ -114,11 +114,16 @@ class Relay:
             confirmed, error = publisher.publish(calls)
         result.published = confirmed
         outbox.delete([call.id for call in calls[:confirmed]], using)
-        if confirmed < len(calls) and error is not None and not broker.is_broker_failure(error):
-            # Publishing this row raised on our side, not the broker's (a route, a receiver of
-            # Celery's publish signals): it counts an attempt, so it cannot hold the rows
+        failing = rows_by_id.get(getattr(error, publisher.FAILED_CALL, None) or "")
+        if (
+            confirmed < len(calls)
+            and failing is not None
+            and error is not None
+            and not broker.is_broker_failure(error)
+        ):
+            # Building or handing over this row's message raised on our side, not the
+            # broker's (a route, a bug): it counts an attempt, so it cannot hold the rows
             # behind it forever; they go on in the next round.
-            failing = rows_by_id[calls[confirmed].id]
             broken.append((failing, RowError(f"publishing it failed: {error!r:.300}")))
         elif confirmed < len(calls):
             # The broker failed: the rows wait, without counting an attempt against them.

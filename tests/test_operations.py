@@ -211,20 +211,19 @@ def test_a_row_whose_publish_fails_on_our_side_backs_off_then_becomes_a_dead_let
 
     monkeypatch.setattr(MessageBuilder, "build", failing)
     now = timezone.now()
-    OutboxCall.objects.create(
-        id="poison", handler=EVENT, body=body_text(body("p")), next_attempt_at=now
-    )
-    OutboxCall.objects.create(
-        id="good", handler=EVENT, body=body_text(body("ok")), next_attempt_at=now + SECOND
-    )
+    # In the middle of one batch: the row blamed is the one that failed, not the first.
+    for n, id in enumerate(("good-1", "poison", "good-2")):
+        OutboxCall.objects.create(
+            id=id, handler=EVENT, body=body_text(body(id)), next_attempt_at=now - (3 - n) * SECOND
+        )
     Relay().run_once()
     assert not publisher.cooldown.active()
     poison = OutboxCall.objects.get(id="poison")
     assert poison.attempts == 1 and "a route function with a bug" in poison.last_error
     assert poison.next_attempt_at > timezone.now()  # backing off: no longer first in line
-    OutboxCall.objects.filter(id="good").update(next_attempt_at=timezone.now())
+    assert all(row.attempts == 0 for row in OutboxCall.objects.exclude(id="poison"))
     Relay().run_once()
-    assert [task_id for task_id, _ in published(redis_queue)] == ["good"]
+    assert sorted(task_id for task_id, _ in published(redis_queue)) == ["good-1", "good-2"]
     OutboxCall.objects.update(next_attempt_at=timezone.now())
     Relay().run_once()
     assert not OutboxCall.objects.exists()
