@@ -15,8 +15,8 @@ import datetime
 import logging
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext, suppress
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext, suppress
 from typing import TYPE_CHECKING, Any
 
 import celery
@@ -180,8 +180,11 @@ class _Progress:
             # What the push refuses goes through kombu's own batch; the push writes the rest.
             with producer.batch(max_size=len(chunk)) if len(chunk) > 1 else nullcontext():
                 for call in chunk:
-                    with _blamed(call):
+                    try:
                         publish(call, remaining)
+                    except Exception as error:
+                        _blame(error, call)
+                        raise
                 if push is not None:
                     push.flush(remaining)
             self.done += len(chunk)
@@ -191,8 +194,11 @@ class _Progress:
         first, base = confirms.next_tag, self.done
         broker.bound_sockets(producer, self.remaining())
         for call in self.calls[self.done :]:
-            with _blamed(call):
+            try:
                 publish(call, self.remaining())
+            except Exception as error:
+                _blame(error, call)
+                raise
             confirms.next_tag += 1
         last = confirms.next_tag - 1
         while True:
@@ -213,14 +219,10 @@ class _Progress:
 FAILED_CALL = "deferred_signals_call_id"
 
 
-@contextmanager
-def _blamed(call: PendingCall) -> Iterator[None]:
-    try:
-        yield
-    except Exception as error:
-        with suppress(AttributeError, TypeError):  # an exception that takes no attributes
-            setattr(error, FAILED_CALL, call.id)
-        raise
+def _blame(error: BaseException, call: PendingCall) -> None:
+    # A try/except around each call, not a context manager: free unless it raises.
+    with suppress(AttributeError, TypeError):  # an exception that takes no attributes
+        setattr(error, FAILED_CALL, call.id)
 
 
 class _Publish:
