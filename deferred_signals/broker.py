@@ -159,10 +159,10 @@ _transport_errors: dict[tuple[int, str], tuple[type[BaseException], ...]] = {}
 def is_broker_failure(error: BaseException) -> bool:
     """Did the broker (or the way to it) fail, rather than code on the publishing side?
 
-    Only a broker failure is worth a retry on a fresh connection and a cooldown: an error
-    raised by a ``before_task_publish`` receiver, or any other bug, would only stop every
-    request of the process from publishing for ``PUBLISH_COOLDOWN`` seconds. Both kinds
-    leave the unconfirmed calls to be spilled to the outbox.
+    Only a broker failure is worth a retry on a fresh connection and a cooldown: a bug, or
+    kombu internals that changed, would only stop every request of the process from
+    publishing for ``PUBLISH_COOLDOWN`` seconds. Both kinds leave the unconfirmed calls to
+    be spilled to the outbox. (Celery's signals log and swallow their receivers' errors.)
     """
     if isinstance(error, BROKER_ERRORS):
         return True

@@ -92,8 +92,8 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
         except Exception as error:
             failure = error
             if not broker.is_broker_failure(error):
-                # A before_task_publish receiver or a bug raised: the broker is not to
-                # blame, so neither another try nor a cooldown; the caller spills the rest.
+                # A bug, or kombu internals that changed: the broker is not to blame, so
+                # neither another try nor a cooldown; the caller spills the rest.
                 break
             answered = getattr(error, "broker_answering", False)
             if (
@@ -223,6 +223,15 @@ def _blame(error: BaseException, call: PendingCall) -> None:
     # A try/except around each call, not a context manager: free unless it raises.
     with suppress(AttributeError, TypeError):  # an exception that takes no attributes
         setattr(error, FAILED_CALL, call.id)
+
+
+def faulty_call(error: BaseException | None) -> str | None:
+    """The id of the call whose own message failed, on our side rather than the broker's
+    (``publish()``'s error); None for a broker failure or an error no call can be blamed for.
+    """
+    if error is None or broker.is_broker_failure(error):
+        return None
+    return getattr(error, FAILED_CALL, None)
 
 
 class _Publish:

@@ -26,7 +26,7 @@ from django.db import connections, router, transaction
 from django.utils import timezone
 from kombu.utils import json as kombu_json
 
-from . import broker, deadletters, outbox, publisher, registry, sentry
+from . import deadletters, outbox, publisher, registry, sentry
 from .codec import KOMBU_KEYS
 from .conf import conf
 from .dispatch import PendingCall
@@ -114,13 +114,8 @@ class Relay:
             confirmed, error = publisher.publish(calls)
         result.published = confirmed
         outbox.delete([call.id for call in calls[:confirmed]], using)
-        failing = rows_by_id.get(getattr(error, publisher.FAILED_CALL, None) or "")
-        if (
-            confirmed < len(calls)
-            and failing is not None
-            and error is not None
-            and not broker.is_broker_failure(error)
-        ):
+        failing = rows_by_id.get(publisher.faulty_call(error) or "")
+        if confirmed < len(calls) and failing is not None:
             # Building or handing over this row's message raised on our side, not the
             # broker's (a route, a bug): it counts an attempt, so it cannot hold the rows
             # behind it forever; they go on in the next round.
@@ -220,8 +215,8 @@ def _call_of(row: Claimed) -> PendingCall:
     if type(body) is not dict:
         raise RowError("the stored body is not a JSON object")
     if not body.keys() >= MESSAGE_KEYS or type(body["kwargs"]) is not dict:
-        # Else building its message fails, and the publish takes that for a broker outage:
-        # a cooldown, and the row first in line again on every round, never dead-lettered.
+        # Refused here, with a reason a reader understands, rather than by the builder's
+        # KeyError, which would also stop the batch at this row for the round.
         raise RowError("the stored body is not a message this package sends")
     if "at" not in body:
         # When the call committed, for current_call(): the row's creation is the closest known.
