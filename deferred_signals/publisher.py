@@ -29,7 +29,7 @@ from .codec import summary
 from .conf import conf
 from .exceptions import BrokerUnavailable, PublishRefused, PublishTimeout
 from .messages import Message, MessageBuilder
-from .redispush import RedisPush
+from .redispush import RedisPush, dumps
 
 if TYPE_CHECKING:
     from .dispatch import PendingCall
@@ -237,17 +237,42 @@ def faulty_call(error: BaseException | None) -> str | None:
 class _Publish:
     """Publishes one call: a message built once per handler route, else ``apply_async``."""
 
+    __slots__ = ("builder", "producer", "push", "send", "shared")
+
     def __init__(self, app: Any, producer: Any) -> None:
         self.producer = producer
         self.builder = MessageBuilder(app)
         #: Redis: messages written as kombu would, without its per-message machinery.
         self.push = RedisPush.of(producer) if FAST_REDIS else None
         self.send = sentry.publishing(publish_message)
+        #: The last signal call's body as text and its kwargsrepr, and what they came from.
+        self.shared: tuple[Any, ...] = ()
 
     def __call__(self, call: PendingCall, remaining: float) -> None:
         task, options = call.handler.task, call.handler.merged.publish
         body = call.body  # a pending call builds its body on each read: once
-        message = self.builder.build(task, call.id, body, options, call.text)
+        text, kwargsrepr = call.text, None
+        if call.stored is None:
+            # The handlers of one signal sent share its frozen arguments, hence one body:
+            # its JSON and its summary are made once for all of them (the ten handlers of a
+            # save), not once per handler.
+            shared = self.shared
+            if (
+                shared
+                and shared[0] is call.kwargs
+                and shared[1] is call.sender
+                and shared[2] == call.signal
+                and shared[3] is call.at
+            ):
+                text, kwargsrepr = shared[4], shared[5]
+            else:
+                kwargsrepr = summary(body)
+                # The text only matters to a Redis push, and only if no before_task_publish
+                # receiver may change the body.
+                if self.push is not None and not celery_signals.before_task_publish.receivers:
+                    text = dumps(body)
+                self.shared = (call.kwargs, call.sender, call.signal, call.at, text, kwargsrepr)
+        message = self.builder.build(task, call.id, body, options, text, kwargsrepr)
         if message is None:
             publish_fallback(self.producer, task, call.id, body, options, timeout=remaining)
         else:

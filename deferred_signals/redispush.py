@@ -5,9 +5,11 @@ for every message of a batch: serializer lookup, ``_prepare``, the virtual chann
 ``prepare_message`` and ``basic_publish`` bookkeeping, a new ``redis.Redis`` command per
 message. A :class:`RedisPush` builds the very envelope kombu stores (the same keys and
 values: base64 body, ``delivery_info``, ``delivery_tag``, priority) and writes a chunk of
-them with one pipelined ``LPUSH`` per message, packed here and written on one connection of
-the channel's pool that the producer keeps (a channel with ``global_keyprefix`` goes
-through its own client, which prefixes the keys); priority queues are kombu's lists.
+them with one round trip: one ``LPUSH`` per run of consecutive messages to the same list
+(``LPUSH key m1 m2 m3`` leaves them where three ``LPUSH`` commands would, and Redis takes all
+or none of them), packed here and written on one connection of the channel's pool that the
+producer keeps (a channel with ``global_keyprefix`` goes through its own client, which
+prefixes the keys); priority queues are kombu's lists.
 
 Celery's ``after_task_publish`` fires once a message is queued for its chunk's write, as with
 kombu's own batches: a failed write spills the chunk after the signal.
@@ -58,7 +60,7 @@ _CHANNEL_NEEDS = ("_q_for_pri", "_get_message_priority", "default_priority", "po
 _plain_dumps = json.JSONEncoder().encode
 
 
-def _dumps(value: Any) -> str:
+def dumps(value: Any) -> str:
     """What ``kombu.utils.json.dumps`` returns, without building an encoder per call for the
     plain JSON that task messages nearly always are."""
     try:
@@ -138,7 +140,7 @@ class RedisPush:
         properties["delivery_tag"] = uuid4()
         text = message.body_json
         if text is None:
-            text = _dumps(message.body)
+            text = dumps(message.body)
         body = base64.b64encode(text.encode("utf-8")).decode("ascii")
         envelope = {
             "body": body,
@@ -149,7 +151,7 @@ class RedisPush:
         }
         # Channel._put: the priority picks the list, as kombu's consumers expect.
         key = channel._q_for_pri(queue, channel._get_message_priority(envelope, reverse=False))
-        self.pending.append((key, _dumps(envelope)))
+        self.pending.append((key, dumps(envelope)))
         return True
 
     def flush(self, timeout: float | None = None) -> None:
@@ -164,15 +166,16 @@ class RedisPush:
         if connection is not None and timeout is not None:
             # A connection opened for this write takes its socket timeout from here.
             connection.socket_timeout = max(timeout, 0.001)
+        runs = _runs(pending)
         if connection is None:  # keys to prefix: the channel's own client does it
             with self.channel.conn_or_acquire() as client, client.pipeline(False) as pipe:
-                for key, data in pending:
-                    pipe.lpush(key, data)
+                for key, values in runs:
+                    pipe.lpush(key, *values)
                 pipe.execute()
             return
         try:
-            connection.send_packed_command([_pack(pending)])
-            for _ in pending:
+            connection.send_packed_command([_pack(runs)])
+            for _ in runs:
                 connection.read_response()  # an error reply raises (redis.ResponseError)
         except BaseException:
             # Replies may be left unread: this connection must never serve another batch.
@@ -180,12 +183,34 @@ class RedisPush:
             raise
 
 
-def _pack(pending: list[tuple[str, str]]) -> bytes:
-    """``LPUSH key data`` for each pair, in the Redis protocol (RESP), ready to send."""
-    parts = []
+def _runs(pending: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """The messages of ``pending`` grouped into runs of consecutive ones to the same list.
+
+    One ``LPUSH`` per run keeps the order of the messages (each value is pushed in turn, as
+    separate commands would push them) and costs Redis and redis-py one reply, not one per
+    message: the ten handlers of one save, or a thousand saves of one handler, are one
+    command each.
+    """
+    runs: list[tuple[str, list[str]]] = []
+    last = None
     for key, data in pending:
-        k, d = key.encode(), data.encode()
-        parts.append(b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(k), k, len(d), d))
+        if key == last:
+            runs[-1][1].append(data)
+        else:
+            runs.append((key, [data]))
+            last = key
+    return runs
+
+
+def _pack(runs: list[tuple[str, list[str]]]) -> bytes:
+    """``LPUSH key value...`` for each run, in the Redis protocol (RESP), ready to send."""
+    parts = []
+    for key, values in runs:
+        k = key.encode()
+        parts.append(b"*%d\r\n$5\r\nLPUSH\r\n$%d\r\n%b\r\n" % (len(values) + 2, len(k), k))
+        for value in values:
+            v = value.encode()
+            parts.append(b"$%d\r\n%b\r\n" % (len(v), v))
     return b"".join(parts)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -55,13 +56,15 @@ def test_many_signals_cost_a_few_broker_round_trips_not_one_each(
 
     if not hasattr(Producer, "batch"):
         pytest.skip("kombu < 5.7 has no Producer.batch(): one publish per call")
-    lpushes_per_write: list[int] = []
+    writes: list[list[int]] = []  # per round trip: the messages of each LPUSH
     original = AbstractConnection.send_packed_command
 
     def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
         packed = b"".join(command) if isinstance(command, list) else bytes(command)
         if b"LPUSH" in packed:  # connection set-up and the queue's declaration aside
-            lpushes_per_write.append(packed.count(b"$5\r\nLPUSH\r\n"))
+            # "*N\r\n$5\r\nLPUSH": N arguments, the command and the key among them.
+            found = re.findall(rb"\*(\d+)\r\n\$5\r\nLPUSH\r\n", packed)
+            writes.append([int(count) - 2 for count in found])
         original(self, command, check_health)
 
     with transaction.atomic():
@@ -70,7 +73,8 @@ def test_many_signals_cost_a_few_broker_round_trips_not_one_each(
         monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
     monkeypatch.undo()
     assert len(redis_queue) == 250
-    assert lpushes_per_write == [100, 100, 50]  # three round trips, not 250
+    # Three round trips, not 250; each chunk of calls to the one queue is a single LPUSH.
+    assert writes == [[100], [100], [50]]
 
 
 def test_rollback_publishes_nothing_and_autocommit_publishes_at_once(redis_queue: Queue) -> None:
@@ -110,6 +114,59 @@ def test_celery_publish_signals_fire_so_tracing_headers_survive(redis_queue: Que
         after_task_publish.disconnect(count)
     assert published == ["tests.user_event"] * 3
     assert all(m["headers"]["traceparent"].startswith("00-") for m in redis_queue.messages())
+
+
+def test_the_handlers_of_one_send_share_its_body_and_each_send_has_its_own(
+    redis_queue: Queue,
+) -> None:
+    """The publisher encodes a send's body once for all its handlers: every message must
+    still carry its own send's arguments, and a before_task_publish receiver that changes a
+    body changes that message only."""
+    from django.dispatch import Signal
+
+    from deferred_signals import connect, registry
+
+    sent = Signal()
+
+    def first(sender: Any, **kwargs: Any) -> None: ...
+
+    def second(sender: Any, **kwargs: Any) -> None: ...
+
+    names = ["tests.shared_body_first", "tests.shared_body_second"]
+    for func, name in zip((first, second), names, strict=True):
+        connect(sent, func, defer=True, name=name, queue=redis_queue.name)
+
+    def mark(body: Any, headers: dict[str, Any], **kwargs: Any) -> None:
+        if headers["task"] == names[1] and body[1]["kwargs"]["n"] == 1:
+            body[1]["kwargs"]["marked"] = True
+
+    try:
+        with transaction.atomic():
+            for n in range(3):
+                sent.send(sender=None, n=n, when=timezone.now())
+        before_task_publish.connect(mark, weak=False)
+        try:
+            with transaction.atomic():
+                sent.send(sender=None, n=1, note="with a receiver")
+        finally:
+            before_task_publish.disconnect(mark)
+    finally:
+        for func, name in zip((first, second), names, strict=True):
+            sent.disconnect(func)
+            registry.unregister(name)
+    messages = redis_queue.messages()
+    assert [m["headers"]["task"] for m in messages] == names * 4
+    bodies = [json.loads(base64.b64decode(m["body"]))[1] for m in messages]
+    assert [body["kwargs"]["n"] for body in bodies] == [0, 0, 1, 1, 2, 2, 1, 1]
+    for pair in range(3):
+        assert bodies[2 * pair] == bodies[2 * pair + 1]
+        assert bodies[2 * pair]["kwargs"]["when"]["$t"] == "dt"
+    assert "marked" not in bodies[6]["kwargs"]
+    assert bodies[7]["kwargs"]["marked"] is True
+    assert [m["headers"]["kwargsrepr"] for m in messages[:2]] == [
+        "sender=None, n=<int>, when=<dt>"
+    ] * 2
+    assert messages[6]["headers"]["kwargsrepr"] == "sender=None, n=<int>, note=<str>"
 
 
 @pytest.fixture

@@ -152,13 +152,20 @@ def test_an_error_reply_fails_the_batch_and_the_next_uses_a_new_socket(
         # Redis ran the commands around the refused one: the caller spills the whole batch
         # (at least once), it never counts a failed batch as published.
         assert labels(redis_client, good) == ["before", "after"]
+        # A run of messages to one list is one command: all of them or none.
+        assert push.add(message(app, good, "pushed"))
+        for label in ("refused 1", "refused 2"):
+            assert push.add(message(app, wrong, label))
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            push.flush()
+        assert labels(redis_client, good) == ["before", "after", "pushed"]
         used = producer.channel._deferred_signals_connection
         assert used._sock is None, "a socket with unread replies must not be reused"
 
         assert push.add(message(app, good, "next"))
         push.flush()  # on a new socket (redis-py reuses the Connection object)
         assert producer.channel._deferred_signals_connection._sock is not None
-    assert labels(redis_client, good) == ["before", "after", "next"]
+    assert labels(redis_client, good) == ["before", "after", "pushed", "next"]
 
 
 def test_one_connection_serves_every_batch_of_a_producer(redis_client: Any) -> None:
@@ -182,11 +189,62 @@ def test_one_connection_serves_every_batch_of_a_producer(redis_client: Any) -> N
 
 def test_commands_are_packed_as_redis_py_packs_them() -> None:
     redis = pytest.importorskip("redis")
-    from deferred_signals.redispush import _pack
+    from deferred_signals.redispush import _pack, _runs
 
-    pairs = [("queue", "héllo"), ("queue\x06\x163", "x" * 7000), ("q", "")]
-    expected = redis.Connection().pack_commands([("LPUSH", key, data) for key, data in pairs])
-    assert _pack(pairs) == b"".join(expected)
+    pairs = [
+        ("queue", "héllo"),
+        ("queue", "again"),
+        ("queue\x06\x163", "x" * 7000),
+        ("q", ""),
+        ("queue", "back"),
+        ("queue", "and more"),
+    ]
+    runs = _runs(pairs)
+    assert runs == [
+        ("queue", ["héllo", "again"]),
+        ("queue\x06\x163", ["x" * 7000]),
+        ("q", [""]),
+        ("queue", ["back", "and more"]),
+    ]
+    expected = redis.Connection().pack_commands([("LPUSH", key, *values) for key, values in runs])
+    assert _pack(runs) == b"".join(expected)
+
+
+def test_a_run_of_messages_to_one_list_is_one_command_in_their_order(redis_client: Any) -> None:
+    """Ten messages to one queue cost one LPUSH (one reply), and a consumer still takes them
+    oldest first; a message to another list in between starts a new command."""
+    app = make_app("push-runs", URL)
+    queue, other = new_queue(redis_client), new_queue(redis_client)
+    sent: list[bytes] = []
+    with current(app), app.connection_for_write() as connection:
+        producer = Producer(connection)
+        push = RedisPush.of(producer)
+        assert push is not None
+        for i in range(10):
+            assert push.add(message(app, queue, f"a{i}"))
+        assert push.add(message(app, other, "elsewhere"))
+        for i in range(3):
+            assert push.add(message(app, queue, f"b{i}"))
+        push.flush()  # opens the kept connection
+        kept = producer.channel._deferred_signals_connection
+        original = kept.send_packed_command
+
+        def spy(command: Any, check_health: bool = True) -> None:
+            sent.extend(command)
+            original(command, check_health)
+
+        kept.send_packed_command = spy
+        try:
+            for i in range(5):
+                assert push.add(message(app, other, f"c{i}"))
+            push.flush()
+        finally:
+            del kept.send_packed_command
+    assert labels(redis_client, queue) == [f"a{i}" for i in range(10)] + ["b0", "b1", "b2"]
+    assert labels(redis_client, other) == ["elsewhere"] + [f"c{i}" for i in range(5)]
+    (packed,) = sent
+    assert packed.count(b"LPUSH") == 1
+    assert packed.startswith(b"*7\r\n$5\r\nLPUSH\r\n")  # the key and five messages
 
 
 def test_a_kept_connection_the_server_closed_is_reopened(redis_client: Any) -> None:
