@@ -30,6 +30,7 @@ from . import signals, tracing
 from .calls import running
 from .decoder import Decoder, _InstanceRef, resolve, snapshot_instance
 from .exceptions import MalformedMessageError
+from .fetch import fetch
 from .registry import Handler
 
 logger = logging.getLogger("deferred_signals")
@@ -163,7 +164,7 @@ class DecodedCall:
                 ref.resolved = snapshot_instance(ref)
                 continue
             try:
-                ref.resolved = ref.model._base_manager.db_manager(ref.db).get(pk=ref.pk)
+                ref.resolved = fetch(ref.model, ref.db, ref.pk)
             except ObjectDoesNotExist:
                 policy = self.handler.merged.get("on_missing")
                 if policy == "raise":
