@@ -11,26 +11,33 @@ the query as for any ORM query), applies the compiler's converters and builds th
 with ``Model.from_db``, as Django's ``ModelIterable`` does.
 
 Anything else takes the ORM: a custom base manager (its queryset may filter, annotate or
-``select_related``), a multi-table child (its pk is a relation), a compiled query whose
-parameters are not the pk alone, more than one row. A plan is made again when the model's
-fields change (``_meta`` expired) or on another connection object (each thread has its own).
+``select_related``), a multi-table child (its pk is a relation), a composite pk, a query
+whose shape depends on the value (a pk outside its integer column's range, which Django
+answers with no query at all), more than one row. Plans live on the connection wrapper, so
+they go with it (each thread or greenlet has its own), and are made again when the model's
+fields change (``_meta`` expired).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.db import connections
-from django.db.models import Manager, Model
+from django.db.models import IntegerField, Manager, Model
 from django.db.models.query import MAX_GET_RESULTS
 
 __all__ = ["fetch"]
+
+#: The connection wrapper's attribute that holds its plans: model -> plan, or the fields
+#: tuple when the ORM must fetch that model.
+PLANS = "_deferred_signals_fetch_plans"
 
 
 class _Plan:
     """What a fetch of ``model`` on one connection runs and how it reads the row."""
 
-    __slots__ = ("converters", "end", "fields", "init_list", "sql", "start")
+    __slots__ = ("bounds", "converters", "end", "fields", "generation", "init_list", "sql", "start")
 
     def __init__(
         self,
@@ -40,36 +47,71 @@ class _Plan:
         start: int,
         end: int,
         converters: list[tuple[int, tuple[list[Any], Any]]],
+        bounds: tuple[int | None, int | None] | None,
     ) -> None:
         #: ``model._meta.concrete_fields`` when compiled: a new tuple once ``_meta`` expires.
         self.fields = fields
+        self.generation = _generation[0]
         self.sql = sql
         self.init_list = init_list
         self.start = start
         self.end = end
         self.converters = converters
+        #: An integer pk's column range: outside it Django's ``exact`` runs no query.
+        self.bounds = bounds
 
 
-#: (model, alias, connection) -> its plan, or the fields tuple when the ORM must do it.
-_plans: dict[tuple[type[Model], str, Any], _Plan | tuple[Any, ...]] = {}
+class _Fallback:
+    """The ORM fetches this model (as of these fields)."""
+
+    __slots__ = ("fields", "generation")
+
+    def __init__(self, fields: Any) -> None:
+        self.fields = fields
+        self.generation = _generation[0]
+
+
+class _ValueDependent(Exception):
+    """This pk's query is not the model's usual one: the ORM fetches it, no plan is kept."""
+
+
+#: Bumped by :func:`clear`: every plan made before is made again.
+_generation = [0]
 
 
 def fetch(model: type[Model], db: str, pk: Any) -> Model:
     """``model._base_manager.db_manager(db).get(pk=pk)``: the same instance, the same errors."""
     connection = connections[db]
-    key = (model, db, connection)
-    plan = _plans.get(key)
+    plans = connection.__dict__.get(PLANS)
+    if plans is None:
+        plans = connection.__dict__[PLANS] = {}
+    plan = plans.get(model)
     fields = model._meta.concrete_fields
-    if plan is None or (plan.fields if type(plan) is _Plan else plan) is not fields:
-        plan = _plans[key] = _compile(model, db, pk, connection) or fields
+    if plan is None or plan.fields is not fields or plan.generation != _generation[0]:
+        try:
+            plan = plans[model] = _compile(model, db, pk, connection) or _Fallback(fields)
+        except (_ValueDependent, EmptyResultSet, FullResultSet):
+            return model._base_manager.db_manager(db).get(pk=pk)
     if type(plan) is not _Plan:
         return model._base_manager.db_manager(db).get(pk=pk)
     param = _prepare(model, pk, connection)
+    bounds = plan.bounds
+    if (
+        bounds is not None
+        and isinstance(param, int)
+        and (
+            (bounds[0] is not None and param < bounds[0])
+            or (bounds[1] is not None and param > bounds[1])
+        )
+    ):
+        return model._base_manager.db_manager(db).get(pk=pk)  # no query: DoesNotExist
     with connection.cursor() as cursor:
         cursor.execute(plan.sql, (param,))
         rows = cursor.fetchall()
-    if len(rows) != 1:
-        # None (DoesNotExist) or several (MultipleObjectsReturned): the ORM says it its way.
+    if not rows:
+        missing: type[Exception] = model.DoesNotExist  # type: ignore[attr-defined]
+        raise missing(f"{model._meta.object_name} matching query does not exist.")
+    if len(rows) > 1:  # not for a primary key, but the ORM says it its way
         return model._base_manager.db_manager(db).get(pk=pk)
     row = rows[0]
     if plan.converters:
@@ -102,10 +144,15 @@ def _compile(model: type[Model], db: str, pk: Any, connection: Any) -> _Plan | N
         clone = clone.order_by()
     clone.query.set_limits(high=MAX_GET_RESULTS)
     compiler = clone.query.get_compiler(using=db, connection=connection)
-    sql, params = compiler.as_sql()
+    sql, params = compiler.as_sql()  # EmptyResultSet for a pk out of its column's range
     # The pk must be the query's one parameter, prepared as _prepare() prepares it.
-    if len(params) != 1 or params[0] != _prepare(model, pk, connection):
-        return None
+    if len(params) != 1:
+        # A composite pk always has more: the ORM for good. Any other shape is this value's.
+        if getattr(model._meta, "pk_fields", [field]) != [field]:
+            return None
+        raise _ValueDependent
+    if params[0] != _prepare(model, pk, connection):
+        raise _ValueDependent
     klass_info = compiler.klass_info
     if (
         not klass_info
@@ -120,11 +167,16 @@ def _compile(model: type[Model], db: str, pk: Any, connection: Any) -> _Plan | N
     start, end = select_fields[0], select_fields[-1] + 1
     init_list = [column[0].target.attname for column in select[start:end]]
     converters = compiler.get_converters([column[0] for column in select[: compiler.col_count]])
+    bounds = None
+    if isinstance(field, IntegerField):  # Django's IntegerFieldExact checks the range
+        bounds = connection.ops.integer_field_range(field.get_internal_type())
     return _Plan(
-        model._meta.concrete_fields, sql, init_list, start, end, list(converters.items())
+        model._meta.concrete_fields, sql, init_list, start, end, list(converters.items()), bounds
     )
 
 
 def clear() -> None:
-    """Forget every plan (tests that swap databases or models)."""
-    _plans.clear()
+    """Forget every plan, on every connection (tests that swap databases or models)."""
+    _generation[0] += 1  # other threads' connections: made again on their next fetch
+    for connection in connections.all(initialized_only=True):
+        connection.__dict__.pop(PLANS, None)
