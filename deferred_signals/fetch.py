@@ -20,6 +20,8 @@ fields change (``_meta`` expired).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from dataclasses import field as default
 from typing import Any
 
 from django.core.exceptions import EmptyResultSet, FullResultSet
@@ -29,36 +31,28 @@ from django.db.models.query import MAX_GET_RESULTS
 
 __all__ = ["fetch"]
 
-#: The connection wrapper's attribute that holds its plans: model -> plan, or the fields
-#: tuple when the ORM must fetch that model.
+#: The connection wrapper's attribute that holds its plans: model -> its plan, or a
+#: ``_Fallback`` when the ORM must fetch that model.
 PLANS = "_deferred_signals_fetch_plans"
 
+#: Bumped by :func:`clear`: every plan made before is made again.
+_generation: list[int] = [0]
 
+
+@dataclass(slots=True)
 class _Plan:
-    """What a fetch of ``model`` on one connection runs and how it reads the row."""
+    """What a fetch of a model on one connection runs and how it reads the row."""
 
-    __slots__ = ("bounds", "converters", "end", "fields", "generation", "init_list", "sql", "start")
-
-    def __init__(
-        self,
-        fields: Any,
-        sql: str,
-        init_list: list[str],
-        start: int,
-        end: int,
-        converters: list[tuple[int, tuple[list[Any], Any]]],
-        bounds: tuple[int | None, int | None] | None,
-    ) -> None:
-        #: ``model._meta.concrete_fields`` when compiled: a new tuple once ``_meta`` expires.
-        self.fields = fields
-        self.generation = _generation[0]
-        self.sql = sql
-        self.init_list = init_list
-        self.start = start
-        self.end = end
-        self.converters = converters
-        #: An integer pk's column range: outside it Django's ``exact`` runs no query.
-        self.bounds = bounds
+    #: ``model._meta.concrete_fields`` when compiled: a new tuple once ``_meta`` expires.
+    fields: Any
+    sql: str
+    init_list: list[str]
+    start: int
+    end: int
+    converters: list[tuple[int, tuple[list[Any], Any]]]
+    #: An integer pk's column range: outside it Django's ``exact`` runs no query.
+    bounds: tuple[int | None, int | None] | None
+    generation: int = default(default_factory=lambda: _generation[0])
 
 
 class _Fallback:
@@ -73,10 +67,6 @@ class _Fallback:
 
 class _ValueDependent(Exception):
     """This pk's query is not the model's usual one: the ORM fetches it, no plan is kept."""
-
-
-#: Bumped by :func:`clear`: every plan made before is made again.
-_generation = [0]
 
 
 def fetch(model: type[Model], db: str, pk: Any) -> Model:
