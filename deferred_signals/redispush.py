@@ -188,8 +188,8 @@ def _runs(pending: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
 
     One ``LPUSH`` per run keeps the order of the messages (each value is pushed in turn, as
     separate commands would push them) and costs Redis and redis-py one reply, not one per
-    message: the ten handlers of one save, or a thousand saves of one handler, are one
-    command each.
+    message: the ten handlers of one save, or a chunk of a hundred calls routed to one
+    queue, are one command each.
     """
     runs: list[tuple[str, list[str]]] = []
     last = None
