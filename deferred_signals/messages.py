@@ -97,6 +97,13 @@ class Message:
     #: The JSON of ``body`` as kombu's encoder writes it, when known without encoding it:
     #: valid while ``body`` is left as built (see ``publish_message``).
     body_json: str | None = None
+    #: What the builder made the message from: ``(route, headers, properties)``. While
+    #: ``headers`` and ``properties`` are those very dicts, left as built, a Redis push writes
+    #: the message from a JSON template of the route instead of encoding them (see
+    #: ``RedisPush.add``). None once anything may change them in place (a
+    #: ``before_task_publish`` receiver, Sentry's trace headers: see ``publish_message`` and
+    #: ``sentry._traced``).
+    layout: tuple[Any, dict[str, Any], dict[str, Any]] | None = None
 
     def publish_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``Producer.publish``, the body aside, as Celery passes them."""
@@ -294,6 +301,7 @@ class MessageBuilder:
             compression=template.compression,
             retry_policy=dict(template.retry_policy),
             body_json=None if body_text is None else f"[[], {body_text}, {_EMBED_JSON}]",
+            layout=(route, headers, properties),
         )
 
     def _route(self, task: Any, options: Mapping[str, Any]) -> _Route:

@@ -306,8 +306,9 @@ def publish_message(
     """
     before = celery_signals.before_task_publish
     if before.receivers:
-        # A receiver may change the body: it is encoded as it stands after them.
-        message.body_json = None
+        # A receiver may change the body, headers and properties: they are encoded as they
+        # stand after them.
+        message.body_json = message.layout = None
     before.send(
         sender=message.task,
         body=message.body,

@@ -69,6 +69,37 @@ def dumps(value: Any) -> str:
         return str(kombu_json.dumps(value))
 
 
+#: Stand-ins for what differs from one message of a route to the next, in its template.
+_MARKS = {field: f"\x00deferred_signals:{field}\x00" for field in "bikext"}
+#: Templates kept per push (routes: handlers times publish options, per configuration).
+_MAX_LAYOUTS = 256
+
+
+class _Template:
+    """A route's envelope as a format string (None: the route's messages take kombu's
+    path), the list it goes to, and what else it was made from."""
+
+    __slots__ = ("delivery_mode", "key", "origin", "queue", "reply_to", "route", "text")
+
+    def __init__(
+        self,
+        route: Any,
+        queue: str,
+        origin: Any,
+        reply_to: Any,
+        delivery_mode: Any,
+        key: str,
+        text: str | None,
+    ) -> None:
+        self.route = route
+        self.queue = queue
+        self.origin = origin
+        self.reply_to = reply_to
+        self.delivery_mode = delivery_mode
+        self.key = key
+        self.text = text
+
+
 class RedisPush:
     """The messages of one chunk for one kombu Redis channel, written with one round trip.
 
@@ -76,13 +107,26 @@ class RedisPush:
     :meth:`flush`, which raises if Redis did not take every command.
     """
 
-    __slots__ = ("channel", "delivery_modes", "pending", "producer")
+    __slots__ = (
+        "channel",
+        "delivery_modes",
+        "exchange",
+        "exchange_mode",
+        "layouts",
+        "pending",
+        "producer",
+    )
 
     def __init__(self, producer: Any, channel: Any) -> None:
         self.producer = producer
         self.channel = channel
         self.pending: list[tuple[str, str]] = []
         self.delivery_modes: dict[Any, Any] = {}
+        #: Envelope templates by route (``Message.layout``) id.
+        self.layouts: dict[int, _Template] = {}
+        #: The producer's default exchange and its delivery mode when the push was made.
+        self.exchange: Any = None
+        self.exchange_mode: Any = None
 
     @classmethod
     def of(cls, producer: Any) -> RedisPush | None:
@@ -103,7 +147,23 @@ class RedisPush:
         )
         if json_codec is not None and getattr(json_codec, "encoder", None) is not kombu_json.dumps:
             return None
-        return cls(producer, channel)
+        # One push per channel and producer, kept across batches for its templates, as
+        # long as the producer's default exchange (its delivery mode) stays as it was.
+        exchange = getattr(producer, "exchange", None)
+        mode = getattr(exchange, "delivery_mode", None)
+        push = getattr(channel, "_deferred_signals_push", None)
+        if (
+            type(push) is cls
+            and push.producer is producer
+            and push.exchange is exchange
+            and push.exchange_mode == mode
+        ):
+            push.pending = []  # left by a batch that failed before its write
+            return push
+        push = cls(producer, channel)
+        push.exchange, push.exchange_mode = exchange, mode
+        channel._deferred_signals_push = push
+        return push
 
     def add(self, message: Message) -> bool:
         """Queue ``message``'s ``LPUSH``; False if it needs kombu's own path."""
@@ -118,9 +178,54 @@ class RedisPush:
             or queue in (getattr(channel, "_expires", None) or ())
         ):
             return False
+        layout = message.layout
+        headers = message.headers
+        if layout is None or layout[1] is not headers or layout[2] is not message.properties:
+            # Headers or properties may have changed since the builder made them.
+            made = self._envelope(message, queue)
+            if made is None:
+                return False
+            self.pending.append((made[0], dumps(made[1])))
+            return True
+        route = layout[0]
+        template = self.layouts.get(id(route))
+        if (
+            template is None
+            or template.route is not route
+            or template.queue != queue
+            or template.origin != headers["origin"]
+            or template.reply_to != message.properties["reply_to"]
+            or template.delivery_mode is not message.delivery_mode
+        ):
+            template = self._template(route, message, queue)
+        if template.text is None:
+            return False
+        text = message.body_json
+        if text is None:
+            text = dumps(message.body)
+        eta, expires = headers["eta"], headers["expires"]
+        self.pending.append(
+            (
+                template.key,
+                template.text.format(
+                    b=f'"{base64.b64encode(text.encode("utf-8")).decode("ascii")}"',
+                    i=_plain_dumps(headers["id"]),
+                    k=_plain_dumps(headers["kwargsrepr"]),
+                    e="null" if eta is None else dumps(eta),
+                    x="null" if expires is None else dumps(expires),
+                    t=f'"{uuid4()}"',
+                ),
+            )
+        )
+        return True
+
+    def _envelope(self, message: Message, queue: str) -> tuple[str, dict[str, Any]] | None:
+        """The list to push ``message`` to and the envelope kombu would store; None if the
+        message needs kombu's own path."""
+        channel = self.channel
         properties = dict(message.properties)
         if any(properties.get(name) is not None for name in _REFUSED):
-            return False
+            return None
         for name in (*_IGNORED, *_REFUSED):
             properties.pop(name, None)
         priority = properties.pop("priority", 0)
@@ -151,8 +256,49 @@ class RedisPush:
         }
         # Channel._put: the priority picks the list, as kombu's consumers expect.
         key = channel._q_for_pri(queue, channel._get_message_priority(envelope, reverse=False))
-        self.pending.append((key, dumps(envelope)))
-        return True
+        return key, envelope
+
+    def _template(self, route: Any, message: Message, queue: str) -> _Template:
+        """The envelope of the messages of ``route`` (``message``'s), as a format string
+        whose fields are what differs from one message of the route to the next."""
+        made = self._envelope(message, queue)
+        text = None
+        if made is not None:
+            key, envelope = made
+            headers = dict(envelope["headers"])
+            properties = dict(envelope["properties"])
+            envelope = {**envelope, "headers": headers, "properties": properties}
+            # What the builder puts in each message of a route (see MessageBuilder.build):
+            # the call's id three times, its summary, eta, expires; and the delivery tag.
+            envelope["body"] = _MARKS["b"]
+            headers["id"] = headers["root_id"] = properties["correlation_id"] = _MARKS["i"]
+            headers["kwargsrepr"] = _MARKS["k"]
+            headers["eta"] = _MARKS["e"]
+            headers["expires"] = _MARKS["x"]
+            properties["delivery_tag"] = _MARKS["t"]
+            text = dumps(envelope).replace("{", "{{").replace("}", "}}")
+            counts = {"b": 1, "i": 3, "k": 1, "e": 1, "x": 1, "t": 1}
+            for field, mark in _MARKS.items():
+                encoded = _plain_dumps(mark)
+                if text.count(encoded) != counts[field]:
+                    text = None  # a constant of the route holds a mark: encode each message
+                    break
+                text = text.replace(encoded, f"{{{field}}}")
+        else:
+            key = queue
+        template = _Template(
+            route,
+            queue,
+            message.headers["origin"],
+            message.properties["reply_to"],
+            message.delivery_mode,
+            key,
+            text,
+        )
+        if len(self.layouts) >= _MAX_LAYOUTS:
+            self.layouts.clear()
+        self.layouts[id(route)] = template
+        return template
 
     def flush(self, timeout: float | None = None) -> None:
         """Write the queued messages in one round trip; raise unless Redis took them all.
