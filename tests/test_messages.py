@@ -411,3 +411,31 @@ def test_one_builder_routes_each_call_by_its_own_options(broker: Broker) -> None
         (second["queue"], [60, None]),
         (first["queue"], [None, None]),
     ]
+
+
+def test_a_call_made_while_a_worker_runs_a_task_takes_celerys_path(broker: Broker) -> None:
+    """Celery then takes the root and parent ids from the running task: ``apply_async``.
+    Only the thread that runs it: another thread of the process builds its messages."""
+    import threading
+
+    from celery._state import pop_current_task, push_current_task
+
+    options = {"queue": broker.queue()}
+    running = task()._get_current_object()
+    running.push_request(called_directly=False, id="running-task")
+    push_current_task(running)
+    try:
+        assert MessageBuilder(broker.app).build(task(), "a", body("x"), options) is None
+        elsewhere: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: elsewhere.append(
+                MessageBuilder(broker.app).build(task(), "b", body("x"), options)
+            )
+        )
+        thread.start()
+        thread.join()
+        assert elsewhere and elsewhere[0] is not None
+    finally:
+        pop_current_task()
+        running.pop_request()
+    assert MessageBuilder(broker.app).build(task(), "c", body("x"), options) is not None
