@@ -145,6 +145,8 @@ _EMBED_JSON = json.dumps(_EMBED)
 _routes: dict[tuple[Any, ...], _Route] = {}
 #: Celery settings that send a call down the per-call path.
 _PER_CALL_SETTINGS = ("task_always_eager", "task_send_sent_event")
+#: Where each of them is in ``_AppState.seen``.
+_PER_CALL_SEEN = tuple(enumerate(_PER_CALL_SETTINGS, start=5))
 
 
 @dataclass(slots=True)
@@ -196,35 +198,56 @@ def _worker_task() -> Any:
 
 
 class MessageBuilder:
-    """Builds the messages of one batch for ``app``.
+    """Builds the messages of a batch for ``app``.
 
-    Create one per batch: a batch is built against one configuration, and a later batch sees
-    any change to it (Django settings, ``app.conf`` changes, a new router or queues). What
-    the configuration says, and each handler's route, is kept per app until it changes.
+    A batch is built against one configuration, and a later batch sees any change to it
+    (Django settings, ``app.conf`` changes, a new router or queues, a fork, a task running
+    in the thread): create a builder per batch, or :meth:`refresh` one kept from an earlier
+    batch. What the configuration says, and each handler's route, is kept per app until it
+    changes.
     """
 
     __slots__ = ("app", "last", "lean", "origin", "reply_to", "routes", "stamp")
 
     def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.stamp: tuple[Any, ...] = ()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the configuration again, as a new builder would: before each batch."""
+        app = self.app
         amqp = _cached(app, "amqp")
         router: Any = _cached(amqp, "router")
-        self.app = app
+        routes = router.routes
+        queues = _cached(amqp, "queues")
         # Celery routes with the routes its router was built with, whatever app.conf says
         # since (reading app.conf.task_routes costs ~15 us when it is Django's settings): a
         # project that changes them rebuilds the router, and a new router recomputes.
-        self.stamp = (app, router, router.routes, _cached(amqp, "queues"))
+        stamp = self.stamp
+        if not stamp or stamp[1] is not router or stamp[2] is not routes or stamp[3] is not queues:
+            stamp = self.stamp = (app, router, routes, queues)
         # What app.conf says is read once per app (~40 us through Django's settings): again
         # after a settings change, or a change made on app.conf itself (kept in its changes).
         changes = app.conf.changes or {}
         # The pid too: a forked child's origin ("gen<pid>@host") is its own.
-        seen = (*self.stamp, _pid(), *(changes.get(key) for key in _PER_CALL_SETTINGS))
+        pid = _pid()
         state = _app_state.get(id(app))
-        if state is None or not _same(state.seen, seen):
+        if (
+            state is None
+            or (seen := state.seen)[0] is not app
+            or seen[1] is not router
+            or seen[2] is not routes
+            or seen[3] is not queues
+            or seen[4] is not pid
+            or any(seen[i] is not changes.get(key) for i, key in _PER_CALL_SEEN)
+        ):
+            seen = (*stamp, pid, *(changes.get(key) for key in _PER_CALL_SETTINGS))
             conf = app.conf
             lean = not (
                 conf.task_always_eager
                 or conf.task_send_sent_event
-                or any(not isinstance(route, MapRoute) for route in router.routes)
+                or any(not isinstance(route, MapRoute) for route in routes)
             )
             state = _app_state[id(app)] = _AppState(seen, lean, anon_nodename(), {})
         # A call made while a worker runs a task takes Celery's path (root and parent ids).

@@ -162,16 +162,19 @@ class _Progress:
 
     def send(self, app: Any, producer: Any) -> None:
         channel = producer.channel
-        publish = _Publish(app, producer)
+        publish = _Publish.of(app, producer)
         if getattr(channel, "confirm_select", None) is not None:
             self._send_confirmed(producer, publish, broker.Confirms.of(channel))
             return
-        # Redis pipelines a chunk and confirms it with its replies; a transport that does
-        # neither (filesystem, memory) has written each message when publish() returns.
-        pipelines = bool(getattr(channel, "create_publish_batch", None)) and getattr(
-            channel, "supports_batch_publish", True
-        )
-        size = BATCH_SIZE if pipelines else 1
+        size = 1
+        if len(self.calls) - self.done > 1:  # a single call is a chunk of one anyway
+            # Redis pipelines a chunk and confirms it with its replies; a transport that
+            # does neither (filesystem, memory) has written each message when publish()
+            # returns.
+            pipelines = bool(getattr(channel, "create_publish_batch", None)) and getattr(
+                channel, "supports_batch_publish", True
+            )
+            size = BATCH_SIZE if pipelines else 1
         push = publish.push
         while self.done < len(self.calls):
             remaining = self.remaining(answering=self.done > 0)
@@ -237,9 +240,10 @@ def faulty_call(error: BaseException | None) -> str | None:
 class _Publish:
     """Publishes one call: a message built once per handler route, else ``apply_async``."""
 
-    __slots__ = ("builder", "producer", "push", "send", "shared")
+    __slots__ = ("app", "builder", "producer", "push", "send", "shared")
 
     def __init__(self, app: Any, producer: Any) -> None:
+        self.app = app
         self.producer = producer
         self.builder = MessageBuilder(app)
         #: Redis: messages written as kombu would, without its per-message machinery.
@@ -247,6 +251,22 @@ class _Publish:
         self.send = sentry.publishing(publish_message)
         #: The last signal call's body as text and its kwargsrepr, and what they came from.
         self.shared: tuple[Any, ...] = ()
+
+    @classmethod
+    def of(cls, app: Any, producer: Any) -> _Publish:
+        """The publisher of a batch on ``producer``: the one of its previous batch, brought
+        up to date as a new one would be (configuration, push, Sentry), or a new one."""
+        publish = getattr(producer, "_deferred_signals_publish", None)
+        if type(publish) is not cls or publish.app is not app or publish.producer is not producer:
+            publish = cls(app, producer)
+            with suppress(AttributeError):  # a producer that takes no attributes: per batch
+                producer._deferred_signals_publish = publish
+            return publish
+        publish.builder.refresh()
+        publish.push = RedisPush.of(producer) if FAST_REDIS else None
+        publish.send = sentry.publishing(publish_message)
+        publish.shared = ()
+        return publish
 
     def __call__(self, call: PendingCall, remaining: float) -> None:
         task, options = call.handler.task, call.handler.merged.publish
