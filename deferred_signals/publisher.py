@@ -325,21 +325,22 @@ def publish_message(
     channel), the message is queued there when it can be, and written by ``push.flush()``.
     """
     before = celery_signals.before_task_publish
+    # Celery's Signal.send returns at once without receivers: not even the call then.
     if before.receivers:
         # A receiver may change the body, headers and properties: they are encoded as they
         # stand after them.
         message.body_json = message.layout = None
-    before.send(
-        sender=message.task,
-        body=message.body,
-        exchange=message.exchange,
-        routing_key=message.routing_key,
-        declare=message.declare,
-        headers=message.headers,
-        properties=message.properties,
-        # Celery < 5.7 hands receivers the retry_policy argument as given (none here).
-        retry_policy=message.retry_policy if _SIGNALS_GET_MERGED_POLICY else None,
-    )
+        before.send(
+            sender=message.task,
+            body=message.body,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            declare=message.declare,
+            headers=message.headers,
+            properties=message.properties,
+            # Celery < 5.7 hands receivers the retry_policy argument as given (none here).
+            retry_policy=message.retry_policy if _SIGNALS_GET_MERGED_POLICY else None,
+        )
     if message.declare:
         channel = producer.channel
         declared = _declared.get(channel)
@@ -354,13 +355,15 @@ def publish_message(
         kwargs = message.publish_kwargs()
         kwargs["declare"] = None
         producer.publish(message.body, timeout=timeout, confirm_timeout=confirm_timeout, **kwargs)
-    celery_signals.after_task_publish.send(
-        sender=message.task,
-        body=message.body,
-        headers=message.headers,
-        exchange=message.exchange,
-        routing_key=message.routing_key,
-    )
+    after = celery_signals.after_task_publish
+    if after.receivers:
+        after.send(
+            sender=message.task,
+            body=message.body,
+            headers=message.headers,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+        )
     if celery_signals.task_sent.receivers:  # Celery's deprecated signal, still sent by 5.x
         celery_signals.task_sent.send(
             sender=message.task,

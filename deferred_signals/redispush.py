@@ -54,7 +54,8 @@ _IGNORED = ("mandatory", "immediate")
 _REFUSED = ("content_type", "content_encoding", "delivery_info", "body_encoding", "delivery_tag")
 
 #: What a kombu Redis channel must have for a push to write as kombu would (``_expires``,
-#: the queues with x-expires, is read when present: kombu >= 5.6).
+#: the queues with x-expires, is read when present: kombu >= 5.6); ``RedisPush.of`` checks
+#: each of them by name.
 _CHANNEL_NEEDS = ("_q_for_pri", "_get_message_priority", "default_priority", "pool")
 
 _plain_dumps = json.JSONEncoder().encode
@@ -135,8 +136,12 @@ class RedisPush:
         if _RedisChannel is None or not isinstance(channel, _RedisChannel):
             return None
         # kombu internals this reproduces: a kombu without one of them publishes its own way.
-        if not all(hasattr(channel, name) for name in _CHANNEL_NEEDS) or not hasattr(
-            producer, "_delivery_details"
+        if not (
+            hasattr(channel, "_q_for_pri")
+            and hasattr(channel, "_get_message_priority")
+            and hasattr(channel, "default_priority")
+            and hasattr(channel, "pool")
+            and hasattr(producer, "_delivery_details")
         ):
             return None
         if (channel.body_encoding or "").lower() != "base64":
