@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import inspect
 import json
+import select
 from typing import TYPE_CHECKING, Any
 
 from kombu import serialization as kombu_serialization
@@ -400,7 +401,31 @@ def _checkout(pool: Any) -> Any:
     return pool.get_connection()
 
 
+#: select.poll, where there is one (not on Windows).
+_poll: Any = getattr(select, "poll", None)
+
+
 def _stale(connection: Any) -> bool:
+    """redis-py's ``can_read()``: bytes left in its parser's buffer, or on the socket (data,
+    or the server's close or reset). Its pure-Python parsers are asked with one ``poll``,
+    not with a non-blocking ``recv`` that raises, caught inside (~2 us less a commit)."""
+    sock = connection._sock
+    unread = getattr(
+        getattr(getattr(connection, "_parser", None), "_buffer", None), "unread_bytes", None
+    )
+    if _poll is None or sock is None or unread is None:  # hiredis, or no socket to poll
+        return _can_read(connection)
+    try:
+        if unread():
+            return True
+        poll = _poll()
+        poll.register(sock, select.POLLIN)
+        return bool(poll.poll(0))  # readable, hung up or failed
+    except (OSError, ValueError):  # a socket closed under it
+        return True
+
+
+def _can_read(connection: Any) -> bool:
     try:
         return bool(connection.can_read())
     except (ConnectionError, OSError, RedisConnectionError, RedisTimeoutError):

@@ -463,3 +463,49 @@ def test_a_push_is_kept_per_producer_until_its_exchange_changes(redis_client: An
         assert kept is not None and kept is not push
         producer.exchange.delivery_mode = 2
         assert RedisPush.of(producer) is not kept
+
+
+def test_a_kept_connection_is_stale_exactly_when_redis_py_can_read_from_it(
+    redis_client: Any,
+) -> None:
+    """``_stale`` asks with one poll what ``Connection.can_read()`` asks with a recv."""
+    import time
+
+    import redis
+
+    from deferred_signals.redispush import _can_read, _stale
+
+    def connected() -> Any:
+        connection = redis.Redis.from_url(URL).connection_pool.get_connection()
+        connection.connect()
+        return connection
+
+    def settled(check: Any, connection: Any) -> bool:
+        for _ in range(200):  # the server's answer takes a moment to arrive
+            if check(connection):
+                return True
+            time.sleep(0.005)
+        return False
+
+    idle = connected()
+    assert _stale(idle) is False
+    assert _can_read(idle) is False
+    # A reply nobody read: bytes waiting on the socket.
+    for check in (_stale, _can_read):
+        unread = connected()
+        unread.send_command("PING")
+        assert settled(check, unread)
+    # The server closed it (a restart, an idle timeout, CLIENT KILL).
+    for check in (_stale, _can_read):
+        killed = connected()
+        killed.send_command("CLIENT", "ID")
+        client_id = killed.read_response()
+        redis_client.execute_command("CLIENT", "KILL", "ID", client_id)
+        assert settled(check, killed)
+    # Bytes already in redis-py's own buffer, none on the socket.
+    buffered = connected()
+    buffered.send_command("PING")
+    assert settled(_can_read, buffered)  # reads the reply into the parser's buffer
+    assert _stale(buffered) is True
+    for connection in (idle, unread, killed, buffered):
+        connection.disconnect()
