@@ -29,7 +29,7 @@ from .codec import summary
 from .conf import conf
 from .exceptions import BrokerUnavailable, PublishRefused, PublishTimeout
 from .messages import Message, MessageBuilder
-from .redispush import RedisPush, dumps
+from .redispush import RedisPush, dumps_tree
 
 if TYPE_CHECKING:
     from .dispatch import PendingCall
@@ -290,7 +290,7 @@ class _Publish:
                 # The text only matters to a Redis push, and only if no before_task_publish
                 # receiver may change the body.
                 if self.push is not None and not celery_signals.before_task_publish.receivers:
-                    text = dumps(body)
+                    text = dumps_tree(body)  # built by thaw(): a tree, no cycle
                 self.shared = (call.kwargs, call.sender, call.signal, call.at, text, kwargsrepr)
         message = self.builder.build(task, call.id, body, options, text, kwargsrepr)
         if message is None:

@@ -71,6 +71,37 @@ def dumps(value: Any) -> str:
         return str(kombu_json.dumps(value))
 
 
+def _tree_encoder() -> Any:
+    """The C encoder ``JSONEncoder().encode`` makes for each call, made once and without its
+    memo of the containers being encoded (what detects a cycle); None if this Python has no
+    such encoder, or one that writes otherwise."""
+    try:
+        from _json import encode_basestring_ascii, make_encoder
+
+        encoder = make_encoder(
+            None, _plain_default, encode_basestring_ascii, None, ": ", ", ", False, False, True
+        )
+        sample = {"a": [1, 2.5, None, True, '\u00e9\u2028"\\/'], "b": {"": -0.0, "n": 10**20}}
+        return encoder if "".join(encoder(sample, 0)) == _plain_dumps(sample) else None
+    except Exception:  # pragma: no cover - not CPython, or another signature
+        return None
+
+
+_plain_default = json.JSONEncoder().default
+_tree = _tree_encoder()
+
+
+def dumps_tree(value: Any) -> str:
+    """:func:`dumps` for a value that holds no reference cycle, as a call's body, thawed from
+    its frozen encoding, never does: the same text, ~1 us less (no encoder made per call)."""
+    if _tree is None:
+        return dumps(value)
+    try:
+        return "".join(_tree(value, 0))
+    except TypeError:
+        return str(kombu_json.dumps(value))
+
+
 #: Stand-ins for what differs from one message of a route to the next, in its template.
 _MARKS = {field: f"\x00deferred_signals:{field}\x00" for field in "bikext"}
 #: Templates kept per push (routes: handlers times publish options, per configuration).

@@ -509,3 +509,21 @@ def test_a_kept_connection_is_stale_exactly_when_redis_py_can_read_from_it(
     assert _stale(buffered) is True
     for connection in (idle, unread, killed, buffered):
         connection.disconnect()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"v": 1, "signal": 0, "sender": None, "kwargs": {"label": "x", "n": 3}, "at": 1.5},
+        {"kwargs": {"text": 'é \u2028 "quoted" \\ / \x00', "big": 10**30, "neg": -0.0}},
+        {"nan": float("nan"), "inf": float("inf"), "list": [[], {}, [None, True, False]]},
+        {"when": __import__("datetime").datetime(2026, 11, 24, 12, 0)},  # kombu's encoder
+        {"shared": [{"same": 1}] * 3},  # one object in three places: no cycle
+    ],
+    ids=["body", "strings and numbers", "specials", "datetime", "shared"],
+)
+def test_a_body_encodes_as_dumps_encodes_it(value: dict[str, Any]) -> None:
+    from deferred_signals.redispush import _tree, dumps, dumps_tree
+
+    assert _tree is not None  # CPython: the fast encoder is in use
+    assert dumps_tree(value) == dumps(value)
