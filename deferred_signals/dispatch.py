@@ -201,7 +201,9 @@ def flush(calls: list[PendingCall], using: str) -> None:
         run_inline(calls)
         return
     confirmed, error = publisher.publish(calls)
-    outbox.delete([call.id for call in calls[:confirmed] if call.outbox], using)
+    published = [call.id for call in calls[:confirmed] if call.outbox]
+    if published:
+        outbox.delete(published, using)
     failed = calls[confirmed:]
     if failed:
         _spill(failed, using, error)

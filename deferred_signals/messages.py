@@ -47,6 +47,11 @@ from .codec import summary
 
 #: What get_current_worker_task() walks; private, hence None if a Celery moved it.
 _task_stack: Any = getattr(celery._state, "_task_stack", None)
+#: Its threads' stacks by thread (celery.utils.threads.Local): empty while no thread of the
+#: process runs a task, as a web process never does. None if a Celery keeps them otherwise.
+_task_stacks: Any = getattr(getattr(_task_stack, "_local", None), "__storage__", None)
+if type(_task_stacks) is not dict:
+    _task_stacks = None
 
 
 def _add_seconds(dt: datetime, seconds: float) -> datetime:
@@ -97,6 +102,13 @@ class Message:
     #: The JSON of ``body`` as kombu's encoder writes it, when known without encoding it:
     #: valid while ``body`` is left as built (see ``publish_message``).
     body_json: str | None = None
+    #: What the builder made the message from: ``(route, headers, properties)``. While
+    #: ``headers`` and ``properties`` are those very dicts, left as built, a Redis push writes
+    #: the message from a JSON template of the route instead of encoding them (see
+    #: ``RedisPush.add``). None once anything may change them in place (a
+    #: ``before_task_publish`` receiver, Sentry's trace headers: see ``publish_message`` and
+    #: ``sentry._traced``).
+    layout: tuple[Any, dict[str, Any], dict[str, Any]] | None = None
 
     def publish_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``Producer.publish``, the body aside, as Celery passes them."""
@@ -133,6 +145,8 @@ _EMBED_JSON = json.dumps(_EMBED)
 _routes: dict[tuple[Any, ...], _Route] = {}
 #: Celery settings that send a call down the per-call path.
 _PER_CALL_SETTINGS = ("task_always_eager", "task_send_sent_event")
+#: Where each of them is in ``_AppState.seen``.
+_PER_CALL_SEEN = tuple(enumerate(_PER_CALL_SETTINGS, start=5))
 
 
 @dataclass(slots=True)
@@ -176,41 +190,64 @@ def _pid() -> int:
 def _worker_task() -> Any:
     """Celery's ``get_current_worker_task()``, after a cheap look at its stack (empty outside
     a worker's task, that is on every request)."""
+    if _task_stacks is not None and not _task_stacks:
+        return None  # no thread runs a task (~1 us less than asking the stack)
     if _task_stack is not None and _task_stack.top is None:
         return None
     return get_current_worker_task()
 
 
 class MessageBuilder:
-    """Builds the messages of one batch for ``app``.
+    """Builds the messages of a batch for ``app``.
 
-    Create one per batch: a batch is built against one configuration, and a later batch sees
-    any change to it (Django settings, ``app.conf`` changes, a new router or queues). What
-    the configuration says, and each handler's route, is kept per app until it changes.
+    A batch is built against one configuration, and a later batch sees any change to it
+    (Django settings, ``app.conf`` changes, a new router or queues, a fork, a task running
+    in the thread): create a builder per batch, or :meth:`refresh` one kept from an earlier
+    batch. What the configuration says, and each handler's route, is kept per app until it
+    changes.
     """
 
     __slots__ = ("app", "last", "lean", "origin", "reply_to", "routes", "stamp")
 
     def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.stamp: tuple[Any, ...] = ()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the configuration again, as a new builder would: before each batch."""
+        app = self.app
         amqp = _cached(app, "amqp")
         router: Any = _cached(amqp, "router")
-        self.app = app
+        routes = router.routes
+        queues = _cached(amqp, "queues")
         # Celery routes with the routes its router was built with, whatever app.conf says
         # since (reading app.conf.task_routes costs ~15 us when it is Django's settings): a
         # project that changes them rebuilds the router, and a new router recomputes.
-        self.stamp = (app, router, router.routes, _cached(amqp, "queues"))
+        stamp = self.stamp
+        if not stamp or stamp[1] is not router or stamp[2] is not routes or stamp[3] is not queues:
+            stamp = self.stamp = (app, router, routes, queues)
         # What app.conf says is read once per app (~40 us through Django's settings): again
         # after a settings change, or a change made on app.conf itself (kept in its changes).
         changes = app.conf.changes or {}
         # The pid too: a forked child's origin ("gen<pid>@host") is its own.
-        seen = (*self.stamp, _pid(), *(changes.get(key) for key in _PER_CALL_SETTINGS))
+        pid = _pid()
         state = _app_state.get(id(app))
-        if state is None or not _same(state.seen, seen):
+        if (
+            state is None
+            or (seen := state.seen)[0] is not app
+            or seen[1] is not router
+            or seen[2] is not routes
+            or seen[3] is not queues
+            or seen[4] is not pid
+            or any(seen[i] is not changes.get(key) for i, key in _PER_CALL_SEEN)
+        ):
+            seen = (*stamp, pid, *(changes.get(key) for key in _PER_CALL_SETTINGS))
             conf = app.conf
             lean = not (
                 conf.task_always_eager
                 or conf.task_send_sent_event
-                or any(not isinstance(route, MapRoute) for route in router.routes)
+                or any(not isinstance(route, MapRoute) for route in routes)
             )
             state = _app_state[id(app)] = _AppState(seen, lean, anon_nodename(), {})
         # A call made while a worker runs a task takes Celery's path (root and parent ids).
@@ -294,6 +331,7 @@ class MessageBuilder:
             compression=template.compression,
             retry_policy=dict(template.retry_policy),
             body_json=None if body_text is None else f"[[], {body_text}, {_EMBED_JSON}]",
+            layout=(route, headers, properties),
         )
 
     def _route(self, task: Any, options: Mapping[str, Any]) -> _Route:

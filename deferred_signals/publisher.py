@@ -29,7 +29,7 @@ from .codec import summary
 from .conf import conf
 from .exceptions import BrokerUnavailable, PublishRefused, PublishTimeout
 from .messages import Message, MessageBuilder
-from .redispush import RedisPush, dumps
+from .redispush import RedisPush, dumps_tree
 
 if TYPE_CHECKING:
     from .dispatch import PendingCall
@@ -162,16 +162,19 @@ class _Progress:
 
     def send(self, app: Any, producer: Any) -> None:
         channel = producer.channel
-        publish = _Publish(app, producer)
+        publish = _Publish.of(app, producer)
         if getattr(channel, "confirm_select", None) is not None:
             self._send_confirmed(producer, publish, broker.Confirms.of(channel))
             return
-        # Redis pipelines a chunk and confirms it with its replies; a transport that does
-        # neither (filesystem, memory) has written each message when publish() returns.
-        pipelines = bool(getattr(channel, "create_publish_batch", None)) and getattr(
-            channel, "supports_batch_publish", True
-        )
-        size = BATCH_SIZE if pipelines else 1
+        size = 1
+        if len(self.calls) - self.done > 1:  # a single call is a chunk of one anyway
+            # Redis pipelines a chunk and confirms it with its replies; a transport that
+            # does neither (filesystem, memory) has written each message when publish()
+            # returns.
+            pipelines = bool(getattr(channel, "create_publish_batch", None)) and getattr(
+                channel, "supports_batch_publish", True
+            )
+            size = BATCH_SIZE if pipelines else 1
         push = publish.push
         while self.done < len(self.calls):
             remaining = self.remaining(answering=self.done > 0)
@@ -237,9 +240,10 @@ def faulty_call(error: BaseException | None) -> str | None:
 class _Publish:
     """Publishes one call: a message built once per handler route, else ``apply_async``."""
 
-    __slots__ = ("builder", "producer", "push", "send", "shared")
+    __slots__ = ("app", "builder", "producer", "push", "send", "shared")
 
     def __init__(self, app: Any, producer: Any) -> None:
+        self.app = app
         self.producer = producer
         self.builder = MessageBuilder(app)
         #: Redis: messages written as kombu would, without its per-message machinery.
@@ -247,6 +251,22 @@ class _Publish:
         self.send = sentry.publishing(publish_message)
         #: The last signal call's body as text and its kwargsrepr, and what they came from.
         self.shared: tuple[Any, ...] = ()
+
+    @classmethod
+    def of(cls, app: Any, producer: Any) -> _Publish:
+        """The publisher of a batch on ``producer``: the one of its previous batch, brought
+        up to date as a new one would be (configuration, push, Sentry), or a new one."""
+        publish = getattr(producer, "_deferred_signals_publish", None)
+        if type(publish) is not cls or publish.app is not app or publish.producer is not producer:
+            publish = cls(app, producer)
+            with suppress(AttributeError):  # a producer that takes no attributes: per batch
+                producer._deferred_signals_publish = publish
+            return publish
+        publish.builder.refresh()
+        publish.push = RedisPush.of(producer) if FAST_REDIS else None
+        publish.send = sentry.publishing(publish_message)
+        publish.shared = ()
+        return publish
 
     def __call__(self, call: PendingCall, remaining: float) -> None:
         task, options = call.handler.task, call.handler.merged.publish
@@ -270,7 +290,7 @@ class _Publish:
                 # The text only matters to a Redis push, and only if no before_task_publish
                 # receiver may change the body.
                 if self.push is not None and not celery_signals.before_task_publish.receivers:
-                    text = dumps(body)
+                    text = dumps_tree(body)  # built by thaw(): a tree, no cycle
                 self.shared = (call.kwargs, call.sender, call.signal, call.at, text, kwargsrepr)
         message = self.builder.build(task, call.id, body, options, text, kwargsrepr)
         if message is None:
@@ -305,20 +325,22 @@ def publish_message(
     channel), the message is queued there when it can be, and written by ``push.flush()``.
     """
     before = celery_signals.before_task_publish
+    # Celery's Signal.send returns at once without receivers: not even the call then.
     if before.receivers:
-        # A receiver may change the body: it is encoded as it stands after them.
-        message.body_json = None
-    before.send(
-        sender=message.task,
-        body=message.body,
-        exchange=message.exchange,
-        routing_key=message.routing_key,
-        declare=message.declare,
-        headers=message.headers,
-        properties=message.properties,
-        # Celery < 5.7 hands receivers the retry_policy argument as given (none here).
-        retry_policy=message.retry_policy if _SIGNALS_GET_MERGED_POLICY else None,
-    )
+        # A receiver may change the body, headers and properties: they are encoded as they
+        # stand after them.
+        message.body_json = message.layout = None
+        before.send(
+            sender=message.task,
+            body=message.body,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            declare=message.declare,
+            headers=message.headers,
+            properties=message.properties,
+            # Celery < 5.7 hands receivers the retry_policy argument as given (none here).
+            retry_policy=message.retry_policy if _SIGNALS_GET_MERGED_POLICY else None,
+        )
     if message.declare:
         channel = producer.channel
         declared = _declared.get(channel)
@@ -333,13 +355,15 @@ def publish_message(
         kwargs = message.publish_kwargs()
         kwargs["declare"] = None
         producer.publish(message.body, timeout=timeout, confirm_timeout=confirm_timeout, **kwargs)
-    celery_signals.after_task_publish.send(
-        sender=message.task,
-        body=message.body,
-        headers=message.headers,
-        exchange=message.exchange,
-        routing_key=message.routing_key,
-    )
+    after = celery_signals.after_task_publish
+    if after.receivers:
+        after.send(
+            sender=message.task,
+            body=message.body,
+            headers=message.headers,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+        )
     if celery_signals.task_sent.receivers:  # Celery's deprecated signal, still sent by 5.x
         celery_signals.task_sent.send(
             sender=message.task,

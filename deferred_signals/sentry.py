@@ -105,6 +105,7 @@ def _traced(
     **kwargs: Any,
 ) -> None:
     with _submit_span(sdk, streaming, message.task) as span:
+        message.layout = None  # the headers change: a Redis push encodes them as they are
         try:
             message.headers.update(headers(sdk, span, monitor_beat_tasks))
         except Exception:  # tracing never stops a publish (sentry-sdk swallows these too)

@@ -411,3 +411,103 @@ def test_one_builder_routes_each_call_by_its_own_options(broker: Broker) -> None
         (second["queue"], [60, None]),
         (first["queue"], [None, None]),
     ]
+
+
+def test_a_call_made_while_a_worker_runs_a_task_takes_celerys_path(broker: Broker) -> None:
+    """Celery then takes the root and parent ids from the running task: ``apply_async``.
+    Only the thread that runs it: another thread of the process builds its messages."""
+    import threading
+
+    from celery._state import pop_current_task, push_current_task
+
+    options = {"queue": broker.queue()}
+    running = task()._get_current_object()
+    running.push_request(called_directly=False, id="running-task")
+    push_current_task(running)
+    try:
+        assert MessageBuilder(broker.app).build(task(), "a", body("x"), options) is None
+        elsewhere: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: elsewhere.append(
+                MessageBuilder(broker.app).build(task(), "b", body("x"), options)
+            )
+        )
+        thread.start()
+        thread.join()
+        assert elsewhere and elsewhere[0] is not None
+    finally:
+        pop_current_task()
+        running.pop_request()
+    assert MessageBuilder(broker.app).build(task(), "c", body("x"), options) is not None
+
+
+def test_a_builder_kept_for_another_batch_reads_what_a_new_one_would(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``refresh()`` between batches: settings, routes, a fork, a running task."""
+    from celery._state import pop_current_task, push_current_task
+
+    from deferred_signals import messages
+
+    app = broker.app
+    first, second = broker.queue(), broker.queue()
+    builder = MessageBuilder(app)
+    assert builder.build(task(), "a", body("x"), {"queue": first}) is not None
+    app.conf.task_always_eager = True
+    builder.refresh()
+    assert builder.build(task(), "a", body("x"), {"queue": first}) is None
+    app.conf.task_always_eager = False
+    builder.refresh()
+    assert builder.build(task(), "a", body("x"), {"queue": first}) is not None
+    # New routes, in a new router: the same options now route elsewhere.
+    app.conf.task_routes = {HANDLER: {"queue": second}}
+    app.amqp.flush_routes()
+    app.amqp.router = app.amqp.Router()  # type: ignore[misc]
+    builder.refresh()
+    routed = builder.build(task(), "a", body("x"), {})
+    assert routed is not None and routed.routing_key == second
+    # A forked child: its origin names its own pid.
+    origin = builder.origin
+    pid = messages._pids[0]
+    messages._pids[0] = child = pid + 100_000  # what the after-fork hook does
+    monkeypatch.setattr(os, "getpid", lambda: child)
+    try:
+        builder.refresh()
+        assert builder.origin != origin and str(child) in builder.origin
+    finally:
+        messages._pids[0] = pid
+    # A task running in the thread.
+    running = task()._get_current_object()
+    running.push_request(called_directly=False, id="running-task")
+    push_current_task(running)
+    try:
+        builder.refresh()
+        assert builder.build(task(), "a", body("x"), {"queue": first}) is None
+    finally:
+        pop_current_task()
+        running.pop_request()
+    builder.refresh()
+    assert builder.build(task(), "a", body("x"), {"queue": first}) is not None
+
+
+def test_a_producer_keeps_its_publisher_brought_up_to_date(broker: Broker) -> None:
+    from deferred_signals.publisher import _Publish
+
+    app = broker.app
+    with app.connection_for_write() as connection:
+        producer = Producer(connection, auto_declare=False)
+        publish = _Publish.of(app, producer)
+        assert publish.push is not None
+        publish.shared = ("the last call's", "body")
+        assert publish.builder.build(task(), "a", body("x"), {"queue": broker.queue()})
+        assert publish.builder.last is not None
+        app.conf.task_always_eager = True
+        again = _Publish.of(app, producer)
+        assert again is publish
+        assert again.shared == () and again.builder.last is None and not again.builder.lean
+        assert _Publish.of(app, Producer(connection, auto_declare=False)) is not publish
+        other = make_app(f"messages-other-{uuid.uuid4().hex[:6]}", URL)
+        try:
+            assert _Publish.of(other, producer) is not publish
+        finally:
+            other.close()

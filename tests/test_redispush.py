@@ -293,3 +293,237 @@ def test_a_pool_of_redis_py_before_5_3_is_asked_with_a_command_name() -> None:
 
     assert redispush._checkout(OldPool()) == ("connection for", "LPUSH")
     assert redispush._checkout(NewPool()) == "connection"
+
+
+# --- the envelope template of a route ---------------------------------------------------------
+# RedisPush.add writes a message the builder left untouched from a JSON template of its route
+# (Message.layout): each test below fails if the template wrote what it should not.
+
+
+def stored(client: Any, key: str) -> list[dict[str, Any]]:
+    """The envelopes in list ``key``, oldest first."""
+    return [json.loads(raw) for raw in reversed(client.lrange(key, 0, -1))]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"priority": 3, "countdown": 30, "expires": 600, "time_limit": 60, "soft_time_limit": 5},
+        {"priority": 0, "expires": 0},
+    ],
+    ids=["plain", "every option", "zero priority and expiry"],
+)
+def test_a_template_writes_the_very_text_the_envelope_encodes_to(
+    redis_client: Any, options: dict[str, Any]
+) -> None:
+    import dataclasses
+
+    from deferred_signals import registry
+
+    handler = registry.get(HANDLER)
+    assert handler is not None
+    app = make_app("push-template", URL)
+    queue = new_queue(redis_client)
+    body = {"v": 1, "signal": 0, "sender": None, "kwargs": {"label": 'q"uo\\te é \u2028'}}
+    with current(app), app.connection_for_write() as connection:
+        push = RedisPush.of(Producer(connection))
+        assert push is not None
+        builder = MessageBuilder(app)
+        for call_id in ("first-call", "second-call"):  # the second one reuses the template
+            built = builder.build(handler.task, call_id, body, {"queue": queue, **options})
+            assert built is not None and built.layout is not None
+            assert push.add(built)
+            assert push.add(dataclasses.replace(built, layout=None))  # encoded in full
+        assert push.layouts  # the template was made
+        texts = [text for _, text in push.pending]
+        keys = {key for key, _ in push.pending}
+        push.pending.clear()
+    assert len(keys) == 1
+    for templated, encoded in (texts[0:2], texts[2:4]):
+        tags = [json.loads(text)["properties"]["delivery_tag"] for text in (templated, encoded)]
+        assert templated.replace(tags[0], "TAG") == encoded.replace(tags[1], "TAG")
+
+
+def test_a_before_task_publish_receiver_changes_a_templated_message(redis_client: Any) -> None:
+    from celery.signals import before_task_publish
+
+    from deferred_signals.publisher import publish_message
+
+    app = make_app("push-template-receiver", URL)
+    queue = new_queue(redis_client)
+
+    def receiver(headers: dict[str, Any], properties: dict[str, Any], **kwargs: Any) -> None:
+        headers["added"] = "by a receiver"
+        properties["priority"] = 0  # the default: the same list, another envelope
+        properties["correlation_id"] = "changed"
+
+    with current(app), app.connection_for_write() as connection:
+        producer = Producer(connection, auto_declare=False)
+        push = RedisPush.of(producer)
+        assert push is not None
+        publish_message(producer, message(app, queue, "before"), push=push)  # makes the template
+        before_task_publish.connect(receiver, weak=False)
+        try:
+            publish_message(producer, message(app, queue, "during"), push=push)
+        finally:
+            before_task_publish.disconnect(receiver)
+        publish_message(producer, message(app, queue, "after"), push=push)
+        push.flush()
+    first, changed, last = stored(redis_client, queue)
+    assert changed["headers"]["added"] == "by a receiver"
+    assert changed["properties"]["correlation_id"] == "changed"
+    assert "added" not in first["headers"] and "added" not in last["headers"]
+    assert last["properties"]["correlation_id"] == last["headers"]["id"]
+
+
+def test_sentry_headers_reach_a_templated_message(redis_client: Any) -> None:
+    import sentry_sdk
+    from sentry_sdk.integrations.celery import CeleryIntegration
+
+    from deferred_signals import sentry
+    from deferred_signals.publisher import publish_message
+    from tests.sentry_capture import MemoryTransport, initialised
+
+    app = make_app("push-template-sentry", URL)
+    queue = new_queue(redis_client)
+    with current(app), app.connection_for_write() as connection:
+        producer = Producer(connection, auto_declare=False)
+        push = RedisPush.of(producer)
+        assert push is not None
+        publish_message(producer, message(app, queue, "untraced"), push=push)
+        with (
+            initialised(MemoryTransport(), [CeleryIntegration()]),
+            sentry_sdk.start_transaction(op="http.server", name="POST /"),
+        ):
+            send = sentry.publishing(publish_message)
+            assert send is not publish_message
+            send(producer, message(app, queue, "traced"), push=push)
+        push.flush()
+    untraced, traced = stored(redis_client, queue)
+    assert "sentry-trace" not in untraced["headers"]
+    assert traced["headers"]["sentry-trace"]
+    assert traced["headers"]["headers"]["sentry-trace"] == traced["headers"]["sentry-trace"]
+
+
+def test_replaced_headers_and_properties_are_encoded_as_they_are(redis_client: Any) -> None:
+    app = make_app("push-template-replaced", URL)
+    queue = new_queue(redis_client)
+    with current(app), app.connection_for_write() as connection:
+        push = RedisPush.of(Producer(connection))
+        assert push is not None
+        assert push.add(message(app, queue, "template"))
+        plain = message(app, queue, "headers")
+        assert push.add(message(app, queue, "headers", headers={**plain.headers, "x": 1}))
+        properties = {**plain.properties, "reply_to": "elsewhere"}
+        assert push.add(message(app, queue, "properties", properties=properties))
+        push.flush()
+    _, headers, properties = stored(redis_client, queue)
+    assert headers["headers"]["x"] == 1
+    assert properties["properties"]["reply_to"] == "elsewhere"
+
+
+def test_a_message_built_in_another_thread_gets_its_own_reply_to(redis_client: Any) -> None:
+    """Celery's reply_to is the thread's (``app.thread_oid``): a template is not shared."""
+    import threading
+
+    app = make_app("push-template-threads", URL)
+    queue = new_queue(redis_client)
+    built: list[Message] = []
+    with current(app), app.connection_for_write() as connection:
+        push = RedisPush.of(Producer(connection))
+        assert push is not None
+        assert push.add(message(app, queue, "main"))
+        thread = threading.Thread(target=lambda: built.append(message(app, queue, "thread")))
+        thread.start()
+        thread.join()
+        assert push.add(built[0])
+        assert push.add(message(app, queue, "main again"))
+        push.flush()
+    first, other, again = stored(redis_client, queue)
+    assert other["properties"]["reply_to"] == built[0].properties["reply_to"]
+    assert other["properties"]["reply_to"] != first["properties"]["reply_to"]
+    assert again["properties"]["reply_to"] == first["properties"]["reply_to"]
+
+
+def test_a_push_is_kept_per_producer_until_its_exchange_changes(redis_client: Any) -> None:
+    from kombu import Exchange
+
+    app = make_app("push-kept", URL)
+    with app.connection_for_write() as connection:
+        producer = Producer(connection)
+        push = RedisPush.of(producer)
+        assert push is not None
+        push.pending.append(("left", "by a failed batch"))
+        assert RedisPush.of(producer) is push
+        assert push.pending == []
+        assert RedisPush.of(Producer(connection)) is not push  # another producer
+        producer.exchange = Exchange("", delivery_mode=1)
+        kept = RedisPush.of(producer)
+        assert kept is not None and kept is not push
+        producer.exchange.delivery_mode = 2
+        assert RedisPush.of(producer) is not kept
+
+
+def test_a_kept_connection_is_stale_exactly_when_redis_py_can_read_from_it(
+    redis_client: Any,
+) -> None:
+    """``_stale`` asks with one poll what ``Connection.can_read()`` asks with a recv."""
+    import time
+
+    import redis
+
+    from deferred_signals.redispush import _can_read, _stale
+
+    def connected() -> Any:
+        connection = redis.Redis.from_url(URL).connection_pool.get_connection()
+        connection.connect()
+        return connection
+
+    def settled(check: Any, connection: Any) -> bool:
+        for _ in range(200):  # the server's answer takes a moment to arrive
+            if check(connection):
+                return True
+            time.sleep(0.005)
+        return False
+
+    idle = connected()
+    assert _stale(idle) is False
+    assert _can_read(idle) is False
+    # A reply nobody read: bytes waiting on the socket.
+    for check in (_stale, _can_read):
+        unread = connected()
+        unread.send_command("PING")
+        assert settled(check, unread)
+    # The server closed it (a restart, an idle timeout, CLIENT KILL).
+    for check in (_stale, _can_read):
+        killed = connected()
+        killed.send_command("CLIENT", "ID")
+        client_id = killed.read_response()
+        redis_client.execute_command("CLIENT", "KILL", "ID", client_id)
+        assert settled(check, killed)
+    # Bytes already in redis-py's own buffer, none on the socket.
+    buffered = connected()
+    buffered.send_command("PING")
+    assert settled(_can_read, buffered)  # reads the reply into the parser's buffer
+    assert _stale(buffered) is True
+    for connection in (idle, unread, killed, buffered):
+        connection.disconnect()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"v": 1, "signal": 0, "sender": None, "kwargs": {"label": "x", "n": 3}, "at": 1.5},
+        {"kwargs": {"text": 'é \u2028 "quoted" \\ / \x00', "big": 10**30, "neg": -0.0}},
+        {"nan": float("nan"), "inf": float("inf"), "list": [[], {}, [None, True, False]]},
+        {"when": __import__("datetime").datetime(2026, 11, 24, 12, 0)},  # kombu's encoder
+        {"shared": [{"same": 1}] * 3},  # one object in three places: no cycle
+    ],
+    ids=["body", "strings and numbers", "specials", "datetime", "shared"],
+)
+def test_a_body_encodes_as_dumps_encodes_it(value: dict[str, Any]) -> None:
+    from deferred_signals.redispush import _tree, dumps, dumps_tree
+
+    assert _tree is not None  # CPython: the fast encoder is in use
+    assert dumps_tree(value) == dumps(value)
