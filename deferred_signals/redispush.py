@@ -25,6 +25,7 @@ import base64
 import inspect
 import json
 import select
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kombu import serialization as kombu_serialization
@@ -108,29 +109,18 @@ _MARKS = {field: f"\x00deferred_signals:{field}\x00" for field in "bikext"}
 _MAX_LAYOUTS = 256
 
 
+@dataclass(slots=True)
 class _Template:
     """A route's envelope as a format string (None: the route's messages take kombu's
     path), the list it goes to, and what else it was made from."""
 
-    __slots__ = ("delivery_mode", "key", "origin", "queue", "reply_to", "route", "text")
-
-    def __init__(
-        self,
-        route: Any,
-        queue: str,
-        origin: Any,
-        reply_to: Any,
-        delivery_mode: Any,
-        key: str,
-        text: str | None,
-    ) -> None:
-        self.route = route
-        self.queue = queue
-        self.origin = origin
-        self.reply_to = reply_to
-        self.delivery_mode = delivery_mode
-        self.key = key
-        self.text = text
+    route: Any
+    queue: str
+    origin: Any
+    reply_to: Any
+    delivery_mode: Any
+    key: str
+    text: str | None
 
 
 class RedisPush:
