@@ -473,10 +473,11 @@ def test_a_kept_connection_is_stale_exactly_when_redis_py_can_read_from_it(
 
     import redis
 
-    from deferred_signals.redispush import _can_read, _stale
+    from deferred_signals.redispush import _can_read, _checkout, _stale
 
     def connected() -> Any:
-        connection = redis.Redis.from_url(URL).connection_pool.get_connection()
+        # redis-py before 5.3 wants a command name: ask as the push does.
+        connection = _checkout(redis.Redis.from_url(URL).connection_pool)
         connection.connect()
         return connection
 
