@@ -246,8 +246,12 @@ class _Publish:
         self.app = app
         self.producer = producer
         self.builder = MessageBuilder(app)
+        self._start_batch()
+
+    def _start_batch(self) -> None:
+        """What each batch reads afresh, beyond the builder's configuration."""
         #: Redis: messages written as kombu would, without its per-message machinery.
-        self.push = RedisPush.of(producer) if FAST_REDIS else None
+        self.push = RedisPush.of(self.producer) if FAST_REDIS else None
         self.send = sentry.publishing(publish_message)
         #: The last signal call's body as text and its kwargsrepr, and what they came from.
         self.shared: tuple[Any, ...] = ()
@@ -263,9 +267,7 @@ class _Publish:
                 producer._deferred_signals_publish = publish
             return publish
         publish.builder.refresh()
-        publish.push = RedisPush.of(producer) if FAST_REDIS else None
-        publish.send = sentry.publishing(publish_message)
-        publish.shared = ()
+        publish._start_batch()
         return publish
 
     def __call__(self, call: PendingCall, remaining: float) -> None:
