@@ -7,6 +7,7 @@ filesystem broker, a real worker), with its state in a temporary folder.
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,40 @@ def test_the_example_takes_production_settings_from_the_environment(tmp_path: Pa
     assert (
         result.stdout.splitlines()[-1] == "False ['example.com', 'www.example.com'] True accounts"
     )
+
+
+def test_the_demo_broker_shows_a_message_file_only_once_written_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kombu's filesystem channel creates a message file under its final name, then writes
+    it, and its consumer reads without a lock: a worker polling in between read an empty
+    file (JSONDecodeError, a flaky `make demo`). The demo's transport renames it in whole."""
+    monkeypatch.syspath_prepend(str(ROOT / "example_project"))
+    from example_project.fsbroker import Transport
+    from kombu import Connection
+
+    folder = tmp_path / "queues"
+    folder.mkdir()
+    options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    seen_before_rename: list[list[str]] = []
+    replace = os.replace
+
+    def watching(source: str, target: str) -> None:
+        seen_before_rename.append(sorted(os.listdir(folder)))
+        # What a consumer would read now finds no message of the queue yet.
+        with (
+            Connection(transport=Transport, transport_options=options) as reader,
+            pytest.raises(queue.Empty),
+        ):
+            reader.default_channel._get("accounts")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", watching)
+    payload = {"body": "x" * 100_000, "headers": {"id": "1"}}
+    with Connection(transport=Transport, transport_options=options) as connection:
+        channel = connection.default_channel
+        channel._put("accounts", payload)
+        (names,) = seen_before_rename
+        assert len(names) == 1 and names[0].endswith(".accounts.msg.part")
+        assert channel._get("accounts") == payload
+    assert os.listdir(folder) == []

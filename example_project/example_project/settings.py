@@ -163,6 +163,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     # ("localhost" in the URL means nothing to it, but spares us kombu's "No hostname was
     # supplied" warning.)
     _BROKER_DIR = STATE_DIR / "broker"
+    # kombu's transport, but a message file appears only once written whole (its consumer
+    # could read a file still empty: see fsbroker.py).
+    CELERY_BROKER_TRANSPORT = "example_project.fsbroker:Transport"
     CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
         # Producers write where consumers read: one folder is the queue store.
         "data_folder_in": str(_BROKER_DIR / "queues"),
