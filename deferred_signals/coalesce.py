@@ -31,6 +31,7 @@ from . import dispatch, outbox, outbox_buffer
 from .codec import TAG
 from .conf import conf
 from .exceptions import OutboxWriteError
+from .ids import uuid4
 
 Key = tuple[Hashable, ...]
 
@@ -90,8 +91,14 @@ class _Transaction:
         while chain and not _pending(connection, chain[-1], chain[-1].index):
             chain.pop()
         previous = chain[-1] if chain else None
-        body = call.body if previous is None else merge(previous.body, call.body)
-        member = _Member(call, body, call.id if previous is None else previous.row)
+        if previous is None:
+            call.id = uuid4()
+            body = call.body
+        else:
+            # The group's id: the one its merged call is published (and its row kept) under.
+            call.id = previous.row
+            body = merge(previous.body, call.body)
+        member = _Member(call, body, call.id)
         if call.outbox and not conf.eager:
             _write_outbox(member, previous is None, self.using)
         robust = not conf.eager_propagates
@@ -144,9 +151,13 @@ _open: weakref.WeakKeyDictionary[Any, _Transaction] = weakref.WeakKeyDictionary(
 
 
 def enqueue(call: dispatch.PendingCall, using: str, key: Key) -> None:
-    """Send ``call`` at commit of ``using``'s transaction, merged with the same key's calls."""
+    """Send ``call`` at commit of ``using``'s transaction, merged with the same key's calls.
+
+    Gives ``call`` its id: a new one, or its group's when it joins calls made before it.
+    """
     connection = transaction.get_connection(using)
     if not connection.in_atomic_block:
+        call.id = uuid4()
         dispatch.enqueue(call, using)  # nothing to coalesce with: published at once
         return
     current = _open.get(connection)

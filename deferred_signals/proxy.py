@@ -74,9 +74,11 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
         sender_data, kwargs_data = _encode(
             handler, serial, signal, sender, kwargs, fresh, options.snapshot_fallback, deletes
         )
+        key = _coalesce_key(index, sender, kwargs.get("instance")) if options.coalesce else None
         call = dispatch.PendingCall(
             handler,
-            uuid4(),
+            # A coalesced call takes its group's id (the one published), or a new one.
+            uuid4() if key is None else "",
             None,
             options.outbox,
             signal=index,
@@ -84,7 +86,6 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
             kwargs=kwargs_data,
         )
         using = _alias(handler, kwargs)
-        key = _coalesce_key(index, sender, kwargs.get("instance")) if options.coalesce else None
         if key is None:
             dispatch.enqueue(call, using)
         else:

@@ -267,3 +267,28 @@ def test_a_refused_message_is_a_dead_letter() -> None:
         current_app.tasks[DB_FLAKY].apply(kwargs={"v": 1}, task_id="forged")
     assert names(events) == ["call_dead_lettered"]
     assert events[0].kwargs["attempts"] == 0 and events[0].sender is handlers.db_flaky
+
+
+def test_coalesced_calls_are_deferred_under_the_id_they_are_published_with(
+    memory_broker: None,
+) -> None:
+    """A metrics receiver pairing call_deferred with call_published finds no orphans."""
+    from tests.testapp.models import Author
+    from tests.testapp.signals import row_touched
+
+    author = Author.objects.create(name="a")
+    other = Author.objects.create(name="b")
+    with recording() as events, transaction.atomic():
+        for n in range(3):
+            row_touched.send(sender=Author, instance=author, label=str(n), created=False)
+        row_touched.send(sender=Author, instance=other, label="other", created=False)
+        with pytest.raises(RuntimeError), transaction.atomic():
+            row_touched.send(sender=Author, instance=author, label="dropped", created=False)
+            raise RuntimeError
+    deferred = [event.kwargs["call_id"] for event in events if event.name == "call_deferred"]
+    published = [event.kwargs["call_id"] for event in events if event.name == "call_published"]
+    assert len(deferred) == 5
+    assert len(set(published)) == len(published) == 2  # one per row
+    assert deferred[:3] == [published[0]] * 3
+    assert deferred[3] == published[1]
+    assert deferred[4] == published[0]  # joined the group, then rolled back with its savepoint
