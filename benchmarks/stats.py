@@ -54,6 +54,19 @@ class Samples:
         ]
         return Ratio(per_round)
 
+    def added_ratio_to(self, other: Samples, floor: Samples) -> Ratio:
+        """What this variant adds over ``floor``, over what ``other`` adds, round by round:
+        the part of the cost a library can change (a ratio of whole transactions can never
+        go below floor / other)."""
+        per_round = []
+        for mine, theirs, base in zip(self.rounds, other.rounds, floor.rounds, strict=False):
+            if not (mine and theirs and base):
+                continue
+            added = median(theirs) - median(base)
+            if added > 0:
+                per_round.append((median(mine) - median(base)) / added)
+        return Ratio(per_round)
+
 
 @dataclass
 class Ratio:

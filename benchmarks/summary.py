@@ -26,6 +26,8 @@ class CaseFigures:
     medians: dict[str, float] = field(default_factory=dict)
     to_idiom: dict[str, Ratio] = field(default_factory=dict)
     to_floor: dict[str, Ratio] = field(default_factory=dict)
+    #: (variant - floor) / (idiom - floor): what each adds to the transaction, compared.
+    added_to_idiom: dict[str, Ratio] = field(default_factory=dict)
 
 
 @dataclass
@@ -37,6 +39,9 @@ class Target:
     limit: float
     at_most: bool = True  # False: at least
     unit: str = "x"
+    #: For a ratio of whole transactions: the floor's (no receiver) in the same run, the
+    #: lowest ratio any variant can reach.
+    floor: float = math.nan
 
     @property
     def met(self) -> bool:
@@ -48,7 +53,8 @@ class Target:
         shown = times(self.measured) if self.unit == "x" else f"{self.measured:,.0f} {self.unit}"
         unit = "x" if self.unit == "x" else f" {self.unit}"
         limit = f"{'<=' if self.at_most else '>='} {self.limit:g}{unit}"
-        return [self.name, shown, limit, "met" if self.met else "MISSED"]
+        floor = "" if math.isnan(self.floor) else times(self.floor)
+        return [self.name, shown, limit, "met" if self.met else "MISSED", floor]
 
 
 CASES: list[CaseFigures] = []
@@ -65,14 +71,24 @@ def add_case(title: str, results: Sequence[Measured]) -> CaseFigures:
             figures.to_idiom[key] = measured.samples.ratio_to(idiom.samples)
         if floor is not None:
             figures.to_floor[key] = measured.samples.ratio_to(floor.samples)
+            if idiom is not None:
+                figures.added_to_idiom[key] = measured.samples.added_ratio_to(
+                    idiom.samples, floor.samples
+                )
     CASES.append(figures)
     return figures
 
 
 def add_target(
-    name: str, measured: float, limit: float, *, at_most: bool = True, unit: str = "x"
+    name: str,
+    measured: float,
+    limit: float,
+    *,
+    at_most: bool = True,
+    unit: str = "x",
+    floor: float = math.nan,
 ) -> None:
-    TARGETS.append(Target(name, measured, limit, at_most, unit))
+    TARGETS.append(Target(name, measured, limit, at_most, unit, floor))
 
 
 def ratio(figures: CaseFigures, key: str) -> float:
@@ -101,13 +117,29 @@ def report() -> None:
                         ms(case.medians.get("idiom", math.nan)),
                         str(case.to_idiom.get(key, "-")),
                         str(case.to_floor.get(key, "-")),
+                        str(case.added_to_idiom.get(key, "-")),
+                        str(case.to_idiom.get("none", "-")),
                     ]
                 )
-        headers = ["case: variant", "floor ms", "variant ms", "idiom ms", "/ idiom", "/ floor"]
+        headers = [
+            "case: variant",
+            "floor ms",
+            "variant ms",
+            "idiom ms",
+            "/ idiom",
+            "/ floor",
+            "added / idiom's added",
+            "floor / idiom",
+        ]
         print(table(headers, rows))
+        print(
+            "\n(added / idiom's added: (variant - floor) / (idiom - floor) per round, what a"
+            " library can change; floor / idiom: the lowest '/ idiom' any variant can reach.)"
+        )
     if TARGETS:
         print("\n## Targets (issue 10: 1-7; issue 7: durable path)\n")
-        print(table(["target", "measured", "required", ""], [t.row() for t in TARGETS]))
+        headers = ["target", "measured", "required", "", "floor / idiom (the lowest reachable)"]
+        print(table(headers, [t.row() for t in TARGETS]))
 
 
 def chart(path: Path = CHART) -> Path | None:
