@@ -8,15 +8,15 @@ same version and variant bits, the same lowercase 8-4-4-4-12 form.
 
 The random bytes are read from the kernel for 64 ids at a time, not 16 bytes per id: in a
 request, between database round trips, each ``getrandom`` system call cost 4-6 µs, most of
-an id's price. Each thread draws from bytes of its own, and a forked child drops the bytes
-it inherited (:func:`os.register_at_fork`), so no two threads or processes ever hand out
-the same id.
+an id's price. The values are the process's, shared by its threads and greenlets (one
+list, taken from with ``list.pop()``, which hands each value out once), and tagged with the
+pid that read them: a forked child, however it forked (``os.fork()``, or a C-level fork that
+runs no at-fork hook, as uWSGI's workers by default), reads its own before its first id.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 
 #: Clears the version nibble and the two variant bits; the next mask sets them.
 _KEEP = 0xFFFFFFFF_FFFF_0FFF_3FFF_FFFFFFFFFFFF
@@ -26,37 +26,36 @@ _SET = 0x00000000_0000_4000_8000_000000000000
 BATCH = 64
 
 
-class _Random(threading.local):
-    """The current thread's unused random values, one 128-bit int per id, last out first."""
+class _Random:
+    """The process's unused random values, one 128-bit int per id, and whose they are."""
 
-    values: list[int]
+    __slots__ = ("pid", "values")
 
     def __init__(self) -> None:
-        self.values = []
+        self.pid = -1
+        self.values: list[int] = []
 
 
 _random = _Random()
 
 
-def _forgotten() -> None:
-    # The child's only thread is the one that forked: its values are the parent's too.
-    _random.values = []
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
-    os.register_at_fork(after_in_child=_forgotten)
-
-
 def _refill() -> list[int]:
     data = os.urandom(16 * BATCH)
-    values = _random.values = [
-        int.from_bytes(data[start : start + 16], "big") for start in range(0, len(data), 16)
-    ]
+    values = [int.from_bytes(data[start : start + 16], "big") for start in range(0, len(data), 16)]
+    # Another thread may refill at the same time: each list is new randomness, and each
+    # value of either goes out once.
+    _random.values, _random.pid = values, os.getpid()
     return values
 
 
 def uuid4() -> str:
     """A new random UUID, as ``str(uuid.uuid4())`` gives it."""
-    values = _random.values or _refill()
-    value = "%032x" % ((values.pop() & _KEEP) | _SET)
+    random = _random
+    try:
+        if random.pid != os.getpid():
+            raise IndexError  # read by the parent: not ours
+        bits = random.values.pop()
+    except IndexError:
+        bits = _refill().pop()
+    value = "%032x" % ((bits & _KEEP) | _SET)
     return f"{value[:8]}-{value[8:12]}-{value[12:16]}-{value[16:20]}-{value[20:]}"

@@ -39,10 +39,12 @@ def test_a_call_and_its_redis_delivery_get_such_ids() -> None:
     assert redispush.uuid4 is uuid4
 
 
-def test_random_bytes_are_read_for_a_batch_of_ids_not_per_id(monkeypatch) -> None:
+@pytest.fixture
+def urandom_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the reads of random bytes from here on, starting with none kept."""
     from deferred_signals import ids
 
-    reads = []
+    reads: list[int] = []
     real = os.urandom
 
     def urandom(size: int) -> bytes:
@@ -50,36 +52,40 @@ def test_random_bytes_are_read_for_a_batch_of_ids_not_per_id(monkeypatch) -> Non
         return real(size)
 
     monkeypatch.setattr(ids.os, "urandom", urandom)
-    ids._random.values = []
-    values = {uuid4() for _ in range(ids.BATCH * 3)}
-    assert len(values) == ids.BATCH * 3
-    assert reads == [16 * ids.BATCH] * 3
+    monkeypatch.setattr(ids._random, "values", [])
+    return reads
 
 
-def test_threads_draw_from_random_values_of_their_own() -> None:
+def test_random_bytes_are_read_for_a_batch_of_ids_not_per_id(urandom_reads: list[int]) -> None:
     from deferred_signals import ids
 
-    ids._random.values = []
-    uuid4()  # this thread now holds values for BATCH - 1 more ids
-    seen: list[str] = []
+    values = {uuid4() for _ in range(ids.BATCH * 3)}
+    assert len(values) == ids.BATCH * 3
+    assert urandom_reads == [16 * ids.BATCH] * 3
+
+
+def test_threads_share_the_values_and_never_get_the_same_id(urandom_reads: list[int]) -> None:
+    from deferred_signals import ids
+
+    seen: list[list[str]] = []
 
     def draw() -> None:
-        seen.extend(uuid4() for _ in range(ids.BATCH))
+        seen.append([uuid4() for _ in range(ids.BATCH)])
 
-    threads = [threading.Thread(target=draw) for _ in range(4)]
+    threads = [threading.Thread(target=draw) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    mine = [uuid4() for _ in range(ids.BATCH)]
-    assert len(set(seen + mine)) == len(seen) + len(mine)
+    drawn = [value for values in seen for value in values]
+    assert len(drawn) == 8 * ids.BATCH
+    assert len(set(drawn)) == len(drawn)
+    # Short-lived threads (or greenlets) do not read a batch each.
+    assert len(urandom_reads) <= 8 + 1
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
-def test_a_forked_child_does_not_reuse_its_parents_random_values() -> None:
-    from deferred_signals import ids
-
-    ids._random.values = []
+def test_a_forked_child_does_not_reuse_its_parents_random_values(urandom_reads: list[int]) -> None:
     uuid4()  # the parent now holds values for BATCH - 1 more ids
     read, write = os.pipe()
     pid = os.fork()
@@ -96,3 +102,21 @@ def test_a_forked_child_does_not_reuse_its_parents_random_values() -> None:
     parent = [uuid4() for _ in range(8)]
     assert len(child) == 8
     assert not set(child) & set(parent)
+
+
+def test_a_process_forked_without_pythons_at_fork_hooks_reads_its_own(
+    urandom_reads: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C-level fork (uWSGI's workers without py-call-osafterfork, gevent greenlets alive
+    across a fork) runs no at-fork hook: the pid tells the values are the parent's."""
+    from deferred_signals import ids
+
+    parent = uuid4()
+    left = list(ids._random.values)
+    monkeypatch.setattr(ids.os, "getpid", lambda: -2)  # what the child's getpid says
+    child = [uuid4() for _ in range(ids.BATCH)]
+    assert len(urandom_reads) == 2
+    assert not set(child) & {
+        parent,
+        *(str(uuid.UUID(int=(v & ids._KEEP) | ids._SET)) for v in left),
+    }
