@@ -147,6 +147,10 @@ class _Finisher:
         return "<deferred_signals coalesced calls>"
 
 
+#: The types of the commit callbacks coalescing registers (a test's capture runs them at
+#: what stands for a commit).
+CALLBACKS = (_Member, _Finisher)
+
 _open: weakref.WeakKeyDictionary[Any, _Transaction] = weakref.WeakKeyDictionary()
 
 
@@ -156,7 +160,9 @@ def enqueue(call: dispatch.PendingCall, using: str, key: Key) -> None:
     Gives ``call`` its id: a new one, or its group's when it joins calls made before it.
     """
     connection = transaction.get_connection(using)
-    if not connection.in_atomic_block:
+    if not connection.in_atomic_block or (
+        dispatch.capture is not None and _test_autocommit(connection)
+    ):
         call.id = uuid4()
         dispatch.enqueue(call, using)  # nothing to coalesce with: published at once
         return
@@ -164,6 +170,14 @@ def enqueue(call: dispatch.PendingCall, using: str, key: Key) -> None:
     if current is None or not current.alive():
         current = _open[connection] = _Transaction(connection, using)
     current.add(call, (call.handler.name, *key))
+
+
+def _test_autocommit(connection: Any) -> bool:
+    """A test capturing deferred calls (:mod:`testing`) at its ``TestCase``'s own level,
+    which stands for autocommit: each call counts at once there, none is coalesced."""
+    from .testing import at_test_level
+
+    return at_test_level(connection)
 
 
 def _pending(connection: Any, callback: Any, registered_at: int) -> bool:

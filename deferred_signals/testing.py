@@ -11,7 +11,10 @@ commit, so there the capture treats those blocks as the database's own level, au
 - a call made outside any atomic block of yours (a plain ``save()``, a custom ``send()``)
   counts at once;
 - a call made inside your atomic blocks counts when your outermost block exits without
-  rolling back; a rolled-back block or savepoint drops its calls, as a commit would.
+  rolling back; a rolled-back block or savepoint drops its calls, as a commit would;
+- a ``coalesce=True`` handler's calls inside your blocks count as their merge, at that
+  exit (the capture runs coalescing's own commit callbacks too); at the test's level, as in
+  autocommit, each call counts on its own (``coalesce`` asks :func:`at_test_level`).
 
 How: Django marks the atomic blocks a ``TestCase`` opens (``Atomic._from_testcase``, what
 lets a ``durable`` block run inside a test). While capturing, :class:`~django.db.transaction.
@@ -46,13 +49,16 @@ from django.db.transaction import Atomic
 from django.dispatch import Signal
 from kombu.utils import json as kombu_json
 
-from . import dispatch, outbox, registry
+from . import coalesce, dispatch, outbox, registry
 from .decoder import resolve
 from .dispatch import PendingCall
 from .exceptions import DeferredSignalError
 from .execution import decode_call
 
 __all__ = ["CapturedCall", "DeferredCapture", "capture_deferred"]
+
+#: The commit callbacks a capture runs or forgets: a call's, and a coalesced call's own.
+_CALLBACK_TYPES = (PendingCall, *coalesce.CALLBACKS)
 
 #: The active capture, if any; its Atomic wrappers and the flush hook serve it.
 _active: DeferredCapture | None = None
@@ -128,8 +134,8 @@ class DeferredCapture:
         self._calls: list[CapturedCall] = []
         #: Calls captured, and calls this capture will never count (made before it started,
         #: rolled back, or released outside it): each pending call is looked at once.
-        self._taken: set[PendingCall] = set()
-        self._passed: set[PendingCall] = set()
+        self._taken: set[Callable[[], None]] = set()
+        self._passed: set[Callable[[], None]] = set()
 
     # --- what tests use ------------------------------------------------------------------
 
@@ -239,9 +245,13 @@ class DeferredCapture:
                     self._take(connection)
 
     def _take(self, connection: BaseDatabaseWrapper) -> None:
-        for call in _pending(connection):
-            if call not in self._taken and call not in self._passed:
-                call()  # as Django would at commit: its batch goes to flush(), then _record
+        for callback in _pending(connection):
+            if callback not in self._taken and callback not in self._passed:
+                if type(callback) is not PendingCall:
+                    self._taken.add(callback)  # a coalesced call's: _record sees its merge
+                # As Django would at commit: a batch, or the merge of coalesced calls, goes
+                # to flush(), then to _record.
+                callback()
 
     def _forget(self, connection: BaseDatabaseWrapper) -> None:
         self._passed.update(call for call in _pending(connection) if call not in self._taken)
@@ -265,10 +275,18 @@ def capture_deferred() -> DeferredCapture:
     return DeferredCapture()
 
 
-def _pending(connection: BaseDatabaseWrapper) -> list[PendingCall]:
+def _pending(connection: BaseDatabaseWrapper) -> list[Callable[[], None]]:
+    """The commit callbacks of deferred calls, in order: calls, and coalesced calls' own
+    (each marks its call as surviving; the last finisher releases the merged calls)."""
     # Entries are (savepoint ids, callback, robust); django-stubs still says pairs.
     callbacks = (entry[1] for entry in connection.run_on_commit)
-    return [func for func in callbacks if type(func) is PendingCall]
+    return [func for func in callbacks if type(func) in _CALLBACK_TYPES]
+
+
+def at_test_level(connection: BaseDatabaseWrapper) -> bool:
+    """Is a capture active and only a ``TestCase``'s never-committing blocks open on
+    ``connection`` (the test's own level, its autocommit)?"""
+    return _active is not None and _at_test_level(connection)
 
 
 def _at_test_level(connection: BaseDatabaseWrapper) -> bool:

@@ -266,6 +266,54 @@ def test_outbox_row_of_a_rolled_back_first_call_goes_with_it(settings: SettingsW
     assert not OutboxCall.objects.exists()
 
 
+@contextmanager
+def deferred_ids() -> Iterator[list[str]]:
+    """The call id of each ``call_deferred`` sent meanwhile, in order."""
+    from deferred_signals import signals
+
+    ids: list[str] = []
+
+    def deferred(sender: Any, call_id: str, **kwargs: Any) -> None:
+        ids.append(call_id)
+
+    signals.call_deferred.connect(deferred, weak=False)
+    try:
+        yield ids
+    finally:
+        signals.call_deferred.disconnect(deferred)
+
+
+def test_outbox_mode_defers_each_call_of_a_group_under_its_rows_id(
+    settings: SettingsWrapper,
+) -> None:
+    author = Author.objects.create(name="a")
+    with publishing_to_redis(settings, DELIVERY="outbox") as (client, queue):
+        with deferred_ids() as ids, transaction.atomic():
+            with pytest.raises(RuntimeError), transaction.atomic():
+                touch(author, "first, rolled back")
+                raise RuntimeError
+            touch(author, "a new group")
+            with pytest.raises(RuntimeError), transaction.atomic():
+                touch(author, "joins, then rolled back")
+                raise RuntimeError
+            touch(author, "last")
+            (row,) = OutboxCall.objects.all()
+        (raw,) = client.lrange(queue, 0, -1)
+    # The rolled-back first call's group went with it: the next call started another.
+    assert ids[0] != row.id
+    assert ids[1:] == [row.id] * 3
+    assert json.loads(raw)["headers"]["id"] == row.id
+
+
+def test_calls_outside_a_transaction_get_ids_of_their_own() -> None:
+    author = Author.objects.create(name="a")
+    with deferred_ids() as ids:
+        touch(author, "1")
+        touch(author, "2")
+    assert len(set(ids)) == 2
+    assert [call["label"] for call in seen()] == ["1", "2"]
+
+
 def test_outbox_mode_rewrites_a_row_still_waiting_to_be_written(
     settings: SettingsWrapper, postgres_only: None
 ) -> None:

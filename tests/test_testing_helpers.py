@@ -30,8 +30,8 @@ from deferred_signals.testing import DeferredCapture, capture_deferred
 from tests.conftest import records
 from tests.testapp import handlers
 from tests.testapp.handlers import FlakyError, Money, Plain
-from tests.testapp.models import Article, Attempt
-from tests.testapp.signals import flaky_signal, user_registered
+from tests.testapp.models import Article, Attempt, Author
+from tests.testapp.signals import flaky_signal, row_touched, user_registered
 
 ARTICLE_SAVED = "tests.testapp.handlers.article_saved"
 ROOT = Path(__file__).resolve().parent.parent
@@ -315,6 +315,83 @@ def test_run_lets_a_handlers_exception_propagate(db: None, deferred: DeferredCap
 
 
 # --- transactional_db: real commits -------------------------------------------------------
+
+
+ROW_TOUCHED = "tests.testapp.handlers.row_touched"
+
+
+def touched(deferred: DeferredCapture) -> list[tuple[str, bool, object]]:
+    """Each captured call of the coalescing handler: label, created, update_fields."""
+    return [
+        (call.kwargs["label"], call.kwargs["created"], call.kwargs["update_fields"])
+        for call in deferred.calls
+        if call.handler == ROW_TOUCHED
+    ]
+
+
+def touch(author: Author, label: str, created: bool = False, fields: object = None) -> None:
+    row_touched.send(
+        sender=Author, instance=author, label=label, created=created, update_fields=fields
+    )
+
+
+def test_coalesced_calls_count_when_the_outermost_block_exits(
+    db: None, deferred: DeferredCapture
+) -> None:
+    author = Author.objects.create(name="a")
+    with transaction.atomic():
+        touch(author, "first", created=True, fields=frozenset({"name"}))
+        with pytest.raises(Boom), transaction.atomic():
+            touch(author, "rolled back", fields=frozenset({"gone"}))
+            raise Boom
+        touch(author, "last", fields=frozenset({"bio"}))
+        assert touched(deferred) == []  # not committed yet
+    # One call, merged by the documented rule, as the commit would publish it.
+    assert touched(deferred) == [("last", True, frozenset({"name", "bio"}))]
+    (call,) = [call for call in deferred.calls if call.handler == ROW_TOUCHED]
+    with transaction.atomic():
+        touch(author, "next transaction")
+    assert touched(deferred)[1:] == [("next transaction", False, None)]
+    first, second = (c.id for c in deferred.calls if c.handler == ROW_TOUCHED)
+    assert first == call.id != second  # a group per transaction, an id per group
+
+
+def test_coalesced_calls_at_the_tests_level_count_one_by_one(
+    db: None, deferred: DeferredCapture
+) -> None:
+    """The test's own level stands for autocommit, where nothing is coalesced."""
+    author = Author.objects.create(name="a")
+    touch(author, "1")
+    touch(author, "2")
+    assert touched(deferred) == [("1", False, None), ("2", False, None)]
+    calls = [call for call in deferred.calls if call.handler == ROW_TOUCHED]
+    assert calls[0].id != calls[1].id
+    deferred.run()
+    assert len(records("row_touched")) == 2
+
+
+def test_a_rolled_back_block_of_coalesced_calls_is_never_captured(
+    db: None, deferred: DeferredCapture
+) -> None:
+    author = Author.objects.create(name="a")
+    with pytest.raises(Boom), transaction.atomic():
+        touch(author, "1")
+        touch(author, "2")
+        raise Boom
+    assert touched(deferred) == []
+    with transaction.atomic():
+        touch(author, "after")
+    assert touched(deferred) == [("after", False, None)]
+
+
+def test_coalesced_calls_count_at_commit_under_transactional_db(
+    transactional_db: None, deferred: DeferredCapture
+) -> None:
+    author = Author.objects.create(name="a")
+    with transaction.atomic():
+        for n in range(5):
+            touch(author, str(n), fields=frozenset({f"f{n}"}))
+    assert touched(deferred) == [("4", False, frozenset(f"f{n}" for n in range(5)))]
 
 
 def test_calls_count_at_commit_under_transactional_db(
