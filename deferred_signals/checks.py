@@ -120,7 +120,22 @@ def check_outbox_tables(
     from .relay import has_outbox
 
     senders = {DEFAULT_DB_ALIAS} | {h.using for h in registry.all_handlers() if h.using}
-    return [
+    outdated: list[CheckMessage] = [
+        Warning(
+            f"Database {alias!r} has an outbox table ({OutboxCall._meta.db_table}) without "
+            f"the column(s) {', '.join(missing)} this version writes: calls that cannot be "
+            "published at commit would be lost, delivery='outbox' handlers fail at send time "
+            "and the relay cannot claim rows.",
+            hint=f"Run `manage.py migrate deferred_signals --database={alias}` before "
+            "deploying this version.",
+            id="deferred_signals.W011",
+        )
+        for alias in databases or ()
+        if alias in connections.settings
+        and has_outbox(alias)
+        and (missing := _missing_columns(alias))
+    ]
+    return outdated + [
         Warning(
             f"Database {alias!r} sends deferred calls but has no outbox table "
             f"({OutboxCall._meta.db_table}): calls that cannot be published at commit would "
@@ -135,6 +150,25 @@ def check_outbox_tables(
         and _migrated(alias)
         and not has_outbox(alias)
     ]
+
+
+def _missing_columns(alias: str) -> list[str]:
+    """The outbox columns this version writes that ``alias``'s outbox table lacks."""
+    from .models import OutboxCall
+
+    connection = connections[alias]
+    try:
+        with connection.cursor() as cursor:
+            found = {
+                column.name
+                for column in connection.introspection.get_table_description(
+                    cursor, OutboxCall._meta.db_table
+                )
+            }
+    except Exception:
+        return []
+    columns = [field.column for field in OutboxCall._meta.concrete_fields]
+    return [column for column in columns if column is not None and column not in found]
 
 
 def _migrated(alias: str) -> bool:

@@ -55,6 +55,7 @@ class PendingCall:
         "signal",
         "stored",
         "text",
+        "trace",
     )
 
     def __init__(
@@ -68,6 +69,7 @@ class PendingCall:
         sender: Frozen = None,
         kwargs: Frozen = None,
         text: str | None = None,
+        trace: str | None = None,
     ) -> None:
         self.handler = handler
         self.id = id
@@ -79,6 +81,8 @@ class PendingCall:
         #: The JSON of ``body``, as kombu's encoder writes it, when known (a relayed call's
         #: stored text): the message carries it instead of encoding the body again.
         self.text = text
+        #: A relayed call's kept trace (:mod:`propagation`), to publish it in; None mostly.
+        self.trace = trace
         self.signal = signal
         self.sender = sender
         self.kwargs = kwargs

@@ -30,6 +30,9 @@ class OutboxCall(models.Model):
     #: The relay leaves the row alone until then (a grace period for the fast path, backoff).
     next_attempt_at = models.DateTimeField(db_index=True)
     last_error = models.TextField(blank=True, default="")
+    #: The trace the call was made in (Sentry's and OpenTelemetry's propagation headers, as
+    #: JSON), for the relay to continue; "" when nothing traced the request.
+    trace = models.TextField(blank=True, default="")
 
     class Meta:
         verbose_name = "pending outbox call"

@@ -19,7 +19,7 @@ from django.db import connections, transaction
 from django.utils import timezone
 from kombu.utils import json as kombu_json
 
-from . import outbox_buffer
+from . import outbox_buffer, propagation
 
 if TYPE_CHECKING:
     from .dispatch import PendingCall
@@ -46,7 +46,9 @@ def write(call: PendingCall, using: str, anchor: object | None = None) -> None:
     for ``OUTBOX_GRACE`` seconds: the request publishes and deletes it right after the commit.
     """
     connection = connections[using]
-    row = outbox_buffer.row(connection, call.id, call.handler.name, body_text(call.body))
+    row = outbox_buffer.row(
+        connection, call.id, call.handler.name, body_text(call.body), propagation.capture()
+    )
     outbox_buffer.write(connection, using, row, call if anchor is None else anchor)
 
 
@@ -74,6 +76,7 @@ def spill(calls: Sequence[PendingCall], using: str, error: BaseException | None)
     from .models import OutboxCall
 
     now = timezone.now()
+    trace = propagation.capture()  # right after the commit: still the request's trace
     rows = [
         OutboxCall(
             id=call.id,
@@ -82,6 +85,7 @@ def spill(calls: Sequence[PendingCall], using: str, error: BaseException | None)
             created=now,
             next_attempt_at=now,
             last_error=_error_text(error),
+            trace=trace,
         )
         for call in calls
     ]
@@ -150,6 +154,8 @@ class Claimed(NamedTuple):
     body: str
     attempts: int
     created: datetime.datetime
+    #: The trace the call was made in (:func:`propagation.capture`), or "".
+    trace: str
 
 
 def claim(using: str, limit: int) -> list[Claimed]:

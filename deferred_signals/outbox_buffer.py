@@ -48,23 +48,32 @@ from .exceptions import OutboxWriteError
 #: Rows per INSERT statement (fewer where the backend limits query parameters: SQLite 999).
 #: As fast as 500 for 1,000 calls, for a fifth of the memory held until the INSERT.
 MAX_ROWS = 100
-#: What each row binds: id, handler, body, created, next_attempt_at.
-ROW_PARAMS = 5
-_COLUMNS = ("id", "handler", "body", "created", "attempts", "next_attempt_at", "last_error")
-#: Per row: the five parameters, and constants for attempts (0) and last_error ('').
-_PLACEHOLDERS = ("%s", "%s", "%s", "%s", "0", "%s", "''")
+#: What each row binds: id, handler, body, created, next_attempt_at, trace.
+ROW_PARAMS = 6
+_COLUMNS = (
+    "id",
+    "handler",
+    "body",
+    "created",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+    "trace",
+)
+#: Per row: the six parameters, and constants for attempts (0) and last_error ('').
+_PLACEHOLDERS = ("%s", "%s", "%s", "%s", "0", "%s", "''", "%s")
 #: The connection attribute holding its buffer: it lives and dies with the connection.
 _ATTRIBUTE = "_deferred_signals_outbox"
 
 Row = tuple[Any, ...]
 
 
-def row(connection: Any, id: str, handler: str, body: str) -> Row:
+def row(connection: Any, id: str, handler: str, body: str, trace: str = "") -> Row:
     """The parameters of one outbox row; the relay leaves it alone for ``OUTBOX_GRACE``."""
     now = timezone.now()
     due = now + datetime.timedelta(seconds=conf.outbox_grace)
     adapt = connection.ops.adapt_datetimefield_value
-    return (id, handler, body, adapt(now), adapt(due))
+    return (id, handler, body, adapt(now), adapt(due), trace)
 
 
 def write(connection: Any, using: str, new: Row, anchor: object) -> None:

@@ -23,7 +23,7 @@ import celery
 from celery import signals as celery_signals
 from kombu import Producer
 
-from . import broker, sentry, signals
+from . import broker, propagation, sentry, signals
 from .calls import committed_at
 from .codec import summary
 from .conf import conf
@@ -297,8 +297,11 @@ class _Publish:
         message = self.builder.build(task, call.id, body, options, text, kwargsrepr)
         if message is None:
             publish_fallback(self.producer, task, call.id, body, options, timeout=remaining)
-        else:
+        elif call.trace is None:
             self.send(self.producer, message, timeout=remaining, push=self.push)
+        else:  # a relayed call kept with its request's trace
+            with propagation.continued(call.trace, message):
+                self.send(self.producer, message, timeout=remaining, push=self.push)
 
 
 # --- one message to a producer ---------------------------------------------------------------

@@ -110,7 +110,9 @@ class Relay:
                 calls.append(_call_of(row))
             except RowError as row_error:
                 broken.append((row, row_error))
-        with sentry.detached():  # long after the request: no trace to continue
+        # Long after the request: the relay's own trace is not the handlers'; a row kept
+        # with its request's trace continues that one (propagation, in the publisher).
+        with sentry.detached():
             confirmed, error = publisher.publish(calls)
         result.published = confirmed
         outbox.delete([call.id for call in calls[:confirmed]], using)
@@ -222,7 +224,7 @@ def _call_of(row: Claimed) -> PendingCall:
         # When the call committed, for current_call(): the row's creation is the closest known.
         at = body["at"] = row.created.timestamp()
         text = None if text is None else _with_at(text, at)
-    return PendingCall(handler, row.id, body, text=text)
+    return PendingCall(handler, row.id, body, text=text, trace=row.trace or None)
 
 
 def _with_at(text: str, at: float) -> str | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -134,6 +135,52 @@ def headers(sdk: Any, span: Any, monitor_beat_tasks: bool = False) -> dict[str, 
     propagated = dict(sdk.get_isolation_scope().iter_trace_propagation_headers(span=span))
     if monitor_beat_tasks:
         propagated[MONITOR_HEADER] = f"{time.time():.9f}"
+    return message_headers(propagated)
+
+
+class _Captured(threading.local):
+    """The last trace read, per thread, and the scope and span it was read in: the rows of
+    one transaction's outbox calls read it once."""
+
+    scope: Any = None
+    span: Any = None
+    found: dict[str, str] | None = None
+
+
+_captured = _Captured()
+
+
+def captured() -> dict[str, str] | None:
+    """The trace to continue, as ``sentry-trace`` and ``baggage``, when a Sentry client with
+    ``CeleryIntegration`` propagates traces here (what a message published now would carry);
+    None otherwise. Kept with an outbox row, for the relay (:mod:`propagation`)."""
+    sdk = sys.modules.get("sentry_sdk")
+    if sdk is None:
+        return None
+    try:
+        if _publishing(_nothing, sdk) is _nothing:
+            return None  # no CeleryIntegration, or propagation off
+        scope, span = sdk.get_isolation_scope(), sdk.get_current_span()
+        last = _captured
+        if span is not None and last.span is span and last.scope is scope:
+            return last.found
+        propagated = scope.iter_trace_propagation_headers(span=span)
+        found = {key: value for key, value in propagated if key in (TRACE_HEADER, BAGGAGE_HEADER)}
+    except Exception:  # tracing never stops a write
+        logger.debug("deferred_signals: Sentry's trace could not be read", exc_info=True)
+        return None
+    result = found if TRACE_HEADER in found else None
+    last.scope, last.span, last.found = scope, span, result
+    return result
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    """A stand-in publish, to ask :func:`_publishing` whether Sentry traces here."""
+
+
+def message_headers(propagated: dict[str, Any]) -> dict[str, Any]:
+    """The headers of a message continuing the trace of ``propagated`` (``sentry-trace``,
+    ``baggage``), where sentry-sdk's ``apply_async`` wrapper puts them, keys in its order."""
     added: dict[str, Any] = {ENQUEUED_HEADER: time.time()}
     if not propagated:
         return added

@@ -401,6 +401,21 @@ def test_w010_names_a_database_without_the_outbox_table() -> None:
         transaction.set_rollback(True, using="other")
 
 
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_w011_names_an_outbox_table_older_than_this_version() -> None:
+    """Code deployed before `migrate`: the outbox lacks a column this version writes."""
+    assert check_outbox_tables(databases=["default", "other"]) == []
+    with transaction.atomic(using="other"):  # DDL rolls back on both backends
+        with connections["other"].cursor() as cursor:  # SQLite >= 3.35 drops columns too
+            cursor.execute(f"ALTER TABLE {OutboxCall._meta.db_table} DROP COLUMN trace")
+        (warning,) = check_outbox_tables(databases=["default", "other"])
+        assert warning.id == "deferred_signals.W011"
+        assert "'other'" in warning.msg and "trace" in warning.msg
+        assert "migrate deferred_signals --database=other" in warning.hint
+        transaction.set_rollback(True, using="other")
+    assert check_outbox_tables(databases=["default", "other"]) == []
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [

@@ -9,7 +9,8 @@ its own to a file (tests/sentry_capture.py); nothing is sent anywhere. Checked:
   a message carries no Sentry header at all;
 - with one, a message of ours carries the headers ``apply_async`` would put, in the same
   places, under a ``queue.submit.celery`` span of the request's transaction;
-- the relay, which publishes long after the request, puts none;
+- the relay, which publishes long after the request, puts the request's trace, kept with the
+  call's outbox row when it was spilled or written, and never its own;
 - end to end, on Redis and RabbitMQ: the worker's transaction for the handler continues the
   request's trace, its parent being the submit span opened in the request's transaction.
 """
@@ -17,6 +18,7 @@ its own to a file (tests/sentry_capture.py); nothing is sent anywhere. Checked:
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import uuid
 from collections.abc import Iterator
@@ -32,10 +34,11 @@ from pytest_django.fixtures import Settings as SettingsWrapper
 from sentry_sdk.integrations.celery import CeleryIntegration
 from sentry_sdk.integrations.django import DjangoIntegration
 
-from deferred_signals import outbox, registry, signals
+from deferred_signals import outbox, publisher, registry, signals
 from deferred_signals.codec import summary
 from deferred_signals.dispatch import PendingCall
 from deferred_signals.messages import MessageBuilder
+from deferred_signals.models import OutboxCall
 from deferred_signals.relay import Relay
 from tests.conftest import current, recording_worker, use_app, wait_for
 from tests.sentry_capture import ENV, MemoryTransport, initialised, read_events
@@ -189,6 +192,76 @@ def test_the_relay_publishes_without_the_trace_of_its_own_process(
     assert sentry_keys(headers) == []
 
 
+def spill_in_request(transport: MemoryTransport) -> Any:
+    """Save an article in a traced request while the broker is down (the cooldown): its two
+    calls are left in the outbox (spilled right after the commit, or, with
+    ``DELIVERY="outbox"``, written in the transaction). Returns the request's transaction."""
+    with (
+        initialised(transport, [CeleryIntegration()]),
+        sentry_sdk.start_transaction(op="http.server", name="POST /articles/") as request,
+    ):
+        publisher.cooldown.start(ConnectionError("the broker is down"))
+        try:
+            save_article()
+        finally:
+            publisher.cooldown.clear()
+    return request
+
+
+@pytest.mark.parametrize("delivery", ["on_commit", "outbox"])
+def test_a_spilled_call_is_relayed_in_the_trace_of_its_request(
+    memory_app: Celery,
+    published: list[dict[str, Any]],
+    settings: SettingsWrapper,
+    delivery: str,
+) -> None:
+    settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "DELIVERY": delivery}
+    request = spill_in_request(MemoryTransport())
+    assert published == []  # nothing went out: both calls wait in the outbox
+    rows = list(OutboxCall.objects.all())
+    assert sorted(row.handler for row in rows) == sorted(HANDLERS)
+    for row in rows:
+        kept = json.loads(row.trace)["sentry"]
+        assert kept["sentry-trace"].split("-")[:2] == [request.trace_id, request.span_id]
+        assert "sentry-trace_id=" + request.trace_id in kept["baggage"]
+    # The relay, in a trace of its own that its handlers must not join.
+    with (
+        initialised(MemoryTransport(), [CeleryIntegration()]),
+        sentry_sdk.start_transaction(op="task", name="relay") as relay,
+    ):
+        assert Relay(databases=["default"]).run_once() == 2
+    assert sorted(headers["task"] for headers in published) == sorted(HANDLERS)
+    for headers in published:
+        assert sentry_keys(headers) == SENTRY_KEYS
+        assert list(headers["headers"]) == NESTED_KEYS
+        for key in NESTED_KEYS:
+            assert headers["headers"][key] == headers[key]
+        trace_id, span_id, sampled = headers["sentry-trace"].split("-")
+        assert relay.trace_id != request.trace_id
+        assert (trace_id, span_id, sampled) == (request.trace_id, request.span_id, "1")
+    assert not OutboxCall.objects.exists()
+
+
+def test_a_relay_without_sentry_still_writes_the_kept_trace(
+    memory_app: Celery, published: list[dict[str, Any]]
+) -> None:
+    request = spill_in_request(MemoryTransport())
+    assert Relay(databases=["default"]).run_once() == 2  # no Sentry client in the relay
+    assert len(published) == 2
+    for headers in published:
+        assert sentry_keys(headers) == SENTRY_KEYS
+        assert headers["sentry-trace"].startswith(f"{request.trace_id}-{request.span_id}")
+
+
+def test_without_sentry_in_the_request_a_row_keeps_no_trace(memory_app: Celery) -> None:
+    publisher.cooldown.start(ConnectionError("the broker is down"))
+    try:
+        save_article()
+    finally:
+        publisher.cooldown.clear()
+    assert [row.trace for row in OutboxCall.objects.all()] == ["", ""]
+
+
 # --- end to end -----------------------------------------------------------------------------
 
 
@@ -270,6 +343,58 @@ def test_the_handler_transaction_continues_the_request_trace(
         (process,) = [span for span in run["spans"] if span["op"] == "queue.process"]
         assert process["data"]["messaging.message.id"] == call_ids[name]
         assert process["data"]["messaging.message.receive.latency"] >= 0
+
+
+@pytest.mark.worker
+def test_a_relayed_handler_transaction_continues_the_request_trace(
+    sentry_worker: tuple[Worker, Path], settings: SettingsWrapper
+) -> None:
+    """Spilled while the broker was down, relayed later from a trace of the relay's own:
+    the worker's transactions continue the request's trace, from the request's span."""
+    worker, events_file = sentry_worker
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "EAGER": False,
+        "DEFAULTS": {"queue": worker.queue},
+    }
+    call_ids: dict[str, str] = {}
+
+    def spilled(sender: Any, handler: str, call_id: str, **kwargs: Any) -> None:
+        call_ids[handler] = call_id
+
+    signals.call_spilled.connect(spilled, weak=False)
+    try:
+        with current(worker.app):
+            request = spill_in_request(MemoryTransport())
+            assert sorted(call_ids) == sorted(HANDLERS)
+            with (
+                initialised(MemoryTransport(), [CeleryIntegration()]),
+                sentry_sdk.start_transaction(op="task", name="relay") as relay,
+            ):
+                assert Relay(databases=["default"]).run_once() == 2
+    finally:
+        signals.call_spilled.disconnect(spilled)
+
+    def handler_transactions() -> dict[str, dict[str, Any]]:
+        found = {
+            event["tags"].get("celery_task_id"): event
+            for event in read_events(events_file)
+            if event.get("type") == "transaction"
+        }
+        return {name: found[id] for name, id in call_ids.items() if id in found}
+
+    ran = wait_for(
+        lambda: (found := handler_transactions()) and len(found) == 2 and found,
+        timeout=60,
+        what="the worker's transactions for the relayed calls",
+    )
+    print(f"\n{worker.broker}: request trace {request.trace_id}, relay trace {relay.trace_id}")
+    for name, run in ran.items():
+        trace = run["contexts"]["trace"]
+        print(f"  {name}: worker transaction {trace['span_id']} in trace {trace['trace_id']}")
+        assert trace["op"] == "queue.task.celery"
+        assert trace["trace_id"] == request.trace_id != relay.trace_id
+        assert trace["parent_span_id"] == request.span_id
 
 
 def test_an_sdk_that_fails_leaves_publishing_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,7 +23,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from deferred_signals import signals, tracing
+from deferred_signals import publisher, signals, tracing
+from deferred_signals.models import OutboxCall
+from deferred_signals.relay import Relay
 from tests.conftest import recording_worker, wait_for
 from tests.otel import ENV, read_spans, span_dict
 from tests.testapp.models import Record
@@ -133,3 +135,70 @@ def test_the_handler_span_descends_from_the_request_span(
     assert record.call["span_id"] == run["span_id"]
     assert record.call["parent_id"] == publish["span_id"]
     assert record.call["attributes"][tracing.CALL_ID] == call_id
+
+
+def test_a_relayed_handler_span_descends_from_the_request_span(
+    traced_worker: tuple[Worker, Path],
+    instrumented: tuple[TracerProvider, InMemorySpanExporter],
+    settings: SettingsWrapper,
+) -> None:
+    """Spilled while the broker was down, relayed from a span of the relay's own: the
+    relay's publish span joins the request's trace (the context kept with the row), and
+    the worker's run span descends from it."""
+    worker, spans_file = traced_worker
+    provider, exporter = instrumented
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "EAGER": False,
+        "DEFAULTS": {"queue": worker.queue},
+    }
+    previous, previous_default = current_app._get_current_object(), celery_state.default_app
+    worker.app.set_current()
+    worker.app.set_default()
+    label = uuid.uuid4().hex
+    tracer = provider.get_tracer("tests")
+    try:
+        with tracer.start_as_current_span("POST /signup") as request_span:
+            publisher.cooldown.start(ConnectionError("the broker is down"))
+            try:
+                with transaction.atomic():
+                    traced_signal.send(sender=None, label=label)
+            finally:
+                publisher.cooldown.clear()
+        (row,) = OutboxCall.objects.all()
+        assert "traceparent" in row.trace
+        with tracer.start_as_current_span("relay round") as relay_span:
+            assert Relay(databases=["default"]).run_once() == 1
+    finally:
+        previous.set_current()
+        celery_state.set_default_app(previous_default)
+
+    finished = [span_dict(span) for span in exporter.get_finished_spans()]
+    request = next(span for span in finished if span["name"] == "POST /signup")
+    publish = next(span for span in finished if span["name"] == f"apply_async/{HANDLER}")
+    assert request["span_id"] == f"{request_span.get_span_context().span_id:016x}"
+    assert publish["trace_id"] == request["trace_id"]
+    assert publish["parent_id"] == request["span_id"]
+    assert relay_span.get_span_context().trace_id != request_span.get_span_context().trace_id
+    assert publish["attributes"]["messaging.message.id"] == row.id
+
+    wait_for(
+        lambda: Record.objects.filter(handler="traced", call__label=label).first(),
+        timeout=60,
+        what="the relayed handler to run on the worker",
+    )
+    run = wait_for(
+        lambda: next(
+            (
+                span
+                for span in read_spans(spans_file)
+                if span["name"] == f"run/{HANDLER}"
+                and span["attributes"].get(tracing.CALL_ID) == row.id
+            ),
+            None,
+        ),
+        timeout=30,
+        what="the worker's run span",
+    )
+    assert run["trace_id"] == request["trace_id"]
+    assert run["parent_id"] == publish["span_id"]
