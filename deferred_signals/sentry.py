@@ -13,8 +13,9 @@ Nothing here imports sentry-sdk: a process that never imported it, or whose clie
 :func:`~deferred_signals.publisher.publish_message` itself, checked once per batch.
 
 The relay publishes calls long after, and far from, the requests that made them: it
-publishes :func:`detached`, without headers, so each handler starts a trace of its own
-instead of all of them joining the relay process's one ambient trace.
+publishes :func:`detached`, without headers of its own process's trace (which would make
+all of them join the relay's one ambient trace); a call whose outbox row kept its request's
+trace (:func:`captured`, :mod:`propagation`) gets that one's headers instead.
 """
 
 from __future__ import annotations
