@@ -265,6 +265,25 @@ def test_without_sentry_in_the_request_a_row_keeps_no_trace(memory_app: Celery) 
 # --- end to end -----------------------------------------------------------------------------
 
 
+def publish_to(worker: Worker, settings: SettingsWrapper) -> None:
+    """Deferred calls go to ``worker``'s queue, for real (not EAGER)."""
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "EAGER": False,
+        "DEFAULTS": {"queue": worker.queue},
+    }
+
+
+def handler_transactions(events_file: Path, call_ids: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The worker's transaction for each handler's call, among those it has written so far."""
+    found = {
+        event["tags"].get("celery_task_id"): event
+        for event in read_events(events_file)
+        if event.get("type") == "transaction"
+    }
+    return {name: found[id] for name, id in call_ids.items() if id in found}
+
+
 @pytest.fixture(scope="module", params=["redis", "rabbitmq"])
 def sentry_worker(
     request: pytest.FixtureRequest, django_db_setup: None, tmp_path_factory: pytest.TempPathFactory
@@ -278,11 +297,7 @@ def test_the_handler_transaction_continues_the_request_trace(
     sentry_worker: tuple[Worker, Path], settings: SettingsWrapper
 ) -> None:
     worker, events_file = sentry_worker
-    settings.DEFERRED_SIGNALS = {
-        **settings.DEFERRED_SIGNALS,
-        "EAGER": False,
-        "DEFAULTS": {"queue": worker.queue},
-    }
+    publish_to(worker, settings)
     call_ids: dict[str, str] = {}
 
     def deferred(sender: Any, handler: str, call_id: str, **kwargs: Any) -> None:
@@ -314,16 +329,10 @@ def test_the_handler_transaction_continues_the_request_trace(
         what="both handlers to run on the worker",
     )
 
-    def handler_transactions() -> dict[str, dict[str, Any]]:
-        found = {
-            event["tags"].get("celery_task_id"): event
-            for event in read_events(events_file)
-            if event.get("type") == "transaction"
-        }
-        return {name: found[id] for name, id in call_ids.items() if id in found}
-
     ran = wait_for(
-        lambda: (found := handler_transactions()) and len(found) == 2 and found,
+        lambda: (
+            (found := handler_transactions(events_file, call_ids)) and len(found) == 2 and found
+        ),
         timeout=30,
         what="the worker's transactions",
     )
@@ -352,11 +361,7 @@ def test_a_relayed_handler_transaction_continues_the_request_trace(
     """Spilled while the broker was down, relayed later from a trace of the relay's own:
     the worker's transactions continue the request's trace, from the request's span."""
     worker, events_file = sentry_worker
-    settings.DEFERRED_SIGNALS = {
-        **settings.DEFERRED_SIGNALS,
-        "EAGER": False,
-        "DEFAULTS": {"queue": worker.queue},
-    }
+    publish_to(worker, settings)
     call_ids: dict[str, str] = {}
 
     def spilled(sender: Any, handler: str, call_id: str, **kwargs: Any) -> None:
@@ -375,16 +380,10 @@ def test_a_relayed_handler_transaction_continues_the_request_trace(
     finally:
         signals.call_spilled.disconnect(spilled)
 
-    def handler_transactions() -> dict[str, dict[str, Any]]:
-        found = {
-            event["tags"].get("celery_task_id"): event
-            for event in read_events(events_file)
-            if event.get("type") == "transaction"
-        }
-        return {name: found[id] for name, id in call_ids.items() if id in found}
-
     ran = wait_for(
-        lambda: (found := handler_transactions()) and len(found) == 2 and found,
+        lambda: (
+            (found := handler_transactions(events_file, call_ids)) and len(found) == 2 and found
+        ),
         timeout=60,
         what="the worker's transactions for the relayed calls",
     )

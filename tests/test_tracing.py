@@ -58,6 +58,32 @@ def instrumented() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
         instrumentor.uninstrument()
 
 
+def request_and_publish_spans(
+    exporter: InMemorySpanExporter, request_span: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The request's span and Celery's publish span under it, in this process's trace."""
+    finished = [span_dict(span) for span in exporter.get_finished_spans()]
+    request = next(span for span in finished if span["name"] == "POST /signup")
+    publish = next(span for span in finished if span["name"] == f"apply_async/{HANDLER}")
+    assert request["span_id"] == f"{request_span.get_span_context().span_id:016x}"
+    assert publish["trace_id"] == request["trace_id"]
+    assert publish["parent_id"] == request["span_id"]
+    return request, publish
+
+
+def run_span(spans_file: Path, call_id: str) -> dict[str, Any] | None:
+    """The worker's run span of the call, once it has written it."""
+    return next(
+        (
+            span
+            for span in read_spans(spans_file)
+            if span["name"] == f"run/{HANDLER}"
+            and span["attributes"].get(tracing.CALL_ID) == call_id
+        ),
+        None,
+    )
+
+
 def test_the_handler_span_descends_from_the_request_span(
     traced_worker: tuple[Worker, Path],
     instrumented: tuple[TracerProvider, InMemorySpanExporter],
@@ -90,12 +116,7 @@ def test_the_handler_span_descends_from_the_request_span(
         celery_state.set_default_app(previous_default)
     (call_id,) = call_ids
 
-    finished = [span_dict(span) for span in exporter.get_finished_spans()]
-    request = next(span for span in finished if span["name"] == "POST /signup")
-    publish = next(span for span in finished if span["name"] == f"apply_async/{HANDLER}")
-    assert request["span_id"] == f"{request_span.get_span_context().span_id:016x}"
-    assert publish["trace_id"] == request["trace_id"]
-    assert publish["parent_id"] == request["span_id"]
+    request, publish = request_and_publish_spans(exporter, request_span)
     assert publish["attributes"]["messaging.message.id"] == call_id
 
     record = wait_for(
@@ -103,19 +124,7 @@ def test_the_handler_span_descends_from_the_request_span(
         timeout=60,
         what="the traced handler to run on the worker",
     )
-    run = wait_for(
-        lambda: next(
-            (
-                span
-                for span in read_spans(spans_file)
-                if span["name"] == f"run/{HANDLER}"
-                and span["attributes"].get(tracing.CALL_ID) == call_id
-            ),
-            None,
-        ),
-        timeout=30,
-        what="the worker's run span",
-    )
+    run = wait_for(lambda: run_span(spans_file, call_id), timeout=30, what="the worker's run span")
     print(
         f"\n{worker.broker}: trace {request['trace_id']}\n"
         f"  request span  {request['span_id']} (parent {request['parent_id']})\n"
@@ -173,12 +182,7 @@ def test_a_relayed_handler_span_descends_from_the_request_span(
         previous.set_current()
         celery_state.set_default_app(previous_default)
 
-    finished = [span_dict(span) for span in exporter.get_finished_spans()]
-    request = next(span for span in finished if span["name"] == "POST /signup")
-    publish = next(span for span in finished if span["name"] == f"apply_async/{HANDLER}")
-    assert request["span_id"] == f"{request_span.get_span_context().span_id:016x}"
-    assert publish["trace_id"] == request["trace_id"]
-    assert publish["parent_id"] == request["span_id"]
+    request, publish = request_and_publish_spans(exporter, request_span)
     assert relay_span.get_span_context().trace_id != request_span.get_span_context().trace_id
     assert publish["attributes"]["messaging.message.id"] == row.id
 
@@ -187,18 +191,6 @@ def test_a_relayed_handler_span_descends_from_the_request_span(
         timeout=60,
         what="the relayed handler to run on the worker",
     )
-    run = wait_for(
-        lambda: next(
-            (
-                span
-                for span in read_spans(spans_file)
-                if span["name"] == f"run/{HANDLER}"
-                and span["attributes"].get(tracing.CALL_ID) == row.id
-            ),
-            None,
-        ),
-        timeout=30,
-        what="the worker's run span",
-    )
+    run = wait_for(lambda: run_span(spans_file, row.id), timeout=30, what="the worker's run span")
     assert run["trace_id"] == request["trace_id"]
     assert run["parent_id"] == publish["span_id"]
