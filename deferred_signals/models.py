@@ -31,8 +31,10 @@ class OutboxCall(models.Model):
     next_attempt_at = models.DateTimeField(db_index=True)
     last_error = models.TextField(blank=True, default="")
     #: The trace the call was made in (Sentry's and OpenTelemetry's propagation headers, as
-    #: JSON), for the relay to continue; "" when nothing traced the request.
-    trace = models.TextField(blank=True, default="")
+    #: JSON), for the relay to continue; "" when nothing traced the request. The database's
+    #: own default too: a process still running the version before it inserts rows without
+    #: the column while a deploy rolls out.
+    trace = models.TextField(blank=True, default="", db_default="")
 
     class Meta:
         verbose_name = "pending outbox call"

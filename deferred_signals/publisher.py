@@ -296,7 +296,12 @@ class _Publish:
                 self.shared = (call.kwargs, call.sender, call.signal, call.at, text, kwargsrepr)
         message = self.builder.build(task, call.id, body, options, text, kwargsrepr)
         if message is None:
-            publish_fallback(self.producer, task, call.id, body, options, timeout=remaining)
+            with (
+                nullcontext()
+                if call.trace is None
+                else propagation.continued_per_call(call.trace, call.id)
+            ):
+                publish_fallback(self.producer, task, call.id, body, options, timeout=remaining)
         elif call.trace is None:
             self.send(self.producer, message, timeout=remaining, push=self.push)
         else:  # a relayed call kept with its request's trace

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -77,6 +76,15 @@ def publishing(publish: Publish) -> Publish:
 
 
 def _publishing(publish: Publish, sdk: Any) -> Publish:
+    state = _propagating(sdk)
+    if state is None:
+        return publish
+    return partial(_traced, publish, sdk, *state)
+
+
+def _propagating(sdk: Any) -> tuple[bool, bool] | None:
+    """``(span streaming, monitor_beat_tasks)`` when a Sentry client with ``CeleryIntegration``
+    propagates traces here; None when not."""
     client = sdk.get_client()
     integration = client.get_integration("celery")
     if (
@@ -85,13 +93,10 @@ def _publishing(publish: Publish, sdk: Any) -> Publish:
         # The deprecated client option: the SDK then sends no trace headers at all.
         or not client.options.get("propagate_traces", True)
     ):
-        return publish
+        return None
     streaming = getattr(sdk, "tracing_utils", None)
     is_streaming = getattr(streaming, "has_span_streaming_enabled", None)
-    return partial(
-        _traced,
-        publish,
-        sdk,
+    return (
         bool(is_streaming and is_streaming(client.options)),
         bool(getattr(integration, "monitor_beat_tasks", False)),
     )
@@ -139,44 +144,26 @@ def headers(sdk: Any, span: Any, monitor_beat_tasks: bool = False) -> dict[str, 
     return message_headers(propagated)
 
 
-class _Captured(threading.local):
-    """The last trace read, per thread, and the scope and span it was read in: the rows of
-    one transaction's outbox calls read it once."""
-
-    scope: Any = None
-    span: Any = None
-    found: dict[str, str] | None = None
-
-
-_captured = _Captured()
-
-
 def captured() -> dict[str, str] | None:
     """The trace to continue, as ``sentry-trace`` and ``baggage``, when a Sentry client with
-    ``CeleryIntegration`` propagates traces here (what a message published now would carry);
-    None otherwise. Kept with an outbox row, for the relay (:mod:`propagation`)."""
+    ``CeleryIntegration`` propagates traces here (what a message published now would carry,
+    from the current span); None otherwise. Kept with an outbox row, for the relay
+    (:mod:`propagation`)."""
     sdk = sys.modules.get("sentry_sdk")
     if sdk is None:
         return None
     try:
-        if _publishing(_nothing, sdk) is _nothing:
+        state = _propagating(sdk)
+        if state is None:
             return None  # no CeleryIntegration, or propagation off
-        scope, span = sdk.get_isolation_scope(), sdk.get_current_span()
-        last = _captured
-        if span is not None and last.span is span and last.scope is scope:
-            return last.found
-        propagated = scope.iter_trace_propagation_headers(span=span)
+        # The span-streaming mode keeps its spans apart from the scope's.
+        span = sdk.traces.get_current_span() if state[0] else sdk.get_current_span()
+        propagated = sdk.get_isolation_scope().iter_trace_propagation_headers(span=span)
         found = {key: value for key, value in propagated if key in (TRACE_HEADER, BAGGAGE_HEADER)}
     except Exception:  # tracing never stops a write
         logger.debug("deferred_signals: Sentry's trace could not be read", exc_info=True)
         return None
-    result = found if TRACE_HEADER in found else None
-    last.scope, last.span, last.found = scope, span, result
-    return result
-
-
-def _nothing(*args: Any, **kwargs: Any) -> None:
-    """A stand-in publish, to ask :func:`_publishing` whether Sentry traces here."""
+    return found if TRACE_HEADER in found else None
 
 
 def message_headers(propagated: dict[str, Any]) -> dict[str, Any]:

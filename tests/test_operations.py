@@ -416,6 +416,29 @@ def test_w011_names_an_outbox_table_older_than_this_version() -> None:
     assert check_outbox_tables(databases=["default", "other"]) == []
 
 
+def test_the_migrations_describe_the_models() -> None:
+    """A model change without its migration would reach users as a schema their code lacks."""
+    call_command("makemigrations", "deferred_signals", "--check", "--dry-run", verbosity=0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_previous_version_still_writes_the_outbox_after_migrate() -> None:
+    """While a deploy rolls out after `migrate`, processes still running the version before
+    the trace column insert rows without it (its raw INSERT, its spill's bulk_create): the
+    database's own default fills it, and the relay takes the row."""
+    table = connection.ops.quote_name(OutboxCall._meta.db_table)
+    columns = ("id", "handler", "body", "created", "attempts", "next_attempt_at", "last_error")
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    body = body_text({"v": 1, "signal": 0, "sender": None, "kwargs": {"label": "old"}})
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES (%s, %s, %s, %s, 0, %s, '')",
+            ["written-by-the-old-version", EVENT, body, now, now],
+        )
+    (row,) = OutboxCall.objects.all()
+    assert row.trace == ""
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [

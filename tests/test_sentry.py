@@ -253,6 +253,109 @@ def test_a_relay_without_sentry_still_writes_the_kept_trace(
         assert headers["sentry-trace"].startswith(f"{request.trace_id}-{request.span_id}")
 
 
+def spill_broker_down(action: Any = None) -> None:
+    """Save an article (or run ``action``) while the broker cools down: the calls spill."""
+    publisher.cooldown.start(ConnectionError("the broker is down"))
+    try:
+        (action or save_article)()
+    finally:
+        publisher.cooldown.clear()
+
+
+@pytest.mark.parametrize("relay_traced", [True, False], ids=["Sentry in the relay", "none"])
+def test_a_relayed_call_on_celerys_per_call_path_keeps_its_trace(
+    memory_app: Celery, published: list[dict[str, Any]], relay_traced: bool
+) -> None:
+    """apply_async (here for task_send_sent_event): sentry-sdk's wrapper would write the
+    relay's trace; the kept one is written over it."""
+    request = spill_in_request(MemoryTransport())
+    memory_app.conf.task_send_sent_event = True
+    try:
+        if relay_traced:
+            with (
+                initialised(MemoryTransport(), [CeleryIntegration()]),
+                sentry_sdk.start_transaction(op="task", name="relay") as relay,
+            ):
+                assert Relay(databases=["default"]).run_once() == 2
+            assert relay.trace_id != request.trace_id
+        else:
+            assert Relay(databases=["default"]).run_once() == 2
+    finally:
+        memory_app.conf.task_send_sent_event = False
+    assert len(published) == 2
+    for headers in published:
+        assert headers["sentry-trace"].startswith(f"{request.trace_id}-{request.span_id}")
+        assert headers["headers"]["sentry-trace"] == headers["sentry-trace"]
+        assert "sentry-trace_id=" + request.trace_id in headers["baggage"]
+    # Connected only while such a call is published: the lean path's templates stay on.
+    from celery.signals import before_task_publish
+
+    assert not [r for r in before_task_publish.receivers if "propagation" in str(r[0])]
+
+
+def test_span_streaming_mode_keeps_the_request_spans_trace(
+    memory_app: Celery, published: list[dict[str, Any]]
+) -> None:
+    with (
+        initialised(MemoryTransport(), [CeleryIntegration()], trace_lifecycle="stream"),
+        sentry_sdk.traces.start_span(name="POST /articles/") as request,
+    ):
+        spill_broker_down()
+    (row, _) = OutboxCall.objects.all()
+    kept = json.loads(row.trace)["sentry"]["sentry-trace"]
+    assert kept.split("-")[:2] == [request.trace_id, request.span_id]
+    assert Relay(databases=["default"]).run_once() == 2
+    for headers in published:
+        assert headers["sentry-trace"].split("-")[:2] == [request.trace_id, request.span_id]
+
+
+def test_a_relay_batch_mixing_traced_and_untraced_rows(
+    memory_app: Celery, published: list[dict[str, Any]]
+) -> None:
+    spill_broker_down()  # no Sentry: rows without a trace
+    request = spill_in_request(MemoryTransport())
+    assert Relay(databases=["default"]).run_once() == 4
+    traced = [headers for headers in published if "sentry-trace" in headers]
+    untraced = [headers for headers in published if "sentry-trace" not in headers]
+    assert len(traced) == len(untraced) == 2
+    for headers in traced:
+        assert headers["sentry-trace"].startswith(request.trace_id)
+    for headers in untraced:
+        assert sentry_keys(headers) == []
+
+
+def test_both_tracers_keep_their_trace_and_share_one_baggage(
+    memory_app: Celery, published: list[dict[str, Any]]
+) -> None:
+    from opentelemetry import baggage, context
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("tests")
+    with (
+        initialised(MemoryTransport(), [CeleryIntegration()]),
+        sentry_sdk.start_transaction(op="http.server", name="POST /articles/") as request,
+        tracer.start_as_current_span("POST /articles/") as span,
+    ):
+        token = context.attach(baggage.set_baggage("tenant", "acme"))
+        try:
+            spill_broker_down()
+        finally:
+            context.detach(token)
+    kept = json.loads(OutboxCall.objects.first().trace)  # type: ignore[union-attr]
+    assert sorted(kept) == ["otel", "sentry"]
+    assert Relay(databases=["default"]).run_once() == 2
+    traceparent = (
+        f"00-{span.get_span_context().trace_id:032x}-{span.get_span_context().span_id:016x}"
+    )
+    for headers in published:
+        assert headers["traceparent"].startswith(traceparent)
+        assert headers["sentry-trace"].startswith(request.trace_id)
+        items = headers["baggage"].split(",")
+        assert "tenant=acme" in items
+        assert f"sentry-trace_id={request.trace_id}" in items
+        assert headers["headers"]["baggage"] == headers["baggage"]
+
+
 def test_without_sentry_in_the_request_a_row_keeps_no_trace(memory_app: Celery) -> None:
     publisher.cooldown.start(ConnectionError("the broker is down"))
     try:
