@@ -82,7 +82,9 @@ def _fill(kind: str, calls: int) -> None:
 def _worker(pool: str) -> Iterator[subprocess.Popen[bytes]]:
     env = {**os.environ, "DS_BENCH_WORKER": "1", "DJANGO_SETTINGS_MODULE": "benchmarks.settings"}
     command = [
-        sys.executable, "-m", "celery", "-A", "benchmarks.celery_app", "worker",
+        # As root (these machines), Celery warns once per worker: not a figure, only noise.
+        sys.executable, "-W", "ignore:You're running the worker with superuser privileges",
+        "-m", "celery", "-A", "benchmarks.celery_app", "worker",
         "--pool", pool, "--concurrency", str(CONCURRENCY), "--queues", settings.QUEUE,
         "--hostname", f"{settings.QUEUE}-{pool}@%h", "--loglevel", "WARNING",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
