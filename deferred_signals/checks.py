@@ -120,36 +120,39 @@ def check_outbox_tables(
     from .relay import has_outbox
 
     senders = {DEFAULT_DB_ALIAS} | {h.using for h in registry.all_handlers() if h.using}
-    outdated: list[CheckMessage] = [
-        Warning(
-            f"Database {alias!r} has an outbox table ({OutboxCall._meta.db_table}) without "
-            f"the column(s) {', '.join(missing)} this version writes: calls that cannot be "
-            "published at commit would be lost, delivery='outbox' handlers fail at send time "
-            "and the relay cannot claim rows.",
-            hint=f"Run `manage.py migrate deferred_signals --database={alias}` before "
-            "deploying this version.",
-            id="deferred_signals.W011",
-        )
-        for alias in databases or ()
-        if alias in connections.settings
-        and has_outbox(alias)
-        and (missing := _missing_columns(alias))
-    ]
-    return outdated + [
-        Warning(
-            f"Database {alias!r} sends deferred calls but has no outbox table "
-            f"({OutboxCall._meta.db_table}): calls that cannot be published at commit would "
-            "be lost, and delivery='outbox' handlers fail at send time.",
-            hint=f"Run `manage.py migrate deferred_signals --database={alias}` (and let your "
-            "database routers allow it).",
-            id="deferred_signals.W010",
-        )
-        for alias in databases or ()
-        if alias in connections.settings
-        and (alias in senders or router.allow_migrate_model(alias, OutboxCall))
-        and _migrated(alias)
-        and not has_outbox(alias)
-    ]
+    table = OutboxCall._meta.db_table
+    found: list[CheckMessage] = []
+    for alias in databases or ():
+        if alias not in connections.settings:
+            continue
+        if has_outbox(alias):
+            missing = _missing_columns(alias)
+            if missing:
+                found.append(
+                    Warning(
+                        f"Database {alias!r} has an outbox table ({table}) without the "
+                        f"column(s) {', '.join(missing)} this version writes: calls that "
+                        "cannot be published at commit would be lost, delivery='outbox' "
+                        "handlers fail at send time and the relay cannot claim rows.",
+                        hint=f"Run `manage.py migrate deferred_signals --database={alias}` "
+                        "before deploying this version.",
+                        id="deferred_signals.W011",
+                    )
+                )
+        elif (alias in senders or router.allow_migrate_model(alias, OutboxCall)) and _migrated(
+            alias
+        ):
+            found.append(
+                Warning(
+                    f"Database {alias!r} sends deferred calls but has no outbox table "
+                    f"({table}): calls that cannot be published at commit would be lost, and "
+                    "delivery='outbox' handlers fail at send time.",
+                    hint=f"Run `manage.py migrate deferred_signals --database={alias}` (and let "
+                    "your database routers allow it).",
+                    id="deferred_signals.W010",
+                )
+            )
+    return found
 
 
 def _missing_columns(alias: str) -> list[str]:
