@@ -155,6 +155,12 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
 )
 _transport_errors: dict[tuple[int, str], tuple[type[BaseException], ...]] = {}
 
+#: AMQP replies refusing one operation on one queue or exchange while the broker and the
+#: connection are fine: content too large (311), no consumers (313), access refused (403),
+#: not found (404), resource locked (405), precondition failed (406: a queue declared with
+#: other arguments, a message over ``max_message_size``).
+REFUSAL_CODES = frozenset({311, 313, 403, 404, 405, 406})
+
 
 def is_broker_failure(error: BaseException) -> bool:
     """Did the broker (or the way to it) fail, rather than code on the publishing side?
@@ -167,6 +173,19 @@ def is_broker_failure(error: BaseException) -> bool:
     if isinstance(error, BROKER_ERRORS):
         return True
     return isinstance(error, _errors_of(get_current_app()))
+
+
+def is_refusal(error: BaseException) -> bool:
+    """Did the broker answer, refusing one message or its queue (a nack, an AMQP channel
+    error such as 406 PRECONDITION_FAILED), rather than fail as a whole?
+
+    The other calls still go through: a refusal starts no cooldown and is blamed on its call
+    (the relay counts it against that row, which it dead-letters in the end), so one queue
+    the broker refuses cannot hold back every other handler's calls.
+    """
+    if isinstance(error, PublishRefused):
+        return True
+    return isinstance(error, ChannelError) and getattr(error, "reply_code", None) in REFUSAL_CODES
 
 
 def _errors_of(app: Any) -> tuple[type[BaseException], ...]:

@@ -189,6 +189,11 @@ def _open_batch(connection: Any) -> Batch | None:
     return last.batch
 
 
+#: Calls of one commit refused one by one (each costs a new connection) before the rest is
+#: spilled without another try.
+REFUSALS_PER_FLUSH = 3
+
+
 def flush(calls: list[PendingCall], using: str) -> None:
     """Hand committed calls over: to the broker, or inline with ``EAGER``.
 
@@ -204,13 +209,25 @@ def flush(calls: list[PendingCall], using: str) -> None:
     if conf.eager:
         run_inline(calls)
         return
-    confirmed, error = publisher.publish(calls)
-    published = [call.id for call in calls[:confirmed] if call.outbox]
-    if published:
-        outbox.delete(published, using)
-    failed = calls[confirmed:]
-    if failed:
-        _spill(failed, using, error)
+    for attempt in range(REFUSALS_PER_FLUSH + 1):
+        confirmed, error = publisher.publish(calls)
+        published = [call.id for call in calls[:confirmed] if call.outbox]
+        if published:
+            outbox.delete(published, using)
+        failed = calls[confirmed:]
+        if not failed:
+            return
+        # One call refused (its queue, its message) or failing on our side: it and the
+        # unconfirmed ones before it go to the outbox, the calls after it go on.
+        blamed = publisher.faulty_call(error)
+        at = next((n for n, call in enumerate(failed) if call.id == blamed), None)
+        if at is None or attempt == REFUSALS_PER_FLUSH:
+            break
+        _spill(failed[: at + 1], using, error)
+        calls = failed[at + 1 :]
+        if not calls:
+            return
+    _spill(failed, using, error)
 
 
 def _spill(calls: list[PendingCall], using: str, error: BaseException | None) -> None:

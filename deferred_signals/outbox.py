@@ -105,9 +105,10 @@ def spill(calls: Sequence[PendingCall], using: str, error: BaseException | None)
     return True
 
 
-def delete(ids: Sequence[str], using: str) -> None:
+def delete(ids: Sequence[str], using: str, *, strict: bool = False) -> None:
     """Forget published calls (one statement). A failure only means the relay sends them
-    again later: at-least-once."""
+    again later: at-least-once. It is logged, or raised with ``strict`` (the relay, whose
+    transaction a failed statement aborts)."""
     from .models import OutboxCall
 
     if not ids:
@@ -122,6 +123,8 @@ def delete(ids: Sequence[str], using: str) -> None:
                 list(ids),
             )
     except Exception:
+        if strict:
+            raise
         logger.exception(
             "deferred_signals published %d call(s) but could not delete their outbox rows "
             "in database %r: the relay will publish them again",

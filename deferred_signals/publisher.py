@@ -95,7 +95,9 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
                 # A bug, or kombu internals that changed: the broker is not to blame, so
                 # neither another try nor a cooldown; the caller spills the rest.
                 break
-            answered = getattr(error, "broker_answering", False)
+            # A refusal of one call (a nack, a queue declared with other arguments) is an
+            # answer too: neither another try nor a cooldown for the other calls.
+            answered = getattr(error, "broker_answering", False) or broker.is_refusal(error)
             if (
                 attempt == 1
                 and not answered
@@ -195,26 +197,40 @@ class _Progress:
     def _send_confirmed(self, producer: Any, publish: _Publish, confirms: broker.Confirms) -> None:
         """AMQP: publish everything, then wait for the broker's acks (one wait, not one each)."""
         first, base = confirms.next_tag, self.done
-        broker.bound_sockets(producer, self.remaining())
-        for call in self.calls[self.done :]:
-            try:
-                publish(call, self.remaining())
-            except Exception as error:
-                _blame(error, call)
-                raise
-            confirms.next_tag += 1
-        last = confirms.next_tag - 1
-        while True:
-            acked = confirms.acked_up_to(last)
-            self.done = base + max(0, acked - first + 1)
-            if acked >= last:
-                return
-            # Confirms may arrive out of order: after a nack, wait for the tags before it.
-            if confirms.nacked is not None and acked >= confirms.nacked - 1:
-                raise PublishRefused(
-                    f"the broker refused message {confirms.nacked - first + 1} of the batch"
-                )
-            producer.connection.drain_events(timeout=self.remaining(answering=acked >= first))
+        try:
+            broker.bound_sockets(producer, self.remaining())
+            for call in self.calls[self.done :]:
+                try:
+                    publish(call, self.remaining())
+                except Exception as error:
+                    _blame(error, call)
+                    raise
+                confirms.next_tag += 1
+            last = confirms.next_tag - 1
+            while True:
+                acked = confirms.acked_up_to(last)
+                self.done = base + max(0, acked - first + 1)
+                if acked >= last:
+                    return
+                # Confirms may arrive out of order: after a nack, wait for the tags before it.
+                if confirms.nacked is not None and acked >= confirms.nacked - 1:
+                    raise PublishRefused(
+                        f"the broker refused message {confirms.nacked - first + 1} of the batch"
+                    )
+                producer.connection.drain_events(timeout=self.remaining(answering=acked >= first))
+        except Exception as error:
+            # What the broker confirmed before it failed still counts: a channel error comes
+            # after the acks of the messages the channel took before it.
+            self.done = base + max(0, confirms.acked_up_to(confirms.next_tag - 1) - first + 1)
+            if (
+                getattr(error, FAILED_CALL, None) is None
+                and broker.is_refusal(error)
+                and self.done < len(self.calls)
+            ):
+                # Refused after its publish (a nack, a message too large): the channel takes
+                # messages in order, so the refused one is the first not confirmed.
+                _blame(error, self.calls[self.done])
+            raise
 
 
 #: Set on an exception raised while one call's message was built or handed to the producer
@@ -232,7 +248,7 @@ def faulty_call(error: BaseException | None) -> str | None:
     """The id of the call whose own message failed, on our side rather than the broker's
     (``publish()``'s error); None for a broker failure or an error no call can be blamed for.
     """
-    if error is None or broker.is_broker_failure(error):
+    if error is None or (broker.is_broker_failure(error) and not broker.is_refusal(error)):
         return None
     return getattr(error, FAILED_CALL, None)
 

@@ -17,12 +17,13 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from django.db import connections, router, transaction
+from django.db import DatabaseError, connections, router, transaction
 from django.utils import timezone
 from kombu.utils import json as kombu_json
 
@@ -40,6 +41,9 @@ logger = logging.getLogger("deferred_signals")
 BATCH = 500
 #: Idle polling: from the first sleep to the longest, doubling in between.
 IDLE_SLEEP = (0.2, 5.0)
+#: A database whose round failed (or that did not answer) rests before it is tried again:
+#: from the first rest to the longest, doubling in between, while the others go on.
+FAILURE_REST = (1.0, 60.0)
 
 
 class RowError(DeferredSignalError):
@@ -56,28 +60,102 @@ class RoundResult:
 
 @dataclass
 class Relay:
-    """Publishes due outbox rows of ``databases`` (every alias with the table by default)."""
+    """Publishes due outbox rows of ``databases`` (every alias with the table by default).
+
+    One database failing (down, read-only, a statement refused) costs only its own rows: it
+    is logged, rests (:data:`FAILURE_REST`) and is tried again, while the others go on. An
+    alias that could not be asked at start whether it has the table (``unverified``) is
+    asked again each round until it answers.
+    """
 
     databases: list[str] = field(default_factory=list)
     batch: int = BATCH
     health_file: Path | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
     on_round: Callable[[str, RoundResult], None] | None = None
+    #: Aliases that may hold the outbox but did not answer at start.
+    unverified: list[str] = field(default_factory=list)
+    #: The error of each database whose last attempt failed, until one succeeds.
+    failures: dict[str, BaseException] = field(default_factory=dict)
+    #: Per failing database: (monotonic time it may be tried again, its last rest).
+    _rest: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.databases:
-            self.databases = outbox_databases()
+        if not self.databases and not self.unverified:
+            self.databases, self.unverified = discover()
 
     def run_once(self) -> int:
-        """Publish everything due now, on every database; return how many were published."""
+        """Publish everything due now, on every database; return how many were published.
+
+        A database that fails is left for a later call (see ``failures``); never raises for it.
+        """
+        self._verify()
         total = 0
         for using in self.databases:
+            if self._resting(using):
+                continue
             while not self.stopping.is_set():
-                result = self.round(using)
+                try:
+                    result = self.round(using)
+                except Exception as error:
+                    self._failed(using, error)
+                    break
+                self._succeeded(using)
                 total += result.published
                 if result.broker_error is not None or result.published + result.failed_rows == 0:
                     break
         return total
+
+    def _verify(self) -> None:
+        """Ask the aliases that did not answer at start (and are not resting) again."""
+        for using in list(self.unverified):
+            if self._resting(using):
+                continue
+            state = outbox_state(using)
+            if state is None:
+                self._failed(using, DatabaseError(f"database {using!r} did not answer"))
+                continue
+            self.unverified.remove(using)
+            self._succeeded(using)
+            if state:
+                self.databases.append(using)
+                logger.warning(
+                    "deferred_signals relay: database %r answers now; relaying its outbox", using
+                )
+            else:
+                logger.warning(
+                    "deferred_signals relay: database %r answers now and has no outbox to relay",
+                    using,
+                )
+
+    def _resting(self, using: str) -> bool:
+        rest = self._rest.get(using)
+        return rest is not None and time.monotonic() < rest[0]
+
+    def _failed(self, using: str, error: BaseException) -> None:
+        previous = self._rest.get(using)
+        rest = FAILURE_REST[0] if previous is None else min(FAILURE_REST[1], previous[1] * 2)
+        self._rest[using] = (time.monotonic() + rest, rest)
+        self.failures[using] = error
+        logger.error(
+            "deferred_signals relay: database %r failed (%s: %s); its rows wait, trying it "
+            "again in %.0f s",
+            using,
+            type(error).__name__,
+            error,
+            rest,
+            exc_info=not isinstance(error, DatabaseError),
+        )
+        # A broken connection is replaced at the next use rather than failing again.
+        try:
+            connections[using].close_if_unusable_or_obsolete()
+        except Exception:
+            logger.debug("deferred_signals relay: closing database %r failed", using)
+
+    def _succeeded(self, using: str) -> None:
+        if self._rest.pop(using, None) is not None:
+            logger.warning("deferred_signals relay: database %r works again", using)
+        self.failures.pop(using, None)
 
     def run(self) -> None:
         """Relay until ``stopping`` is set (SIGTERM/SIGINT), finishing the round in hand."""
@@ -115,7 +193,15 @@ class Relay:
         with sentry.detached():
             confirmed, error = publisher.publish(calls)
         result.published = confirmed
-        outbox.delete([call.id for call in calls[:confirmed]], using)
+        try:
+            outbox.delete([call.id for call in calls[:confirmed]], using, strict=True)
+        except DatabaseError as failed_delete:
+            # The round rolls back, the rows stay claimed by no one: they are published again
+            # once this database works again, not in a loop while it refuses the DELETE.
+            raise DatabaseError(
+                f"published {confirmed} call(s) but could not delete their outbox rows, "
+                f"which will be published again: {failed_delete}"
+            ) from failed_delete
         failing = rows_by_id.get(publisher.faulty_call(error) or "")
         if confirmed < len(calls) and failing is not None:
             # Building or handing over this row's message raised on our side, not the
@@ -147,6 +233,8 @@ class Relay:
 
         now = timezone.now()
         for using in self.databases:
+            if self._resting(using):
+                continue  # failing: its error is logged already
             try:
                 RelayHeartbeat.objects.using(using).update_or_create(
                     name=relay_name(), defaults={"last_loop_at": now}
@@ -176,22 +264,71 @@ def relay_name() -> str:
 
 def outbox_databases() -> list[str]:
     """The aliases whose outbox the relay should drain: every one that may hold the table."""
+    return discover()[0]
+
+
+def discover() -> tuple[list[str], list[str]]:
+    """The aliases the relay drains (they have the table and take writes), and those that
+    may have it but could not be asked (unreachable): each one logged."""
     from .models import OutboxCall
 
-    return [
-        alias
-        for alias in connections
-        if router.allow_migrate_model(alias, OutboxCall) and has_outbox(alias)
-    ]
+    ready, unverified = [], []
+    for alias in connections:
+        if not router.allow_migrate_model(alias, OutboxCall):
+            continue
+        state = outbox_state(alias)
+        if state is None:
+            unverified.append(alias)
+            logger.warning(
+                "deferred_signals relay: database %r did not answer; asking it again each round",
+                alias,
+            )
+        elif state:
+            ready.append(alias)
+    return ready, unverified
 
 
 def has_outbox(using: str) -> bool:
+    """Does ``using`` have the outbox table (False when it cannot be asked)?"""
+    return _tables(using) is True
+
+
+def outbox_state(using: str) -> bool | None:
+    """Can the relay drain ``using``: it has the table and takes writes (None: no answer).
+
+    A read-only database (a PostgreSQL standby or ``default_transaction_read_only``: a
+    replica alias) holds a copy of another's rows: the relay leaves it alone, and says so.
+    """
+    found = _tables(using)
+    if not found:
+        return found
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW transaction_read_only")
+            read_only = cursor.fetchone()[0] == "on"
+    except DatabaseError:
+        return None
+    if read_only:
+        logger.warning(
+            "deferred_signals relay: database %r is read-only (a replica?); not relaying it",
+            using,
+        )
+        return False
+    return True
+
+
+def _tables(using: str) -> bool | None:
     from .models import OutboxCall
 
     try:
         with connections[using].cursor() as cursor:
             tables = connections[using].introspection.table_names(cursor)
-    except Exception:
+    except DatabaseError:  # down, refusing connections: it may answer later
+        return None
+    except Exception:  # not a database to use here (a driver missing, access forbidden)
         return False
     return OutboxCall._meta.db_table in tables
 

@@ -141,7 +141,7 @@ class Command(BaseCommand):
             health_file=options["health_file"],
             on_round=self._report_round if options["verbosity"] > 1 else None,
         )
-        if not relay.databases:
+        if not relay.databases and not relay.unverified:
             raise CommandError(
                 "No database has the outbox table: run `manage.py migrate` (and "
                 "`migrate --database=ALIAS` for other aliases that send deferred calls)."
@@ -150,6 +150,16 @@ class Command(BaseCommand):
             published = relay.run_once()
             relay.heartbeat()
             self.stdout.write(f"relayed {published} call(s)")
+            failed = {**{alias: None for alias in relay.unverified}, **relay.failures}
+            if failed:
+                # For cron and CI: what is left of a failing database is not relayed.
+                raise CommandError(
+                    "not relayed: "
+                    + "; ".join(
+                        f"database {alias!r} ({error or 'did not answer'})"
+                        for alias, error in failed.items()
+                    )
+                )
             return
 
         def stop(signum: int, frame: Any) -> None:
@@ -158,7 +168,11 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        self.stdout.write(f"relaying the outbox of {', '.join(relay.databases)} (Ctrl-C to stop)")
+        waiting = f", waiting for {', '.join(relay.unverified)}" if relay.unverified else ""
+        self.stdout.write(
+            f"relaying the outbox of {', '.join(relay.databases) or 'no database yet'}"
+            f"{waiting} (Ctrl-C to stop)"
+        )
         freeze_heap()  # this process relays until it stops
         relay.run()
         self.stdout.write("relay stopped")
