@@ -249,3 +249,33 @@ def test_a_sender_with_a_strange_eq_is_fine() -> None:
 def test_typos_without_defer_get_djangos_own_error() -> None:
     with pytest.raises(TypeError, match="weka"):
         receiver(Signal(), weka=True)(module_level_handler)
+
+
+# --- the package's own models ---------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_catch_all_handler_never_hears_of_the_packages_own_rows() -> None:
+    """A deferred ``post_save`` handler with no sender would feed on its own dead letters
+    (each failure saves one, whose save defers another call that fails...) and on every
+    relay heartbeat and processed call id."""
+    from django.utils import timezone
+
+    from deferred_signals.models import DeadLetter, OutboxCall, ProcessedCall, RelayHeartbeat
+    from deferred_signals.testing import capture_deferred
+
+    def audit_every_save(sender: Any, **kwargs: Any) -> None:
+        pass
+
+    with deferred(post_save, audit_every_save, name="tests.audit_every_save"):
+        with capture_deferred() as captured:
+            DeadLetter.objects.create(call_id="c1", handler="h", body="{}", exception="E")
+            OutboxCall.objects.create(
+                id="c2", handler="h", body="{}", next_attempt_at=timezone.now()
+            )
+            RelayHeartbeat.objects.update_or_create(
+                name="r", defaults={"last_loop_at": timezone.now()}
+            )
+            ProcessedCall.objects.create(call_id="c3", handler="h")
+            Author.objects.create(name="heard")
+        assert [call.sender for call in captured.calls] == [Author]

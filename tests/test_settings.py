@@ -232,3 +232,49 @@ def test_checks_can_be_run_alone_by_tag() -> None:
         pytest.raises(SystemCheckError, match=r"deferred_signals\.E004"),
     ):
         call_command("check", "--tag", "deferred_signals")
+
+
+def test_a_handler_named_as_another_celery_task_is_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Celery keeps one task per name: the check and a starting worker name the clash."""
+    from celery import current_app
+    from celery.exceptions import DuplicateTaskNameWarning
+
+    from deferred_signals import connect, tasks
+    from deferred_signals.checks import _check_worker_tasks
+    from tests.testapp.signals import slow_signal
+
+    @current_app.task(name="tests.clash.sync")
+    def sync(**kwargs: Any) -> None:
+        pass
+
+    def handler(**kwargs: Any) -> None:
+        pass
+
+    def celerys(**kwargs: Any) -> None:
+        pass
+
+    with pytest.warns(DuplicateTaskNameWarning):  # Celery's own word: one line on stderr
+        connect(slow_signal, handler, defer=True, name="tests.clash.sync")
+    connect(slow_signal, celerys, defer=True, name="celery.tests_clash")
+    try:
+        clashes = [m for m in check_settings() if m.id == "deferred_signals.E010"]
+        assert [m.msg.split(" is named ")[0] for m in clashes] == [
+            "Deferred handler 'celery.tests_clash'",
+            "Deferred handler 'tests.clash.sync'",
+        ]
+        assert "a name Celery reserves" in clashes[0].msg
+        assert f"Celery task {type(sync).__module__}." in clashes[1].msg
+        assert "another name=" in (clashes[1].hint or "")
+        with caplog.at_level("ERROR", "deferred_signals"):
+            _check_worker_tasks(sender=None)
+        assert caplog.text.count("deferred_signals.E010") == 2
+    finally:
+        for func in (handler, celerys):
+            slow_signal.disconnect(func)
+        for name in ("tests.clash.sync", "celery.tests_clash"):
+            registry.unregister(name)
+            current_app.tasks.pop(name, None)
+            tasks._tasks.pop(name, None)
+    assert not [m for m in check_settings() if m.id == "deferred_signals.E010"]

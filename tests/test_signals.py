@@ -292,3 +292,33 @@ def test_coalesced_calls_are_deferred_under_the_id_they_are_published_with(
     assert deferred[:3] == [published[0]] * 3
     assert deferred[3] == published[1]
     assert deferred[4] == published[0]  # joined the group, then rolled back with its savepoint
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outside_a_transaction_deferred_comes_before_published(memory_broker: None) -> None:
+    """Autocommit publishes at once: ``call_deferred`` still comes first, for every kind of
+    call (an in-flight gauge never goes below zero)."""
+    from tests.testapp.models import Author
+    from tests.testapp.signals import row_touched
+
+    author = Author.objects.create(name="a")
+    with recording() as events:
+        user_registered.send(sender=None, email="ann@example.com")
+        row_touched.send(sender=Author, instance=author, label="x", created=False)
+    assert names(events) == ["call_deferred", "call_published"] * 2
+    assert events[0].kwargs["call_id"] == events[1].kwargs["call_id"]
+    assert events[2].kwargs["call_id"] == events[3].kwargs["call_id"]
+
+
+def test_an_eager_failure_outside_a_transaction_was_deferred_first(
+    settings: SettingsWrapper,
+) -> None:
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "EAGER": True,
+        "EAGER_PROPAGATES": True,
+    }
+    with recording() as events, pytest.raises(FlakyError):
+        handlers.signals.flaky_signal.send(sender=None, key="eager-first", fail_times=1)
+    assert names(events)[0] == "call_deferred"
+    assert "handler_failed" in names(events)
