@@ -11,5 +11,6 @@ class DeferredSignalsConfig(AppConfig):
     default_auto_field = "django.db.models.AutoField"
 
     def ready(self) -> None:
-        # Registers the system checks; nothing else happens at start-up.
-        from . import checks  # noqa: F401
+        # Registers the system checks and the worker's receiver of Celery's task_failure;
+        # nothing else happens at start-up.
+        from . import checks, lost_calls  # noqa: F401
