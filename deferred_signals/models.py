@@ -45,7 +45,8 @@ class OutboxCall(models.Model):
 
 
 class DeadLetter(models.Model):
-    """A call that failed for good: its handler raised for the last time, or the message was
+    """A call that failed for good: its handler raised for the last time, the pool stopped it
+    (a hard time limit, a lost child whose message is not redelivered), or the message was
     refused. Replaying it publishes the same body again, with the same call id."""
 
     id = models.BigAutoField(primary_key=True)

@@ -35,9 +35,11 @@ Worker side (and inline with ``EAGER``):
 - ``handler_retried``: a retry is scheduled; ``attempt`` (the attempt that failed),
   ``exception``, ``countdown`` (seconds), ``database`` (True for a database-outage retry,
   which does not count against the handler's ``max_retries``).
-- ``call_dead_lettered``: the call was kept as a dead letter (failed for good, or a message
-  the worker refused); ``exception``, ``attempts``. ``sender`` is ``None`` when the message
-  names no handler registered in this process.
+- ``call_dead_lettered``: the call was kept as a dead letter (failed for good, stopped by its
+  hard time limit or lost with its worker child and not redelivered, or a message the worker
+  refused); ``exception``, ``attempts``. ``sender`` is ``None`` when the message names no
+  handler registered in this process. A call the pool stopped is kept by the worker's main
+  process, so the signal is sent there.
 """
 
 from __future__ import annotations

@@ -38,3 +38,7 @@ DEFERRED_SIGNALS = {
     "EAGER": os.environ.get("DS_TEST_EAGER", "1") == "1",
     "DEFAULTS": _defaults,
 }
+# A worker whose hard time limits requeue the message instead of acknowledging it
+# (tests/test_worker_lost.py).
+if os.environ.get("DS_TEST_REQUEUE_TIMEOUTS"):
+    CELERY_TASK_ACKS_ON_TIMEOUT = False

@@ -246,6 +246,8 @@ def test_a_child_killed_mid_handler_reruns_the_call(deferred_to: Worker) -> None
     assert len(killed) == len(done) == len(keys)
     for key in keys:  # the same call, redelivered: one id from start to end
         assert {start["id"] for start in starts[key]} == {done[key]["id"]}
+    # Redelivered, so never kept as a dead letter as well.
+    assert not DeadLetter.objects.filter(call_id__in=[call["id"] for call in done.values()])
     assert deferred_to.alive()
 
 

@@ -40,6 +40,9 @@ _SIGNAL_NAMES = {
     signals.counted_signal: "counted_signal",
     signals.db_flaky_signal: "db_flaky_signal",
     signals.row_touched: "row_touched",
+    signals.overrun_signal: "overrun_signal",
+    signals.soft_overrun_signal: "soft_overrun_signal",
+    signals.lossy_signal: "lossy_signal",
 }
 
 
@@ -261,3 +264,58 @@ def db_flaky(
 @receiver(signals.row_touched, defer=True, coalesce=True, instance="snapshot")
 def row_touched(signal: Signal, sender: Any, **kwargs: Any) -> None:
     record("row_touched", signal, sender, kwargs)
+
+
+# --- time limits and lost children, without redelivery (tests/test_worker_lost.py) ----------
+
+
+def first_run(name: str, key: str) -> bool:
+    """Counts this run of ``name`` for ``key``; True for the first one."""
+    attempt, _ = Attempt.objects.get_or_create(key=f"{name}-{key}")
+    Attempt.objects.filter(pk=attempt.pk).update(count=models.F("count") + 1)
+    return attempt.count == 0
+
+
+def mark(handler: str, key: str) -> None:
+    Record.objects.create(
+        handler=handler, call={"key": key, **call_info()}, pid=os.getpid(), ran_at=time.time()
+    )
+
+
+@receiver(signals.overrun_signal, defer=True, time_limit=2)
+def overrun(signal: Signal, sender: Any, key: str, seconds: float, **kwargs: Any) -> None:
+    """Sleeps ``seconds`` on its first run only: past its hard time limit, the pool kills it."""
+    if first_run("overrun", key):
+        time.sleep(seconds)
+    mark("overrun", key)
+
+
+@receiver(signals.soft_overrun_signal, defer=True, soft_time_limit=1, time_limit=30)
+def soft_overrun(signal: Signal, sender: Any, key: str, seconds: float, **kwargs: Any) -> None:
+    """Sleeps ``seconds`` on its first run only: its soft time limit raises in the sleep."""
+    if first_run("soft_overrun", key):
+        time.sleep(seconds)
+    mark("soft_overrun", key)
+
+
+def lossy(name: str, key: str, seconds: float) -> None:
+    """Says which process runs it, then takes ``seconds`` on its first run: a test kills it."""
+    first = first_run(name, key)
+    mark(f"{name}_start", key)
+    if first:
+        time.sleep(seconds)
+    mark(name, key)
+
+
+# Acknowledged before it runs (at most once): a killed child is not redelivered.
+@receiver(signals.lossy_signal, defer=True, acks_late=False)
+def lossy_acked_early(signal: Signal, sender: Any, key: str, seconds: float, **kwargs: Any) -> None:
+    lossy("lossy_acked_early", key, seconds)
+
+
+# Acknowledged after it runs, but a lost child's message is acknowledged too, not requeued.
+@receiver(signals.lossy_signal, defer=True, reject_on_worker_lost=False)
+def lossy_not_requeued(
+    signal: Signal, sender: Any, key: str, seconds: float, **kwargs: Any
+) -> None:
+    lossy("lossy_not_requeued", key, seconds)

@@ -1,0 +1,96 @@
+"""Calls the worker's pool stops from outside the handler: kept as dead letters.
+
+A hard ``time_limit`` kills the prefork child running the handler, and so does the OOM killer
+or a stray ``SIGKILL``; the task's own ``except`` block never runs, so it cannot keep the
+call. Celery reports both in the worker's main process with its ``task_failure`` signal,
+sent only once it has decided the message is gone (acknowledged or rejected without requeue,
+not retried): that is where the call becomes a dead letter. A message Celery puts back on the
+queue runs again and is never kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from billiard.exceptions import TimeLimitExceeded, WorkerLostError
+from celery import signals as celery_signals
+
+from . import deadletters, registry
+from .execution import close_connections
+from .tasks import DeferredHandlerTask
+
+logger = logging.getLogger("deferred_signals")
+
+#: How many call ids to remember: Celery sends ``task_failure`` twice for one hard time limit
+#: (``Request.on_failure``, then ``on_timeout``), and the second must not count again.
+RECENT = 1024
+
+#: Deliveries kept since their message was received; a new delivery (a replay) clears its id.
+_kept: OrderedDict[str, None] = OrderedDict()
+_lock = threading.Lock()
+
+
+def on_task_failure(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    kwargs: Any = None,
+    einfo: Any = None,
+    **_: Any,
+) -> None:
+    """Keep a deferred call its pool lost, once, unless Celery redelivers its message."""
+    if not isinstance(exception, (TimeLimitExceeded, WorkerLostError)) or not task_id:
+        return  # anything else was raised inside the task, which kept its own dead letter
+    if not isinstance(sender, DeferredHandlerTask):
+        return
+    handler = registry.get(sender.name)
+    if handler is None:
+        return
+    # Requeued (acks_late, task_acks_on_timeout=False): Request.on_timeout sends task_failure
+    # all the same, before it puts the message back.
+    requeued = sender.acks_late and not getattr(sender, "acks_on_timeout", True)
+    if isinstance(exception, TimeLimitExceeded) and requeued:
+        return
+    with _lock:
+        if task_id in _kept:
+            return
+        _kept[task_id] = None
+        if len(_kept) > RECENT:
+            _kept.popitem(last=False)
+    request = sender.request  # Celery pushes the message's context for on_failure's send
+    attempts = (request.retries or 0) + 1 if request.id == task_id else 1
+    what = (
+        "was stopped by its hard time limit"
+        if isinstance(exception, TimeLimitExceeded)
+        else "lost its worker process"
+    )
+    logger.error(
+        "Deferred handler %s [%s] %s on attempt %d: kept as a dead letter",
+        handler.name, task_id, what, attempts,
+    )  # fmt: skip
+    try:
+        deadletters.record(
+            call_id=task_id,
+            handler=handler.name,
+            body=kwargs,
+            exception=exception,
+            traceback=str(getattr(einfo, "traceback", "") or ""),
+            attempts=attempts,
+        )
+    finally:
+        # The main process forks new children: keep no connection open there.
+        close_connections()
+
+
+def on_task_received(request: Any = None, **_: Any) -> None:
+    """A new delivery of a call (a replay) may be lost and kept again."""
+    if _kept:
+        with _lock:
+            _kept.pop(str(getattr(request, "id", "")), None)
+
+
+celery_signals.task_failure.connect(on_task_failure, dispatch_uid="deferred_signals.lost_calls")
+celery_signals.task_received.connect(on_task_received, dispatch_uid="deferred_signals.lost_calls")
