@@ -51,7 +51,11 @@ def on_task_failure(
         return
     # Requeued (acks_late, task_acks_on_timeout=False): Request.on_timeout sends task_failure
     # all the same, before it puts the message back.
-    requeued = sender.acks_late and not getattr(sender, "acks_on_timeout", True)
+    # Celery before 5.7 has one setting for both, acks_on_failure_or_timeout.
+    acks = getattr(sender, "acks_on_timeout", None)
+    if acks is None:
+        acks = getattr(sender, "acks_on_failure_or_timeout", True)
+    requeued = sender.acks_late and not acks
     if isinstance(exception, TimeLimitExceeded) and requeued:
         return
     with _lock:
