@@ -33,7 +33,7 @@ from deferred_signals.models import DeadLetter, OutboxCall, ProcessedCall, Relay
 from deferred_signals.outbox import body_text
 from deferred_signals.relay import Relay
 from tests.conftest import Queue, use_app
-from tests.workers import ROOT, make_app
+from tests.workers import PUBLISH_REDIS_URL, ROOT, make_app
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -294,7 +294,7 @@ def test_relay_process_stops_on_sigterm_and_touches_its_health_file(
         "DJANGO_SETTINGS_MODULE": "tests.settings_postgres",
         "DS_TEST_DB_DEFAULT": connection.settings_dict["NAME"],
         "DS_TEST_DB_OTHER": connections["other"].settings_dict["NAME"],
-        "DS_TEST_BROKER": "redis://127.0.0.1:6379/14",
+        "DS_TEST_BROKER": PUBLISH_REDIS_URL,
         "DS_TEST_QUEUE": redis_queue.name,
         "DS_TEST_EAGER": "0",
         "PYTHONPATH": str(ROOT),
