@@ -88,6 +88,34 @@ def test_replay_publishes_the_same_message_with_the_same_call_id(redis_queue: Qu
     assert "replayed 0 dead letter(s)" in out and len(redis_queue) == 2
 
 
+def test_a_letter_whose_replay_fails_again_is_a_live_dead_letter_again(
+    redis_queue: Queue,
+) -> None:
+    """The worker records the replayed call's new failure on the same row: until it is
+    replayed again, status counts it, replay --all takes it and prune keeps it."""
+    from deferred_signals import deadletters
+
+    letter = dead_letter("again")
+    command("replay", "--all")
+    assert DeadLetter.objects.get().replayed_at is not None
+    assert deadletters.record(
+        call_id=letter.call_id,
+        handler=EVENT,
+        body=body("again"),
+        exception=RuntimeError("still broken"),
+        attempts=5,
+    )
+    failed_again = DeadLetter.objects.get()
+    assert failed_again.replayed_at is None and failed_again.attempts == 5
+    assert json.loads(command("status", "--json")[0])["dead_letters"] == {EVENT: 1}
+    DeadLetter.objects.update(last_failed_at=timezone.now() - datetime.timedelta(days=30))
+    command("prune", "--older-than", "1s")
+    assert DeadLetter.objects.exists()
+    out, _ = command("replay", "--all")
+    assert "replayed 1 dead letter(s)" in out
+    assert [task_id for task_id, _ in published(redis_queue)] == [letter.call_id] * 2
+
+
 def test_replay_by_handler_all_and_dry_run(redis_queue: Queue) -> None:
     dead_letter("x")
     dead_letter("y", handler="tests.testapp.handlers.marker")
