@@ -189,10 +189,11 @@ def _open_batch(connection: Any) -> Batch | None:
     return last.batch
 
 
-def flush(calls: list[PendingCall], using: str) -> None:
+def flush(calls: list[PendingCall], using: str) -> list[PendingCall]:
     """Hand committed calls over: to the broker, or inline with ``EAGER``.
 
-    Never raises, but for a handler's own exception with ``EAGER_PROPAGATES``: the data is
+    Returns the calls lost: neither the broker nor the outbox took them (logged). Never
+    raises, but for a handler's own exception with ``EAGER_PROPAGATES``: the data is
     committed already, so a broker failure must not reach the request.
     """
     committed_at = time.time()
@@ -200,20 +201,19 @@ def flush(calls: list[PendingCall], using: str) -> None:
         call.stamp(committed_at)
     if capture is not None:
         capture(calls, using)
-        return
+        return []
     if conf.eager:
         run_inline(calls)
-        return
+        return []
     confirmed, error = publisher.publish(calls)
     published = [call.id for call in calls[:confirmed] if call.outbox]
     if published:
         outbox.delete(published, using)
     failed = calls[confirmed:]
-    if failed:
-        _spill(failed, using, error)
+    return _spill(failed, using, error) if failed else []
 
 
-def _spill(calls: list[PendingCall], using: str, error: BaseException | None) -> None:
+def _spill(calls: list[PendingCall], using: str, error: BaseException | None) -> list[PendingCall]:
     cooling = isinstance(error, BrokerUnavailable)
     if not cooling:  # the traceback once per failure, not once per call or per request
         logger.warning(
@@ -239,6 +239,7 @@ def _spill(calls: list[PendingCall], using: str, error: BaseException | None) ->
         (signals.call_lost if lost else signals.call_spilled).send(
             call.handler.func, handler=call.handler.name, call_id=call.id, error=error
         )
+    return [] if spilled else [call for call in calls if not call.outbox]
 
 
 def run_inline(calls: list[PendingCall]) -> None:

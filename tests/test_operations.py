@@ -146,6 +146,64 @@ def test_replay_with_the_broker_down_goes_to_the_outbox(settings: SettingsWrappe
     assert row.id == letter.call_id and json.loads(row.body)["kwargs"]["label"] == "later"
 
 
+def test_replaying_again_while_the_broker_is_down_keeps_every_call(
+    settings: SettingsWrapper, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first replay spilled A; replaying A and B spills both: A's row stands for A (its
+    call id is taken), B gets its own, nothing is lost and both are marked replayed."""
+    first, second = dead_letter("first"), dead_letter("second")
+    with use_app(make_app("down", "redis://127.0.0.1:1/0"), settings, "nowhere"):
+        command("replay", first.call_id)
+        publisher.reset()  # no cooldown: the second replay tries the broker again
+        out, err = command("replay", first.call_id, second.call_id)
+    assert "replayed 2 dead letter(s), skipped 0" in out and not err
+    assert "LOST" not in caplog.text
+    assert sorted(OutboxCall.objects.values_list("id", flat=True)) == sorted(
+        [first.call_id, second.call_id]
+    )
+    assert not DeadLetter.objects.filter(replayed_at=None).exists()
+
+
+def test_a_replay_neither_the_broker_nor_the_outbox_took_is_not_marked_replayed(
+    settings: SettingsWrapper,
+) -> None:
+    letter = dead_letter("lost")
+    down = make_app("down", "redis://127.0.0.1:1/0")
+    # The outbox fails too: DDL in a transaction rolls back on both backends.
+    with use_app(down, settings, "nowhere"), transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TABLE {OutboxCall._meta.db_table}")
+        out, err = command("replay", "--all")
+        assert "replayed 0 dead letter(s), skipped 1" in out
+        assert f"skipped {letter.id}" in err and "still a dead letter" in err
+        assert DeadLetter.objects.get().replayed_at is None
+        transaction.set_rollback(True)
+
+
+def test_a_replay_that_fails_again_at_once_is_not_marked_replayed_after_its_failure(
+    redis_queue: Queue,
+) -> None:
+    """A worker may take the replayed message and dead-letter it again before replay()
+    marks the letter: the new failure wins."""
+    from deferred_signals import deadletters, signals
+
+    letter = dead_letter("fast")
+
+    def fail_at_once(sender: Any, call_id: str, **kwargs: Any) -> None:
+        deadletters.record(
+            call_id=call_id, handler=EVENT, body=body("fast"), exception=RuntimeError("again")
+        )
+
+    signals.call_published.connect(fail_at_once)
+    try:
+        out, _ = command("replay", "--all")
+    finally:
+        signals.call_published.disconnect(fail_at_once)
+    assert "replayed 1 dead letter(s)" in out and len(redis_queue) == 1
+    failed_again = DeadLetter.objects.get(pk=letter.pk)
+    assert failed_again.replayed_at is None and failed_again.message == "again"
+
+
 def test_the_admin_replay_action_needs_the_change_permission(redis_queue: Queue) -> None:
     letter = dead_letter("admin")
     viewer = User.objects.create_user("viewer", password="pw", is_staff=True)
