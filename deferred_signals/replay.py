@@ -39,9 +39,9 @@ def replay(
 ) -> tuple[list[DeadLetter], list[Skipped]]:
     """Publish each dead letter's message again with its call id; mark it replayed.
 
-    A letter whose handler is not registered in this process, or whose message is not one
-    this package could have sent (a refused, forged message), is skipped with the reason,
-    and the others are replayed. Publishing follows the commit
+    A letter whose handler is not registered in this process, or whose message does not
+    decode or is not one this package could have sent (a refused, forged message), is
+    skipped with the reason, and the others are replayed. Publishing follows the commit
     path: what the broker does not confirm goes to the outbox. A letter is marked replayed
     only once the broker or the outbox has its call, and not when it failed again meanwhile.
     """
@@ -81,9 +81,12 @@ def _call_of(letter: DeadLetter) -> PendingCall:
         raise Unreplayable(f"no deferred handler is registered as {letter.handler!r}")
     try:
         body = kombu_json.loads(letter.body)
-    except ValueError:
-        body = None
+    except Exception as error:  # not only ValueError: too deep a body raises RecursionError
+        # The type only: an exception's text may quote the message.
+        raise Unreplayable(f"its message does not decode ({type(error).__name__})") from None
     if type(body) is not dict or not body.keys() >= MESSAGE_KEYS:
+        raise Unreplayable("its message is not one this package sends")
+    if type(body["kwargs"]) is not dict:
         raise Unreplayable("its message is not one this package sends")
     body.pop("dbf", None)  # a new database-outage window for the new delivery
     return PendingCall(handler, letter.call_id, body)

@@ -138,6 +138,31 @@ def test_replay_skips_what_this_code_could_not_have_sent(redis_queue: Queue) -> 
     assert len(redis_queue) == 0
 
 
+def test_a_letter_that_does_not_decode_is_skipped_and_the_others_replayed(
+    redis_queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What the worker keeps of a refused message that did not decode: its raw text, here
+    # nested past what the JSON decoder can take (RecursionError, not ValueError).
+    deep = DeadLetter.objects.create(
+        call_id="deep", handler=EVENT, body="[" * 100_000 + "]" * 100_000, exception="x"
+    )
+    broken = DeadLetter.objects.create(call_id="broken", handler=EVENT, body="{", exception="x")
+    listed = DeadLetter.objects.create(
+        call_id="listed", handler=EVENT, body=body_text({**body("l"), "kwargs": []}), exception="x"
+    )
+    good = dead_letter("good")
+    out, err = command("replay", "--all")
+    assert "replayed 1 dead letter(s), skipped 3" in out
+    assert f"skipped {listed.id}: {EVENT} [listed]: its message is not one this package" in err
+    assert f"skipped {deep.id}: {EVENT} [deep]: its message does not decode (RecursionError)" in err
+    assert f"skipped {broken.id}: {EVENT} [broken]: its message does not decode" in err
+    assert f"did not replay dead letter {deep.id}" in caplog.text
+    assert [task_id for task_id, _ in published(redis_queue)] == [good.call_id]
+    assert list(DeadLetter.objects.exclude(replayed_at=None).values_list("call_id", flat=True)) == [
+        good.call_id
+    ]
+
+
 def test_replay_with_the_broker_down_goes_to_the_outbox(settings: SettingsWrapper) -> None:
     letter = dead_letter("later")
     with use_app(make_app("down", "redis://127.0.0.1:1/0"), settings, "nowhere"):
