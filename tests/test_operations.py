@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connection, connections, transaction
 from django.test import Client
 from django.utils import timezone
@@ -124,6 +124,35 @@ def test_replay_by_handler_all_and_dry_run(redis_queue: Queue) -> None:
     assert not DeadLetter.objects.exclude(replayed_at=None).exists()
     command("replay", "--handler", "tests.testapp.handlers.marker")
     assert [b["kwargs"]["label"] for _, b in published(redis_queue)] == ["y"]
+
+
+def test_handler_and_all_leave_out_letters_replayed_before_even_with_ids(
+    redis_queue: Queue,
+) -> None:
+    """--handler and --all win over IDS, with their own rule: replayed letters stay out."""
+    replayed_before, fresh = dead_letter("before"), dead_letter("fresh")
+    DeadLetter.objects.filter(pk=replayed_before.pk).update(replayed_at=timezone.now())
+    out, _ = command("replay", str(replayed_before.id), "--handler", EVENT)
+    assert "replayed 1 dead letter(s)" in out and f"replayed {fresh.id}:" in out
+    out, _ = command("replay", replayed_before.call_id, "--all", "--dry-run")
+    assert "would replay 0 dead letter(s)" in out
+    out, _ = command("replay", str(replayed_before.id), "--all", "--include-replayed")
+    assert "replayed 2 dead letter(s)" in out
+    labels = [b["kwargs"]["label"] for _, b in published(redis_queue)]
+    assert labels == ["fresh", "before", "fresh"]
+
+
+def test_replay_names_the_ids_it_cannot_find_and_replays_nothing(redis_queue: Queue) -> None:
+    letter = dead_letter("found")
+    with pytest.raises(CommandError) as raised:
+        command("replay", str(letter.id), "nope", "99999999999999999999999", "0")
+    assert str(raised.value) == (
+        "No dead letter has the id or call id 'nope', '99999999999999999999999', '0': "
+        "nothing replayed."
+    )
+    assert len(redis_queue) == 0 and DeadLetter.objects.get().replayed_at is None
+    out, _ = command("replay", f"00{letter.id}", letter.call_id)  # both name the one letter
+    assert "replayed 1 dead letter(s)" in out
 
 
 def test_replay_skips_what_this_code_could_not_have_sent(redis_queue: Queue) -> None:

@@ -11,17 +11,24 @@ import json
 import re
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import router
-from django.db.models import Count
+from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from deferred_signals import listing, readiness
 from deferred_signals.exceptions import DeferredSignalConfigError
 from deferred_signals.relay import Relay, RoundResult, freeze_heap, outbox_databases, pending
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from deferred_signals.models import DeadLetter
+
+#: The largest dead letter id (a 64-bit integer): a longer number can only be a call id.
+MAX_ID = 2**63 - 1
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -174,18 +181,18 @@ class Command(BaseCommand):
         from deferred_signals.models import DeadLetter
         from deferred_signals.replay import replay
 
-        letters = DeadLetter.objects.using(router.db_for_read(DeadLetter)).order_by("id")
-        if options["all"]:
-            pass
-        elif options["handler"]:
-            letters = letters.filter(handler=options["handler"])
+        letters: Iterable[DeadLetter]
+        chosen = DeadLetter.objects.using(router.db_for_read(DeadLetter)).order_by("id")
+        if options["all"] or options["handler"]:
+            if options["handler"] and not options["all"]:
+                chosen = chosen.filter(handler=options["handler"])
+            if not options["include_replayed"]:
+                chosen = chosen.filter(replayed_at=None)
+            letters = chosen
         elif options["ids"]:
-            numbers = [int(i) for i in options["ids"] if i.isdigit()]
-            letters = letters.filter(id__in=numbers) | letters.filter(call_id__in=options["ids"])
+            letters = self._named_letters(chosen, options["ids"])
         else:
             raise CommandError("Say which dead letters: IDs, --handler NAME or --all.")
-        if not options["include_replayed"] and not options["ids"]:
-            letters = letters.filter(replayed_at=None)
         replayed, skipped = replay(letters, dry_run=options["dry_run"])
         verb = "would replay" if options["dry_run"] else "replayed"
         for letter in replayed:
@@ -196,6 +203,22 @@ class Command(BaseCommand):
                 f"skipped {letter.id}: {letter.handler} [{letter.call_id}]: {skip.reason}"
             )
         self.stdout.write(f"{verb} {len(replayed)} dead letter(s), skipped {len(skipped)}")
+
+    @staticmethod
+    def _named_letters(letters: QuerySet[DeadLetter], ids: list[str]) -> list[DeadLetter]:
+        """The letters ``ids`` name (ids or call ids, replayed before or not), or a
+        CommandError naming those that name none: a typo must not pass for "nothing to do"."""
+        numbers = {int(i) for i in ids if i.isdigit() and int(i) <= MAX_ID}
+        found = list(letters.filter(Q(id__in=numbers) | Q(call_id__in=ids)))
+        known = {letter.call_id for letter in found}
+        pks = {letter.pk for letter in found}
+        missing = [i for i in ids if i not in known and not (i.isdigit() and int(i) in pks)]
+        if missing:
+            raise CommandError(
+                f"No dead letter has the id or call id {', '.join(map(repr, missing))}: "
+                "nothing replayed."
+            )
+        return found
 
     def handle_prune(self, **options: Any) -> None:
         from deferred_signals.models import DeadLetter, ProcessedCall
