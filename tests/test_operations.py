@@ -464,6 +464,19 @@ def test_relay_process_stops_on_sigterm_and_touches_its_health_file(
     assert relay.returncode == 0, output
     assert "finishing the round in hand" in output and "relay stopped" in output
     assert [task_id for task_id, _ in published(redis_queue)] == ["relayed"]
+    # Stopped cleanly: no heartbeat is left to look like a relay that stopped looping.
+    assert not RelayHeartbeat.objects.exists()
+
+
+def test_relay_once_touches_its_health_file_and_leaves_no_heartbeat(
+    redis_queue: Queue, tmp_path: Path
+) -> None:
+    """A heartbeat row names a running relay (host:pid): a finished one would only show
+    up in status as a relay that stopped looping."""
+    health = tmp_path / "alive"
+    out, _ = command("relay", "--once", "--health-file", str(health))
+    assert "relayed 0 call(s)" in out and health.exists()
+    assert not RelayHeartbeat.objects.exists()
 
 
 def test_relay_refuses_an_unconfigured_celery_app(postgres_only: None) -> None:
@@ -519,6 +532,25 @@ def test_prune_deletes_old_processed_ids_and_replayed_letters() -> None:
     assert "pruned 1 processed call id(s) and 1 replayed dead letter(s)" in out
     assert list(ProcessedCall.objects.values_list("call_id", flat=True)) == ["new"]
     assert list(DeadLetter.objects.values_list("pk", flat=True)) == [kept.pk]
+
+
+def test_status_marks_stale_relays_and_prune_forgets_them() -> None:
+    now = timezone.now()
+    RelayHeartbeat.objects.create(name="live:1", last_loop_at=now)
+    RelayHeartbeat.objects.create(name="gone:2", last_loop_at=now - datetime.timedelta(hours=1))
+    RelayHeartbeat.objects.create(name="gone:3", last_loop_at=now - datetime.timedelta(days=9))
+    report = json.loads(command("status", "--json")[0])
+    assert set(report["relays"]) == {"live:1", "gone:2", "gone:3"}
+    assert report["stale_relays"] == ["gone:2", "gone:3"]
+    text = command("status")[0]
+    assert "relay live:1: last loop 0 s ago\n" in text
+    assert "relay gone:2: last loop 3600 s ago: stale (stopped or stuck)" in text
+    assert json.loads(command("status", "--json", "--stale-after", "2h")[0])["stale_relays"] == [
+        "gone:3"
+    ]
+    out, _ = command("prune", "--older-than", "7d")
+    assert "pruned 1 relay heartbeat(s)" in out
+    assert sorted(RelayHeartbeat.objects.values_list("name", flat=True)) == ["gone:2", "live:1"]
 
 
 # --- configuration -------------------------------------------------------------------------

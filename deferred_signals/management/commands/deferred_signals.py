@@ -6,6 +6,7 @@ broker, ``replay`` dead letters, ``prune`` old bookkeeping rows.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import re
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
 #: The largest dead letter id (a 64-bit integer): a longer number can only be a call id.
 MAX_ID = 2**63 - 1
+#: A relay loops every 5 s when idle; a long backlog or a broker timeout stretches a loop.
+STALE_AFTER = "5m"
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -38,6 +41,14 @@ def duration(text: str) -> datetime.timedelta:
     if match is None:
         raise ValueError(f"{text!r} is not a duration such as 7d, 12h, 30m or 45s")
     return datetime.timedelta(seconds=float(match[1]) * UNITS[match[2] or "s"])
+
+
+def duration_option(text: str) -> datetime.timedelta:
+    """:func:`duration` for argparse: its message, after the option's name."""
+    try:
+        return duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 class Command(BaseCommand):
@@ -58,6 +69,12 @@ class Command(BaseCommand):
 
         status = sub.add_parser("status", help="Pending outbox rows, dead letters, relays.")
         status.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+        status.add_argument(
+            "--stale-after",
+            type=duration_option,
+            default=duration(STALE_AFTER),
+            help=f"A relay without a loop for this long is stale ({STALE_AFTER}).",
+        )
 
         relay = sub.add_parser("relay", help="Publish the outbox until SIGTERM/SIGINT.")
         relay.add_argument("--once", action="store_true", help="Publish what is due, then exit.")
@@ -123,6 +140,13 @@ class Command(BaseCommand):
                 for row in RelayHeartbeat.objects.using(using).order_by("-last_loop_at")
             },
         }
+        # Stopped relays remove their row; a row left behind is a relay killed or stuck.
+        now = timezone.now()
+        report["stale_relays"] = sorted(
+            name
+            for name, at in report["relays"].items()
+            if now - datetime.datetime.fromisoformat(at) > options["stale_after"]
+        )
         if options["json"]:
             self.stdout.write(json.dumps(report, indent=2))
             return
@@ -136,10 +160,10 @@ class Command(BaseCommand):
             self.stdout.write(f"  {handler}: {count}")
         if not report["relays"]:
             self.stdout.write("relays: none has completed a loop yet")
-        now = timezone.now()
         for name, at in report["relays"].items():
             seconds = (now - datetime.datetime.fromisoformat(at)).total_seconds()
-            self.stdout.write(f"relay {name}: last loop {seconds:.0f} s ago")
+            stale = ": stale (stopped or stuck)" if name in report["stale_relays"] else ""
+            self.stdout.write(f"relay {name}: last loop {seconds:.0f} s ago{stale}")
 
     def handle_relay(self, **options: Any) -> None:
         relay = Relay(
@@ -155,7 +179,9 @@ class Command(BaseCommand):
             )
         if options["once"]:
             published = relay.run_once()
-            relay.heartbeat()
+            # No heartbeat row: it would outlive this process and look like a stuck relay.
+            if relay.health_file is not None:
+                relay.health_file.touch()
             self.stdout.write(f"relayed {published} call(s)")
             return
 
@@ -168,6 +194,7 @@ class Command(BaseCommand):
         self.stdout.write(f"relaying the outbox of {', '.join(relay.databases)} (Ctrl-C to stop)")
         freeze_heap()  # this process relays until it stops
         relay.run()
+        relay.forget_heartbeat()  # a clean stop; a killed relay's row goes stale instead
         self.stdout.write("relay stopped")
 
     def _report_round(self, using: str, result: RoundResult) -> None:
@@ -221,13 +248,15 @@ class Command(BaseCommand):
         return found
 
     def handle_prune(self, **options: Any) -> None:
-        from deferred_signals.models import DeadLetter, ProcessedCall
+        from deferred_signals.models import DeadLetter, ProcessedCall, RelayHeartbeat
 
         cutoff = timezone.now() - options["older_than"]
-        processed = 0
+        processed = heartbeats = 0
         for using in outbox_databases():
             old = ProcessedCall.objects.using(using).filter(processed_at__lt=cutoff)
             processed += old.delete()[0]
+            gone = RelayHeartbeat.objects.using(using).filter(last_loop_at__lt=cutoff)
+            heartbeats += gone.delete()[0]
         letters = (
             DeadLetter.objects.using(router.db_for_write(DeadLetter))
             .filter(replayed_at__lt=cutoff)
@@ -236,4 +265,8 @@ class Command(BaseCommand):
         self.stdout.write(
             f"pruned {processed} processed call id(s) and {letters} replayed dead letter(s) "
             f"older than {options['older_than']}"
+        )
+        self.stdout.write(
+            f"pruned {heartbeats} relay heartbeat(s) without a loop for {options['older_than']} "
+            "(relays killed or stuck)"
         )
