@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import router
+from django.db import connections, router
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
@@ -51,20 +52,37 @@ def duration_option(text: str) -> datetime.timedelta:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def positive_int(text: str) -> int:
+    """A count of 1 or more, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, not {text!r}")
+    return value
+
+
+def add_list_arguments(parser: CommandParser) -> None:
+    """The options of ``list``, also taken by its former name, ``deferred_handlers``."""
+    parser.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+    parser.add_argument(
+        "--no-workers",
+        action="store_true",
+        help="Do not ask live workers which queues they consume.",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=1.0, help="Seconds to wait for workers' replies."
+    )
+
+
 class Command(BaseCommand):
     help = "Inspect and operate deferred signal handlers: list, status, relay, replay, prune."
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="subcommand", required=True, parser_class=CommandParser)
-        listing_ = sub.add_parser("list", help="The handlers: signals, senders, merged options.")
-        listing_.add_argument("--json", action="store_true", help="Print JSON instead of text.")
-        listing_.add_argument(
-            "--no-workers",
-            action="store_true",
-            help="Do not ask live workers which queues they consume.",
-        )
-        listing_.add_argument(
-            "--timeout", type=float, default=1.0, help="Seconds to wait for workers' replies."
+        add_list_arguments(
+            sub.add_parser("list", help="The handlers: signals, senders, merged options.")
         )
 
         status = sub.add_parser("status", help="Pending outbox rows, dead letters, relays.")
@@ -84,7 +102,7 @@ class Command(BaseCommand):
             dest="databases",
             help="Drain this alias's outbox (repeatable; default: every alias with the table).",
         )
-        relay.add_argument("--batch", type=int, default=500, help="Rows per round (500).")
+        relay.add_argument("--batch", type=positive_int, default=500, help="Rows per round (500).")
         relay.add_argument(
             "--health-file", type=Path, help="Touch this file after each loop (liveness probe)."
         )
@@ -101,7 +119,7 @@ class Command(BaseCommand):
         prune = sub.add_parser(
             "prune", help="Delete processed call ids and replayed dead letters older than this."
         )
-        prune.add_argument("--older-than", type=duration, default=duration("7d"))
+        prune.add_argument("--older-than", type=duration_option, default=duration("7d"))
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["subcommand"] in ("relay", "replay"):
@@ -166,6 +184,25 @@ class Command(BaseCommand):
             self.stdout.write(f"relay {name}: last loop {seconds:.0f} s ago{stale}")
 
     def handle_relay(self, **options: Any) -> None:
+        # Checked before the first round: afterwards these fail as tracebacks, or not at all.
+        aliases = list(connections)
+        for alias in options["databases"] or []:
+            if alias not in aliases:
+                raise CommandError(
+                    f"--database {alias!r}: no such database alias in DATABASES "
+                    f"({', '.join(aliases)})."
+                )
+        health_file = options["health_file"]
+        if health_file is not None:
+            directory = health_file.parent
+            if not directory.is_dir():
+                raise CommandError(
+                    f"--health-file {health_file}: its directory {directory} does not exist."
+                )
+            if not os.access(directory, os.W_OK):
+                raise CommandError(
+                    f"--health-file {health_file}: its directory {directory} is not writable."
+                )
         relay = Relay(
             databases=options["databases"] or [],
             batch=options["batch"],
