@@ -54,6 +54,9 @@ def record(
         "traceback": traceback,
         "attempts": attempts,
         "last_failed_at": now,
+        # A replayed call that failed again is a dead letter again: counted, replayed by
+        # --all, kept by prune.
+        "replayed_at": None,
     }
     try:
         using = router.db_for_write(DeadLetter)

@@ -194,10 +194,11 @@ def _open_batch(connection: Any) -> Batch | None:
 REFUSALS_PER_FLUSH = 3
 
 
-def flush(calls: list[PendingCall], using: str) -> None:
+def flush(calls: list[PendingCall], using: str) -> list[PendingCall]:
     """Hand committed calls over: to the broker, or inline with ``EAGER``.
 
-    Never raises, but for a handler's own exception with ``EAGER_PROPAGATES``: the data is
+    Returns the calls lost: neither the broker nor the outbox took them (logged). Never
+    raises, but for a handler's own exception with ``EAGER_PROPAGATES``: the data is
     committed already, so a broker failure must not reach the request.
     """
     committed_at = time.time()
@@ -205,10 +206,11 @@ def flush(calls: list[PendingCall], using: str) -> None:
         call.stamp(committed_at)
     if capture is not None:
         capture(calls, using)
-        return
+        return []
     if conf.eager:
         run_inline(calls)
-        return
+        return []
+    lost: list[PendingCall] = []
     for attempt in range(REFUSALS_PER_FLUSH + 1):
         confirmed, error = publisher.publish(calls)
         published = [call.id for call in calls[:confirmed] if call.outbox]
@@ -216,21 +218,21 @@ def flush(calls: list[PendingCall], using: str) -> None:
             outbox.delete(published, using)
         failed = calls[confirmed:]
         if not failed:
-            return
+            return lost
         # One call refused (its queue, its message) or failing on our side: it and the
         # unconfirmed ones before it go to the outbox, the calls after it go on.
         blamed = publisher.faulty_call(error)
         at = next((n for n, call in enumerate(failed) if call.id == blamed), None)
         if at is None or attempt == REFUSALS_PER_FLUSH:
             break
-        _spill(failed[: at + 1], using, error)
+        lost += _spill(failed[: at + 1], using, error)
         calls = failed[at + 1 :]
         if not calls:
-            return
-    _spill(failed, using, error)
+            return lost
+    return lost + _spill(failed, using, error)
 
 
-def _spill(calls: list[PendingCall], using: str, error: BaseException | None) -> None:
+def _spill(calls: list[PendingCall], using: str, error: BaseException | None) -> list[PendingCall]:
     cooling = isinstance(error, BrokerUnavailable)
     if not cooling:  # the traceback once per failure, not once per call or per request
         logger.warning(
@@ -256,6 +258,7 @@ def _spill(calls: list[PendingCall], using: str, error: BaseException | None) ->
         (signals.call_lost if lost else signals.call_spilled).send(
             call.handler.func, handler=call.handler.name, call_id=call.id, error=error
         )
+    return [] if spilled else [call for call in calls if not call.outbox]
 
 
 def run_inline(calls: list[PendingCall]) -> None:

@@ -71,7 +71,8 @@ def rewrite(id: str, body: dict[str, Any], using: str) -> None:
 def spill(calls: Sequence[PendingCall], using: str, error: BaseException | None) -> bool:
     """Write committed calls that could not be published, in a transaction of their own.
 
-    Returns False when the database failed too: the calls are then lost, and logged.
+    A call whose id already has a row (a replay spilled before, still waiting) is kept by
+    that row. Returns False when the database failed too: the calls are then lost, and logged.
     """
     from .models import OutboxCall
 
@@ -91,7 +92,9 @@ def spill(calls: Sequence[PendingCall], using: str, error: BaseException | None)
     ]
     try:
         with transaction.atomic(using=using):
-            OutboxCall.objects.using(using).bulk_create(rows)
+            # The same call id is the same call: the row there stands for it, and one
+            # conflict must not cost the other calls of the batch their rows.
+            OutboxCall.objects.using(using).bulk_create(rows, ignore_conflicts=True)
     except Exception:
         logger.exception(
             "deferred_signals LOST %d committed call(s): the broker failed (%r) and so did "

@@ -244,6 +244,16 @@ class Relay:
         if self.health_file is not None:
             self.health_file.touch()
 
+    def forget_heartbeat(self) -> None:
+        """Remove this process's heartbeat, on a clean exit: ``status`` lists running relays."""
+        from .models import RelayHeartbeat
+
+        for using in self.databases:
+            try:
+                RelayHeartbeat.objects.using(using).filter(name=relay_name()).delete()
+            except Exception:
+                logger.exception("deferred_signals relay: could not remove its heartbeat")
+
 
 def freeze_heap() -> None:
     """For a process that relays from now on (the command): keep every object alive now,

@@ -23,7 +23,7 @@ import tests.celery_app  # noqa: F401  (the project's Celery app is current, as 
 from deferred_signals import publisher
 from tests.testapp import handlers
 from tests.testapp.models import Record
-from tests.workers import Worker, make_app
+from tests.workers import PUBLISH_REDIS_URL, Worker, make_app
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -220,7 +220,7 @@ def redis_queue(settings: SettingsWrapper) -> Iterator[Queue]:
     require("redis")
     import redis
 
-    url = "redis://127.0.0.1:6379/14"
+    url = PUBLISH_REDIS_URL
     app = make_app("publish-tests", url)
     queue = Queue(app, f"ds-publish-{uuid.uuid4().hex[:8]}", redis.Redis.from_url(url))
     with use_app(app, settings, queue.name):

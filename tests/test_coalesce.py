@@ -24,7 +24,7 @@ from deferred_signals.models import OutboxCall
 from tests.conftest import records, require, use_app, wait_for
 from tests.testapp.models import Author, Record
 from tests.testapp.signals import row_touched
-from tests.workers import Worker, make_app
+from tests.workers import PUBLISH_REDIS_URL, Worker, make_app
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
@@ -221,7 +221,7 @@ def publishing_to_redis(settings: SettingsWrapper, **extra: Any) -> Iterator[tup
     require("redis")
     import redis
 
-    url = "redis://127.0.0.1:6379/14"
+    url = PUBLISH_REDIS_URL
     queue = f"ds-coalesce-{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(url)
     try:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from io import StringIO
 
+import pytest
 from django.conf import settings
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.test import override_settings
 
 
@@ -43,3 +45,36 @@ def test_the_former_command_name_still_lists_handlers() -> None:
     out = StringIO()
     call_command("deferred_handlers", "--json", stdout=out)
     assert json.loads(out.getvalue()) == json.loads(run("--json"))
+
+
+def test_the_former_command_name_takes_the_list_options() -> None:
+    out = StringIO()
+    call_command("deferred_handlers", "--no-workers", "--timeout", "0.1", "--json", stdout=out)
+    assert json.loads(out.getvalue()) == json.loads(run("--json", "--no-workers"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["relay", "--batch", "0"], "argument --batch: must be a whole number of 1 or more"),
+        (["relay", "--batch", "-5"], "argument --batch: must be a whole number of 1 or more"),
+        (["relay", "--batch", "many"], "argument --batch: must be a whole number of 1 or more"),
+        (["relay", "--database", "nope"], "--database 'nope': no such database alias"),
+        (
+            ["relay", "--database", "default", "--health-file", "/nonexistent/dir/alive"],
+            "--health-file /nonexistent/dir/alive: its directory /nonexistent/dir does not exist",
+        ),
+        (
+            ["prune", "--older-than", "7x"],
+            "argument --older-than: '7x' is not a duration such as 7d, 12h, 30m or 45s",
+        ),
+        (
+            ["status", "--stale-after", "soon"],
+            "argument --stale-after: 'soon' is not a duration such as 7d, 12h, 30m or 45s",
+        ),
+    ],
+)
+def test_arguments_are_checked_before_anything_runs(args: list[str], message: str) -> None:
+    # No database access allowed here: the checks come before any query.
+    with pytest.raises(CommandError, match=re.escape(message)):
+        call_command("deferred_signals", *args, stdout=StringIO(), stderr=StringIO())

@@ -33,7 +33,7 @@ from tests.conftest import records, require, use_app, wait_for
 from tests.faults import FaultProxy
 from tests.testapp.models import Author
 from tests.testapp.signals import user_registered
-from tests.workers import ROOT, Worker, make_app
+from tests.workers import PUBLISH_REDIS_URL, ROOT, Worker, make_app
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
 
@@ -201,7 +201,7 @@ def test_two_relays_publish_each_row_once(postgres_only: None, settings: Setting
     require("redis")
     import redis
 
-    url = "redis://127.0.0.1:6379/14"
+    url = PUBLISH_REDIS_URL
     queue = f"ds-relays-{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(url)
     with FaultProxy(6379) as proxy, publishing_through(proxy, _FakeWorker(url, queue), settings):
@@ -247,7 +247,7 @@ class _FakeWorker:
 
 def test_relay_command_once(settings: SettingsWrapper) -> None:
     require("redis")
-    url = "redis://127.0.0.1:6379/14"
+    url = PUBLISH_REDIS_URL
     queue = f"ds-relay-cmd-{uuid.uuid4().hex[:8]}"
     with FaultProxy(6379) as proxy, publishing_through(proxy, _FakeWorker(url, queue), settings):
         proxy.refuse()

@@ -22,8 +22,9 @@ from redis.retry import Retry
 
 from tests.conftest import require, wait_for
 from tests.faults import FaultProxy
+from tests.workers import BROKERS
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
+REDIS_URL = BROKERS["redis"]
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 FAST = 1.0  # seconds: "fails fast" means within this, not after a client timeout
 needs_services = pytest.mark.usefixtures("postgres_only")

@@ -31,9 +31,9 @@ from deferred_signals.messages import PROPERTIES_LEFT_OUT, MessageBuilder
 from deferred_signals.publisher import publish_fallback, publish_message
 from deferred_signals.redispush import RedisPush
 from tests.conftest import current, records, require, wait_for
-from tests.workers import Worker, make_app
+from tests.workers import PUBLISH_REDIS_URL, Worker, make_app
 
-URL = "redis://127.0.0.1:6379/14"
+URL = PUBLISH_REDIS_URL
 NOW = datetime.datetime(2026, 11, 24, 12, 0, 0, 123456, tzinfo=datetime.timezone.utc)
 HANDLER = "tests.user_event"
 

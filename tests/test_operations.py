@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connection, connections, transaction
 from django.test import Client
 from django.utils import timezone
@@ -33,7 +33,7 @@ from deferred_signals.models import DeadLetter, OutboxCall, ProcessedCall, Relay
 from deferred_signals.outbox import body_text
 from deferred_signals.relay import Relay
 from tests.conftest import Queue, use_app
-from tests.workers import ROOT, make_app
+from tests.workers import PUBLISH_REDIS_URL, ROOT, make_app
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -88,6 +88,34 @@ def test_replay_publishes_the_same_message_with_the_same_call_id(redis_queue: Qu
     assert "replayed 0 dead letter(s)" in out and len(redis_queue) == 2
 
 
+def test_a_letter_whose_replay_fails_again_is_a_live_dead_letter_again(
+    redis_queue: Queue,
+) -> None:
+    """The worker records the replayed call's new failure on the same row: until it is
+    replayed again, status counts it, replay --all takes it and prune keeps it."""
+    from deferred_signals import deadletters
+
+    letter = dead_letter("again")
+    command("replay", "--all")
+    assert DeadLetter.objects.get().replayed_at is not None
+    assert deadletters.record(
+        call_id=letter.call_id,
+        handler=EVENT,
+        body=body("again"),
+        exception=RuntimeError("still broken"),
+        attempts=5,
+    )
+    failed_again = DeadLetter.objects.get()
+    assert failed_again.replayed_at is None and failed_again.attempts == 5
+    assert json.loads(command("status", "--json")[0])["dead_letters"] == {EVENT: 1}
+    DeadLetter.objects.update(last_failed_at=timezone.now() - datetime.timedelta(days=30))
+    command("prune", "--older-than", "1s")
+    assert DeadLetter.objects.exists()
+    out, _ = command("replay", "--all")
+    assert "replayed 1 dead letter(s)" in out
+    assert [task_id for task_id, _ in published(redis_queue)] == [letter.call_id] * 2
+
+
 def test_replay_by_handler_all_and_dry_run(redis_queue: Queue) -> None:
     dead_letter("x")
     dead_letter("y", handler="tests.testapp.handlers.marker")
@@ -96,6 +124,35 @@ def test_replay_by_handler_all_and_dry_run(redis_queue: Queue) -> None:
     assert not DeadLetter.objects.exclude(replayed_at=None).exists()
     command("replay", "--handler", "tests.testapp.handlers.marker")
     assert [b["kwargs"]["label"] for _, b in published(redis_queue)] == ["y"]
+
+
+def test_handler_and_all_leave_out_letters_replayed_before_even_with_ids(
+    redis_queue: Queue,
+) -> None:
+    """--handler and --all win over IDS, with their own rule: replayed letters stay out."""
+    replayed_before, fresh = dead_letter("before"), dead_letter("fresh")
+    DeadLetter.objects.filter(pk=replayed_before.pk).update(replayed_at=timezone.now())
+    out, _ = command("replay", str(replayed_before.id), "--handler", EVENT)
+    assert "replayed 1 dead letter(s)" in out and f"replayed {fresh.id}:" in out
+    out, _ = command("replay", replayed_before.call_id, "--all", "--dry-run")
+    assert "would replay 0 dead letter(s)" in out
+    out, _ = command("replay", str(replayed_before.id), "--all", "--include-replayed")
+    assert "replayed 2 dead letter(s)" in out
+    labels = [b["kwargs"]["label"] for _, b in published(redis_queue)]
+    assert labels == ["fresh", "before", "fresh"]
+
+
+def test_replay_names_the_ids_it_cannot_find_and_replays_nothing(redis_queue: Queue) -> None:
+    letter = dead_letter("found")
+    with pytest.raises(CommandError) as raised:
+        command("replay", str(letter.id), "nope", "99999999999999999999999", "0")
+    assert str(raised.value) == (
+        "No dead letter has the id or call id 'nope', '99999999999999999999999', '0': "
+        "nothing replayed."
+    )
+    assert len(redis_queue) == 0 and DeadLetter.objects.get().replayed_at is None
+    out, _ = command("replay", f"00{letter.id}", letter.call_id)  # both name the one letter
+    assert "replayed 1 dead letter(s)" in out
 
 
 def test_replay_skips_what_this_code_could_not_have_sent(redis_queue: Queue) -> None:
@@ -110,12 +167,95 @@ def test_replay_skips_what_this_code_could_not_have_sent(redis_queue: Queue) -> 
     assert len(redis_queue) == 0
 
 
+def test_a_letter_that_does_not_decode_is_skipped_and_the_others_replayed(
+    redis_queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What the worker keeps of a refused message that did not decode: its raw text, here
+    # nested past what the JSON decoder can take (RecursionError, not ValueError).
+    deep = DeadLetter.objects.create(
+        call_id="deep", handler=EVENT, body="[" * 100_000 + "]" * 100_000, exception="x"
+    )
+    broken = DeadLetter.objects.create(call_id="broken", handler=EVENT, body="{", exception="x")
+    listed = DeadLetter.objects.create(
+        call_id="listed", handler=EVENT, body=body_text({**body("l"), "kwargs": []}), exception="x"
+    )
+    good = dead_letter("good")
+    out, err = command("replay", "--all")
+    assert "replayed 1 dead letter(s), skipped 3" in out
+    assert f"skipped {listed.id}: {EVENT} [listed]: its message is not one this package" in err
+    assert f"skipped {deep.id}: {EVENT} [deep]: its message does not decode (RecursionError)" in err
+    assert f"skipped {broken.id}: {EVENT} [broken]: its message does not decode" in err
+    assert f"did not replay dead letter {deep.id}" in caplog.text
+    assert [task_id for task_id, _ in published(redis_queue)] == [good.call_id]
+    assert list(DeadLetter.objects.exclude(replayed_at=None).values_list("call_id", flat=True)) == [
+        good.call_id
+    ]
+
+
 def test_replay_with_the_broker_down_goes_to_the_outbox(settings: SettingsWrapper) -> None:
     letter = dead_letter("later")
     with use_app(make_app("down", "redis://127.0.0.1:1/0"), settings, "nowhere"):
         command("replay", "--all")
     (row,) = OutboxCall.objects.all()
     assert row.id == letter.call_id and json.loads(row.body)["kwargs"]["label"] == "later"
+
+
+def test_replaying_again_while_the_broker_is_down_keeps_every_call(
+    settings: SettingsWrapper, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first replay spilled A; replaying A and B spills both: A's row stands for A (its
+    call id is taken), B gets its own, nothing is lost and both are marked replayed."""
+    first, second = dead_letter("first"), dead_letter("second")
+    with use_app(make_app("down", "redis://127.0.0.1:1/0"), settings, "nowhere"):
+        command("replay", first.call_id)
+        publisher.reset()  # no cooldown: the second replay tries the broker again
+        out, err = command("replay", first.call_id, second.call_id)
+    assert "replayed 2 dead letter(s), skipped 0" in out and not err
+    assert "LOST" not in caplog.text
+    assert sorted(OutboxCall.objects.values_list("id", flat=True)) == sorted(
+        [first.call_id, second.call_id]
+    )
+    assert not DeadLetter.objects.filter(replayed_at=None).exists()
+
+
+def test_a_replay_neither_the_broker_nor_the_outbox_took_is_not_marked_replayed(
+    settings: SettingsWrapper,
+) -> None:
+    letter = dead_letter("lost")
+    down = make_app("down", "redis://127.0.0.1:1/0")
+    # The outbox fails too: DDL in a transaction rolls back on both backends.
+    with use_app(down, settings, "nowhere"), transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TABLE {OutboxCall._meta.db_table}")
+        out, err = command("replay", "--all")
+        assert "replayed 0 dead letter(s), skipped 1" in out
+        assert f"skipped {letter.id}" in err and "still a dead letter" in err
+        assert DeadLetter.objects.get().replayed_at is None
+        transaction.set_rollback(True)
+
+
+def test_a_replay_that_fails_again_at_once_is_not_marked_replayed_after_its_failure(
+    redis_queue: Queue,
+) -> None:
+    """A worker may take the replayed message and dead-letter it again before replay()
+    marks the letter: the new failure wins."""
+    from deferred_signals import deadletters, signals
+
+    letter = dead_letter("fast")
+
+    def fail_at_once(sender: Any, call_id: str, **kwargs: Any) -> None:
+        deadletters.record(
+            call_id=call_id, handler=EVENT, body=body("fast"), exception=RuntimeError("again")
+        )
+
+    signals.call_published.connect(fail_at_once)
+    try:
+        out, _ = command("replay", "--all")
+    finally:
+        signals.call_published.disconnect(fail_at_once)
+    assert "replayed 1 dead letter(s)" in out and len(redis_queue) == 1
+    failed_again = DeadLetter.objects.get(pk=letter.pk)
+    assert failed_again.replayed_at is None and failed_again.message == "again"
 
 
 def test_the_admin_replay_action_needs_the_change_permission(redis_queue: Queue) -> None:
@@ -294,7 +434,7 @@ def test_relay_process_stops_on_sigterm_and_touches_its_health_file(
         "DJANGO_SETTINGS_MODULE": "tests.settings_postgres",
         "DS_TEST_DB_DEFAULT": connection.settings_dict["NAME"],
         "DS_TEST_DB_OTHER": connections["other"].settings_dict["NAME"],
-        "DS_TEST_BROKER": "redis://127.0.0.1:6379/14",
+        "DS_TEST_BROKER": PUBLISH_REDIS_URL,
         "DS_TEST_QUEUE": redis_queue.name,
         "DS_TEST_EAGER": "0",
         "PYTHONPATH": str(ROOT),
@@ -324,6 +464,19 @@ def test_relay_process_stops_on_sigterm_and_touches_its_health_file(
     assert relay.returncode == 0, output
     assert "finishing the round in hand" in output and "relay stopped" in output
     assert [task_id for task_id, _ in published(redis_queue)] == ["relayed"]
+    # Stopped cleanly: no heartbeat is left to look like a relay that stopped looping.
+    assert not RelayHeartbeat.objects.exists()
+
+
+def test_relay_once_touches_its_health_file_and_leaves_no_heartbeat(
+    redis_queue: Queue, tmp_path: Path
+) -> None:
+    """A heartbeat row names a running relay (host:pid): a finished one would only show
+    up in status as a relay that stopped looping."""
+    health = tmp_path / "alive"
+    out, _ = command("relay", "--once", "--health-file", str(health))
+    assert "relayed 0 call(s)" in out and health.exists()
+    assert not RelayHeartbeat.objects.exists()
 
 
 def test_relay_refuses_an_unconfigured_celery_app(postgres_only: None) -> None:
@@ -379,6 +532,25 @@ def test_prune_deletes_old_processed_ids_and_replayed_letters() -> None:
     assert "pruned 1 processed call id(s) and 1 replayed dead letter(s)" in out
     assert list(ProcessedCall.objects.values_list("call_id", flat=True)) == ["new"]
     assert list(DeadLetter.objects.values_list("pk", flat=True)) == [kept.pk]
+
+
+def test_status_marks_stale_relays_and_prune_forgets_them() -> None:
+    now = timezone.now()
+    RelayHeartbeat.objects.create(name="live:1", last_loop_at=now)
+    RelayHeartbeat.objects.create(name="gone:2", last_loop_at=now - datetime.timedelta(hours=1))
+    RelayHeartbeat.objects.create(name="gone:3", last_loop_at=now - datetime.timedelta(days=9))
+    report = json.loads(command("status", "--json")[0])
+    assert set(report["relays"]) == {"live:1", "gone:2", "gone:3"}
+    assert report["stale_relays"] == ["gone:2", "gone:3"]
+    text = command("status")[0]
+    assert "relay live:1: last loop 0 s ago\n" in text
+    assert "relay gone:2: last loop 3600 s ago: stale (stopped or stuck)" in text
+    assert json.loads(command("status", "--json", "--stale-after", "2h")[0])["stale_relays"] == [
+        "gone:3"
+    ]
+    out, _ = command("prune", "--older-than", "7d")
+    assert "pruned 1 relay heartbeat(s)" in out
+    assert sorted(RelayHeartbeat.objects.values_list("name", flat=True)) == ["gone:2", "live:1"]
 
 
 # --- configuration -------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from kombu import Producer
 from deferred_signals.messages import Message, MessageBuilder
 from deferred_signals.redispush import RedisPush
 from tests.conftest import current, require
-from tests.workers import make_app
+from tests.workers import PUBLISH_REDIS_URL, make_app
 
-URL = "redis://127.0.0.1:6379/14"
+URL = PUBLISH_REDIS_URL
 HANDLER = "tests.user_event"
 
 

@@ -15,6 +15,9 @@ import pytest
 from celery import Celery
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The Redis database of the tests that read what was published; DS_TEST_REDIS_URL, which also
+#: moves the workers' broker, keeps every test on one database of a shared server.
+PUBLISH_REDIS_URL = os.environ.get("DS_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 BROKERS = {
     "redis": os.environ.get("DS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"),
     "rabbitmq": os.environ.get("DS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),

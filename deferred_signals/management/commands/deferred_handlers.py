@@ -7,13 +7,14 @@ from typing import Any
 from django.core.management.base import CommandParser
 
 from .deferred_signals import Command as DeferredSignalsCommand
+from .deferred_signals import add_list_arguments
 
 
 class Command(DeferredSignalsCommand):
     help = "Same as `manage.py deferred_signals list` (kept for existing scripts)."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+        add_list_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.handle_list(**options)

@@ -6,22 +6,33 @@ broker, ``replay`` dead letters, ``prune`` old bookkeeping rows.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import os
 import re
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import router
-from django.db.models import Count
+from django.db import connections, router
+from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from deferred_signals import listing, readiness
 from deferred_signals.exceptions import DeferredSignalConfigError
 from deferred_signals.relay import Relay, RoundResult, freeze_heap, outbox_databases, pending
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from deferred_signals.models import DeadLetter
+
+#: The largest dead letter id (a 64-bit integer): a longer number can only be a call id.
+MAX_ID = 2**63 - 1
+#: A relay loops every 5 s when idle; a long backlog or a broker timeout stretches a loop.
+STALE_AFTER = "5m"
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -33,24 +44,55 @@ def duration(text: str) -> datetime.timedelta:
     return datetime.timedelta(seconds=float(match[1]) * UNITS[match[2] or "s"])
 
 
+def duration_option(text: str) -> datetime.timedelta:
+    """:func:`duration` for argparse: its message, after the option's name."""
+    try:
+        return duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def positive_int(text: str) -> int:
+    """A count of 1 or more, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, not {text!r}")
+    return value
+
+
+def add_list_arguments(parser: CommandParser) -> None:
+    """The options of ``list``, also taken by its former name, ``deferred_handlers``."""
+    parser.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+    parser.add_argument(
+        "--no-workers",
+        action="store_true",
+        help="Do not ask live workers which queues they consume.",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=1.0, help="Seconds to wait for workers' replies."
+    )
+
+
 class Command(BaseCommand):
     help = "Inspect and operate deferred signal handlers: list, status, relay, replay, prune."
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="subcommand", required=True, parser_class=CommandParser)
-        listing_ = sub.add_parser("list", help="The handlers: signals, senders, merged options.")
-        listing_.add_argument("--json", action="store_true", help="Print JSON instead of text.")
-        listing_.add_argument(
-            "--no-workers",
-            action="store_true",
-            help="Do not ask live workers which queues they consume.",
-        )
-        listing_.add_argument(
-            "--timeout", type=float, default=1.0, help="Seconds to wait for workers' replies."
+        add_list_arguments(
+            sub.add_parser("list", help="The handlers: signals, senders, merged options.")
         )
 
         status = sub.add_parser("status", help="Pending outbox rows, dead letters, relays.")
         status.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+        status.add_argument(
+            "--stale-after",
+            type=duration_option,
+            default=duration(STALE_AFTER),
+            help=f"A relay without a loop for this long is stale ({STALE_AFTER}).",
+        )
 
         relay = sub.add_parser("relay", help="Publish the outbox until SIGTERM/SIGINT.")
         relay.add_argument("--once", action="store_true", help="Publish what is due, then exit.")
@@ -60,7 +102,7 @@ class Command(BaseCommand):
             dest="databases",
             help="Drain this alias's outbox (repeatable; default: every alias with the table).",
         )
-        relay.add_argument("--batch", type=int, default=500, help="Rows per round (500).")
+        relay.add_argument("--batch", type=positive_int, default=500, help="Rows per round (500).")
         relay.add_argument(
             "--health-file", type=Path, help="Touch this file after each loop (liveness probe)."
         )
@@ -77,7 +119,7 @@ class Command(BaseCommand):
         prune = sub.add_parser(
             "prune", help="Delete processed call ids and replayed dead letters older than this."
         )
-        prune.add_argument("--older-than", type=duration, default=duration("7d"))
+        prune.add_argument("--older-than", type=duration_option, default=duration("7d"))
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["subcommand"] in ("relay", "replay"):
@@ -116,6 +158,13 @@ class Command(BaseCommand):
                 for row in RelayHeartbeat.objects.using(using).order_by("-last_loop_at")
             },
         }
+        # Stopped relays remove their row; a row left behind is a relay killed or stuck.
+        now = timezone.now()
+        report["stale_relays"] = sorted(
+            name
+            for name, at in report["relays"].items()
+            if now - datetime.datetime.fromisoformat(at) > options["stale_after"]
+        )
         if options["json"]:
             self.stdout.write(json.dumps(report, indent=2))
             return
@@ -129,12 +178,31 @@ class Command(BaseCommand):
             self.stdout.write(f"  {handler}: {count}")
         if not report["relays"]:
             self.stdout.write("relays: none has completed a loop yet")
-        now = timezone.now()
         for name, at in report["relays"].items():
             seconds = (now - datetime.datetime.fromisoformat(at)).total_seconds()
-            self.stdout.write(f"relay {name}: last loop {seconds:.0f} s ago")
+            stale = ": stale (stopped or stuck)" if name in report["stale_relays"] else ""
+            self.stdout.write(f"relay {name}: last loop {seconds:.0f} s ago{stale}")
 
     def handle_relay(self, **options: Any) -> None:
+        # Checked before the first round: afterwards these fail as tracebacks, or not at all.
+        aliases = list(connections)
+        for alias in options["databases"] or []:
+            if alias not in aliases:
+                raise CommandError(
+                    f"--database {alias!r}: no such database alias in DATABASES "
+                    f"({', '.join(aliases)})."
+                )
+        health_file = options["health_file"]
+        if health_file is not None:
+            directory = health_file.parent
+            if not directory.is_dir():
+                raise CommandError(
+                    f"--health-file {health_file}: its directory {directory} does not exist."
+                )
+            if not os.access(directory, os.W_OK):
+                raise CommandError(
+                    f"--health-file {health_file}: its directory {directory} is not writable."
+                )
         relay = Relay(
             databases=options["databases"] or [],
             batch=options["batch"],
@@ -148,7 +216,9 @@ class Command(BaseCommand):
             )
         if options["once"]:
             published = relay.run_once()
-            relay.heartbeat()
+            # No heartbeat row: it would outlive this process and look like a stuck relay.
+            if relay.health_file is not None:
+                relay.health_file.touch()
             self.stdout.write(f"relayed {published} call(s)")
             failed = {**{alias: None for alias in relay.unverified}, **relay.failures}
             if failed:
@@ -175,6 +245,7 @@ class Command(BaseCommand):
         )
         freeze_heap()  # this process relays until it stops
         relay.run()
+        relay.forget_heartbeat()  # a clean stop; a killed relay's row goes stale instead
         self.stdout.write("relay stopped")
 
     def _report_round(self, using: str, result: RoundResult) -> None:
@@ -188,18 +259,18 @@ class Command(BaseCommand):
         from deferred_signals.models import DeadLetter
         from deferred_signals.replay import replay
 
-        letters = DeadLetter.objects.using(router.db_for_read(DeadLetter)).order_by("id")
-        if options["all"]:
-            pass
-        elif options["handler"]:
-            letters = letters.filter(handler=options["handler"])
+        letters: Iterable[DeadLetter]
+        chosen = DeadLetter.objects.using(router.db_for_read(DeadLetter)).order_by("id")
+        if options["all"] or options["handler"]:
+            if options["handler"] and not options["all"]:
+                chosen = chosen.filter(handler=options["handler"])
+            if not options["include_replayed"]:
+                chosen = chosen.filter(replayed_at=None)
+            letters = chosen
         elif options["ids"]:
-            numbers = [int(i) for i in options["ids"] if i.isdigit()]
-            letters = letters.filter(id__in=numbers) | letters.filter(call_id__in=options["ids"])
+            letters = self._named_letters(chosen, options["ids"])
         else:
             raise CommandError("Say which dead letters: IDs, --handler NAME or --all.")
-        if not options["include_replayed"] and not options["ids"]:
-            letters = letters.filter(replayed_at=None)
         replayed, skipped = replay(letters, dry_run=options["dry_run"])
         verb = "would replay" if options["dry_run"] else "replayed"
         for letter in replayed:
@@ -211,14 +282,32 @@ class Command(BaseCommand):
             )
         self.stdout.write(f"{verb} {len(replayed)} dead letter(s), skipped {len(skipped)}")
 
+    @staticmethod
+    def _named_letters(letters: QuerySet[DeadLetter], ids: list[str]) -> list[DeadLetter]:
+        """The letters ``ids`` name (ids or call ids, replayed before or not), or a
+        CommandError naming those that name none: a typo must not pass for "nothing to do"."""
+        numbers = {int(i) for i in ids if i.isdigit() and int(i) <= MAX_ID}
+        found = list(letters.filter(Q(id__in=numbers) | Q(call_id__in=ids)))
+        known = {letter.call_id for letter in found}
+        pks = {letter.pk for letter in found}
+        missing = [i for i in ids if i not in known and not (i.isdigit() and int(i) in pks)]
+        if missing:
+            raise CommandError(
+                f"No dead letter has the id or call id {', '.join(map(repr, missing))}: "
+                "nothing replayed."
+            )
+        return found
+
     def handle_prune(self, **options: Any) -> None:
-        from deferred_signals.models import DeadLetter, ProcessedCall
+        from deferred_signals.models import DeadLetter, ProcessedCall, RelayHeartbeat
 
         cutoff = timezone.now() - options["older_than"]
-        processed = 0
+        processed = heartbeats = 0
         for using in outbox_databases():
             old = ProcessedCall.objects.using(using).filter(processed_at__lt=cutoff)
             processed += old.delete()[0]
+            gone = RelayHeartbeat.objects.using(using).filter(last_loop_at__lt=cutoff)
+            heartbeats += gone.delete()[0]
         letters = (
             DeadLetter.objects.using(router.db_for_write(DeadLetter))
             .filter(replayed_at__lt=cutoff)
@@ -227,4 +316,8 @@ class Command(BaseCommand):
         self.stdout.write(
             f"pruned {processed} processed call id(s) and {letters} replayed dead letter(s) "
             f"older than {options['older_than']}"
+        )
+        self.stdout.write(
+            f"pruned {heartbeats} relay heartbeat(s) without a loop for {options['older_than']} "
+            "(relays killed or stuck)"
         )
