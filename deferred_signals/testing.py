@@ -341,7 +341,8 @@ def _handler_name(handler: str | Callable[..., Any]) -> str:
     if isinstance(handler, str):
         found = registry.get(handler)
     else:
-        found = next((h for h in registry.all_handlers() if h.func is handler), None)
+        # ``==``: a bound method read again is a new object, equal to the registered one.
+        found = next((h for h in registry.all_handlers() if h.func == handler), None)
     if found is None:
         raise DeferredSignalError(
             f"{handler!r} is not a deferred handler: give the function connected with "

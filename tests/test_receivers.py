@@ -48,6 +48,11 @@ def other_module_level_handler(sender: Any, **kwargs: Any) -> None:
     pass
 
 
+class Indexer:
+    def reindex(self, sender: Any, **kwargs: Any) -> None:
+        pass
+
+
 # --- defer=False is Django's receiver -------------------------------------------------------
 
 
@@ -140,6 +145,19 @@ def test_one_function_connected_to_several_senders_shares_its_handler() -> None:
         with pytest.raises(DuplicateHandlerError, match="different options"):
             connect(signal, module_level_handler, sender=Article, defer=True, queue="other")
         signal.disconnect(module_level_handler, sender=Article)
+
+
+def test_one_bound_method_connected_to_two_signals_shares_its_handler() -> None:
+    saved, deleted = Signal(), Signal()
+    indexer = Indexer()
+    # Each attribute read makes a new bound-method object: the same receiver all the same.
+    with deferred(saved, indexer.reindex, sender=Article) as handler:
+        connect(deleted, indexer.reindex, sender=Article, defer=True)
+        assert handler.name == f"{__name__}.Indexer.reindex"
+        assert handler.signals == [saved, deleted] and deleted.has_listeners(Article)
+        with pytest.raises(DuplicateHandlerError, match=r"Two deferred handlers.*Indexer\.reindex"):
+            connect(deleted, Indexer().reindex, sender=Author, defer=True)  # another instance
+        deleted.disconnect(indexer.reindex, sender=Article)
 
 
 def test_lambdas_and_local_functions_need_a_name() -> None:

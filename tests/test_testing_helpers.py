@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save, pre_delete
+from django.dispatch import Signal
 from django.test import TestCase
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from deferred_signals import DeferredSignalError
+from deferred_signals import DeferredSignalError, connect, registry
 from deferred_signals.models import OutboxCall
 from deferred_signals.testing import DeferredCapture, capture_deferred
 from tests.conftest import records
@@ -263,6 +264,22 @@ def test_assertions_take_the_function_or_its_registered_name(
     deferred.assert_deferred("tests.user_event")
     deferred.assert_not_deferred(handlers.article_saved)
     deferred.assert_not_deferred(ARTICLE_SAVED)
+
+
+class Counter:
+    def count(self, sender: object, **kwargs: object) -> None:
+        pass
+
+
+def test_assertions_take_a_bound_method(db: None, deferred: DeferredCapture) -> None:
+    signal, counter = Signal(), Counter()
+    connect(signal, counter.count, defer=True)
+    try:
+        signal.send(sender=None, n=1)
+        assert deferred.assert_deferred(counter.count, n=1).handler == f"{__name__}.Counter.count"
+    finally:
+        signal.disconnect(counter.count)
+        registry.unregister(f"{__name__}.Counter.count")
 
 
 def test_a_failing_assertion_lists_what_was_deferred_instead(
