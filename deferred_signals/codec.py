@@ -48,6 +48,18 @@ class TooDeepError(EncodeError):
     """Internal: an argument nests deeper than :data:`MAX_DEPTH` once encoded."""
 
 
+class CodecFailedError(EncodeError):
+    """Internal: a registered codec's ``encode()`` raised; chained from its exception."""
+
+    def __init__(self, value: object, codec: _Custom, error: Exception) -> None:
+        name = codec.tag.removeprefix("x:")
+        super().__init__(
+            value,
+            f"the encode() of codec {name!r} (registered for {codec.type.__qualname__}) "
+            f"raised {error!r}; fix the codec, or send a value it can encode",
+        )
+
+
 @dataclass(frozen=True)
 class _Custom:
     tag: str
@@ -176,7 +188,11 @@ class Encoder:
             return str(value)
         codec = _find_custom(type(value))
         if codec is not None:
-            return {TAG: codec.tag, "v": self.encode(codec.encode(value), level + 1)}
+            try:
+                data = codec.encode(value)
+            except Exception as error:
+                raise CodecFailedError(value, codec, error) from error
+            return {TAG: codec.tag, "v": self.encode(data, level + 1)}
         if isinstance(value, enum.Enum):
             if isinstance(value, (str, int)):
                 # Django's TextChoices / IntegerChoices: the plain value compares equal.
@@ -217,6 +233,8 @@ class Encoder:
                     value = value.name
                 try:
                     fields[field.attname] = self.encode(value, level + 2)
+                except CodecFailedError:
+                    raise  # a bug to show, not a value to send as the field's text
                 except EncodeError:
                     fields[field.attname] = _field_text(field, instance, value)
             data["f"] = fields

@@ -378,6 +378,23 @@ def test_field_values_no_codec_knows_use_the_fields_text_form() -> None:
     assert wire(article).blob == b"\x00\x01"
 
 
+def test_a_codec_whose_encode_raises_is_an_encode_error_chained_from_it() -> None:
+    class Broken:
+        pass
+
+    register_codec(Broken, name="tests.broken", encode=lambda value: value.missing, decode=str)
+    try:
+        # In a model field too: a codec's bug shows, it is not sent as the field's text.
+        for value in (Broken(), Article(pk=1, title="t", data={"k": Broken()})):
+            with pytest.raises(EncodeError) as info:
+                Encoder(fresh=False, fields=True).encode(value)
+            assert type(info.value.value) is Broken
+            assert "the encode() of codec 'tests.broken'" in info.value.hint
+            assert isinstance(info.value.__cause__, AttributeError)
+    finally:
+        unregister_codec(Broken)
+
+
 def test_a_class_a_worker_cannot_find_is_refused_at_send_time() -> None:
     dynamic = type("Dynamic", (Plain,), {"__module__": __name__})
     with pytest.raises(EncodeError) as info:
