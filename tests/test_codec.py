@@ -15,8 +15,8 @@ from django.db import models
 from django.utils.safestring import mark_safe
 from kombu.utils import json as kombu_json
 
-from deferred_signals import register_codec, unregister_codec
-from deferred_signals.codec import EncodeError, Encoder, locate
+from deferred_signals import DeferredSignalConfigError, register_codec, unregister_codec
+from deferred_signals.codec import EncodeError, Encoder, custom_codec, locate
 from deferred_signals.codec import _field_text as codec_field_text
 from deferred_signals.decoder import Decoder, resolve, snapshot_instance
 from deferred_signals.exceptions import MalformedMessageError
@@ -193,6 +193,39 @@ def test_register_codec_refuses_a_second_type_under_one_name() -> None:
         register_codec(Other, name="tests.money", encode=repr, decode=str)
     with pytest.raises(TypeError):
         register_codec("not a type", name="x", encode=repr, decode=str)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [int, bool, str, float, list, dict, tuple, set, frozenset, type(None), Decimal, bytes,
+     datetime.datetime, uuid.UUID, bytearray, Article, models.Model, type],
+)  # fmt: skip
+def test_register_codec_refuses_types_the_codec_sends_itself(cls: type) -> None:
+    with pytest.raises(DeferredSignalConfigError, match=r"would never be used.*Remove the call"):
+        register_codec(cls, name="tests.native", encode=repr, decode=str)
+    assert custom_codec("x:tests.native") is None
+
+
+def test_subclasses_of_types_sent_natively_may_have_a_codec() -> None:
+    class Cents(int):
+        pass
+
+    register_codec(Cents, name="tests.cents", encode=int, decode=Cents)
+    try:
+        assert type(wire(Cents(5))) is Cents
+    finally:
+        unregister_codec(Cents)
+
+
+def test_register_codec_refuses_a_second_name_for_one_type() -> None:
+    with pytest.raises(ValueError, match=r"Money already has a codec, named 'tests\.money'"):
+        register_codec(Money, name="tests.euros", encode=repr, decode=str)
+    assert custom_codec("x:tests.euros") is None
+    assert wire(Money(Decimal("1"), "EUR")) == Money(Decimal("1"), "EUR")  # unchanged
+    # The same name again replaces the functions (a ready() run twice, a reload).
+    codec = custom_codec("x:tests.money")
+    assert codec is not None
+    register_codec(Money, name="tests.money", encode=codec.encode, decode=codec.decode)
 
 
 def test_unregister_codec() -> None:
