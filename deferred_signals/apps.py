@@ -11,5 +11,8 @@ class DeferredSignalsConfig(AppConfig):
     default_auto_field = "django.db.models.AutoField"
 
     def ready(self) -> None:
-        # Registers the system checks; nothing else happens at start-up.
-        from . import checks  # noqa: F401
+        # Registers the system checks and Celery's worker_init check of task names.
+        from . import checks, proxy
+
+        proxy.OWN_MODELS.update(self.get_models())
+        checks.connect_worker_check()

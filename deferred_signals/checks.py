@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,8 @@ from . import registry
 from .conf import SETTING, Problem, conf, settings_problems
 from .readiness import UNCONFIGURED_APP_HINT, unconfigured_app
 
+logger = logging.getLogger("deferred_signals")
+
 
 @register(Tags.compatibility, "deferred_signals")  # manage.py check --tag deferred_signals
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
@@ -22,6 +25,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     if isinstance(raw, Mapping) and isinstance(raw.get("HANDLERS", {}), Mapping):
         problems += _unknown_handlers(raw.get("HANDLERS", {}))
     problems += _unknown_aliases()
+    problems += task_name_clashes()
     if not any(problem.id.startswith("deferred_signals.E") for problem in problems):
         problems += _redis_redelivery()  # merges options: needs valid settings
         problems += _unconfigured_celery_app()
@@ -56,7 +60,9 @@ RUN_TIMES = ("time_limit", "soft_time_limit")
 def _redis_redelivery() -> list[Problem]:
     """Redis redelivers a message unacknowledged for ``visibility_timeout``: longer delays loop."""
     app = current_app
-    if not str(app.conf.broker_url or "").startswith(("redis", "rediss", "sentinel")):
+    # Workers consume from broker_read_url when it is set: that broker redelivers.
+    url = app.conf.broker_read_url or app.conf.broker_url
+    if not str(url or "").startswith(("redis", "rediss", "sentinel")):
         return []
     options = app.conf.broker_transport_options or {}
     timeout = options.get("visibility_timeout", 3600)
@@ -80,6 +86,61 @@ def _redis_redelivery() -> list[Problem]:
                     )
                 )
     return problems
+
+
+def task_name_clashes() -> list[Problem]:
+    """Handler names (and aliases) that are another Celery task's name, or Celery's own.
+
+    Celery keeps the first task registered under a name: either the handler's task is never
+    run (a message for it runs the other task, with the handler's arguments), or the other
+    task's ``delay()`` runs the handler. ``manage.py check`` sees the tasks imported by then;
+    a worker checks again once it has imported its task modules (:func:`connect_worker_check`).
+    """
+    from .tasks import DeferredHandlerTask
+
+    names = {
+        name: handler.name
+        for handler in registry.all_handlers()
+        for name in (handler.name, *handler.aliases)
+    }
+    if not names:
+        return []
+    app = current_app
+    problems = []
+    for name, handler in sorted(names.items()):
+        task = app.tasks.get(name)
+        theirs = task is not None and not isinstance(task, DeferredHandlerTask)
+        if not (theirs or name.startswith("celery.")):
+            continue
+        other = (
+            f"the Celery task {type(task).__module__}.{type(task).__qualname__}"
+            if theirs
+            else "a name Celery reserves for its own tasks"
+        )
+        what = "Deferred handler" if name == handler else "An alias of deferred handler"
+        problems.append(
+            Problem(
+                "deferred_signals.E010",
+                f"{what} {handler!r} is named {name!r}, which is {other}: Celery keeps one "
+                "task per name, so a message for one runs the other.",
+                "Give the handler another name= (with aliases=[...] for messages already "
+                "queued under the old one), or rename the Celery task.",
+            )
+        )
+    return problems
+
+
+def connect_worker_check() -> None:
+    """Log each clash of :func:`task_name_clashes` when a worker starts (its modules are
+    imported by then): the worker would run the wrong code for that name."""
+    from celery.signals import worker_init
+
+    worker_init.connect(_check_worker_tasks, weak=False, dispatch_uid="deferred_signals")
+
+
+def _check_worker_tasks(**kwargs: Any) -> None:
+    for problem in task_name_clashes():
+        logger.error("%s Fix: %s (%s)", problem.msg, problem.hint, problem.id)
 
 
 def _unknown_aliases() -> list[Problem]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from django.db import DatabaseError, transaction
@@ -82,7 +82,9 @@ class _Transaction:
         """Still this transaction: its first finisher is pending (only its end removes it)."""
         return self.anchor is not None and _pending(self.connection, self.anchor, self.anchor_index)
 
-    def add(self, call: dispatch.PendingCall, key: Key) -> None:
+    def add(
+        self, call: dispatch.PendingCall, key: Key, announce: Callable[[], None] | None = None
+    ) -> None:
         connection = self.connection
         chain = self.chains.get(key)
         if chain is None:
@@ -98,6 +100,8 @@ class _Transaction:
             # The group's id: the one its merged call is published (and its row kept) under.
             call.id = previous.row
             body = merge(previous.body, call.body)
+        if announce is not None:
+            announce()
         member = _Member(call, body, call.id)
         if call.outbox and not conf.eager:
             _write_outbox(member, previous is None, self.using)
@@ -154,22 +158,30 @@ CALLBACKS = (_Member, _Finisher)
 _open: weakref.WeakKeyDictionary[Any, _Transaction] = weakref.WeakKeyDictionary()
 
 
-def enqueue(call: dispatch.PendingCall, using: str, key: Key) -> None:
+def enqueue(
+    call: dispatch.PendingCall,
+    using: str,
+    key: Key,
+    announce: Callable[[], None] | None = None,
+) -> None:
     """Send ``call`` at commit of ``using``'s transaction, merged with the same key's calls.
 
-    Gives ``call`` its id: a new one, or its group's when it joins calls made before it.
+    Gives ``call`` its id: a new one, or its group's when it joins calls made before it;
+    then calls ``announce`` (``call_deferred``), before anything is published.
     """
     connection = transaction.get_connection(using)
     if not connection.in_atomic_block or (
         dispatch.capture is not None and _test_autocommit(connection)
     ):
         call.id = uuid4()
+        if announce is not None:
+            announce()
         dispatch.enqueue(call, using)  # nothing to coalesce with: published at once
         return
     current = _open.get(connection)
     if current is None or not current.alive():
         current = _open[connection] = _Transaction(connection, using)
-    current.add(call, (call.handler.name, *key))
+    current.add(call, (call.handler.name, *key), announce)
 
 
 def _test_autocommit(connection: Any) -> bool:

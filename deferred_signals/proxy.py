@@ -31,6 +31,11 @@ DELETE_SIGNALS = (pre_delete, post_delete)
 _serials = itertools.count()
 _newest_serial = -1
 
+#: The package's own models (outbox rows, dead letters, heartbeats, processed call ids),
+#: filled when the app is ready. A deferred handler never hears of their saves: a catch-all
+#: ``post_save`` handler would feed on its own dead letters, in a loop.
+OWN_MODELS: set[type[Model]] = set()
+
 
 class _LastSend(threading.local):
     """What the previous proxy encoded, so one send encodes its arguments once.
@@ -64,6 +69,11 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
     def proxy(signal: Signal, sender: Any, **kwargs: Any) -> None:
         if kwargs.get("raw") and not handler.include_raw:
             return
+        try:
+            if sender in OWN_MODELS:
+                return
+        except TypeError:  # an unhashable sender: none of ours
+            pass
         readiness.check()
         names = frozenset(kwargs)
         if names not in accepted:
@@ -86,18 +96,16 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
             kwargs=kwargs_data,
         )
         using = _alias(handler, kwargs)
+        # Sent once the call has its id, before it can be published (outside a transaction
+        # it is published, or run with EAGER, at once). The request path: not even the call,
+        # unused.
+        announce = _Announce(handler, call, using) if signals.call_deferred.receivers else None
         if key is None:
+            if announce is not None:
+                announce()
             dispatch.enqueue(call, using)
         else:
-            coalesce.enqueue(call, using, key)
-        if signals.call_deferred.receivers:  # the request path: not even the call, unused
-            signals.call_deferred.send(
-                handler.func,
-                handler=handler.name,
-                call_id=call.id,
-                using=using,
-                delivery="outbox" if call.outbox else "on_commit",
-            )
+            coalesce.enqueue(call, using, key, announce)
 
     # send_robust() reports errors against the receiver: let it read as the user's function.
     func = handler.func
@@ -107,6 +115,25 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
     proxy.__doc__ = getattr(func, "__doc__", None)
     proxy.__wrapped__ = func  # type: ignore[attr-defined]
     return proxy
+
+
+class _Announce:
+    """Sends ``call_deferred`` for one call (coalescing calls it once the call has its id)."""
+
+    __slots__ = ("call", "handler", "using")
+
+    def __init__(self, handler: Handler, call: dispatch.PendingCall, using: str) -> None:
+        self.handler, self.call, self.using = handler, call, using
+
+    def __call__(self) -> None:
+        call = self.call
+        signals.call_deferred.send(
+            self.handler.func,
+            handler=self.handler.name,
+            call_id=call.id,
+            using=self.using,
+            delivery="outbox" if call.outbox else "on_commit",
+        )
 
 
 def _coalesce_key(index: int, sender: Any, instance: Any) -> coalesce.Key | None:
