@@ -53,6 +53,10 @@ class Handler:
         return f"<deferred handler {self.name}>"
 
 
+#: The longest handler name (or alias): what the ``handler`` column of the outbox and
+#: dead-letter tables holds (``models.py`` sizes them with it).
+NAME_LENGTH = 255
+
 _handlers: dict[str, Handler] = {}
 #: alias -> registered name
 _aliases: dict[str, str] = {}

@@ -21,6 +21,8 @@ from deferred_signals import (
     receiver,
     registry,
 )
+from deferred_signals.models import DeadLetter, OutboxCall
+from deferred_signals.registry import NAME_LENGTH
 from tests.testapp import handlers
 from tests.testapp.models import Article, Author
 
@@ -182,6 +184,44 @@ def test_bad_options_fail_at_import_time_naming_handler_and_option() -> None:
         connect(Signal(), "handler", defer=True)  # type: ignore[arg-type]
     with pytest.raises(DeferredSignalConfigError, match="using"):
         connect(Signal(), module_level_handler, defer=True, using=1)  # type: ignore[arg-type]
+    assert registry.get(f"{__name__}.module_level_handler") is None
+
+
+@pytest.mark.parametrize("defer", ["yes", "false", 1, None])
+def test_defer_must_be_a_bool(defer: Any) -> None:
+    where = rf"defer={defer!r} for {__name__}\.module_level_handler: "
+    with pytest.raises(DeferredSignalConfigError, match=where + "defer must be True or False"):
+        connect(Signal(), module_level_handler, defer=defer)
+    with pytest.raises(TypeError, match=rf"defer={defer!r}: defer must be True or False"):
+        receiver(Signal(), defer=defer)
+    assert registry.get(f"{__name__}.module_level_handler") is None
+
+
+def test_names_and_aliases_are_non_empty_strings_that_fit_the_tables() -> None:
+    assert OutboxCall._meta.get_field("handler").max_length == NAME_LENGTH
+    assert DeadLetter._meta.get_field("handler").max_length == NAME_LENGTH
+    too_long = "x" * (NAME_LENGTH + 1)
+    for kwargs, problem in [
+        ({"name": ""}, "has name='': give a non-empty str"),
+        ({"name": " "}, "has name=' ': give a non-empty str"),
+        ({"name": 123}, "has name=123: give a non-empty str"),
+        ({"name": too_long}, rf"has name='x+'\.\.\. \({NAME_LENGTH + 1} characters\): the outbox"),
+        ({"aliases": [""]}, "has the alias '': give a non-empty str"),
+        ({"aliases": [too_long]}, rf"has the alias 'x+'\.\.\. \({NAME_LENGTH + 1} characters\)"),
+        ({"aliases": "shop.old"}, r"has aliases='shop\.old': give a list of former names, "),
+        ({"include_raw": "no"}, "has include_raw='no': give True or False"),
+    ]:
+        with pytest.raises(DeferredSignalConfigError, match=problem):
+            connect(Signal(), module_level_handler, defer=True, **kwargs)
+
+    def long_named(**kwargs: Any) -> None:
+        pass
+
+    long_named.__qualname__ = "y" * NAME_LENGTH  # module.qualname: too long by the module's
+    with pytest.raises(DeferredSignalConfigError, match=r"has the name '.*characters\)"):
+        connect(Signal(), long_named, defer=True)
+    with deferred(Signal(), long_named, name="z" * NAME_LENGTH) as handler:  # fits exactly
+        assert handler.task.name == "z" * NAME_LENGTH
     assert registry.get(f"{__name__}.module_level_handler") is None
 
 
