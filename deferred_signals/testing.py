@@ -101,8 +101,9 @@ class CapturedCall:
         if self._decoded is None:
             decoded = decode_call(self._registered, kombu_json.loads(self.message))
             # The worker's own lookup: fresh rows, snapshots, ``on_missing`` ("raise" raises).
+            # It logs nothing: reading the arguments skips no call, run() does.
             with suppress(ObjectDoesNotExist):
-                decoded._resolve_instances(self.id)
+                decoded._resolve_instances()
             for ref in decoded.decoder.instances:
                 if ref.resolved is None:
                     ref.resolved = ref.model(pk=ref.pk)

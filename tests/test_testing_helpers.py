@@ -10,6 +10,7 @@ until ``deferred.run()``. Runs on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import subprocess
 import sys
@@ -251,6 +252,21 @@ def test_a_row_deleted_before_decoding_comes_back_with_its_pk(
         Article.objects.filter(pk=article.pk).delete()
     call = deferred.assert_deferred(handlers.article_saved, instance=article)
     assert call.kwargs["instance"]._state.adding  # not a row: the worker would skip the call
+
+
+def test_reading_a_deleted_rows_call_logs_no_skip_running_it_does(
+    db: None, deferred: DeferredCapture, caplog: pytest.LogCaptureFixture
+) -> None:
+    with transaction.atomic():
+        article = Article.objects.create(title="short-lived")
+        Article.objects.filter(pk=article.pk).delete()
+    skipped = f"Skipped deferred handler {ARTICLE_SAVED}: "
+    with caplog.at_level(logging.WARNING, logger="deferred_signals"):
+        call = deferred.assert_deferred(handlers.article_saved, instance=article)
+        assert call.kwargs["instance"].pk == article.pk
+        assert skipped not in caplog.text  # only the arguments were read
+        deferred.run()
+    assert caplog.text.count(skipped) == 1
 
 
 # --- assertions --------------------------------------------------------------------------
