@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from celery import current_app
@@ -51,8 +51,14 @@ def other_module_level_handler(sender: Any, **kwargs: Any) -> None:
 
 
 class Indexer:
-    def reindex(self, sender: Any, **kwargs: Any) -> None:
-        pass
+    ran: ClassVar[list[tuple[str, Any]]] = []
+
+    def reindex(self, sender: Any, n: int, **kwargs: Any) -> None:
+        self.ran.append((f"instance {id(self)}", n))
+
+    @classmethod
+    def on_any(cls, sender: Any, n: int, **kwargs: Any) -> None:
+        cls.ran.append((cls.__name__, n))
 
 
 # --- defer=False is Django's receiver -------------------------------------------------------
@@ -160,6 +166,19 @@ def test_one_bound_method_connected_to_two_signals_shares_its_handler() -> None:
         with pytest.raises(DuplicateHandlerError, match=r"Two deferred handlers.*Indexer\.reindex"):
             connect(deleted, Indexer().reindex, sender=Author, defer=True)  # another instance
         deleted.disconnect(indexer.reindex, sender=Article)
+
+
+@pytest.mark.django_db(transaction=True)  # EAGER in these settings: runs at once
+def test_bound_methods_and_classmethods_run_as_deferred_handlers() -> None:
+    signal, indexer = Signal(), Indexer()
+    Indexer.ran.clear()
+    with (
+        deferred(signal, indexer.reindex, name="tests.reindex"),
+        deferred(signal, Indexer.on_any) as by_class,
+    ):
+        assert by_class.name == f"{__name__}.Indexer.on_any"
+        signal.send(sender=None, n=1)
+    assert sorted(Indexer.ran) == [("Indexer", 1), (f"instance {id(indexer)}", 1)]
 
 
 def test_lambdas_and_local_functions_need_a_name() -> None:
