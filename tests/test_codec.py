@@ -335,6 +335,21 @@ def test_subclasses_of_supported_types_travel_as_the_base_type() -> None:
     assert type(wire(True)) is bool
 
 
+def test_any_str_int_or_float_subclass_travels_as_its_plain_value() -> None:
+    class Slug(str):
+        kind = "slug"
+
+    class Cents(int):
+        pass
+
+    class Ratio(float):
+        pass
+
+    for value, base in ((Slug("a-b"), str), (Cents(5), int), (Ratio(0.5), float)):
+        back = wire(value)
+        assert back == value and type(back) is base
+
+
 def test_summary_is_short_and_holds_no_argument_values() -> None:
     from deferred_signals.codec import summary
 
