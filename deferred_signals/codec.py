@@ -24,6 +24,8 @@ from django.db.models.fields.files import FieldFile
 from django.db.models.query import QuerySet
 from django.utils.functional import Promise
 
+from .exceptions import DeferredSignalConfigError
+
 TAG = "$t"
 #: How deeply an argument may nest once encoded (JSON containers, tagged forms included).
 #: Deeper arguments are refused at send time and deeper messages at the worker, where a few
@@ -48,6 +50,18 @@ class TooDeepError(EncodeError):
     """Internal: an argument nests deeper than :data:`MAX_DEPTH` once encoded."""
 
 
+class CodecFailedError(EncodeError):
+    """Internal: a registered codec's ``encode()`` raised; chained from its exception."""
+
+    def __init__(self, value: object, codec: _Custom, error: Exception) -> None:
+        name = codec.tag.removeprefix("x:")
+        super().__init__(
+            value,
+            f"the encode() of codec {name!r} (registered for {codec.type.__qualname__}) "
+            f"raised {error!r}; fix the codec, or send a value it can encode",
+        )
+
+
 @dataclass(frozen=True)
 class _Custom:
     tag: str
@@ -56,6 +70,8 @@ class _Custom:
     decode: Callable[[JSON], Any]
 
 
+#: Sent by the encoder's fast path, exact types only (a subclass goes to the codecs).
+_NATIVE_TYPES = (str, int, bool, float, type(None), list, dict, tuple, set, frozenset)
 _custom_by_type: dict[type, _Custom] = {}
 _custom_by_tag: dict[str, _Custom] = {}
 
@@ -76,15 +92,41 @@ def register_codec(
     """
     if not isinstance(type_, type):
         raise TypeError(f"register_codec() needs a class, not {type_!r}.")
+    if _native(type_):
+        raise DeferredSignalConfigError(
+            f"register_codec({type_.__qualname__}, name={name!r}) would never be used: "
+            f"deferred_signals sends {type_.__qualname__} values itself, before it looks at "
+            "registered codecs. Remove the call (the types sent natively are listed in the "
+            "arguments reference)."
+        )
     tag = f"x:{name}"
     existing = _custom_by_tag.get(tag)
     if existing is not None and existing.type is not type_:
         raise ValueError(
             f"A codec named {name!r} is already registered for {existing.type.__qualname__}."
         )
+    previous = _custom_by_type.get(type_)
+    if previous is not None and previous.tag != tag:
+        # Replacing it silently would strand the messages in flight under the old name.
+        raise ValueError(
+            f"{type_.__qualname__} already has a codec, named "
+            f"{previous.tag.removeprefix('x:')!r}; one type has one codec. To rename it, "
+            f"call unregister_codec({type_.__qualname__}) first (messages still queued "
+            "under the old name then no longer decode)."
+        )
     codec = _Custom(tag, type_, encode, decode)
     _custom_by_type[type_] = codec
     _custom_by_tag[tag] = codec
+
+
+def _native(type_: type) -> bool:
+    """Does the encoder send values of ``type_`` without looking at registered codecs?"""
+    # Exact types only, but for the families tested with isinstance() before the codecs.
+    return (
+        type_ in _NATIVE_TYPES
+        or type_ in _SIMPLE_ENCODERS
+        or issubclass(type_, (models.Model, QuerySet, type, bytearray, memoryview, Promise))
+    )
 
 
 def custom_codec(tag: str) -> _Custom | None:
@@ -176,7 +218,11 @@ class Encoder:
             return str(value)
         codec = _find_custom(type(value))
         if codec is not None:
-            return {TAG: codec.tag, "v": self.encode(codec.encode(value), level + 1)}
+            try:
+                data = codec.encode(value)
+            except Exception as error:
+                raise CodecFailedError(value, codec, error) from error
+            return {TAG: codec.tag, "v": self.encode(data, level + 1)}
         if isinstance(value, enum.Enum):
             if isinstance(value, (str, int)):
                 # Django's TextChoices / IntegerChoices: the plain value compares equal.
@@ -217,6 +263,8 @@ class Encoder:
                     value = value.name
                 try:
                     fields[field.attname] = self.encode(value, level + 2)
+                except CodecFailedError:
+                    raise  # a bug to show, not a value to send as the field's text
                 except EncodeError:
                     fields[field.attname] = _field_text(field, instance, value)
             data["f"] = fields
@@ -278,11 +326,15 @@ def _encode_class(cls: type) -> JSON:
     if not allowed_class(cls):
         # A worker hands class values to handlers, which may call them: only classes the
         # project vouched for travel (the same rule the worker applies to what it receives).
+        fix = (
+            f"register_codec() refuses {cls.__qualname__}, a type sent natively: send the "
+            "class's name instead"
+            if _native(cls)
+            else f"register_codec({cls.__qualname__}, name=..., encode=..., decode=...) "
+            "vouches for the class (and its subclasses)"
+        )
         raise EncodeError(
-            cls,
-            "only model classes and classes with a registered codec travel as values; "
-            f"register_codec({cls.__qualname__}, name=..., encode=..., decode=...) vouches "
-            "for the class (and its subclasses)",
+            cls, f"only model classes and classes with a registered codec travel as values; {fix}"
         )
     if "<locals>" in cls.__qualname__:
         raise EncodeError(cls, "a class defined inside a function cannot be found again")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -41,7 +42,19 @@ ON_MISSING = ("skip", "raise", "snapshot")
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    # Finite only: every number here is seconds, a rate or a count, and infinity would pass
+    # each comparison and then fail at use (an OverflowError on every publish, say).
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _not_finite(value: object) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _must_be(key: str, option: Option, value: object) -> str:
+    """The hint of a refused value: what the option takes."""
+    finite = " (a finite one: not inf or nan)" if _not_finite(value) else ""
+    return f"{key} must be {option.expected}{finite}."
 
 
 def _non_negative(value: object) -> bool:
@@ -198,7 +211,7 @@ def option_problems(
                 Problem(
                     "deferred_signals.E005",
                     f"{where} sets {key!r} to {value!r} ({type(value).__name__}).",
-                    f"{key!r} must be {option.expected}.",
+                    _must_be(repr(key), option, value),
                 )
             )
         elif key in ("autoretry_for", "dont_autoretry_for"):
@@ -273,7 +286,7 @@ def settings_problems(raw: object) -> list[Problem]:
                 Problem(
                     "deferred_signals.E008" if key == "DELIVERY" else "deferred_signals.E007",
                     f"settings.{SETTING}[{key!r}] is {raw[key]!r}.",
-                    f"{key} must be {option.expected}.",
+                    _must_be(key, option, raw[key]),
                 )
             )
     return problems

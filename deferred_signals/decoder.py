@@ -96,6 +96,8 @@ class Decoder:
             raise MalformedMessageError(f"a primary key cannot be a {type(pk).__name__}")
         else:
             pk = _primary_key(model, pk)
+        if fields is not None:
+            _check_snapshot_pk(model, pk, fields)
         ref = _InstanceRef(model, pk, db, fields, fresh)
         if ref.fields is None and not ref.fresh:
             raise MalformedMessageError("instance has neither field values nor fresh=true")
@@ -119,6 +121,29 @@ def _primary_key(model: type[models.Model], pk: Any) -> Any:
         raise MalformedMessageError(
             f"{pk!r} is not a primary key of {model._meta.label} ({error})"
         ) from None
+
+
+def _check_snapshot_pk(model: type[models.Model], pk: Any, fields: dict[str, Any]) -> None:
+    """A snapshot's fields hold its primary key, the one its ``pk`` says: the encoder always
+    sends both, and without this a forged message would run the handler on an instance with
+    no pk, or with another row's."""
+    pk_fields = model._meta.pk_fields  # several for a composite primary key
+    for field in pk_fields:
+        if field.attname not in fields:
+            raise MalformedMessageError(
+                f"a {model._meta.label} snapshot without its primary key field {field.attname!r}"
+            )
+    sent = (
+        fields[pk_fields[0].attname]
+        if len(pk_fields) == 1
+        else tuple(fields[field.attname] for field in pk_fields)
+    )
+    if sent is not None:  # None: an unsaved instance, whose "pk" is None too
+        sent = _primary_key(model, sent)
+    if sent != pk:
+        raise MalformedMessageError(
+            f"a {model._meta.label} snapshot with pk {pk!r} whose fields hold pk {sent!r}"
+        )
 
 
 class _InstanceRef:

@@ -150,7 +150,18 @@ class DecodedCall:
             return self._call(call_id, attempt)
 
     def _call(self, call_id: str, attempt: int) -> bool:
-        if not self._resolve_instances(call_id):
+        missing = self._resolve_instances()
+        if missing is not None:
+            logger.warning(
+                "Skipped deferred handler %s: call %s: %s with pk=%r no longer exists in "
+                "database %r (on_missing=%r).",
+                self.handler.name,
+                call_id,
+                missing.model._meta.label,
+                missing.pk,
+                missing.db,
+                self.handler.merged.get("on_missing"),
+            )
             return self._skipped(call_id, attempt, "missing")
         func = self.handler.func
         if self.handler.is_async:  # an async receiver: awaited, as Django's asend would
@@ -158,7 +169,9 @@ class DecodedCall:
         func(signal=self.signal, sender=resolve(self.sender), **resolve(self.kwargs))
         return True
 
-    def _resolve_instances(self, call_id: str) -> bool:
+    def _resolve_instances(self) -> _InstanceRef | None:
+        """Look up (or rebuild) every instance; the first whose row is gone and that
+        ``on_missing="skip"`` skips the call for, if any. Silent: skipping is the caller's."""
         for ref in self.decoder.instances:
             if not ref.fresh:
                 ref.resolved = snapshot_instance(ref)
@@ -172,18 +185,8 @@ class DecodedCall:
                 if policy == "snapshot" and ref.fields is not None:
                     ref.resolved = snapshot_instance(ref)
                     continue
-                logger.warning(
-                    "Skipped deferred handler %s: call %s: %s with pk=%r no longer exists in "
-                    "database %r (on_missing=%r).",
-                    self.handler.name,
-                    call_id,
-                    ref.model._meta.label,
-                    ref.pk,
-                    ref.db,
-                    policy,
-                )
-                return False
-        return True
+                return ref
+        return None
 
 
 def decode_call(handler: Handler, body: Any) -> DecodedCall:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from .registry import NAME_LENGTH as NAME_LENGTH  # re-exported: deadletters.py reads it here
+
 CALL_ID_LENGTH = 64
-NAME_LENGTH = 255
 
 
 class OutboxCall(models.Model):

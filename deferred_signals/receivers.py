@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar, overload
 
 from django.dispatch import Signal
@@ -63,6 +63,7 @@ def receiver(signal: Signals, *, defer: bool = False, **kwargs: Any) -> Callable
     that sent the signal commits (see :func:`connect` for the options). The function is
     returned unchanged either way and stays directly callable.
     """
+    _check_defer(defer, None)
     if not defer:
         _refuse_deferred_options(kwargs)
         return django_receiver(signal, **kwargs)
@@ -101,6 +102,7 @@ def connect(
     ``max_retries``, ``instance="snapshot"``...).
     The connection is always strong: ``weak`` is accepted and ignored.
     """
+    _check_defer(defer, receiver)
     signals: list[Signal] = list(signal) if isinstance(signal, (list, tuple)) else [signal]
     # ``apps`` is ModelSignal.connect's, for lazy "app_label.Model" senders.
     extra = {"apps": options.pop("apps")} if "apps" in options else {}
@@ -112,7 +114,7 @@ def connect(
         for one in signals:
             one.connect(receiver, sender, weak, dispatch_uid, **extra, **options)
         return
-    handler = _register(receiver, signals, name, include_raw, using, tuple(aliases), options)
+    handler = _register(receiver, signals, name, include_raw, using, aliases, options)
     for one in signals:
         # Django computes this key for ``receiver`` itself, so ``signal.disconnect(receiver,
         # sender=...)`` disconnects the proxy, and connecting twice connects once.
@@ -120,6 +122,35 @@ def connect(
         if not any(s is one and o is sender and u == uid for s, o, u in handler.connections):
             handler.connections.append((one, sender, uid))
         one.connect(make_proxy(handler, one), sender=sender, weak=False, dispatch_uid=uid, **extra)
+
+
+def _check_defer(defer: object, func: object) -> None:
+    # Any truthy value would defer: defer="false" too.
+    if not isinstance(defer, bool):
+        of = f" for {_describe(func)}" if func is not None else ""
+        raise DeferredSignalConfigError(
+            f"receiver()/connect() got defer={defer!r}{of}: defer must be True or False, "
+            f"not a {type(defer).__name__}."
+        )
+
+
+def _describe(func: object) -> str:
+    module, qualname = getattr(func, "__module__", None), getattr(func, "__qualname__", None)
+    return f"{module}.{qualname}" if module and qualname else repr(func)
+
+
+def _name_problem(what: str, value: object, where: str) -> str | None:
+    """What is wrong with a handler name or alias (``what``: "name=", "the alias "), if
+    anything: both name Celery tasks and are stored in the outbox and dead-letter tables'
+    ``handler`` column, which a longer name would not fit when the call is written."""
+    if not isinstance(value, str) or not value.strip():
+        return f"{where} has {what}{value!r}: give a non-empty str, such as 'shop.on_paid'."
+    if len(value) > registry.NAME_LENGTH:
+        return (
+            f"{where} has {what}{value[:40]!r}... ({len(value)} characters): the outbox and "
+            f"dead-letter tables keep names of at most {registry.NAME_LENGTH}. Shorten it."
+        )
+    return None
 
 
 def _refuse_deferred_options(kwargs: dict[str, Any]) -> None:
@@ -143,13 +174,16 @@ def _register(
     name: str | None,
     include_raw: bool,
     using: str | None,
-    aliases: tuple[Any, ...],
+    aliases: Iterable[Any],
     options: dict[str, Any],
 ) -> Handler:
     # Every problem of the call at once: fixing them one import at a time is tedious.
     problems: list[str] = []
     qualname = getattr(func, "__qualname__", "")
-    if name is None and callable(func):
+    given = name
+    if name is not None and not isinstance(name, str):
+        name = None  # reported below; ``where`` needs a str
+    if given is None and callable(func):
         if not qualname or "<" in qualname or not hasattr(func, "__module__"):
             problems.append(
                 f"{func!r} has no importable name (a lambda or a function defined inside "
@@ -157,7 +191,14 @@ def _register(
             )
         else:
             name = f"{func.__module__}.{qualname}"
-    where = f"Deferred handler {name or qualname or func!r}"
+    fits = name and len(name) <= registry.NAME_LENGTH
+    where = f"Deferred handler {(name if fits else qualname or func)!r}"
+    if given is not None:
+        problems += filter(None, [_name_problem("name=", given, where)])
+    elif name is not None:  # module.qualname, which may be too long
+        problems += filter(None, [_name_problem("the name ", name, where)])
+    if not isinstance(include_raw, bool):
+        problems.append(f"{where} has include_raw={include_raw!r}: give True or False.")
     if not callable(func):
         problems.append(f"{where} must be callable, not {type(func).__name__}.")
     elif not func_accepts_kwargs(func):
@@ -169,11 +210,19 @@ def _register(
     ]
     if using is not None and not isinstance(using, str):
         problems.append(f"{where} has using={using!r}: give a database alias.")
+    # A str would be one alias per character.
+    if isinstance(aliases, str) or not isinstance(aliases, Iterable):
+        fix = f", aliases=[{aliases!r}]" if isinstance(aliases, str) else ""
+        problems.append(f"{where} has aliases={aliases!r}: give a list of former names{fix}.")
+        aliases = ()
+    aliases = tuple(aliases)
     for alias in aliases:
-        if not isinstance(alias, str) or not alias or alias == name:
+        if alias == name:
             problems.append(
                 f"{where} has the alias {alias!r}: aliases are the handler's former names."
             )
+        else:
+            problems += filter(None, [_name_problem("the alias ", alias, where)])
     problems += [
         f"{where} is connected to {signal!r}, which is not a django.dispatch.Signal."
         for signal in signals

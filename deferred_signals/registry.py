@@ -53,6 +53,10 @@ class Handler:
         return f"<deferred handler {self.name}>"
 
 
+#: The longest handler name (or alias): what the ``handler`` column of the outbox and
+#: dead-letter tables holds (``models.py`` sizes them with it).
+NAME_LENGTH = 255
+
 _handlers: dict[str, Handler] = {}
 #: alias -> registered name
 _aliases: dict[str, str] = {}
@@ -71,7 +75,9 @@ def register(handler: Handler) -> Handler:
         _aliases.update(dict.fromkeys(handler.aliases, handler.name))
         conf.forget(handler.name)
         return handler
-    if existing.func is not handler.func:
+    # ``==``, not ``is``: each read of ``obj.method`` makes a new bound-method object, and
+    # Django too takes two of them for one receiver (same function, same instance).
+    if existing.func != handler.func:
         raise DuplicateHandlerError(
             f"Two deferred handlers are named {handler.name!r}: "
             f"{_describe(existing.func)} and {_describe(handler.func)}. "

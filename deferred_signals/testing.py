@@ -101,8 +101,9 @@ class CapturedCall:
         if self._decoded is None:
             decoded = decode_call(self._registered, kombu_json.loads(self.message))
             # The worker's own lookup: fresh rows, snapshots, ``on_missing`` ("raise" raises).
+            # It logs nothing: reading the arguments skips no call, run() does.
             with suppress(ObjectDoesNotExist):
-                decoded._resolve_instances(self.id)
+                decoded._resolve_instances()
             for ref in decoded.decoder.instances:
                 if ref.resolved is None:
                     ref.resolved = ref.model(pk=ref.pk)
@@ -341,7 +342,8 @@ def _handler_name(handler: str | Callable[..., Any]) -> str:
     if isinstance(handler, str):
         found = registry.get(handler)
     else:
-        found = next((h for h in registry.all_handlers() if h.func is handler), None)
+        # ``==``: a bound method read again is a new object, equal to the registered one.
+        found = next((h for h in registry.all_handlers() if h.func == handler), None)
     if found is None:
         raise DeferredSignalError(
             f"{handler!r} is not a deferred handler: give the function connected with "

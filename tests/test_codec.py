@@ -15,8 +15,8 @@ from django.db import models
 from django.utils.safestring import mark_safe
 from kombu.utils import json as kombu_json
 
-from deferred_signals import register_codec, unregister_codec
-from deferred_signals.codec import EncodeError, Encoder, locate
+from deferred_signals import DeferredSignalConfigError, register_codec, unregister_codec
+from deferred_signals.codec import EncodeError, Encoder, custom_codec, locate
 from deferred_signals.codec import _field_text as codec_field_text
 from deferred_signals.decoder import Decoder, resolve, snapshot_instance
 from deferred_signals.exceptions import MalformedMessageError
@@ -195,6 +195,39 @@ def test_register_codec_refuses_a_second_type_under_one_name() -> None:
         register_codec("not a type", name="x", encode=repr, decode=str)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "cls",
+    [int, bool, str, float, list, dict, tuple, set, frozenset, type(None), Decimal, bytes,
+     datetime.datetime, uuid.UUID, bytearray, Article, models.Model, type],
+)  # fmt: skip
+def test_register_codec_refuses_types_the_codec_sends_itself(cls: type) -> None:
+    with pytest.raises(DeferredSignalConfigError, match=r"would never be used.*Remove the call"):
+        register_codec(cls, name="tests.native", encode=repr, decode=str)
+    assert custom_codec("x:tests.native") is None
+
+
+def test_subclasses_of_types_sent_natively_may_have_a_codec() -> None:
+    class Cents(int):
+        pass
+
+    register_codec(Cents, name="tests.cents", encode=int, decode=Cents)
+    try:
+        assert type(wire(Cents(5))) is Cents
+    finally:
+        unregister_codec(Cents)
+
+
+def test_register_codec_refuses_a_second_name_for_one_type() -> None:
+    with pytest.raises(ValueError, match=r"Money already has a codec, named 'tests\.money'"):
+        register_codec(Money, name="tests.euros", encode=repr, decode=str)
+    assert custom_codec("x:tests.euros") is None
+    assert wire(Money(Decimal("1"), "EUR")) == Money(Decimal("1"), "EUR")  # unchanged
+    # The same name again replaces the functions (a ready() run twice, a reload).
+    codec = custom_codec("x:tests.money")
+    assert codec is not None
+    register_codec(Money, name="tests.money", encode=codec.encode, decode=codec.decode)
+
+
 def test_unregister_codec() -> None:
     class Point:
         def __init__(self, x: int) -> None:
@@ -302,6 +335,21 @@ def test_subclasses_of_supported_types_travel_as_the_base_type() -> None:
     assert type(wire(True)) is bool
 
 
+def test_any_str_int_or_float_subclass_travels_as_its_plain_value() -> None:
+    class Slug(str):
+        kind = "slug"
+
+    class Cents(int):
+        pass
+
+    class Ratio(float):
+        pass
+
+    for value, base in ((Slug("a-b"), str), (Cents(5), int), (Ratio(0.5), float)):
+        back = wire(value)
+        assert back == value and type(back) is base
+
+
 def test_summary_is_short_and_holds_no_argument_values() -> None:
     from deferred_signals.codec import summary
 
@@ -376,6 +424,23 @@ def test_field_values_no_codec_knows_use_the_fields_text_form() -> None:
     article = Article(pk=1, title="bin", blob=memoryview(b"\x00\x01"))
     assert wire(ticket).color == Color(1, 2, 3)
     assert wire(article).blob == b"\x00\x01"
+
+
+def test_a_codec_whose_encode_raises_is_an_encode_error_chained_from_it() -> None:
+    class Broken:
+        pass
+
+    register_codec(Broken, name="tests.broken", encode=lambda value: value.missing, decode=str)
+    try:
+        # In a model field too: a codec's bug shows, it is not sent as the field's text.
+        for value in (Broken(), Article(pk=1, title="t", data={"k": Broken()})):
+            with pytest.raises(EncodeError) as info:
+                Encoder(fresh=False, fields=True).encode(value)
+            assert type(info.value.value) is Broken
+            assert "the encode() of codec 'tests.broken'" in info.value.hint
+            assert isinstance(info.value.__cause__, AttributeError)
+    finally:
+        unregister_codec(Broken)
 
 
 def test_a_class_a_worker_cannot_find_is_refused_at_send_time() -> None:

@@ -1,4 +1,5 @@
-"""A registered codec's decode() failing on the worker: never a silently lost call."""
+"""A registered codec failing: its encode() at send time, a clear error naming the handler,
+the argument and the codec; its decode() on the worker, never a silently lost call."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from celery import current_app
 from django.db import OperationalError
 from django.test import override_settings
 
-from deferred_signals import register_codec, unregister_codec
+from deferred_signals import DeferredSignalError, register_codec, unregister_codec
 from deferred_signals.models import DeadLetter
 from tests.conftest import records
+from tests.testapp.signals import user_registered
 
 
 class Token:
@@ -34,6 +36,27 @@ def token_codec() -> Any:
     yield
     unregister_codec(Token)
     FAILURE.clear()
+
+
+class Price:
+    pass  # no ``amount``: its codec's encode() raises AttributeError
+
+
+def test_a_codec_whose_encode_raises_fails_the_send_naming_handler_argument_and_codec() -> None:
+    register_codec(Price, name="tests.price", encode=lambda price: [price.amount], decode=Price)
+    try:
+        with pytest.raises(DeferredSignalError) as info:
+            user_registered.send(sender=None, label="x", order={"total": Price()})
+    finally:
+        unregister_codec(Price)
+    message = str(info.value)
+    assert message.startswith(
+        "Deferred handler 'tests.user_event' cannot receive argument \"order['total']\": "
+    )
+    assert "the encode() of codec 'tests.price' (registered for Price) raised AttributeError(" in (
+        message
+    )
+    assert "'amount'" in message and "fix the codec" in message
 
 
 def run(call_id: str, **extra: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from celery import current_app
@@ -21,6 +21,8 @@ from deferred_signals import (
     receiver,
     registry,
 )
+from deferred_signals.models import DeadLetter, OutboxCall
+from deferred_signals.registry import NAME_LENGTH
 from tests.testapp import handlers
 from tests.testapp.models import Article, Author
 
@@ -46,6 +48,17 @@ def module_level_handler(sender: Any, **kwargs: Any) -> None:
 
 def other_module_level_handler(sender: Any, **kwargs: Any) -> None:
     pass
+
+
+class Indexer:
+    ran: ClassVar[list[tuple[str, Any]]] = []
+
+    def reindex(self, sender: Any, n: int, **kwargs: Any) -> None:
+        self.ran.append((f"instance {id(self)}", n))
+
+    @classmethod
+    def on_any(cls, sender: Any, n: int, **kwargs: Any) -> None:
+        cls.ran.append((cls.__name__, n))
 
 
 # --- defer=False is Django's receiver -------------------------------------------------------
@@ -142,6 +155,32 @@ def test_one_function_connected_to_several_senders_shares_its_handler() -> None:
         signal.disconnect(module_level_handler, sender=Article)
 
 
+def test_one_bound_method_connected_to_two_signals_shares_its_handler() -> None:
+    saved, deleted = Signal(), Signal()
+    indexer = Indexer()
+    # Each attribute read makes a new bound-method object: the same receiver all the same.
+    with deferred(saved, indexer.reindex, sender=Article) as handler:
+        connect(deleted, indexer.reindex, sender=Article, defer=True)
+        assert handler.name == f"{__name__}.Indexer.reindex"
+        assert handler.signals == [saved, deleted] and deleted.has_listeners(Article)
+        with pytest.raises(DuplicateHandlerError, match=r"Two deferred handlers.*Indexer\.reindex"):
+            connect(deleted, Indexer().reindex, sender=Author, defer=True)  # another instance
+        deleted.disconnect(indexer.reindex, sender=Article)
+
+
+@pytest.mark.django_db(transaction=True)  # EAGER in these settings: runs at once
+def test_bound_methods_and_classmethods_run_as_deferred_handlers() -> None:
+    signal, indexer = Signal(), Indexer()
+    Indexer.ran.clear()
+    with (
+        deferred(signal, indexer.reindex, name="tests.reindex"),
+        deferred(signal, Indexer.on_any) as by_class,
+    ):
+        assert by_class.name == f"{__name__}.Indexer.on_any"
+        signal.send(sender=None, n=1)
+    assert sorted(Indexer.ran) == [("Indexer", 1), (f"instance {id(indexer)}", 1)]
+
+
 def test_lambdas_and_local_functions_need_a_name() -> None:
     def local(**kwargs: Any) -> None:
         pass
@@ -164,6 +203,44 @@ def test_bad_options_fail_at_import_time_naming_handler_and_option() -> None:
         connect(Signal(), "handler", defer=True)  # type: ignore[arg-type]
     with pytest.raises(DeferredSignalConfigError, match="using"):
         connect(Signal(), module_level_handler, defer=True, using=1)  # type: ignore[arg-type]
+    assert registry.get(f"{__name__}.module_level_handler") is None
+
+
+@pytest.mark.parametrize("defer", ["yes", "false", 1, None])
+def test_defer_must_be_a_bool(defer: Any) -> None:
+    where = rf"defer={defer!r} for {__name__}\.module_level_handler: "
+    with pytest.raises(DeferredSignalConfigError, match=where + "defer must be True or False"):
+        connect(Signal(), module_level_handler, defer=defer)
+    with pytest.raises(TypeError, match=rf"defer={defer!r}: defer must be True or False"):
+        receiver(Signal(), defer=defer)
+    assert registry.get(f"{__name__}.module_level_handler") is None
+
+
+def test_names_and_aliases_are_non_empty_strings_that_fit_the_tables() -> None:
+    assert OutboxCall._meta.get_field("handler").max_length == NAME_LENGTH
+    assert DeadLetter._meta.get_field("handler").max_length == NAME_LENGTH
+    too_long = "x" * (NAME_LENGTH + 1)
+    for kwargs, problem in [
+        ({"name": ""}, "has name='': give a non-empty str"),
+        ({"name": " "}, "has name=' ': give a non-empty str"),
+        ({"name": 123}, "has name=123: give a non-empty str"),
+        ({"name": too_long}, rf"has name='x+'\.\.\. \({NAME_LENGTH + 1} characters\): the outbox"),
+        ({"aliases": [""]}, "has the alias '': give a non-empty str"),
+        ({"aliases": [too_long]}, rf"has the alias 'x+'\.\.\. \({NAME_LENGTH + 1} characters\)"),
+        ({"aliases": "shop.old"}, r"has aliases='shop\.old': give a list of former names, "),
+        ({"include_raw": "no"}, "has include_raw='no': give True or False"),
+    ]:
+        with pytest.raises(DeferredSignalConfigError, match=problem):
+            connect(Signal(), module_level_handler, defer=True, **kwargs)
+
+    def long_named(**kwargs: Any) -> None:
+        pass
+
+    long_named.__qualname__ = "y" * NAME_LENGTH  # module.qualname: too long by the module's
+    with pytest.raises(DeferredSignalConfigError, match=r"has the name '.*characters\)"):
+        connect(Signal(), long_named, defer=True)
+    with deferred(Signal(), long_named, name="z" * NAME_LENGTH) as handler:  # fits exactly
+        assert handler.task.name == "z" * NAME_LENGTH
     assert registry.get(f"{__name__}.module_level_handler") is None
 
 

@@ -114,6 +114,17 @@ def test_valid_settings_pass_the_checks() -> None:
         ({"DEFAULTS": {"autoretry_for": ["NoSuchBuiltinError"]}}, ["deferred_signals.E006"]),
         ({"DEFAULTS": {"autoretry_for": ["ConnectionError", "len"]}}, ["deferred_signals.E006"]),
         ({"EAGER": "true"}, ["deferred_signals.E007"]),
+        ({"PUBLISH_TIMEOUT": float("inf")}, ["deferred_signals.E007"]),
+        ({"PUBLISH_TIMEOUT": float("nan")}, ["deferred_signals.E007"]),
+        ({"PUBLISH_COOLDOWN": float("inf")}, ["deferred_signals.E007"]),
+        ({"OUTBOX_GRACE": float("inf")}, ["deferred_signals.E007"]),
+        ({"DEFAULTS": {"countdown": float("inf")}}, ["deferred_signals.E005"]),
+        ({"DEFAULTS": {"retry_backoff_max": float("inf")}}, ["deferred_signals.E005"]),
+        ({"DEFAULTS": {"rate_limit": float("inf")}}, ["deferred_signals.E005"]),
+        (
+            {"HANDLERS": {ARTICLE_SAVED: {"db_retry_window": float("inf")}}},
+            ["deferred_signals.E005"],
+        ),
         ({"DELIVERY": "carrier pigeon"}, ["deferred_signals.E008"]),
         ({"HANDLERS": {"app.signals.typo": {}}}, ["deferred_signals.W001"]),
     ],
@@ -141,6 +152,17 @@ def test_manage_py_check_reports_errors() -> None:
     ):
         call_command("check")
     call_command("check")  # the test settings themselves are clean
+
+
+@pytest.mark.parametrize("key", ["PUBLISH_TIMEOUT", "PUBLISH_COOLDOWN", "OUTBOX_GRACE"])
+def test_infinite_seconds_are_refused_at_check_and_at_use(key: str) -> None:
+    with override_settings(DEFERRED_SIGNALS={key: float("inf")}):
+        (error,) = check_settings()
+        assert error.id == "deferred_signals.E007"
+        assert error.msg == f"settings.DEFERRED_SIGNALS[{key!r}] is inf."
+        assert "(a finite one: not inf or nan)" in error.hint
+        with pytest.raises(DeferredSignalConfigError, match=r"E007"):
+            conf.publish_timeout  # noqa: B018
 
 
 def test_invalid_settings_raise_at_use_with_the_check_id() -> None:

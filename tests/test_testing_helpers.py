@@ -10,6 +10,7 @@ until ``deferred.run()``. Runs on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import subprocess
 import sys
@@ -21,10 +22,11 @@ from pathlib import Path
 import pytest
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save, pre_delete
+from django.dispatch import Signal
 from django.test import TestCase
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from deferred_signals import DeferredSignalError
+from deferred_signals import DeferredSignalError, connect, registry
 from deferred_signals.models import OutboxCall
 from deferred_signals.testing import DeferredCapture, capture_deferred
 from tests.conftest import records
@@ -252,6 +254,21 @@ def test_a_row_deleted_before_decoding_comes_back_with_its_pk(
     assert call.kwargs["instance"]._state.adding  # not a row: the worker would skip the call
 
 
+def test_reading_a_deleted_rows_call_logs_no_skip_running_it_does(
+    db: None, deferred: DeferredCapture, caplog: pytest.LogCaptureFixture
+) -> None:
+    with transaction.atomic():
+        article = Article.objects.create(title="short-lived")
+        Article.objects.filter(pk=article.pk).delete()
+    skipped = f"Skipped deferred handler {ARTICLE_SAVED}: "
+    with caplog.at_level(logging.WARNING, logger="deferred_signals"):
+        call = deferred.assert_deferred(handlers.article_saved, instance=article)
+        assert call.kwargs["instance"].pk == article.pk
+        assert skipped not in caplog.text  # only the arguments were read
+        deferred.run()
+    assert caplog.text.count(skipped) == 1
+
+
 # --- assertions --------------------------------------------------------------------------
 
 
@@ -263,6 +280,22 @@ def test_assertions_take_the_function_or_its_registered_name(
     deferred.assert_deferred("tests.user_event")
     deferred.assert_not_deferred(handlers.article_saved)
     deferred.assert_not_deferred(ARTICLE_SAVED)
+
+
+class Counter:
+    def count(self, sender: object, **kwargs: object) -> None:
+        pass
+
+
+def test_assertions_take_a_bound_method(db: None, deferred: DeferredCapture) -> None:
+    signal, counter = Signal(), Counter()
+    connect(signal, counter.count, defer=True)
+    try:
+        signal.send(sender=None, n=1)
+        assert deferred.assert_deferred(counter.count, n=1).handler == f"{__name__}.Counter.count"
+    finally:
+        signal.disconnect(counter.count)
+        registry.unregister(f"{__name__}.Counter.count")
 
 
 def test_a_failing_assertion_lists_what_was_deferred_instead(

@@ -25,6 +25,7 @@ from deferred_signals.exceptions import MalformedMessageError
 from deferred_signals.execution import decode_call
 from deferred_signals.models import DeadLetter, ProcessedCall
 from deferred_signals.strategy import message_problem, too_deep
+from tests.conftest import records
 from tests.testapp.handlers import FlakyError
 from tests.testapp.models import Article, Attempt, Record
 from tests.testapp.signals import counted_signal, killable_signal, user_registered
@@ -157,6 +158,10 @@ def ref(pk: Any, model: str = "testapp.article", **extra: Any) -> dict[str, Any]
         (article_call(ARTICLE, "not an instance"), "not an instance of"),
         (article_call(None, ref(1)), "not one"),
         (article_call(ARTICLE, {"$t": "class", "v": "subprocess:Popen"}), "no registered codec"),
+        (article_call(ARTICLE, ref(1, fresh=False, f={"title": "x"})), "without its primary key"),
+        (article_call(ARTICLE, ref(1, fresh=False, f={"id": 2})), "pk 1 whose fields hold pk 2"),
+        (article_call(ARTICLE, ref(1, f={"id": "1x"})), "not a primary key"),
+        (article_call(ARTICLE, ref(None, fresh=False, f={"id": 3})), "pk None whose fields"),
         ({**article_call(ARTICLE, ref(1)), "at": "yesterday"}, "not a time"),
         ({**article_call(ARTICLE, ref(1)), "dbf": float("nan")}, "not a time"),
         ({**article_call(ARTICLE, ref(1)), "dbr": -1}, "not a count"),
@@ -288,6 +293,15 @@ def test_a_malformed_message_is_a_dead_letter() -> None:
     result = run({"v": 1}, task_id="forged")
     assert isinstance(result.result, Reject)
     assert DeadLetter.objects.get(call_id="forged").attempts == 0
+
+
+@pytest.mark.django_db
+def test_a_snapshot_whose_fields_lack_its_pk_is_a_dead_letter_not_a_run() -> None:
+    message = article_call(ARTICLE, ref(1, fresh=False, f={"title": "forged"}))
+    result = current_app.tasks[ARTICLE_SAVED].apply(kwargs=message, task_id="no-pk")
+    assert isinstance(result.result, Reject)
+    assert "without its primary key field 'id'" in DeadLetter.objects.get(call_id="no-pk").message
+    assert records("article_saved") == []
 
 
 @pytest.mark.django_db
