@@ -232,7 +232,7 @@ def _encode(
         except TooDeepError:
             raise _too_deep_error(handler, encoder, {"sender": sender, **kwargs}) from None
         except EncodeError as error:
-            raise _encode_error(handler, error, {"sender": sender, **kwargs}) from None
+            raise _encode_error(handler, error, {"sender": sender, **kwargs}) from error.__cause__
         last.encoded[variant] = encoded
     return encoded
 

@@ -57,6 +57,7 @@ def test_a_codec_whose_encode_raises_fails_the_send_naming_handler_argument_and_
         message
     )
     assert "'amount'" in message and "fix the codec" in message
+    assert isinstance(info.value.__cause__, AttributeError)  # the codec's own traceback
 
 
 def run(call_id: str, **extra: Any) -> Any:
