@@ -130,7 +130,9 @@ class _Transaction:
                 continue  # not run yet: a test's capture ran only callbacks made inside it
             del self.chains[key]
             handler, outbox_row = survivor.call.handler, survivor.call.outbox
-            calls.append(dispatch.PendingCall(handler, survivor.row, survivor.body, outbox_row))
+            merged = dispatch.PendingCall(handler, survivor.row, survivor.body, outbox_row)
+            merged.after = survivor.call.after
+            calls.append(merged)
         if not self.chains and _open.get(self.connection) is self:
             del _open[self.connection]
         if calls:

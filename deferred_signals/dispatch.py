@@ -12,6 +12,7 @@ What the broker does not confirm is written to the outbox (spilled) for the rela
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ class PendingCall:
     """
 
     __slots__ = (
+        "after",
         "at",
         "batch",
         "handler",
@@ -88,6 +90,9 @@ class PendingCall:
         self.kwargs = kwargs
         #: When the transaction committed (set at flush).
         self.at: float | None = None
+        #: Another database whose open transaction must commit too before the call goes
+        #: (a custom signal's ``instance`` written there): see :func:`_wait_for`.
+        self.after: str | None = None
 
     @property
     def body(self) -> dict[str, Any]:
@@ -189,6 +194,31 @@ def _open_batch(connection: Any) -> Batch | None:
     return last.batch
 
 
+#: Set once a call has had to wait for a second database (``PendingCall.after``): until
+#: then, flushing does not even look.
+waiting = False
+
+
+def _wait_for(calls: list[PendingCall], using: str) -> list[PendingCall]:
+    """The calls that may go now; each of the others goes when the transaction still open on
+    its ``after`` database commits (and never if it rolls back)."""
+    now: list[PendingCall] = []
+    later: dict[str, list[PendingCall]] = {}
+    for call in calls:
+        after = call.after
+        if after is not None and transaction.get_connection(after).in_atomic_block:
+            later.setdefault(after, []).append(call)
+        else:
+            now.append(call)
+    for alias, held in later.items():
+        for call in held:
+            call.after = None
+        transaction.on_commit(
+            functools.partial(flush, held, using), using=alias, robust=not conf.eager_propagates
+        )
+    return now
+
+
 #: Calls of one commit refused one by one (each costs a new connection) before the rest is
 #: spilled without another try.
 REFUSALS_PER_FLUSH = 3
@@ -201,6 +231,10 @@ def flush(calls: list[PendingCall], using: str) -> list[PendingCall]:
     raises, but for a handler's own exception with ``EAGER_PROPAGATES``: the data is
     committed already, so a broker failure must not reach the request.
     """
+    if waiting and capture is None:
+        calls = _wait_for(calls, using)
+        if not calls:
+            return []
     committed_at = time.time()
     for call in calls:
         call.stamp(committed_at)

@@ -95,7 +95,7 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
             sender=sender_data,
             kwargs=kwargs_data,
         )
-        using = _alias(handler, kwargs)
+        using = _alias(handler, kwargs, call)
         # Sent once the call has its id, before it can be published (outside a transaction
         # it is published, or run with EAGER, at once). The request path: not even the call,
         # unused.
@@ -283,12 +283,13 @@ def _encode_error(
     )
 
 
-def _alias(handler: Handler, kwargs: dict[str, Any]) -> str:
+def _alias(handler: Handler, kwargs: dict[str, Any], call: dispatch.PendingCall) -> str:
     """The database whose commit releases the call: ``using=``, else the signal's ``using``.
 
     A custom signal has no ``using``: the default database's transaction when one is open
     (an instance read from a replica must not release the call early), else the transaction
-    open on its ``instance``'s database, else the default database.
+    open on its ``instance``'s database, else the default database. When both are open, the
+    call waits for both commits (``call.after``): the row must be there for the worker.
     """
     if handler.using is not None:
         return handler.using
@@ -299,8 +300,10 @@ def _alias(handler: Handler, kwargs: dict[str, Any]) -> str:
     if (
         isinstance(instance, Model)
         and instance._state.db not in (None, DEFAULT_DB_ALIAS)
-        and not transaction.get_connection(DEFAULT_DB_ALIAS).in_atomic_block
         and transaction.get_connection(instance._state.db).in_atomic_block
     ):
-        return instance._state.db
+        if not transaction.get_connection(DEFAULT_DB_ALIAS).in_atomic_block:
+            return instance._state.db
+        call.after = instance._state.db
+        dispatch.waiting = True
     return DEFAULT_DB_ALIAS

@@ -416,3 +416,31 @@ def test_one_call_failing_in_eager_mode_does_not_drop_the_others(
         unregister_codec(Cursed)
     assert [r.call["kwargs"]["n"]["repr"] for r in records("user_event")] == ["1", "3"]
     assert "Deferred handler tests.user_event failed (EAGER)" in caplog.text
+
+
+def test_a_custom_signal_about_a_row_waits_for_both_open_transactions() -> None:
+    """The default database's transaction and the row's are both open: the call waits for
+    both commits, whichever is last, and for neither once the row's rolls back."""
+    with transaction.atomic(using="other"):
+        author = Author.objects.using("other").create(name="not committed yet")
+        with transaction.atomic():  # the default database's, nested: it commits first
+            Author.objects.create(name="business row")
+            user_registered.send(sender=Plain, instance=author, step="inner default")
+        assert records("user_event") == []  # the row is not committed: no worker sees it
+    (first,) = records("user_event")
+    instance = first.call["kwargs"]["instance"]
+    assert (instance["db"], instance["fields"]["name"]["repr"]) == ("other", "'not committed yet'")
+
+    with transaction.atomic():  # the default database's outside, the row's inside
+        with transaction.atomic(using="other"):
+            other = Author.objects.using("other").create(name="inner")
+            user_registered.send(sender=Plain, instance=other, step="inner other")
+        assert len(records("user_event")) == 1
+    assert len(records("user_event")) == 2
+
+    with pytest.raises(RuntimeError), transaction.atomic(using="other"):
+        gone = Author.objects.using("other").create(name="rolled back")
+        with transaction.atomic():
+            user_registered.send(sender=Plain, instance=gone, step="rolled back")
+        raise RuntimeError
+    assert len(records("user_event")) == 2
