@@ -160,6 +160,12 @@ _transport_errors: dict[tuple[int, str], tuple[type[BaseException], ...]] = {}
 #: not found (404), resource locked (405), precondition failed (406: a queue declared with
 #: other arguments, a message over ``max_message_size``).
 REFUSAL_CODES = frozenset({311, 313, 403, 404, 405, 406})
+#: The AMQP classes of a channel's own operations: exchange, queue, basic. A refusal at login
+#: (403 on the connection) is an outage of ours, not a refusal of one call.
+_CHANNEL_CLASSES = frozenset({40, 50, 60})
+#: Declares and binds (exchange, queue): refused at once, while the call making them waits.
+#: A publish (basic) is refused after it was sent: the error surfaces at a later operation.
+_SYNCHRONOUS_CLASSES = frozenset({40, 50})
 
 
 def is_broker_failure(error: BaseException) -> bool:
@@ -185,7 +191,23 @@ def is_refusal(error: BaseException) -> bool:
     """
     if isinstance(error, PublishRefused):
         return True
-    return isinstance(error, ChannelError) and getattr(error, "reply_code", None) in REFUSAL_CODES
+    if (
+        not isinstance(error, ChannelError)
+        or getattr(error, "reply_code", None) not in REFUSAL_CODES
+    ):
+        return False
+    return _method_class(error) in _CHANNEL_CLASSES
+
+
+def refuses_operation_in_hand(error: BaseException) -> bool:
+    """A refusal of the declare the publishing call was waiting for (so of that call), not
+    of a message published before it."""
+    return is_refusal(error) and _method_class(error) in _SYNCHRONOUS_CLASSES
+
+
+def _method_class(error: BaseException) -> int:
+    method = getattr(error, "method_sig", None)
+    return method[0] if isinstance(method, tuple) and method else 0
 
 
 def _errors_of(app: Any) -> tuple[type[BaseException], ...]:

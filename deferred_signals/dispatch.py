@@ -221,7 +221,7 @@ def _wait_for(calls: list[PendingCall], using: str) -> list[PendingCall]:
 
 #: Calls of one commit refused one by one (each costs a new connection) before the rest is
 #: spilled without another try.
-REFUSALS_PER_FLUSH = 3
+REFUSALS_PER_FLUSH = 1
 
 
 def flush(calls: list[PendingCall], using: str) -> list[PendingCall]:

@@ -214,22 +214,26 @@ class _Progress:
                     return
                 # Confirms may arrive out of order: after a nack, wait for the tags before it.
                 if confirms.nacked is not None and acked >= confirms.nacked - 1:
-                    raise PublishRefused(
+                    refused = PublishRefused(
                         f"the broker refused message {confirms.nacked - first + 1} of the batch"
                     )
+                    _blame(refused, self.calls[base + confirms.nacked - first])
+                    raise refused
                 producer.connection.drain_events(timeout=self.remaining(answering=acked >= first))
         except Exception as error:
             # What the broker confirmed before it failed still counts: a channel error comes
             # after the acks of the messages the channel took before it.
             self.done = base + max(0, confirms.acked_up_to(confirms.next_tag - 1) - first + 1)
             if (
-                getattr(error, FAILED_CALL, None) is None
-                and broker.is_refusal(error)
-                and self.done < len(self.calls)
+                broker.is_refusal(error)
+                and not isinstance(error, PublishRefused)
+                and not broker.refuses_operation_in_hand(error)
             ):
-                # Refused after its publish (a nack, a message too large): the channel takes
-                # messages in order, so the refused one is the first not confirmed.
-                _blame(error, self.calls[self.done])
+                # A message refused after its publish (a missing exchange, one too large):
+                # the channel closed without saying which, and the error surfaced at a later
+                # call's publish or at the wait. No call can be blamed.
+                with suppress(AttributeError):
+                    delattr(error, FAILED_CALL)
             raise
 
 

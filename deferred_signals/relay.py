@@ -27,7 +27,7 @@ from django.db import DatabaseError, connections, router, transaction
 from django.utils import timezone
 from kombu.utils import json as kombu_json
 
-from . import deadletters, outbox, publisher, registry, sentry
+from . import broker, deadletters, outbox, publisher, registry, sentry
 from .codec import KOMBU_KEYS
 from .conf import conf
 from .dispatch import PendingCall
@@ -192,29 +192,45 @@ class Relay:
         # with its request's trace continues that one (propagation, in the publisher).
         with sentry.detached():
             confirmed, error = publisher.publish(calls)
-        result.published = confirmed
+            done, left = calls[:confirmed], calls[confirmed:]
+            refused: list[tuple[PendingCall, BaseException]] = []
+            if (
+                left
+                and error is not None
+                and broker.is_refusal(error)
+                and publisher.faulty_call(error) is None
+            ):
+                # The broker refused one of the messages without saying which (a channel
+                # closed after a publish): one at a time, each confirmed, to find it.
+                more, refused, error, left = _one_by_one(left)
+                done += more
+        result.published = len(done)
         try:
-            outbox.delete([call.id for call in calls[:confirmed]], using, strict=True)
+            outbox.delete([call.id for call in done], using, strict=True)
         except DatabaseError as failed_delete:
             # The round rolls back, the rows stay claimed by no one: they are published again
             # once this database works again, not in a loop while it refuses the DELETE.
             raise DatabaseError(
-                f"published {confirmed} call(s) but could not delete their outbox rows, "
+                f"published {len(done)} call(s) but could not delete their outbox rows, "
                 f"which will be published again: {failed_delete}"
             ) from failed_delete
+        for call, refusal in refused:
+            broken.append(
+                (rows_by_id[call.id], RowError(f"the broker refused it: {refusal!r:.300}"))
+            )
         failing = rows_by_id.get(publisher.faulty_call(error) or "")
-        if confirmed < len(calls) and failing is not None:
-            # Building or handing over this row's message raised on our side, not the
-            # broker's (a route, a bug): it counts an attempt, so it cannot hold the rows
-            # behind it forever; they go on in the next round.
+        if left and failing is not None:
+            # Refused by the broker (its message, its queue) or failing on our side (a route,
+            # a bug): it counts an attempt, so it cannot hold the rows behind it forever;
+            # they go on in the next round.
             broken.append((failing, RowError(f"publishing it failed: {error!r:.300}")))
-        elif confirmed < len(calls):
+        elif left:
             # The broker failed: the rows wait, without counting an attempt against them.
             result.broker_error = error
             logger.warning(
                 "deferred_signals relay: the broker failed after %d of %d call(s) of "
                 "database %r (%r); retrying later",
-                confirmed,
+                len(done),
                 len(calls),
                 using,
                 error,
@@ -341,6 +357,30 @@ def _tables(using: str) -> bool | None:
     except Exception:  # not a database to use here (a driver missing, access forbidden)
         return False
     return OutboxCall._meta.db_table in tables
+
+
+def _one_by_one(
+    calls: list[PendingCall],
+) -> tuple[
+    list[PendingCall],
+    list[tuple[PendingCall, BaseException]],
+    BaseException | None,
+    list[PendingCall],
+]:
+    """Publish ``calls`` one at a time, each confirmed before the next, so that a refusal
+    names its call: the ones published, the ones refused, and, if the broker failed, its
+    error and the calls left from there on."""
+    done: list[PendingCall] = []
+    refused: list[tuple[PendingCall, BaseException]] = []
+    for n, call in enumerate(calls):
+        confirmed, error = publisher.publish([call])
+        if confirmed:
+            done.append(call)
+        elif error is not None and broker.is_refusal(error):
+            refused.append((call, error))
+        else:
+            return done, refused, error, calls[n:]
+    return done, refused, None, []
 
 
 def _call_of(row: Claimed) -> PendingCall:

@@ -173,6 +173,74 @@ def test_a_queue_the_broker_refuses_holds_back_only_its_own_calls(
     assert len(rabbit.ids(rabbit.good)) == 2
 
 
+def test_a_message_refused_after_its_publish_is_found_one_at_a_time(
+    rabbit: Rabbit, settings: SettingsWrapper
+) -> None:
+    """RabbitMQ refuses a publish to a missing exchange by closing the channel later, without
+    saying which message: the error surfaces at some later call's publish or at the wait for
+    confirms. No call is blamed on that; the relay publishes the unconfirmed rows one at a
+    time, each confirmed, and only the refused rows count attempts and end as dead letters."""
+    from celery import current_app
+
+    from deferred_signals import messages
+
+    missing = f"{rabbit.bad}-no-such-exchange"
+    current_app.conf.task_routes = {
+        BAD: {"exchange": missing, "exchange_type": "direct", "routing_key": "x"}
+    }
+    messages.clear_cache()
+    try:
+        good = add_rows(bad=0, good=50)
+        (bad_1,) = add_rows(bad=1, good=0)
+        good += add_rows(bad=0, good=50)
+        (bad_2,) = add_rows(bad=1, good=0)
+        good += add_rows(bad=0, good=50)
+        # Due in that order: the refused rows in the middle of the batch.
+        start = timezone.now() - datetime.timedelta(minutes=5)
+        for n, id in enumerate([*good[:50], bad_1, *good[50:100], bad_2, *good[100:]]):
+            OutboxCall.objects.filter(id=id).update(
+                next_attempt_at=start + datetime.timedelta(milliseconds=n)
+            )
+        delivered = []
+        for _ in range(3):  # RELAY_MAX_ATTEMPTS=3
+            Relay(databases=["default"]).run_once()
+            delivered += rabbit.ids(rabbit.good)
+            assert not publisher.cooldown.active(), "a refusal is no outage"
+            make_due()
+        assert set(delivered) == set(good), "every good call delivered (at least once)"
+        letters = sorted(DeadLetter.objects.values_list("call_id", "handler", "attempts"))
+        assert letters == sorted([(bad_1, BAD, 3), (bad_2, BAD, 3)])
+        assert not OutboxCall.objects.exists()
+
+        # At commit no call can be blamed either: the unconfirmed ones are spilled, none is
+        # lost, and the relay sorts them out as above.
+        with transaction.atomic():
+            for n in range(20):
+                user_registered.send(sender=None, n=n)
+            slow_signal.send(sender=None, n=1)
+            for n in range(20, 40):
+                user_registered.send(sender=None, n=n)
+        assert not publisher.cooldown.active()
+        in_queue = rabbit.ids(rabbit.good)
+        left = list(OutboxCall.objects.values_list("handler", flat=True))
+        assert left.count(BAD) == 1 and len(in_queue) + left.count(GOOD) >= 40
+    finally:
+        current_app.conf.task_routes = None
+        messages.clear_cache()
+
+
+def test_a_login_refused_is_an_outage(settings: SettingsWrapper) -> None:
+    """403 at login says nothing of one call: it starts the cooldown, as any broker failure."""
+    require("rabbitmq")
+    url = BROKERS["rabbitmq"].replace("guest:guest@", "guest:not-the-password@")
+    app = make_app("wrong-password", url)
+    with use_app(app, settings, f"ds-login-{uuid.uuid4().hex[:8]}"):
+        with transaction.atomic():
+            user_registered.send(sender=None, n=1)
+        assert publisher.cooldown.active()
+        assert [row.handler for row in OutboxCall.objects.all()] == [GOOD]
+
+
 # --- databases ----------------------------------------------------------------------------
 
 
