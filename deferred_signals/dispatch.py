@@ -12,7 +12,6 @@ What the broker does not confirm is written to the outbox (spilled) for the rela
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -213,10 +212,29 @@ def _wait_for(calls: list[PendingCall], using: str) -> list[PendingCall]:
     for alias, held in later.items():
         for call in held:
             call.after = None
-        transaction.on_commit(
-            functools.partial(flush, held, using), using=alias, robust=not conf.eager_propagates
-        )
+        transaction.on_commit(_Held(held, using), using=alias, robust=not conf.eager_propagates)
     return now
+
+
+class _Held:
+    """Calls waiting for a second database's commit: flushed by its ``on_commit``."""
+
+    __slots__ = ("calls", "using")
+
+    def __init__(self, calls: list[PendingCall], using: str) -> None:
+        self.calls, self.using = calls, using
+
+    def __call__(self) -> None:
+        try:
+            flush(self.calls, self.using)
+        except Exception:
+            if conf.eager_propagates:  # tests asked for the handler's exception
+                raise
+            # Never to Django, as PendingCall.__call__ says.
+            logger.exception("deferred_signals: handing committed calls over failed")
+
+    def __repr__(self) -> str:
+        return f"<deferred calls waiting for a second commit: {len(self.calls)}>"
 
 
 #: Calls of one commit refused one by one (each costs a new connection) before the rest is
