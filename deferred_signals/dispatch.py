@@ -117,17 +117,23 @@ class PendingCall:
     def __call__(self) -> None:
         """Django runs this at commit (or a test's ``captureOnCommitCallbacks`` does)."""
         assert self.batch is not None
-        try:
-            self.batch.release(self)
-        except Exception:
-            if conf.eager_propagates:  # tests asked for the handler's exception
-                raise
-            # Never to Django: its robust on_commit logs ``func.__qualname__``, which an
-            # instance lacks, so the request would fail on an AttributeError instead.
-            logger.exception("deferred_signals: handing committed calls over failed")
+        _guarded(self.batch.release, self)
 
     def __repr__(self) -> str:
         return f"<deferred call {self.handler.name} [{self.id}]>"
+
+
+def _guarded(release: Callable[..., object], *args: Any) -> None:
+    """``release(*args)`` in a commit hook: an error is logged, never raised to Django, but
+    with ``EAGER_PROPAGATES`` (tests asked for the handler's exception). Django's robust
+    ``on_commit`` logs ``func.__qualname__``, which an instance lacks, so the request would
+    fail on an AttributeError instead."""
+    try:
+        release(*args)
+    except Exception:
+        if conf.eager_propagates:
+            raise
+        logger.exception("deferred_signals: handing committed calls over failed")
 
 
 class Batch:
@@ -225,13 +231,7 @@ class _Held:
         self.calls, self.using = calls, using
 
     def __call__(self) -> None:
-        try:
-            flush(self.calls, self.using)
-        except Exception:
-            if conf.eager_propagates:  # tests asked for the handler's exception
-                raise
-            # Never to Django, as PendingCall.__call__ says.
-            logger.exception("deferred_signals: handing committed calls over failed")
+        _guarded(flush, self.calls, self.using)
 
     def __repr__(self) -> str:
         return f"<deferred calls waiting for a second commit: {len(self.calls)}>"
