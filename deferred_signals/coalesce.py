@@ -147,7 +147,7 @@ class _Finisher:
 
     def __call__(self) -> None:
         if self.transaction.finisher is self:  # earlier finishers stand for it
-            self.transaction.release()
+            dispatch._guarded(self.transaction.release)
 
     def __repr__(self) -> str:
         return "<deferred_signals coalesced calls>"

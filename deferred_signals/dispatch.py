@@ -218,7 +218,10 @@ def _wait_for(calls: list[PendingCall], using: str) -> list[PendingCall]:
     for alias, held in later.items():
         for call in held:
             call.after = None
-        transaction.on_commit(_Held(held, using), using=alias, robust=not conf.eager_propagates)
+        # At the level of that whole transaction (no savepoint id, as coalescing's finisher):
+        # both commits happened once it commits, whatever savepoint of it rolls back since.
+        connection = transaction.get_connection(alias)
+        connection.run_on_commit.append((set(), _Held(held, using), not conf.eager_propagates))
     return now
 
 
@@ -307,9 +310,16 @@ def _spill(calls: list[PendingCall], using: str, error: BaseException | None) ->
             "broker cooling down" if cooling else type(error).__name__,
         )
         lost = not (call.outbox or spilled)
-        (signals.call_lost if lost else signals.call_spilled).send(
-            call.handler.func, handler=call.handler.name, call_id=call.id, error=error
-        )
+        signal = signals.call_lost if lost else signals.call_spilled
+        if signal.receivers:
+            try:
+                signal.send(
+                    call.handler.func, handler=call.handler.name, call_id=call.id, error=error
+                )
+            except Exception:
+                # A metrics receiver must not keep the calls after these from the broker.
+                name = "call_lost" if lost else "call_spilled"
+                logger.exception("deferred_signals: a %s receiver failed", name)
     return [] if spilled else [call for call in calls if not call.outbox]
 
 

@@ -30,6 +30,8 @@ RECENT = 1024
 
 #: Deliveries kept since their message was received; a new delivery (a replay) clears its id.
 _kept: OrderedDict[str, None] = OrderedDict()
+#: The retries of the retried deliveries received lately, by call id.
+_retries: OrderedDict[str, int] = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -64,8 +66,12 @@ def on_task_failure(
         _kept[task_id] = None
         if len(_kept) > RECENT:
             _kept.popitem(last=False)
-    request = sender.request  # Celery pushes the message's context for on_failure's send
-    attempts = (request.retries or 0) + 1 if request.id == task_id else 1
+    request = sender.request  # Celery 5.7 pushes the message's context for on_failure's send
+    if request.id == task_id:
+        attempts = (request.retries or 0) + 1
+    else:  # Celery before 5.7: as the message said when it was received
+        with _lock:
+            attempts = _retries.get(task_id, 0) + 1
     what = (
         "was stopped by its hard time limit"
         if isinstance(exception, TimeLimitExceeded)
@@ -90,10 +96,20 @@ def on_task_failure(
 
 
 def on_task_received(request: Any = None, **_: Any) -> None:
-    """A new delivery of a call (a replay) may be lost and kept again."""
-    if _kept:
-        with _lock:
-            _kept.pop(str(getattr(request, "id", "")), None)
+    """A new delivery of a call (a replay) may be lost and kept again; a retried one's count
+    is kept for the dead letter (Celery before 5.7 sends ``task_failure`` without it)."""
+    task_id = str(getattr(request, "id", ""))
+    retries = (getattr(request, "request_dict", None) or {}).get("retries") or 0
+    if not (_kept or retries or task_id in _retries):
+        return
+    with _lock:
+        _kept.pop(task_id, None)
+        if retries:
+            _retries[task_id] = int(retries)
+            if len(_retries) > RECENT:
+                _retries.popitem(last=False)
+        else:
+            _retries.pop(task_id, None)
 
 
 celery_signals.task_failure.connect(on_task_failure, dispatch_uid="deferred_signals.lost_calls")

@@ -31,7 +31,7 @@ from . import broker, deadletters, outbox, publisher, registry, sentry
 from .codec import KOMBU_KEYS
 from .conf import conf
 from .dispatch import PendingCall
-from .exceptions import DeferredSignalError
+from .exceptions import DeferredSignalError, PublishTimeout
 from .outbox import Claimed
 from .tasks import MESSAGE_KEYS
 
@@ -359,6 +359,11 @@ def _tables(using: str) -> bool | None:
     return OutboxCall._meta.db_table in tables
 
 
+ONE_BY_ONE_OVER = (
+    "publishing the rows one at a time took PUBLISH_TIMEOUT; the rest wait for the next round"
+)
+
+
 def _one_by_one(
     calls: list[PendingCall],
 ) -> tuple[
@@ -372,7 +377,11 @@ def _one_by_one(
     error and the calls left from there on."""
     done: list[PendingCall] = []
     refused: list[tuple[PendingCall, BaseException]] = []
+    # The round holds its rows' locks: one PUBLISH_TIMEOUT for all, the rest wait.
+    deadline = time.monotonic() + conf.publish_timeout
     for n, call in enumerate(calls):
+        if n and time.monotonic() > deadline:
+            return done, refused, PublishTimeout(ONE_BY_ONE_OVER, broker_answering=True), calls[n:]
         confirmed, error = publisher.publish([call])
         if confirmed:
             done.append(call)

@@ -322,3 +322,61 @@ def test_an_eager_failure_outside_a_transaction_was_deferred_first(
         handlers.signals.flaky_signal.send(sender=None, key="eager-first", fail_times=1)
     assert names(events)[0] == "call_deferred"
     assert "handler_failed" in names(events)
+
+
+class SpilledReceiverError(Exception):
+    pass
+
+
+def _failing_receiver(sender: Any, **kwargs: Any) -> None:
+    raise SpilledReceiverError
+
+
+@pytest.mark.parametrize("coalesced", [False, True])
+def test_a_failing_call_spilled_receiver_neither_fails_the_commit_nor_loses_calls(
+    settings: SettingsWrapper, coalesced: bool
+) -> None:
+    """A metrics receiver that raises: the commit goes on, and every call is spilled."""
+    from tests.testapp.models import Author
+    from tests.testapp.signals import row_touched
+
+    app = make_app("spill-receiver", "amqp://guest:guest@127.0.0.1:1//")  # nothing listens
+    signals.call_spilled.connect(_failing_receiver)
+    try:
+        with use_app(app, settings, "ds-never"):
+            author = Author.objects.create(name="a")
+            with transaction.atomic():
+                if coalesced:
+                    row_touched.send(sender=Author, instance=author, label="x", created=False)
+                user_registered.send(sender=None, n=1)
+                user_registered.send(sender=None, n=2)
+    finally:
+        signals.call_spilled.disconnect(_failing_receiver)
+    assert OutboxCall.objects.count() == (3 if coalesced else 2)
+
+
+def test_a_failing_receiver_after_a_blamed_call_loses_none_of_the_calls_after_it(
+    memory_broker: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deferred_signals import publisher
+
+    published: list[str] = []
+
+    def publish(calls: Any) -> tuple[int, BaseException | None]:
+        if not published:  # the first call's message fails on our side
+            error = ValueError("building this call's message failed")
+            setattr(error, publisher.FAILED_CALL, calls[0].id)
+            published.append("")
+            return 0, error
+        published.extend(call.id for call in calls)
+        return len(calls), None
+
+    monkeypatch.setattr(publisher, "publish", publish)
+    signals.call_spilled.connect(_failing_receiver)
+    try:
+        with transaction.atomic():
+            for n in range(3):
+                user_registered.send(sender=None, n=n)
+    finally:
+        signals.call_spilled.disconnect(_failing_receiver)
+    assert OutboxCall.objects.count() == 1 and len(published) == 1 + 2

@@ -444,3 +444,28 @@ def test_a_custom_signal_about_a_row_waits_for_both_open_transactions() -> None:
             user_registered.send(sender=Plain, instance=gone, step="rolled back")
         raise RuntimeError
     assert len(records("user_event")) == 2
+
+
+def test_a_savepoint_of_the_rows_database_rolled_back_keeps_a_call_waiting_for_it() -> None:
+    """Both commits happen: a savepoint of the row's transaction rolled back meanwhile does
+    not drop the call waiting for that transaction."""
+    with transaction.atomic(using="other"):
+        author = Author.objects.using("other").create(name="kept")
+        with pytest.raises(RuntimeError), transaction.atomic(using="other"):  # a savepoint
+            with transaction.atomic():  # the default database's: commits here
+                user_registered.send(sender=Plain, instance=author, step="savepoint")
+            raise RuntimeError
+        assert records("user_event") == []
+    assert len(records("user_event")) == 1
+
+
+@pytest.mark.django_db(databases=["default", "other"])  # a TestCase: its blocks never commit
+def test_under_a_testcase_a_call_about_another_databases_row_runs_with_capture_on_commit(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """The testing guide's recipe (EAGER and captureOnCommitCallbacks): the row's database
+    is at the test's level, its autocommit, which the call does not wait for."""
+    author = Author.objects.using("other").create(name="test row")
+    with django_capture_on_commit_callbacks(execute=True), transaction.atomic():
+        user_registered.send(sender=Plain, instance=author, step="testcase")
+    assert len(records("user_event")) == 1
