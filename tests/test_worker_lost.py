@@ -126,6 +126,13 @@ def test_a_timed_out_call_celery_requeues_is_no_dead_letter(
     settings: SettingsWrapper, tmp_path: Any
 ) -> None:
     """``task_acks_on_timeout=False``: the message goes back to the queue and runs again."""
+    import celery
+
+    if celery.VERSION < (5, 7):
+        pytest.skip(
+            "Celery before 5.7 has no task_acks_on_timeout: with acks_on_failure_or_timeout "
+            "off it leaves a timed-out message unacknowledged until the visibility timeout"
+        )
     if not on_postgres():
         pytest.skip("end-to-end: runs in make test's PostgreSQL pass")
     require("redis")
