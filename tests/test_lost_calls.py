@@ -140,3 +140,28 @@ def test_no_dead_letter_with_dead_letters_off() -> None:
     with override_settings(DEFERRED_SIGNALS={"DEAD_LETTERS": False}):
         hard_time_limit(request())
     assert not DeadLetter.objects.exists()
+
+
+@pytest.mark.skipif(
+    __import__("celery").VERSION < (5, 7), reason="before 5.7 it counts every delivery's retries"
+)
+def test_a_worker_pays_nothing_per_message_unless_a_lost_call_is_kept() -> None:
+    from deferred_signals import lost_calls
+
+    def listening() -> bool:
+        import weakref
+
+        return any(
+            (ref() if isinstance(ref, weakref.ReferenceType) else ref)
+            is lost_calls.on_task_received
+            for _, ref in celery_signals.task_received.receivers
+        )
+
+    lost_calls._kept.clear()
+    lost_calls._listen(False)
+    assert not listening()
+    req = request()
+    hard_time_limit(req)
+    assert DeadLetter.objects.filter(call_id=req.id).exists() and listening()
+    request(call_id=req.id)  # its replay arrives: nothing kept any more
+    assert not listening()
