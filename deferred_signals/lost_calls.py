@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -29,8 +30,13 @@ logger = logging.getLogger("deferred_signals")
 #: (``Request.on_failure``, then ``on_timeout``), and the second must not count again.
 RECENT = 1024
 
-#: Deliveries kept since their message was received; a new delivery (a replay) clears its id.
-_kept: OrderedDict[str, None] = OrderedDict()
+#: Celery's two sends for one hard time limit come within moments: a call lost again later
+#: is a new loss (its replay's), kept again.
+SAME_LOSS_SECONDS = 60.0
+
+#: Deliveries kept lately (monotonic time), oldest first; a new delivery (a replay) clears
+#: its id.
+_kept: OrderedDict[str, float] = OrderedDict()
 #: The retries of the retried deliveries received lately, by call id.
 _retries: OrderedDict[str, int] = OrderedDict()
 _lock = threading.Lock()
@@ -62,12 +68,14 @@ def on_task_failure(
     if isinstance(exception, TimeLimitExceeded) and requeued:
         return
     with _lock:
+        now = time.monotonic()
+        _forget_old(now)
         if task_id in _kept:
             return
-        _kept[task_id] = None
+        _kept[task_id] = now
         if len(_kept) > RECENT:
             _kept.popitem(last=False)
-    _listen(True)  # until a new delivery of it arrives
+        _listen(True)  # while a call is kept: a new delivery of it may be lost again
     request = sender.request  # Celery 5.7 pushes the message's context for on_failure's send
     if request.id == task_id:
         attempts = (request.retries or 0) + 1
@@ -105,6 +113,7 @@ def on_task_received(request: Any = None, **_: Any) -> None:
     if not (_kept or retries or task_id in _retries):
         return
     with _lock:
+        _forget_old(time.monotonic())
         _kept.pop(task_id, None)
         if retries and _COUNTS_RETRIES:
             _retries[task_id] = int(retries)
@@ -112,9 +121,17 @@ def on_task_received(request: Any = None, **_: Any) -> None:
                 _retries.popitem(last=False)
         else:
             _retries.pop(task_id, None)
-        idle = not _kept and not _COUNTS_RETRIES
-    if idle:
-        _listen(False)
+        if not _kept and not _COUNTS_RETRIES:
+            _listen(False)  # under the lock: a loss kept meanwhile keeps it connected
+
+
+def _forget_old(now: float) -> None:
+    """Drop the calls kept longer than :data:`SAME_LOSS_SECONDS` ago (under ``_lock``)."""
+    while _kept:
+        oldest = next(iter(_kept.values()))
+        if now - oldest < SAME_LOSS_SECONDS:
+            return
+        _kept.popitem(last=False)
 
 
 #: Celery before 5.7 sends ``task_failure`` without the message's context: the retries of

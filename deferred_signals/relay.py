@@ -224,6 +224,9 @@ class Relay:
             # a bug): it counts an attempt, so it cannot hold the rows behind it forever;
             # they go on in the next round.
             broken.append((failing, RowError(f"publishing it failed: {error!r:.300}")))
+        elif left and str(error) == ONE_BY_ONE_OVER:
+            result.broker_error = error  # this database's turn ends; the rest next round
+            logger.info("deferred_signals relay: database %r: %s", using, ONE_BY_ONE_OVER)
         elif left:
             # The broker failed: the rows wait, without counting an attempt against them.
             result.broker_error = error

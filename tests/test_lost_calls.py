@@ -165,3 +165,32 @@ def test_a_worker_pays_nothing_per_message_unless_a_lost_call_is_kept() -> None:
     assert DeadLetter.objects.filter(call_id=req.id).exists() and listening()
     request(call_id=req.id)  # its replay arrives: nothing kept any more
     assert not listening()
+
+
+@pytest.mark.skipif(
+    __import__("celery").VERSION < (5, 7), reason="before 5.7 it counts every delivery's retries"
+)
+def test_a_loss_kept_long_ago_is_forgotten_and_the_worker_stops_listening(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Celery's two sends for one time limit come within moments: a kept call is forgotten
+    after SAME_LOSS_SECONDS, so the receiver does not stay connected for good, and the
+    same call lost again after that is kept again."""
+    from deferred_signals import lost_calls
+
+    lost_calls._kept.clear()
+    lost_calls._listen(False)
+    req = request()
+    hard_time_limit(req)
+    assert req.id in lost_calls._kept
+    monkeypatch.setattr(lost_calls, "SAME_LOSS_SECONDS", 0.0)
+    request()  # any other message: the old loss is forgotten, nothing is kept
+    assert not lost_calls._kept
+    assert not any(
+        receiver() is lost_calls.on_task_received
+        for _, receiver in celery_signals.task_received.receivers
+        if isinstance(receiver, __import__("weakref").ReferenceType)
+    )
+    with dead_lettered() as sent:
+        req.on_failure(failed(TimeLimitExceeded(2)))  # lost again, later: kept again
+    assert len(sent) == 1

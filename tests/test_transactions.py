@@ -469,3 +469,21 @@ def test_under_a_testcase_a_call_about_another_databases_row_runs_with_capture_o
     with django_capture_on_commit_callbacks(execute=True), transaction.atomic():
         user_registered.send(sender=Plain, instance=author, step="testcase")
     assert len(records("user_event")) == 1
+
+
+@pytest.mark.django_db(databases=["default", "other"])  # a TestCase: its blocks never commit
+@pytest.mark.parametrize("default_outside", [True, False])
+def test_under_a_testcase_a_call_held_for_the_rows_block_runs_once_it_closed(
+    django_capture_on_commit_callbacks: Any, default_outside: bool
+) -> None:
+    """The row's block inside the test closed before the capture runs the callbacks: what is
+    left open on that database is the test's own level, which the call does not wait for."""
+    author = Author.objects.using("other").create(name="test row")
+    first, second = ("default", "other") if default_outside else ("other", "default")
+    with (
+        django_capture_on_commit_callbacks(execute=True),
+        transaction.atomic(using=first),
+        transaction.atomic(using=second),
+    ):
+        user_registered.send(sender=Plain, instance=author, step=first)
+    assert len(records("user_event")) == 1
