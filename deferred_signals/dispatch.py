@@ -204,18 +204,25 @@ def _open_batch(connection: Any) -> Batch | None:
 waiting = False
 
 
+def in_transaction(connection: Any) -> bool:
+    """A transaction that will commit is open on ``connection``: an atomic block, but not
+    only a ``TestCase``'s never-committing ones (the test's own level, its autocommit)."""
+    if not connection.in_atomic_block:
+        return False
+    from .testing import _at_test_level
+
+    return not _at_test_level(connection)
+
+
 def _wait_for(calls: list[PendingCall], using: str) -> list[PendingCall]:
     """The calls that may go now; each of the others goes when the transaction still open on
     its ``after`` database commits (and never if it rolls back)."""
-    from .testing import _at_test_level  # a TestCase's own blocks: the test's autocommit
-
     now: list[PendingCall] = []
     later: dict[str, list[PendingCall]] = {}
     for call in calls:
         after = call.after
-        other = None if after is None else transaction.get_connection(after)
-        if other is not None and other.in_atomic_block and not _at_test_level(other):
-            later.setdefault(after, []).append(call)  # type: ignore[arg-type]
+        if after is not None and in_transaction(transaction.get_connection(after)):
+            later.setdefault(after, []).append(call)
         else:
             now.append(call)
     for alias, held in later.items():

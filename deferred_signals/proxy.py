@@ -304,15 +304,7 @@ def _alias(handler: Handler, kwargs: dict[str, Any], call: dispatch.PendingCall)
     ):
         if not transaction.get_connection(DEFAULT_DB_ALIAS).in_atomic_block:
             return instance._state.db
-        if not _test_level(transaction.get_connection(instance._state.db)):
+        if dispatch.in_transaction(transaction.get_connection(instance._state.db)):
             call.after = instance._state.db
             dispatch.waiting = True
     return DEFAULT_DB_ALIAS
-
-
-def _test_level(connection: Any) -> bool:
-    """Only a ``TestCase``'s never-committing blocks are open: the test's autocommit, which
-    a call cannot wait for."""
-    from .testing import _at_test_level
-
-    return _at_test_level(connection)

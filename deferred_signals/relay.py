@@ -224,7 +224,7 @@ class Relay:
             # a bug): it counts an attempt, so it cannot hold the rows behind it forever;
             # they go on in the next round.
             broken.append((failing, RowError(f"publishing it failed: {error!r:.300}")))
-        elif left and str(error) == ONE_BY_ONE_OVER:
+        elif left and isinstance(error, _TurnOver):
             result.broker_error = error  # this database's turn ends; the rest next round
             logger.info("deferred_signals relay: database %r: %s", using, ONE_BY_ONE_OVER)
         elif left:
@@ -362,6 +362,10 @@ def _tables(using: str) -> bool | None:
     return OutboxCall._meta.db_table in tables
 
 
+class _TurnOver(PublishTimeout):
+    """One-at-a-time publishing used this round's PUBLISH_TIMEOUT: the rest wait."""
+
+
 ONE_BY_ONE_OVER = (
     "publishing the rows one at a time took PUBLISH_TIMEOUT; the rest wait for the next round"
 )
@@ -384,7 +388,7 @@ def _one_by_one(
     deadline = time.monotonic() + conf.publish_timeout
     for n, call in enumerate(calls):
         if n and time.monotonic() > deadline:
-            return done, refused, PublishTimeout(ONE_BY_ONE_OVER, broker_answering=True), calls[n:]
+            return done, refused, _TurnOver(ONE_BY_ONE_OVER, broker_answering=True), calls[n:]
         confirmed, error = publisher.publish([call])
         if confirmed:
             done.append(call)
