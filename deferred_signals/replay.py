@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from django.db import router
+from django.db import router, transaction
 from django.utils import timezone
 from kombu.utils import json as kombu_json
 
 from . import registry
-from .dispatch import PendingCall, flush
+from .dispatch import PendingCall, _guarded, flush, in_transaction
 from .tasks import MESSAGE_KEYS
 
 if TYPE_CHECKING:
@@ -22,6 +24,8 @@ logger = logging.getLogger("deferred_signals")
 
 #: Why a letter published again is not marked replayed.
 LOST = "neither the broker nor the outbox took it (logged as LOST): still a dead letter"
+#: Why a letter is not published: a claim found it changed since it was read.
+TAKEN = "replayed by another replay, or failed again, since it was read: not published twice"
 
 
 @dataclass(frozen=True)
@@ -41,38 +45,80 @@ def replay(
 
     A letter whose handler is not registered in this process, or whose message does not
     decode or is not one this package could have sent (a refused, forged message), is
-    skipped with the reason, and the others are replayed. Publishing follows the commit
-    path: what the broker does not confirm goes to the outbox. A letter is marked replayed
-    only once the broker or the outbox has its call, and not when it failed again meanwhile.
-    """
-    from .models import DeadLetter, OutboxCall
+    skipped with the reason, and the others are replayed.
 
-    calls: list[PendingCall] = []
-    replayed: list[DeadLetter] = []
+    Each letter is *claimed* before it is published: marked replayed, on the condition that
+    nobody replayed it, and no worker recorded a new failure, since it was read. Two replays
+    at once (two operators, the admin and the command) thus publish each letter once: the
+    later one skips what the earlier one claimed. Inside a transaction (the admin under
+    ``ATOMIC_REQUESTS``) the claims are that transaction's and the calls are published when it
+    commits, never if it rolls back, as any deferred call.
+
+    Publishing follows the commit path: what the broker does not confirm goes to the outbox.
+    A letter that neither took is un-marked: it stays a dead letter, reported skipped when
+    published at once, logged when published at a commit.
+    """
+    from .models import DeadLetter
+
+    chosen: list[tuple[DeadLetter, PendingCall]] = []
     skipped: list[Skipped] = []
     for letter in letters:
         try:
-            calls.append(_call_of(letter))
+            chosen.append((letter, _call_of(letter)))
         except Unreplayable as error:
             skipped.append(_skip(letter, str(error)))
-            continue
-        replayed.append(letter)
-    if dry_run or not calls:
-        return replayed, skipped
-    lost = {call.id for call in flush(calls, router.db_for_write(OutboxCall))}
+    if dry_run:
+        return [letter for letter, _ in chosen], skipped
     now = timezone.now()
-    marked: list[DeadLetter] = []
-    for letter in replayed:
-        if letter.call_id in lost:
-            skipped.append(_skip(letter, LOST))
-            continue
-        marked.append(letter)
-        # A worker may have taken the message and recorded a new failure already: the row
-        # then stays a dead letter not replayed (record() cleared replayed_at).
-        rows = DeadLetter.objects.using(letter._state.db or router.db_for_write(DeadLetter))
-        if rows.filter(pk=letter.pk, last_failed_at=letter.last_failed_at).update(replayed_at=now):
-            letter.replayed_at = now
-    return marked, skipped
+    claimed: list[tuple[DeadLetter, PendingCall]] = []
+    for letter, call in chosen:
+        if _claim(letter, now):
+            claimed.append((letter, call))
+        else:
+            skipped.append(_skip(letter, TAKEN))
+    if not claimed:
+        return [], skipped
+    using = router.db_for_write(DeadLetter)
+    if in_transaction(transaction.get_connection(using)):
+        transaction.on_commit(
+            functools.partial(_guarded, _publish, claimed, now), using=using, robust=True
+        )
+        return [letter for letter, _ in claimed], skipped
+    lost = _publish(claimed, now)
+    skipped += [_skip(letter, LOST) for letter in lost]
+    return [letter for letter, _ in claimed if letter not in lost], skipped
+
+
+def _claim(letter: DeadLetter, now: datetime.datetime) -> bool:
+    """Mark ``letter`` replayed if it is still as read: replayed by nobody else since, and
+    not failed again (a worker's new failure rewrites ``last_failed_at``)."""
+    from .models import DeadLetter
+
+    rows = DeadLetter.objects.using(router.db_for_write(DeadLetter))
+    if not rows.filter(
+        pk=letter.pk, last_failed_at=letter.last_failed_at, replayed_at=letter.replayed_at
+    ).update(replayed_at=now):
+        return False
+    letter.replayed_at = now
+    return True
+
+
+def _publish(
+    claimed: list[tuple[DeadLetter, PendingCall]], now: datetime.datetime
+) -> list[DeadLetter]:
+    """Publish the claimed letters' calls; un-mark and return the letters whose call was lost."""
+    from .models import DeadLetter, OutboxCall
+
+    lost_ids = {
+        call.id for call in flush([call for _, call in claimed], router.db_for_write(OutboxCall))
+    }
+    lost = [letter for letter, call in claimed if call.id in lost_ids]
+    rows = DeadLetter.objects.using(router.db_for_write(DeadLetter))
+    for letter in lost:
+        # Only this replay's mark: a worker's new failure, if any, stands.
+        rows.filter(pk=letter.pk, replayed_at=now).update(replayed_at=None)
+        letter.replayed_at = None
+    return lost
 
 
 def _call_of(letter: DeadLetter) -> PendingCall:

@@ -12,8 +12,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -218,20 +221,110 @@ def test_replaying_again_while_the_broker_is_down_keeps_every_call(
     assert not DeadLetter.objects.filter(replayed_at=None).exists()
 
 
+@contextmanager
+def outbox_table_gone() -> Iterator[None]:
+    """The outbox table renamed away for the block, outside any transaction: every write to
+    the outbox fails, as with a database that refuses it."""
+    table = OutboxCall._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {table} RENAME TO {table}_gone")
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {table}_gone RENAME TO {table}")
+
+
 def test_a_replay_neither_the_broker_nor_the_outbox_took_is_not_marked_replayed(
     settings: SettingsWrapper,
 ) -> None:
     letter = dead_letter("lost")
     down = make_app("down", "redis://127.0.0.1:1/0")
-    # The outbox fails too: DDL in a transaction rolls back on both backends.
-    with use_app(down, settings, "nowhere"), transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute(f"DROP TABLE {OutboxCall._meta.db_table}")
+    with use_app(down, settings, "nowhere"), outbox_table_gone():
         out, err = command("replay", "--all")
-        assert "replayed 0 dead letter(s), skipped 1" in out
-        assert f"skipped {letter.id}" in err and "still a dead letter" in err
-        assert DeadLetter.objects.get().replayed_at is None
+    assert "replayed 0 dead letter(s), skipped 1" in out
+    assert f"skipped {letter.id}" in err and "still a dead letter" in err
+    assert DeadLetter.objects.get().replayed_at is None
+
+
+def test_two_replays_of_the_same_letters_publish_each_letter_once(redis_queue: Queue) -> None:
+    """Two operators (or the admin and the command) read the same letters before either
+    replays: the later replay skips what the earlier one claimed, and says why."""
+    from deferred_signals.replay import TAKEN, replay
+
+    for n in range(5):
+        dead_letter(f"twice {n}")
+    first_read = list(DeadLetter.objects.order_by("id"))
+    second_read = list(DeadLetter.objects.order_by("id"))
+    replayed, skipped = replay(first_read)
+    assert len(replayed) == 5 and not skipped
+    replayed, skipped = replay(second_read)
+    assert not replayed and [skip.reason for skip in skipped] == [TAKEN] * 5
+    assert sorted(task_id for task_id, _ in published(redis_queue)) == sorted(
+        letter.call_id for letter in first_read
+    )
+
+
+def test_replays_racing_in_threads_publish_each_letter_once(redis_queue: Queue) -> None:
+    """Real concurrency: four threads, each with its own database connection, read the same
+    letters, wait for each other, then replay them all at once."""
+    from deferred_signals.replay import replay
+
+    letters = [dead_letter(f"race {n}") for n in range(40)]
+    barrier = threading.Barrier(4)
+    counts: list[int] = []
+
+    def operator() -> None:
+        try:
+            read = list(DeadLetter.objects.order_by("?"))
+            barrier.wait(timeout=30)
+            replayed, _ = replay(read)
+            counts.append(len(replayed))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=operator) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sum(counts) == 40 and len(counts) == 4
+    sent = [task_id for task_id, _ in published(redis_queue)]
+    assert sorted(sent) == sorted(letter.call_id for letter in letters)
+
+
+def test_a_replay_inside_a_transaction_publishes_at_its_commit_never_on_rollback(
+    redis_queue: Queue,
+) -> None:
+    """The admin under ATOMIC_REQUESTS: the claim is the request's, and so is the publish."""
+    from deferred_signals.replay import replay
+
+    letter = dead_letter("atomic")
+    with transaction.atomic():
+        replayed, _ = replay(DeadLetter.objects.all())
+        assert replayed == [letter] and len(redis_queue) == 0
         transaction.set_rollback(True)
+    assert len(redis_queue) == 0 and DeadLetter.objects.get().replayed_at is None
+
+    with transaction.atomic():
+        replay(DeadLetter.objects.all())
+        assert len(redis_queue) == 0
+    ((task_id, _),) = published(redis_queue)
+    assert task_id == letter.call_id and DeadLetter.objects.get().replayed_at is not None
+
+
+def test_a_replay_lost_at_its_commit_is_not_left_marked_replayed(
+    settings: SettingsWrapper, caplog: pytest.LogCaptureFixture
+) -> None:
+    from deferred_signals.replay import replay
+
+    dead_letter("lost at commit")
+    down = make_app("down", "redis://127.0.0.1:1/0")
+    with use_app(down, settings, "nowhere"), outbox_table_gone(), transaction.atomic():
+        replay(DeadLetter.objects.all())
+        assert DeadLetter.objects.get().replayed_at is not None  # claimed
+    assert DeadLetter.objects.get().replayed_at is None
+    assert "LOST" in caplog.text
 
 
 def test_a_replay_that_fails_again_at_once_is_not_marked_replayed_after_its_failure(
