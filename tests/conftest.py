@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -226,3 +227,27 @@ def redis_queue(settings: SettingsWrapper) -> Iterator[Queue]:
     with use_app(app, settings, queue.name):
         yield queue
     queue.redis.delete(queue.name)
+
+
+def at_once(action: Callable[[], Any], count: int) -> list[Any]:
+    """``action()`` in ``count`` threads that start together, each with database connections
+    of its own (closed after): real concurrency on the test database. Returns each result."""
+    from django.db import connections
+
+    start = threading.Barrier(count)
+    results: list[Any] = []
+
+    def run() -> None:
+        try:
+            start.wait(timeout=30)
+            results.append(action())
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(results) == count, "a thread failed or did not finish: see its traceback above"
+    return results

@@ -29,7 +29,7 @@ from pytest_django.fixtures import Settings as SettingsWrapper
 from deferred_signals import publisher
 from deferred_signals.models import OutboxCall
 from deferred_signals.relay import Relay
-from tests.conftest import records, require, use_app, wait_for
+from tests.conftest import at_once, records, require, use_app, wait_for
 from tests.faults import FaultProxy
 from tests.testapp.models import Author
 from tests.testapp.signals import user_registered
@@ -212,21 +212,7 @@ def test_two_relays_publish_each_row_once(postgres_only: None, settings: Setting
         assert OutboxCall.objects.count() == 1000
         proxy.forward()
         publisher.cooldown.clear()  # relays are processes of their own
-        start = threading.Barrier(2)
-        counts: list[int] = []
-
-        def relay() -> None:
-            start.wait()
-            try:
-                counts.append(Relay(batch=50).run_once())
-            finally:
-                connection.close()
-
-        threads = [threading.Thread(target=relay) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        counts = at_once(lambda: Relay(batch=50).run_once(), 2)
     messages = [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
     client.delete(queue)
     ids = Counter(m["headers"]["id"] for m in messages)

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ from deferred_signals.conf import settings_problems
 from deferred_signals.models import DeadLetter, OutboxCall, ProcessedCall, RelayHeartbeat
 from deferred_signals.outbox import body_text
 from deferred_signals.relay import Relay
-from tests.conftest import Queue, use_app
+from tests.conftest import Queue, at_once, use_app
 from tests.workers import PUBLISH_REDIS_URL, ROOT, make_app
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -271,24 +270,9 @@ def test_replays_racing_in_threads_publish_each_letter_once(redis_queue: Queue) 
     from deferred_signals.replay import replay
 
     letters = [dead_letter(f"race {n}") for n in range(40)]
-    barrier = threading.Barrier(4)
-    counts: list[int] = []
-
-    def operator() -> None:
-        try:
-            read = list(DeadLetter.objects.order_by("?"))
-            barrier.wait(timeout=30)
-            replayed, _ = replay(read)
-            counts.append(len(replayed))
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=operator) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert sum(counts) == 40 and len(counts) == 4
+    reads = iter([list(DeadLetter.objects.order_by("?")) for _ in range(4)])
+    counts = at_once(lambda: len(replay(next(reads))[0]), 4)
+    assert sum(counts) == 40
     sent = [task_id for task_id, _ in published(redis_queue)]
     assert sorted(sent) == sorted(letter.call_id for letter in letters)
 
