@@ -58,7 +58,6 @@ def replay(
     A letter that neither took is un-marked: it stays a dead letter, reported skipped when
     published at once, logged when published at a commit.
     """
-    from .models import DeadLetter
 
     chosen: list[tuple[DeadLetter, PendingCall]] = []
     skipped: list[Skipped] = []
@@ -78,7 +77,9 @@ def replay(
             skipped.append(_skip(letter, TAKEN))
     if not claimed:
         return [], skipped
-    using = router.db_for_write(DeadLetter)
+    # The letters' write database (a router may read them from a replica): its open
+    # transaction, if any, holds the claims.
+    using = _written_on(claimed[0][0])
     if in_transaction(transaction.get_connection(using)):
         transaction.on_commit(
             functools.partial(_guarded, _publish, claimed, now), using=using, robust=True
@@ -94,7 +95,7 @@ def _claim(letter: DeadLetter, now: datetime.datetime) -> bool:
     not failed again (a worker's new failure rewrites ``last_failed_at``)."""
     from .models import DeadLetter
 
-    rows = DeadLetter.objects.using(router.db_for_write(DeadLetter))
+    rows = DeadLetter.objects.using(_written_on(letter))
     if not rows.filter(
         pk=letter.pk, last_failed_at=letter.last_failed_at, replayed_at=letter.replayed_at
     ).update(replayed_at=now):
@@ -113,12 +114,20 @@ def _publish(
         call.id for call in flush([call for _, call in claimed], router.db_for_write(OutboxCall))
     }
     lost = [letter for letter, call in claimed if call.id in lost_ids]
-    rows = DeadLetter.objects.using(router.db_for_write(DeadLetter))
     for letter in lost:
         # Only this replay's mark: a worker's new failure, if any, stands.
-        rows.filter(pk=letter.pk, replayed_at=now).update(replayed_at=None)
+        DeadLetter.objects.using(_written_on(letter)).filter(pk=letter.pk, replayed_at=now).update(
+            replayed_at=None
+        )
         letter.replayed_at = None
     return lost
+
+
+def _written_on(letter: DeadLetter) -> str:
+    """The database ``letter`` is written on: the router's, else the one it was read from."""
+    from .models import DeadLetter
+
+    return router.db_for_write(DeadLetter, instance=letter)
 
 
 def _call_of(letter: DeadLetter) -> PendingCall:
