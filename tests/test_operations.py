@@ -556,6 +556,27 @@ def test_relay_once_touches_its_health_file_and_leaves_no_heartbeat(
     assert not RelayHeartbeat.objects.exists()
 
 
+def test_common_options_may_follow_the_subcommand(redis_queue: Queue) -> None:
+    """The reference gives ``relay ... -v 2``: argparse hands what follows a subcommand to
+    that subcommand's parser, which must know Django's common options too."""
+    due = timezone.now() - SECOND
+    for label in ("after", "before"):
+        OutboxCall.objects.create(
+            id=label, handler=EVENT, body=body_text(body(label)), next_attempt_at=due
+        )
+        args = (
+            ("relay", "--once", "-v", "2") if label == "after" else ("-v", "2", "relay", "--once")
+        )
+        out, _ = command(*args)
+        assert "default: published 1, failed 0, dead-lettered 0" in out
+    OutboxCall.objects.create(
+        id="plain", handler=EVENT, body=body_text(body("plain")), next_attempt_at=due
+    )
+    out, _ = command("relay", "--once")  # not repeated: Django's default verbosity, 1
+    assert out == "relayed 1 call(s)\n"
+    assert "published" not in command("status", "--verbosity", "0", "--no-color")[0]
+
+
 def test_relay_refuses_an_unconfigured_celery_app(postgres_only: None) -> None:
     env = {
         **os.environ,

@@ -76,6 +76,25 @@ def add_list_arguments(parser: CommandParser) -> None:
     )
 
 
+def add_common_arguments(parser: CommandParser) -> None:
+    """Django's common options, also after the subcommand (``relay -v 2``): argparse leaves
+    the arguments that follow a subcommand to its parser. Suppressed defaults, so the values
+    given before the subcommand (or Django's defaults) stand when these are not repeated."""
+    common: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+        (("-v", "--verbosity"), {"type": int, "choices": [0, 1, 2, 3]}),
+        (("--settings",), {}),
+        (("--pythonpath",), {}),
+        (("--traceback",), {"action": "store_true"}),
+        (("--no-color",), {"action": "store_true"}),
+        (("--force-color",), {"action": "store_true"}),
+        (("--skip-checks",), {"action": "store_true"}),
+    ]
+    for flags, options in common:
+        parser.add_argument(
+            *flags, default=argparse.SUPPRESS, help="As before the subcommand.", **options
+        )
+
+
 class Command(BaseCommand):
     help = "Inspect and operate deferred signal handlers: list, status, relay, replay, prune."
 
@@ -119,7 +138,14 @@ class Command(BaseCommand):
         prune = sub.add_parser(
             "prune", help="Delete processed call ids and replayed dead letters older than this."
         )
-        prune.add_argument("--older-than", type=duration_option, default=duration("7d"))
+        prune.add_argument(
+            "--older-than",
+            type=duration_option,
+            default=duration("7d"),
+            help="Age past which rows are deleted: 45s, 30m, 12h, 7d, 2w (7d).",
+        )
+        for subparser in sub.choices.values():
+            add_common_arguments(subparser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["subcommand"] in ("relay", "replay"):
