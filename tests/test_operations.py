@@ -620,6 +620,42 @@ def test_status_reports_pending_rows_dead_letters_and_relays() -> None:
     assert "relay host:1: last loop 0 s ago" in text
 
 
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_status_names_a_database_that_did_not_answer_and_fails(
+    postgres_only: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its pending calls are unknown: leaving the database out would read as none pending,
+    and a script or a probe would see a success."""
+    OutboxCall.objects.using("other").create(
+        id="unseen", handler=EVENT, body="{}", next_attempt_at=timezone.now()
+    )
+    other = connections["other"]
+    monkeypatch.setitem(other.settings_dict, "PORT", "1")  # nothing listens there
+    other.close()
+    try:
+        with pytest.raises(CommandError, match="did not answer: other"):
+            command("status", "--json")
+        out, err = StringIO(), StringIO()
+        with pytest.raises(CommandError, match="did not answer: other"):
+            call_command("deferred_signals", "status", "--json", stdout=out, stderr=err)
+        report = json.loads(out.getvalue())  # the report is still printed, complete otherwise
+        assert report["unreachable_databases"] == ["other"]
+        assert [entry["database"] for entry in report["outbox"]] == ["default"]
+        out = StringIO()
+        with pytest.raises(CommandError):
+            call_command("deferred_signals", "status", stdout=out)
+        assert "outbox other: did not answer" in out.getvalue()
+    finally:
+        other.close()
+    monkeypatch.undo()
+    report = json.loads(command("status", "--json")[0])
+    assert report["unreachable_databases"] == []
+    assert {entry["database"]: entry["pending"] for entry in report["outbox"]} == {
+        "default": 0,
+        "other": 1,
+    }
+
+
 def test_prune_deletes_old_processed_ids_and_replayed_letters() -> None:
     old = timezone.now() - datetime.timedelta(days=8)
     ProcessedCall.objects.create(call_id="old", handler=EVENT, processed_at=old)

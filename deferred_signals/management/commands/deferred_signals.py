@@ -22,7 +22,14 @@ from django.utils import timezone
 
 from deferred_signals import listing, readiness
 from deferred_signals.exceptions import DeferredSignalConfigError
-from deferred_signals.relay import Relay, RoundResult, freeze_heap, outbox_databases, pending
+from deferred_signals.relay import (
+    Relay,
+    RoundResult,
+    freeze_heap,
+    outbox_databases,
+    outbox_state,
+    pending,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -61,6 +68,22 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, not {text!r}")
     return value
+
+
+def status_databases() -> tuple[list[str], list[str]]:
+    """The aliases whose outbox ``status`` reports (they have the table and take writes),
+    and those that may have it but did not answer."""
+    from deferred_signals.models import OutboxCall
+
+    ready, unreachable = [], []
+    for alias in connections:
+        if router.allow_migrate_model(alias, OutboxCall):
+            state = outbox_state(alias)
+            if state is None:
+                unreachable.append(alias)
+            elif state:
+                ready.append(alias)
+    return ready, unreachable
 
 
 def add_list_arguments(parser: CommandParser) -> None:
@@ -167,10 +190,11 @@ class Command(BaseCommand):
     def handle_status(self, **options: Any) -> None:
         from deferred_signals.models import DeadLetter, RelayHeartbeat
 
-        databases = outbox_databases()
+        databases, unreachable = status_databases()
         letters = DeadLetter.objects.using(router.db_for_read(DeadLetter))
         report: dict[str, Any] = {
             "outbox": [pending(using) for using in databases],
+            "unreachable_databases": unreachable,
             "dead_letters": {
                 row["handler"]: row["count"]
                 for row in letters.filter(replayed_at=None)
@@ -193,11 +217,21 @@ class Command(BaseCommand):
         )
         if options["json"]:
             self.stdout.write(json.dumps(report, indent=2))
-            return
+        else:
+            self._print_status(report, now)
+        if unreachable:
+            # A report without a database's outbox must not pass for "nothing pending".
+            raise CommandError(
+                "outbox not read: database(s) that did not answer: " + ", ".join(unreachable)
+            )
+
+    def _print_status(self, report: dict[str, Any], now: datetime.datetime) -> None:
         for entry in report["outbox"]:
             age = entry["oldest_age_seconds"]
             oldest = f", oldest {age:.0f} s old" if age is not None else ""
             self.stdout.write(f"outbox {entry['database']}: {entry['pending']} pending{oldest}")
+        for alias in report["unreachable_databases"]:
+            self.stdout.write(f"outbox {alias}: did not answer")
         total = sum(report["dead_letters"].values())
         self.stdout.write(f"dead letters not replayed: {total}")
         for handler, count in report["dead_letters"].items():
