@@ -118,6 +118,32 @@ def test_a_letter_whose_replay_fails_again_is_a_live_dead_letter_again(
     assert [task_id for task_id, _ in published(redis_queue)] == [letter.call_id] * 2
 
 
+def test_replay_marks_letters_on_the_write_database_with_a_read_replica(
+    postgres_only: None, redis_queue: Queue
+) -> None:
+    """With Django's primary/replica router the letters are read from the replica: marking
+    them replayed there failed after the publish (a traceback, the letter still unreplayed,
+    so published again by the next replay --all)."""
+    letter = dead_letter("replica")
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings_postgres",
+        "DS_TEST_DB_DEFAULT": connection.settings_dict["NAME"],
+        "DS_TEST_EAGER": "0",
+        "DS_TEST_BROKER": PUBLISH_REDIS_URL,
+        "DS_TEST_QUEUE": redis_queue.name,
+        "DS_TEST_REPLICA": "1",
+    }
+    replay = subprocess.run(
+        [sys.executable, "tests/manage.py", "deferred_signals", "replay", str(letter.id)],
+        cwd=ROOT, env=env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert replay.returncode == 0, replay.stderr.decode()
+    assert "replayed 1 dead letter(s), skipped 0" in replay.stdout.decode()
+    assert [task_id for task_id, _ in published(redis_queue)] == [letter.call_id]
+    assert DeadLetter.objects.get().replayed_at is not None
+
+
 def test_replay_by_handler_all_and_dry_run(redis_queue: Queue) -> None:
     dead_letter("x")
     dead_letter("y", handler="tests.testapp.handlers.marker")
