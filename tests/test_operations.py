@@ -183,6 +183,21 @@ def test_replay_names_the_ids_it_cannot_find_and_replays_nothing(redis_queue: Qu
     assert "replayed 1 dead letter(s)" in out
 
 
+def test_replay_names_a_handler_it_does_not_know(redis_queue: Queue) -> None:
+    """A typo in --handler, like one in IDS, must not pass for "nothing to replay"."""
+    dead_letter("x")
+    with pytest.raises(CommandError, match=r"'tests\.user_evnt'"):
+        command("replay", "--handler", "tests.user_evnt")
+    assert len(redis_queue) == 0
+    # A registered handler without letters to replay is nothing to do, not a mistake;
+    # letters of a handler this process does not know are named, and skipped.
+    out, _ = command("replay", "--handler", "tests.testapp.handlers.marker")
+    assert "replayed 0 dead letter(s), skipped 0" in out
+    dead_letter("gone", handler="shop.removed_handler")
+    out, err = command("replay", "--handler", "shop.removed_handler")
+    assert "replayed 0 dead letter(s), skipped 1" in out and "removed_handler" in err
+
+
 def test_replay_skips_what_this_code_could_not_have_sent(redis_queue: Queue) -> None:
     unknown = dead_letter("z", handler="gone.handler")
     forged = DeadLetter.objects.create(

@@ -20,7 +20,7 @@ from django.db import connections, router
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
-from deferred_signals import listing, readiness
+from deferred_signals import listing, readiness, registry
 from deferred_signals.exceptions import DeferredSignalConfigError
 from deferred_signals.relay import (
     Relay,
@@ -323,7 +323,14 @@ class Command(BaseCommand):
         chosen = DeadLetter.objects.using(router.db_for_read(DeadLetter)).order_by("id")
         if options["all"] or options["handler"]:
             if options["handler"] and not options["all"]:
-                chosen = chosen.filter(handler=options["handler"])
+                name = options["handler"]
+                chosen = chosen.filter(handler=name)
+                if registry.get(name) is None and not chosen.exists():
+                    # As for IDS: a typo must not pass for "nothing to do".
+                    raise CommandError(
+                        f"--handler {name!r}: no deferred handler is registered under this "
+                        "name and no dead letter names it: nothing replayed."
+                    )
             if not options["include_replayed"]:
                 chosen = chosen.filter(replayed_at=None)
             letters = chosen
