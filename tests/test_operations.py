@@ -28,7 +28,7 @@ from django.test import Client
 from django.utils import timezone
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from deferred_signals import publisher
+from deferred_signals import publisher, signals
 from deferred_signals.checks import check_outbox_tables
 from deferred_signals.conf import settings_problems
 from deferred_signals.models import DeadLetter, OutboxCall, ProcessedCall, RelayHeartbeat
@@ -616,6 +616,31 @@ def test_common_options_may_follow_the_subcommand(redis_queue: Queue) -> None:
     out, _ = command("relay", "--once")  # not repeated: Django's default verbosity, 1
     assert out == "relayed 1 call(s)\n"
     assert "published" not in command("status", "--verbosity", "0", "--no-color")[0]
+
+
+def test_the_health_file_is_touched_after_each_round_of_a_backlog(
+    redis_queue: Queue, tmp_path: Path
+) -> None:
+    """A loop publishes until the outbox is drained: after an outage, minutes of rounds. A
+    probe reading the file's age must see each round, or it kills a relay that works."""
+    health = tmp_path / "alive"
+    due = timezone.now() - SECOND
+    for n in range(3):
+        OutboxCall.objects.create(
+            id=f"backlog-{n}", handler=EVENT, body=body_text(body(str(n))), next_attempt_at=due
+        )
+    seen: list[bool] = []
+
+    def published(**kwargs: Any) -> None:
+        seen.append(health.exists())
+
+    signals.call_published.connect(published, weak=False)
+    try:
+        out, _ = command("relay", "--once", "--batch", "1", "--health-file", str(health))
+    finally:
+        signals.call_published.disconnect(published)
+    assert "relayed 3 call(s)" in out
+    assert seen == [False, True, True]
 
 
 def test_relay_refuses_an_unconfigured_celery_app(postgres_only: None) -> None:

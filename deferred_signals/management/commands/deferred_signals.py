@@ -146,7 +146,9 @@ class Command(BaseCommand):
         )
         relay.add_argument("--batch", type=positive_int, default=500, help="Rows per round (500).")
         relay.add_argument(
-            "--health-file", type=Path, help="Touch this file after each loop (liveness probe)."
+            "--health-file",
+            type=Path,
+            help="Touch this file after each round and loop (liveness probe).",
         )
 
         replay = sub.add_parser("replay", help="Publish dead letters again, same call ids.")
@@ -263,11 +265,22 @@ class Command(BaseCommand):
                 raise CommandError(
                     f"--health-file {health_file}: its directory {directory} is not writable."
                 )
+        report = options["verbosity"] > 1
+
+        def on_round(using: str, result: RoundResult) -> None:
+            # A loop drains the whole backlog first (minutes, after a long outage): touched
+            # only then, the file would look stale to a liveness probe, which would kill the
+            # relay mid-drain and have its round published again.
+            if health_file is not None:
+                health_file.touch()
+            if report:
+                self._report_round(using, result)
+
         relay = Relay(
             databases=options["databases"] or [],
             batch=options["batch"],
-            health_file=options["health_file"],
-            on_round=self._report_round if options["verbosity"] > 1 else None,
+            health_file=health_file,
+            on_round=on_round if health_file is not None or report else None,
         )
         if not relay.databases and not relay.unverified:
             raise CommandError(
