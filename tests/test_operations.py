@@ -25,6 +25,7 @@ from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from django.db import connection, connections, transaction
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from pytest_django.fixtures import Settings as SettingsWrapper
 
@@ -408,6 +409,26 @@ def test_the_admin_replay_action_needs_the_change_permission(redis_queue: Queue)
     assert client.get("/admin/deferred_signals/deadletter/add/").status_code == 403
     detail = client.get(f"/admin/deferred_signals/deadletter/{letter.pk}/change/")
     assert detail.status_code == 200 and 'name="handler"' not in detail.content.decode()
+
+
+def test_a_dead_letters_page_has_no_save_and_writes_nothing() -> None:
+    """Read-only means no Save button and no write: a POST would save the row as loaded,
+    over a new failure the worker recorded meanwhile (its attempts, replayed_at cleared)."""
+    letter = dead_letter("kept")
+    operator = User.objects.create_user("operator", password="pw", is_staff=True)
+    operator.user_permissions.add(*_permissions("view_deadletter", "change_deadletter"))
+    client = Client()
+    client.force_login(operator)
+    url = f"/admin/deferred_signals/deadletter/{letter.pk}/change/"
+    page = client.get(url)
+    assert page.status_code == 200 and letter.call_id in page.content.decode()
+    assert 'name="_save"' not in page.content.decode()
+    with CaptureQueriesContext(connection) as queries:
+        assert client.post(url, {"_save": "Save"}).status_code == 403
+    assert not [q for q in queries if q["sql"].lstrip().upper().startswith("UPDATE")]
+    # The list and its Replay action still need (and take) the change permission.
+    listing = client.get("/admin/deferred_signals/deadletter/").content.decode()
+    assert "replay_selected" in listing and f"{letter.pk}/change/" in listing
 
 
 def test_the_admin_lists_pending_outbox_calls() -> None:
