@@ -61,3 +61,8 @@ class OutboxCallAdmin(ReadOnlyAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A row is a committed call not yet published: deleting it loses the call, with no
+        # log line or signal. A row the relay cannot publish becomes a dead letter.
+        return False

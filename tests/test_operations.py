@@ -441,6 +441,14 @@ def test_the_admin_lists_pending_outbox_calls() -> None:
     page = client.get("/admin/deferred_signals/outboxcall/")
     assert page.status_code == 200 and "pending-1" in page.content.decode()
     assert client.get("/admin/deferred_signals/outboxcall/add/").status_code == 403
+    # Read-only for a superuser too: deleting a row would lose a committed call.
+    assert "delete_selected" not in page.content.decode()
+    client.post(
+        "/admin/deferred_signals/outboxcall/",
+        {"action": "delete_selected", "_selected_action": ["pending-1"], "post": "yes"},
+    )
+    assert client.get("/admin/deferred_signals/outboxcall/pending-1/delete/").status_code == 403
+    assert OutboxCall.objects.filter(id="pending-1").exists()
 
 
 def _permissions(*codenames: str) -> list[Any]:
