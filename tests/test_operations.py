@@ -716,7 +716,7 @@ def test_status_reports_pending_rows_dead_letters_and_relays() -> None:
 
 
 @pytest.mark.django_db(transaction=True, databases=["default", "other"])
-def test_status_names_a_database_that_did_not_answer_and_fails(
+def test_status_and_prune_name_a_database_that_did_not_answer_and_fail(
     postgres_only: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its pending calls are unknown: leaving the database out would read as none pending,
@@ -740,6 +740,10 @@ def test_status_names_a_database_that_did_not_answer_and_fails(
         with pytest.raises(CommandError):
             call_command("deferred_signals", "status", stdout=out)
         assert "outbox other: did not answer" in out.getvalue()
+        out = StringIO()
+        with pytest.raises(CommandError, match=r"not pruned: .* did not answer: other"):
+            call_command("deferred_signals", "prune", stdout=out)
+        assert "pruned 0 processed call id(s)" in out.getvalue()  # the others were
     finally:
         other.close()
     monkeypatch.undo()

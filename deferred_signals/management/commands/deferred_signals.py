@@ -26,7 +26,6 @@ from deferred_signals.relay import (
     Relay,
     RoundResult,
     freeze_heap,
-    outbox_databases,
     outbox_state,
     pending,
 )
@@ -383,7 +382,8 @@ class Command(BaseCommand):
 
         cutoff = timezone.now() - options["older_than"]
         processed = heartbeats = 0
-        for using in outbox_databases():
+        databases, unreachable = status_databases()
+        for using in databases:
             old = ProcessedCall.objects.using(using).filter(processed_at__lt=cutoff)
             processed += old.delete()[0]
             gone = RelayHeartbeat.objects.using(using).filter(last_loop_at__lt=cutoff)
@@ -401,3 +401,7 @@ class Command(BaseCommand):
             f"pruned {heartbeats} relay heartbeat(s) without a loop for {options['older_than']} "
             "(relays killed or stuck)"
         )
+        if unreachable:  # for cron: what they hold is not pruned
+            raise CommandError(
+                "not pruned: database(s) that did not answer: " + ", ".join(unreachable)
+            )
