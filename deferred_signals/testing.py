@@ -292,10 +292,12 @@ def _in_async_context() -> bool:
 
 
 def _refuse_async_context() -> None:
-    """The capture counts the calls waiting on the connections of the thread it runs in. In
-    an ``async def`` test (Django runs it in an event loop thread of its own) the ORM runs in
-    another thread, through ``sync_to_async``: read from here, the calls made at the test's
-    level would be missing, and ``assert_not_deferred`` would pass whatever was deferred."""
+    """The capture counts the calls waiting on the connections it can see, and Django's
+    connections are per thread, and per context in async code. In an ``async def`` test
+    (Django runs it in an event loop thread of its own) the ORM runs through
+    ``sync_to_async`` on the test's thread; even in that thread a loop sees other
+    connections. Read from a loop, the calls made at the test's level would be missing, and
+    ``assert_not_deferred`` would pass whatever was deferred."""
     if _in_async_context():
         raise DeferredSignalError(
             "capture_deferred() used from an async context (an `async def` test): its calls "

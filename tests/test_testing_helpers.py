@@ -9,6 +9,7 @@ until ``deferred.run()``. Runs on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import os
@@ -529,6 +530,21 @@ class CaptureInAnAsyncTest(TestCase):
         with self.assertRaisesMessage(DeferredSignalError, "sync_to_async"):
             self.deferred.stop()
         self.assertIsNone(testing._active)  # stopped all the same
+
+
+def test_an_event_loop_in_the_tests_own_thread_is_refused_too(
+    db: None, deferred: DeferredCapture
+) -> None:
+    """Django's connections are per context in async code, even in the test's thread: a
+    loop there does not see the test's connection and its calls either."""
+    Article.objects.create(title="unseen from a loop")
+
+    async def read() -> list[str]:
+        return [call.handler for call in deferred.calls]
+
+    with pytest.raises(DeferredSignalError, match="sync_to_async"):
+        asyncio.run(read())
+    assert [call.handler for call in deferred.calls].count(ARTICLE_SAVED) == 1
 
 
 class StartInAnAsyncTest(TestCase):
