@@ -32,6 +32,12 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     date_hierarchy = "last_failed_at"
     actions = ("replay_selected",)
 
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A letter's page is a view: saving it would write the row back as loaded, over a
+        # failure the worker recorded meanwhile. The change permission (asked without an
+        # object) is what the Replay action needs.
+        return obj is None and super().has_change_permission(request)
+
     @admin.action(description="Replay the selected dead letters", permissions=["change"])
     def replay_selected(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
         replayed, skipped = replay(queryset.order_by("id"))
@@ -54,4 +60,9 @@ class OutboxCallAdmin(ReadOnlyAdmin):
     search_fields = ("=id", "handler")
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A row is a committed call not yet published: deleting it loses the call, with no
+        # log line or signal. A row the relay cannot publish becomes a dead letter.
         return False

@@ -37,6 +37,7 @@ capture at a time.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from contextlib import suppress
 from types import TracebackType
@@ -143,6 +144,7 @@ class DeferredCapture:
     @property
     def calls(self) -> list[CapturedCall]:
         """Every call captured so far, in the order their transactions released them."""
+        _refuse_async_context()
         self._take_test_level()
         return list(self._calls)
 
@@ -192,6 +194,7 @@ class DeferredCapture:
 
     def start(self) -> None:
         global _active
+        _refuse_async_context()
         if _active is not None:
             raise DeferredSignalError(
                 "Deferred calls are already being captured (the `deferred` fixture or another "
@@ -208,13 +211,17 @@ class DeferredCapture:
         global _active
         if _active is not self:
             return
+        asynchronous = _in_async_context()
         try:
-            self._take_test_level()
+            if not asynchronous:
+                self._take_test_level()
         finally:
             _active = None
             dispatch.capture = None
             Atomic.__enter__ = _atomic_enter  # type: ignore[method-assign]
             Atomic.__exit__ = _atomic_exit  # type: ignore[method-assign]
+        if asynchronous:  # stopped all the same: the next test must not find it active
+            _refuse_async_context()
 
     def __enter__(self) -> DeferredCapture:
         self.start()
@@ -274,6 +281,31 @@ def capture_deferred() -> DeferredCapture:
     ``deferred`` fixture is the same object.
     """
     return DeferredCapture()
+
+
+def _in_async_context() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _refuse_async_context() -> None:
+    """The capture counts the calls waiting on the connections it can see, and Django's
+    connections are per thread, and per context in async code. In an ``async def`` test
+    (Django runs it in an event loop thread of its own) the ORM runs through
+    ``sync_to_async`` on the test's thread; even in that thread a loop sees other
+    connections. Read from a loop, the calls made at the test's level would be missing, and
+    ``assert_not_deferred`` would pass whatever was deferred."""
+    if _in_async_context():
+        raise DeferredSignalError(
+            "capture_deferred() used from an async context (an `async def` test): its calls "
+            "wait on the database connection of the thread that runs the ORM, not this one. "
+            "Start and stop the capture in synchronous code (the `deferred` fixture, setUp) "
+            "and read it through sync_to_async, e.g. "
+            "`await sync_to_async(deferred.assert_deferred)(handler)`."
+        )
 
 
 def _pending(connection: BaseDatabaseWrapper) -> list[Callable[[], None]]:

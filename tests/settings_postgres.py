@@ -29,6 +29,14 @@ if os.environ.get("DS_TEST_PG_PORT_DEFAULT"):
     DATABASES["default"]["OPTIONS"] = {"connect_timeout": 3}
 if os.environ.get("DS_TEST_DEADLETTER_DB"):
     DATABASE_ROUTERS = ["tests.routers.DeadLetterRouter"]
+# A project with a read replica (tests/test_operations.py): reads go to "replica", the
+# default database in a read-only session, as a standby answers.
+if os.environ.get("DS_TEST_REPLICA"):
+    DATABASES["replica"] = {
+        **DATABASES["default"],
+        "OPTIONS": {"options": "-c default_transaction_read_only=on"},
+    }
+    DATABASE_ROUTERS = ["tests.routers.PrimaryReplicaRouter"]
 
 _defaults: dict[str, object] = {"queue": os.environ.get("DS_TEST_QUEUE", "deferred-signals-tests")}
 if os.environ.get("DS_TEST_DB_RETRY_WINDOW"):

@@ -25,10 +25,11 @@ from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from django.db import connection, connections, transaction
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from deferred_signals import publisher
+from deferred_signals import publisher, signals
 from deferred_signals.checks import check_outbox_tables
 from deferred_signals.conf import settings_problems
 from deferred_signals.models import DeadLetter, OutboxCall, ProcessedCall, RelayHeartbeat
@@ -118,6 +119,32 @@ def test_a_letter_whose_replay_fails_again_is_a_live_dead_letter_again(
     assert [task_id for task_id, _ in published(redis_queue)] == [letter.call_id] * 2
 
 
+def test_replay_marks_letters_on_the_write_database_with_a_read_replica(
+    postgres_only: None, redis_queue: Queue
+) -> None:
+    """With Django's primary/replica router the letters are read from the replica: marking
+    them replayed there failed after the publish (a traceback, the letter still unreplayed,
+    so published again by the next replay --all)."""
+    letter = dead_letter("replica")
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings_postgres",
+        "DS_TEST_DB_DEFAULT": connection.settings_dict["NAME"],
+        "DS_TEST_EAGER": "0",
+        "DS_TEST_BROKER": PUBLISH_REDIS_URL,
+        "DS_TEST_QUEUE": redis_queue.name,
+        "DS_TEST_REPLICA": "1",
+    }
+    replay = subprocess.run(
+        [sys.executable, "tests/manage.py", "deferred_signals", "replay", str(letter.id)],
+        cwd=ROOT, env=env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert replay.returncode == 0, replay.stderr.decode()
+    assert "replayed 1 dead letter(s), skipped 0" in replay.stdout.decode()
+    assert [task_id for task_id, _ in published(redis_queue)] == [letter.call_id]
+    assert DeadLetter.objects.get().replayed_at is not None
+
+
 def test_replay_by_handler_all_and_dry_run(redis_queue: Queue) -> None:
     dead_letter("x")
     dead_letter("y", handler="tests.testapp.handlers.marker")
@@ -155,6 +182,21 @@ def test_replay_names_the_ids_it_cannot_find_and_replays_nothing(redis_queue: Qu
     assert len(redis_queue) == 0 and DeadLetter.objects.get().replayed_at is None
     out, _ = command("replay", f"00{letter.id}", letter.call_id)  # both name the one letter
     assert "replayed 1 dead letter(s)" in out
+
+
+def test_replay_names_a_handler_it_does_not_know(redis_queue: Queue) -> None:
+    """A typo in --handler, like one in IDS, must not pass for "nothing to replay"."""
+    dead_letter("x")
+    with pytest.raises(CommandError, match=r"'tests\.user_evnt'"):
+        command("replay", "--handler", "tests.user_evnt")
+    assert len(redis_queue) == 0
+    # A registered handler without letters to replay is nothing to do, not a mistake;
+    # letters of a handler this process does not know are named, and skipped.
+    out, _ = command("replay", "--handler", "tests.testapp.handlers.marker")
+    assert "replayed 0 dead letter(s), skipped 0" in out
+    dead_letter("gone", handler="shop.removed_handler")
+    out, err = command("replay", "--handler", "shop.removed_handler")
+    assert "replayed 0 dead letter(s), skipped 1" in out and "removed_handler" in err
 
 
 def test_replay_skips_what_this_code_could_not_have_sent(redis_queue: Queue) -> None:
@@ -369,6 +411,26 @@ def test_the_admin_replay_action_needs_the_change_permission(redis_queue: Queue)
     assert detail.status_code == 200 and 'name="handler"' not in detail.content.decode()
 
 
+def test_a_dead_letters_page_has_no_save_and_writes_nothing() -> None:
+    """Read-only means no Save button and no write: a POST would save the row as loaded,
+    over a new failure the worker recorded meanwhile (its attempts, replayed_at cleared)."""
+    letter = dead_letter("kept")
+    operator = User.objects.create_user("operator", password="pw", is_staff=True)
+    operator.user_permissions.add(*_permissions("view_deadletter", "change_deadletter"))
+    client = Client()
+    client.force_login(operator)
+    url = f"/admin/deferred_signals/deadletter/{letter.pk}/change/"
+    page = client.get(url)
+    assert page.status_code == 200 and letter.call_id in page.content.decode()
+    assert 'name="_save"' not in page.content.decode()
+    with CaptureQueriesContext(connection) as queries:
+        assert client.post(url, {"_save": "Save"}).status_code == 403
+    assert not [q for q in queries if q["sql"].lstrip().upper().startswith("UPDATE")]
+    # The list and its Replay action still need (and take) the change permission.
+    listing = client.get("/admin/deferred_signals/deadletter/").content.decode()
+    assert "replay_selected" in listing and f"{letter.pk}/change/" in listing
+
+
 def test_the_admin_lists_pending_outbox_calls() -> None:
     OutboxCall.objects.create(
         id="pending-1", handler=EVENT, body="{}", next_attempt_at=timezone.now()
@@ -379,6 +441,14 @@ def test_the_admin_lists_pending_outbox_calls() -> None:
     page = client.get("/admin/deferred_signals/outboxcall/")
     assert page.status_code == 200 and "pending-1" in page.content.decode()
     assert client.get("/admin/deferred_signals/outboxcall/add/").status_code == 403
+    # Read-only for a superuser too: deleting a row would lose a committed call.
+    assert "delete_selected" not in page.content.decode()
+    client.post(
+        "/admin/deferred_signals/outboxcall/",
+        {"action": "delete_selected", "_selected_action": ["pending-1"], "post": "yes"},
+    )
+    assert client.get("/admin/deferred_signals/outboxcall/pending-1/delete/").status_code == 403
+    assert OutboxCall.objects.filter(id="pending-1").exists()
 
 
 def _permissions(*codenames: str) -> list[Any]:
@@ -556,6 +626,52 @@ def test_relay_once_touches_its_health_file_and_leaves_no_heartbeat(
     assert not RelayHeartbeat.objects.exists()
 
 
+def test_common_options_may_follow_the_subcommand(redis_queue: Queue) -> None:
+    """The reference gives ``relay ... -v 2``: argparse hands what follows a subcommand to
+    that subcommand's parser, which must know Django's common options too."""
+    due = timezone.now() - SECOND
+    for label in ("after", "before"):
+        OutboxCall.objects.create(
+            id=label, handler=EVENT, body=body_text(body(label)), next_attempt_at=due
+        )
+        args = (
+            ("relay", "--once", "-v", "2") if label == "after" else ("-v", "2", "relay", "--once")
+        )
+        out, _ = command(*args)
+        assert "default: published 1, failed 0, dead-lettered 0" in out
+    OutboxCall.objects.create(
+        id="plain", handler=EVENT, body=body_text(body("plain")), next_attempt_at=due
+    )
+    out, _ = command("relay", "--once")  # not repeated: Django's default verbosity, 1
+    assert out == "relayed 1 call(s)\n"
+    assert "published" not in command("status", "--verbosity", "0", "--no-color")[0]
+
+
+def test_the_health_file_is_touched_after_each_round_of_a_backlog(
+    redis_queue: Queue, tmp_path: Path
+) -> None:
+    """A loop publishes until the outbox is drained: after an outage, minutes of rounds. A
+    probe reading the file's age must see each round, or it kills a relay that works."""
+    health = tmp_path / "alive"
+    due = timezone.now() - SECOND
+    for n in range(3):
+        OutboxCall.objects.create(
+            id=f"backlog-{n}", handler=EVENT, body=body_text(body(str(n))), next_attempt_at=due
+        )
+    seen: list[bool] = []
+
+    def published(**kwargs: Any) -> None:
+        seen.append(health.exists())
+
+    signals.call_published.connect(published, weak=False)
+    try:
+        out, _ = command("relay", "--once", "--batch", "1", "--health-file", str(health))
+    finally:
+        signals.call_published.disconnect(published)
+    assert "relayed 3 call(s)" in out
+    assert seen == [False, True, True]
+
+
 def test_relay_refuses_an_unconfigured_celery_app(postgres_only: None) -> None:
     env = {
         **os.environ,
@@ -597,6 +713,46 @@ def test_status_reports_pending_rows_dead_letters_and_relays() -> None:
     assert "outbox default: 1 pending, oldest" in text
     assert f"dead letters not replayed: 2\n  {EVENT}: 2" in text
     assert "relay host:1: last loop 0 s ago" in text
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_status_and_prune_name_a_database_that_did_not_answer_and_fail(
+    postgres_only: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its pending calls are unknown: leaving the database out would read as none pending,
+    and a script or a probe would see a success."""
+    OutboxCall.objects.using("other").create(
+        id="unseen", handler=EVENT, body="{}", next_attempt_at=timezone.now()
+    )
+    other = connections["other"]
+    monkeypatch.setitem(other.settings_dict, "PORT", "1")  # nothing listens there
+    other.close()
+    try:
+        with pytest.raises(CommandError, match="did not answer: other"):
+            command("status", "--json")
+        out, err = StringIO(), StringIO()
+        with pytest.raises(CommandError, match="did not answer: other"):
+            call_command("deferred_signals", "status", "--json", stdout=out, stderr=err)
+        report = json.loads(out.getvalue())  # the report is still printed, complete otherwise
+        assert report["unreachable_databases"] == ["other"]
+        assert [entry["database"] for entry in report["outbox"]] == ["default"]
+        out = StringIO()
+        with pytest.raises(CommandError):
+            call_command("deferred_signals", "status", stdout=out)
+        assert "outbox other: did not answer" in out.getvalue()
+        out = StringIO()
+        with pytest.raises(CommandError, match=r"not pruned: .* did not answer: other"):
+            call_command("deferred_signals", "prune", stdout=out)
+        assert "pruned 0 processed call id(s)" in out.getvalue()  # the others were
+    finally:
+        other.close()
+    monkeypatch.undo()
+    report = json.loads(command("status", "--json")[0])
+    assert report["unreachable_databases"] == []
+    assert {entry["database"]: entry["pending"] for entry in report["outbox"]} == {
+        "default": 0,
+        "other": 1,
+    }
 
 
 def test_prune_deletes_old_processed_ids_and_replayed_letters() -> None:

@@ -9,6 +9,7 @@ until ``deferred.run()``. Runs on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import os
@@ -20,13 +21,14 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save, pre_delete
 from django.dispatch import Signal
 from django.test import TestCase
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from deferred_signals import DeferredSignalError, connect, registry
+from deferred_signals import DeferredSignalError, connect, registry, testing
 from deferred_signals.models import OutboxCall
 from deferred_signals.testing import DeferredCapture, capture_deferred
 from tests.conftest import records
@@ -503,6 +505,56 @@ class CaptureInDjangoTestCase(TestCase):
             user_registered.send(sender=None, label="x")
         deferred.assert_deferred(handlers.user_event, label="x")
         deferred.assert_not_deferred(handlers.article_saved)
+
+
+class CaptureInAnAsyncTest(TestCase):
+    """An ``async def`` test runs in an event loop thread; the ORM, through ``sync_to_async``,
+    on the test's own thread, where the calls made at the test's level wait. Read from the
+    loop's thread the capture would miss them: it refuses, and says to use sync_to_async."""
+
+    def setUp(self) -> None:
+        self.deferred = capture_deferred()
+        self.deferred.start()
+        self.addCleanup(self.deferred.stop)
+
+    async def test_the_capture_is_read_through_sync_to_async(self) -> None:
+        await Article.objects.acreate(title="async")
+        with self.assertRaisesMessage(DeferredSignalError, "sync_to_async"):
+            self.deferred.assert_not_deferred(handlers.article_saved)
+        with self.assertRaisesMessage(DeferredSignalError, "sync_to_async"):
+            self.deferred.calls  # noqa: B018
+        call = await sync_to_async(self.deferred.assert_deferred)(
+            handlers.article_saved, created=True
+        )
+        self.assertEqual(call.kwargs["instance"].title, "async")
+        with self.assertRaisesMessage(DeferredSignalError, "sync_to_async"):
+            self.deferred.stop()
+        self.assertIsNone(testing._active)  # stopped all the same
+
+
+def test_an_event_loop_in_the_tests_own_thread_is_refused_too(
+    db: None, deferred: DeferredCapture
+) -> None:
+    """Django's connections are per context in async code, even in the test's thread: a
+    loop there does not see the test's connection and its calls either."""
+    Article.objects.create(title="unseen from a loop")
+
+    async def read() -> list[str]:
+        return [call.handler for call in deferred.calls]
+
+    with pytest.raises(DeferredSignalError, match="sync_to_async"):
+        asyncio.run(read())
+    assert [call.handler for call in deferred.calls].count(ARTICLE_SAVED) == 1
+
+
+class StartInAnAsyncTest(TestCase):
+    async def test_a_capture_is_not_started_in_an_async_context(self) -> None:
+        with (
+            self.assertRaisesMessage(DeferredSignalError, "sync_to_async"),
+            capture_deferred(),
+        ):
+            await user_registered.asend(sender=None, label="x")
+        self.assertIsNone(testing._active)
 
 
 # --- the pytest plugin ------------------------------------------------------------------------

@@ -20,9 +20,15 @@ from django.db import connections, router
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
-from deferred_signals import listing, readiness
+from deferred_signals import listing, readiness, registry
 from deferred_signals.exceptions import DeferredSignalConfigError
-from deferred_signals.relay import Relay, RoundResult, freeze_heap, outbox_databases, pending
+from deferred_signals.relay import (
+    Relay,
+    RoundResult,
+    freeze_heap,
+    outbox_state,
+    pending,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -63,6 +69,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def status_databases() -> tuple[list[str], list[str]]:
+    """The aliases whose outbox ``status`` reports (they have the table and take writes),
+    and those that may have it but did not answer."""
+    from deferred_signals.models import OutboxCall
+
+    ready, unreachable = [], []
+    for alias in connections:
+        if router.allow_migrate_model(alias, OutboxCall):
+            state = outbox_state(alias)
+            if state is None:
+                unreachable.append(alias)
+            elif state:
+                ready.append(alias)
+    return ready, unreachable
+
+
 def add_list_arguments(parser: CommandParser) -> None:
     """The options of ``list``, also taken by its former name, ``deferred_handlers``."""
     parser.add_argument("--json", action="store_true", help="Print JSON instead of text.")
@@ -74,6 +96,25 @@ def add_list_arguments(parser: CommandParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=1.0, help="Seconds to wait for workers' replies."
     )
+
+
+def add_common_arguments(parser: CommandParser) -> None:
+    """Django's common options, also after the subcommand (``relay -v 2``): argparse leaves
+    the arguments that follow a subcommand to its parser. Suppressed defaults, so the values
+    given before the subcommand (or Django's defaults) stand when these are not repeated."""
+    common: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+        (("-v", "--verbosity"), {"type": int, "choices": [0, 1, 2, 3]}),
+        (("--settings",), {}),
+        (("--pythonpath",), {}),
+        (("--traceback",), {"action": "store_true"}),
+        (("--no-color",), {"action": "store_true"}),
+        (("--force-color",), {"action": "store_true"}),
+        (("--skip-checks",), {"action": "store_true"}),
+    ]
+    for flags, options in common:
+        parser.add_argument(
+            *flags, default=argparse.SUPPRESS, help="As before the subcommand.", **options
+        )
 
 
 class Command(BaseCommand):
@@ -104,7 +145,9 @@ class Command(BaseCommand):
         )
         relay.add_argument("--batch", type=positive_int, default=500, help="Rows per round (500).")
         relay.add_argument(
-            "--health-file", type=Path, help="Touch this file after each loop (liveness probe)."
+            "--health-file",
+            type=Path,
+            help="Touch this file after each round and loop (liveness probe).",
         )
 
         replay = sub.add_parser("replay", help="Publish dead letters again, same call ids.")
@@ -119,7 +162,14 @@ class Command(BaseCommand):
         prune = sub.add_parser(
             "prune", help="Delete processed call ids and replayed dead letters older than this."
         )
-        prune.add_argument("--older-than", type=duration_option, default=duration("7d"))
+        prune.add_argument(
+            "--older-than",
+            type=duration_option,
+            default=duration("7d"),
+            help="Age past which rows are deleted: 45s, 30m, 12h, 7d, 2w (7d).",
+        )
+        for subparser in sub.choices.values():
+            add_common_arguments(subparser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["subcommand"] in ("relay", "replay"):
@@ -141,10 +191,11 @@ class Command(BaseCommand):
     def handle_status(self, **options: Any) -> None:
         from deferred_signals.models import DeadLetter, RelayHeartbeat
 
-        databases = outbox_databases()
+        databases, unreachable = status_databases()
         letters = DeadLetter.objects.using(router.db_for_read(DeadLetter))
         report: dict[str, Any] = {
             "outbox": [pending(using) for using in databases],
+            "unreachable_databases": unreachable,
             "dead_letters": {
                 row["handler"]: row["count"]
                 for row in letters.filter(replayed_at=None)
@@ -167,11 +218,21 @@ class Command(BaseCommand):
         )
         if options["json"]:
             self.stdout.write(json.dumps(report, indent=2))
-            return
+        else:
+            self._print_status(report, now)
+        if unreachable:
+            # A report without a database's outbox must not pass for "nothing pending".
+            raise CommandError(
+                "outbox not read: database(s) that did not answer: " + ", ".join(unreachable)
+            )
+
+    def _print_status(self, report: dict[str, Any], now: datetime.datetime) -> None:
         for entry in report["outbox"]:
             age = entry["oldest_age_seconds"]
             oldest = f", oldest {age:.0f} s old" if age is not None else ""
             self.stdout.write(f"outbox {entry['database']}: {entry['pending']} pending{oldest}")
+        for alias in report["unreachable_databases"]:
+            self.stdout.write(f"outbox {alias}: did not answer")
         total = sum(report["dead_letters"].values())
         self.stdout.write(f"dead letters not replayed: {total}")
         for handler, count in report["dead_letters"].items():
@@ -203,11 +264,22 @@ class Command(BaseCommand):
                 raise CommandError(
                     f"--health-file {health_file}: its directory {directory} is not writable."
                 )
+        report = options["verbosity"] > 1
+
+        def on_round(using: str, result: RoundResult) -> None:
+            # A loop drains the whole backlog first (minutes, after a long outage): touched
+            # only then, the file would look stale to a liveness probe, which would kill the
+            # relay mid-drain and have its round published again.
+            if health_file is not None:
+                health_file.touch()
+            if report:
+                self._report_round(using, result)
+
         relay = Relay(
             databases=options["databases"] or [],
             batch=options["batch"],
-            health_file=options["health_file"],
-            on_round=self._report_round if options["verbosity"] > 1 else None,
+            health_file=health_file,
+            on_round=on_round if health_file is not None or report else None,
         )
         if not relay.databases and not relay.unverified:
             raise CommandError(
@@ -263,7 +335,14 @@ class Command(BaseCommand):
         chosen = DeadLetter.objects.using(router.db_for_read(DeadLetter)).order_by("id")
         if options["all"] or options["handler"]:
             if options["handler"] and not options["all"]:
-                chosen = chosen.filter(handler=options["handler"])
+                name = options["handler"]
+                chosen = chosen.filter(handler=name)
+                if registry.get(name) is None and not chosen.exists():
+                    # As for IDS: a typo must not pass for "nothing to do".
+                    raise CommandError(
+                        f"--handler {name!r}: no deferred handler is registered under this "
+                        "name and no dead letter names it: nothing replayed."
+                    )
             if not options["include_replayed"]:
                 chosen = chosen.filter(replayed_at=None)
             letters = chosen
@@ -303,7 +382,8 @@ class Command(BaseCommand):
 
         cutoff = timezone.now() - options["older_than"]
         processed = heartbeats = 0
-        for using in outbox_databases():
+        databases, unreachable = status_databases()
+        for using in databases:
             old = ProcessedCall.objects.using(using).filter(processed_at__lt=cutoff)
             processed += old.delete()[0]
             gone = RelayHeartbeat.objects.using(using).filter(last_loop_at__lt=cutoff)
@@ -321,3 +401,7 @@ class Command(BaseCommand):
             f"pruned {heartbeats} relay heartbeat(s) without a loop for {options['older_than']} "
             "(relays killed or stuck)"
         )
+        if unreachable:  # for cron: what they hold is not pruned
+            raise CommandError(
+                "not pruned: database(s) that did not answer: " + ", ".join(unreachable)
+            )
