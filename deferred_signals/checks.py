@@ -12,7 +12,7 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.db import DEFAULT_DB_ALIAS, connections, router
 
 from . import registry
-from .conf import SETTING, Problem, conf, settings_problems
+from .conf import SETTING, Problem, conf, limits_problem, settings_problems
 from .readiness import UNCONFIGURED_APP_HINT, unconfigured_app
 
 logger = logging.getLogger("deferred_signals")
@@ -28,6 +28,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     problems += task_name_clashes()
     if not any(problem.id.startswith("deferred_signals.E") for problem in problems):
         problems += _redis_redelivery()  # merges options: needs valid settings
+        problems += _time_limits()
         problems += _unconfigured_celery_app()
     return [
         (Warning if problem.warning else Error)(problem.msg, hint=problem.hint, id=problem.id)
@@ -85,6 +86,23 @@ def _redis_redelivery() -> list[Problem]:
                         warning=True,
                     )
                 )
+    return problems
+
+
+def _time_limits() -> list[Problem]:
+    """A handler whose limits, once merged, put the soft one above the hard one.
+
+    Read from its task, so Celery's ``task_time_limit`` / ``task_soft_time_limit`` count
+    where the handler's options leave a limit unset.
+    """
+    problems: list[Problem] = []
+    for handler in registry.all_handlers():
+        limits = {
+            "time_limit": handler.task.time_limit,
+            "soft_time_limit": handler.task.soft_time_limit,
+        }
+        where = f"Deferred handler {handler.name!r}"
+        problems += filter(None, [limits_problem(limits, where, "deferred_signals.E011")])
     return problems
 
 

@@ -21,7 +21,7 @@ from django.dispatch import Signal
 
 from . import coalesce, dispatch, frozen, readiness, signals
 from .codec import MAX_DEPTH, EncodeError, Encoder, TooDeepError, locate
-from .exceptions import DeferredSignalError
+from .exceptions import DeferredSignalConfigError, DeferredSignalError
 from .frozen import Frozen, freeze
 from .ids import uuid4
 from .registry import Handler
@@ -80,6 +80,8 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
             _check_signature(handler, names)
             accepted.add(names)
         options = handler.merged
+        if options.conflict is not None:
+            raise DeferredSignalConfigError(options.conflict)
         fresh = options.fresh and not deletes
         sender_data, kwargs_data = _encode(
             handler, serial, signal, sender, kwargs, fresh, options.snapshot_fallback, deletes

@@ -180,6 +180,34 @@ def test_every_problem_of_a_decorator_call_is_reported_at_once_in_sentences() ->
     assert registry.get(f"{__name__}.fine") is None
 
 
+def test_a_soft_time_limit_above_the_hard_one_fails_at_registration() -> None:
+    with pytest.raises(DeferredSignalConfigError) as raised:
+        connect(Signal(), fine, defer=True, time_limit=5, soft_time_limit=10)
+    assert str(raised.value).startswith(
+        f"Deferred handler '{__name__}.fine' has soft_time_limit=10 above its time_limit=5: "
+        "Celery refuses to publish such a message"
+    )
+    assert registry.get(f"{__name__}.fine") is None
+
+
+def test_limits_that_conflict_once_merged_fail_in_the_request_not_at_commit() -> None:
+    """time_limit in DEFAULTS, soft_time_limit on the decorator: each fine alone, but Celery
+    would refuse every message of the handler when its transaction commits."""
+    signal = Signal()
+    with (
+        override_settings(DEFERRED_SIGNALS={"EAGER": True, "DEFAULTS": {"time_limit": 5}}),
+        deferred(signal, fine, soft_time_limit=10),
+        pytest.raises(DeferredSignalConfigError) as raised,
+        transaction.atomic(),
+    ):
+        signal.send(sender=None, x=1)
+    assert str(raised.value).startswith(
+        f"Deferred handler '{__name__}.fine' has soft_time_limit=10 above its time_limit=5"
+    )
+    assert str(raised.value).endswith("(deferred_signals.E011)")
+    assert CALLS == []
+
+
 def test_a_single_problem_is_one_sentence() -> None:
     with pytest.raises(DeferredSignalConfigError) as raised:
         connect(Signal(), fine, defer=True, include_raws=True)

@@ -73,7 +73,9 @@ def test_valid_settings_pass_the_checks() -> None:
             "acks_late": True,
             "reject_on_worker_lost": True,
             "time_limit": 30,
-            "soft_time_limit": 25.5,
+            # Below every registered handler's own time_limit (2 s at least): above one, its
+            # messages would be refused (E011).
+            "soft_time_limit": 1.5,
             "rate_limit": "10/s",
             "priority": 5,
             "countdown": 0,
@@ -127,6 +129,12 @@ def test_valid_settings_pass_the_checks() -> None:
             ["deferred_signals.E005"],
         ),
         ({"DELIVERY": "carrier pigeon"}, ["deferred_signals.E008"]),
+        ({"DEFAULTS": {"time_limit": 5, "soft_time_limit": 10}}, ["deferred_signals.E005"]),
+        ({"DEFAULTS": {"time_limit": 10, "soft_time_limit": 1}}, []),
+        (
+            {"DEFAULTS": {"time_limit": 5}, "HANDLERS": {ARTICLE_SAVED: {"soft_time_limit": 9}}},
+            ["deferred_signals.E011"],
+        ),
         ({"HANDLERS": {"app.signals.typo": {}}}, ["deferred_signals.W001"]),
     ],
 )
@@ -301,3 +309,25 @@ def test_a_handler_named_as_another_celery_task_is_an_error(
             current_app.tasks.pop(name, None)
             tasks._tasks.pop(name, None)
     assert not [m for m in check_settings() if m.id == "deferred_signals.E010"]
+
+
+def test_a_soft_time_limit_above_celerys_hard_one_is_an_error() -> None:
+    """A handler's soft_time_limit against Celery's task_time_limit: the limits the worker
+    and every publish would use, so each call would fail at its commit."""
+    from celery import current_app
+
+    conf_ = current_app.conf
+    previous = conf_.task_time_limit
+    conf_.task_time_limit = 30
+    try:
+        with override_settings(
+            DEFERRED_SIGNALS={"HANDLERS": {ARTICLE_SAVED: {"soft_time_limit": 60}}}
+        ):
+            (error,) = [m for m in check_settings() if m.id == "deferred_signals.E011"]
+        assert error.msg.startswith(
+            f"Deferred handler {ARTICLE_SAVED!r} has soft_time_limit=60 above its time_limit=30"
+        )
+        assert "soft_time_limit lower than time_limit" in (error.hint or "")
+        assert ids({"HANDLERS": {ARTICLE_SAVED: {"soft_time_limit": 20}}}) == []
+    finally:
+        conf_.task_time_limit = previous
