@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar, overload
 
@@ -153,6 +154,24 @@ def _name_problem(what: str, value: object, where: str) -> str | None:
     return None
 
 
+def _unbound_self(func: Callable[..., Any]) -> str | None:
+    """``self`` or ``cls`` when ``func`` is a plain function of a class body taking it first."""
+    if not inspect.isfunction(func) or "." not in func.__qualname__:
+        return None
+    try:
+        first = next(iter(inspect.signature(func).parameters.values()), None)
+    except (TypeError, ValueError):
+        return None
+    if (
+        first is not None
+        and first.name in ("self", "cls")
+        and first.kind in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD)
+        and first.default is first.empty
+    ):
+        return first.name
+    return None
+
+
 def _refuse_deferred_options(kwargs: dict[str, Any]) -> None:
     # Only our own options: anything else goes to Django, which accepts or refuses it itself
     # (``apps`` for lazy model senders, a typo...). Identity tests: a sender may define __eq__.
@@ -204,6 +223,13 @@ def _register(
     elif not func_accepts_kwargs(func):
         # Django checks this only with DEBUG; here it would fail later, on the worker.
         problems.append(f"{where} must accept keyword arguments: add **kwargs.")
+    elif first := _unbound_self(func):
+        problems.append(
+            f"{where} takes {first!r} first, as a method decorated in its class body does: "
+            f"the decorator connects the plain function, and nothing passes {first}. Connect "
+            f"the method of an object instead, connect(signal, obj.{func.__name__}, "
+            "defer=True), or make it a staticmethod or a module-level function."
+        )
     problems += [
         f"{problem.msg} {problem.hint}"
         for problem in option_problems(options, where, also_known=HANDLER_KWARGS)

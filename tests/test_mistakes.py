@@ -208,6 +208,37 @@ def test_limits_that_conflict_once_merged_fail_in_the_request_not_at_commit() ->
     assert CALLS == []
 
 
+def test_a_method_decorated_in_its_class_body_fails_at_registration() -> None:
+    """The decorator gets the plain function: nothing would ever pass ``self``."""
+
+    class Indexer:
+        def on_save(self, sender: Any, **kwargs: Any) -> None:
+            pass
+
+        @staticmethod
+        def static(sender: Any, signal: Signal, **kwargs: Any) -> None:
+            CALLS.append(kwargs)
+
+    on_save = Indexer.on_save
+    with pytest.raises(DeferredSignalConfigError) as raised:
+        receiver(Signal(), defer=True, name="tests.indexer_on_save")(on_save)
+    assert str(raised.value) == (
+        "Deferred handler 'tests.indexer_on_save' takes 'self' first, as a method decorated "
+        "in its class body does: the decorator connects the plain function, and nothing "
+        "passes self. Connect the method of an object instead, connect(signal, "
+        "obj.on_save, defer=True), or make it a staticmethod or a module-level function."
+    )
+    assert registry.get("tests.indexer_on_save") is None
+    # A bound method and a staticmethod are fine.
+    signal = Signal()
+    with (
+        deferred(signal, Indexer().on_save, name="tests.indexer_bound"),
+        deferred(signal, Indexer.static, name="tests.indexer_static"),
+    ):
+        signal.send(sender=None, x=1)
+        assert CALLS == [{"x": 1}]
+
+
 def test_a_single_problem_is_one_sentence() -> None:
     with pytest.raises(DeferredSignalConfigError) as raised:
         connect(Signal(), fine, defer=True, include_raws=True)
