@@ -176,7 +176,12 @@ def _unknown_aliases() -> list[Problem]:
 
 def _unconfigured_celery_app() -> list[Problem]:
     """Publishing through Celery's fallback app sends to a broker nobody configured."""
-    if conf.eager or not any(True for _ in registry.all_handlers()) or current_app.conf.broker_url:
+    if (
+        conf.eager
+        or not any(True for _ in registry.all_handlers())
+        or current_app.conf.broker_url
+        or current_app.conf.task_always_eager  # tasks run in place: no broker is reached
+    ):
         return []
     return [
         Problem(

@@ -246,6 +246,8 @@ def test_an_unconfigured_celery_app_warns() -> None:
     try:
         assert ids({}) == ["deferred_signals.W003"]
         assert ids({"EAGER": True}) == []  # nothing is published in EAGER mode
+        current_app.conf.task_always_eager = True  # nor with Celery's: tasks run in place
+        assert ids({}) == []
     finally:
         previous.set_current()
 
