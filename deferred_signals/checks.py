@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery import current_app
+from celery.exceptions import QueueNotFound
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.db import DEFAULT_DB_ALIAS, connections, router
@@ -29,6 +30,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     if not any(problem.id.startswith("deferred_signals.E") for problem in problems):
         problems += _redis_redelivery()  # merges options: needs valid settings
         problems += _time_limits()
+        problems += _unroutable()
         problems += _unconfigured_celery_app()
     return [
         (Warning if problem.warning else Error)(problem.msg, hint=problem.hint, id=problem.id)
@@ -103,6 +105,34 @@ def _time_limits() -> list[Problem]:
         }
         where = f"Deferred handler {handler.name!r}"
         problems += filter(None, [limits_problem(limits, where, "deferred_signals.E011")])
+    return problems
+
+
+def _unroutable() -> list[Problem]:
+    """A handler whose queue Celery refuses to route to: not in ``task_queues`` while
+    ``task_create_missing_queues`` is off. Routing is Celery's, without I/O, as a publish
+    does it; other routing errors (a router function failing) are left to the publish."""
+    app = current_app
+    problems: list[Problem] = []
+    for handler in registry.all_handlers():
+        queue = handler.merged.publish.get("queue")
+        try:
+            app.amqp.router.route(
+                {"queue": queue} if queue else {}, handler.name, task_type=handler.task
+            )
+        except QueueNotFound as error:
+            problems.append(
+                Problem(
+                    "deferred_signals.E012",
+                    f"Deferred handler {handler.name!r} is routed to a queue Celery does not "
+                    f"know ({error}), and task_create_missing_queues is off: Celery refuses "
+                    "every message of the handler, so each call would fail at its commit.",
+                    "Add the queue to task_queues, or give the handler a queue that is there "
+                    "(its queue option, or task_routes).",
+                )
+            )
+        except Exception:  # a router that fails: not ours to report, the publish logs it
+            continue
     return problems
 
 

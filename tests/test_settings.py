@@ -333,3 +333,33 @@ def test_a_soft_time_limit_above_celerys_hard_one_is_an_error() -> None:
         assert ids({"HANDLERS": {ARTICLE_SAVED: {"soft_time_limit": 20}}}) == []
     finally:
         conf_.task_time_limit = previous
+
+
+def test_a_queue_celery_refuses_to_route_to_is_an_error() -> None:
+    """task_queues declared and task_create_missing_queues off, a production hardening:
+    a handler queue missing from the list would make every commit of it fail to publish."""
+    from celery import Celery, current_app
+    from kombu import Queue
+
+    previous = current_app._get_current_object()
+    app = Celery("strict-queues", broker="memory://", set_as_current=True)
+    app.conf.task_queues = [Queue("celery"), Queue("crm")]
+    app.conf.task_create_missing_queues = False
+    try:
+        with warnings.catch_warnings():  # the new app takes the shared tasks other tests made
+            warnings.simplefilter("ignore")
+            app.finalize()
+        assert ids({"HANDLERS": {ARTICLE_SAVED: {"queue": "crm"}}}) == []
+        with override_settings(DEFERRED_SIGNALS={"HANDLERS": {ARTICLE_SAVED: {"queue": "cmr"}}}):
+            (error,) = [m for m in check_settings() if m.id == "deferred_signals.E012"]
+        assert error.msg.startswith(
+            f"Deferred handler {ARTICLE_SAVED!r} is routed to a queue Celery does not know ("
+        )
+        assert "'cmr'" in error.msg and "task_create_missing_queues is off" in error.msg
+        assert "Add the queue to task_queues" in (error.hint or "")
+        app.conf.task_create_missing_queues = True
+        app.amqp.__dict__.pop("router", None)  # Celery builds its router once
+        app.amqp.__dict__.pop("queues", None)
+        assert ids({"HANDLERS": {ARTICLE_SAVED: {"queue": "cmr"}}}) == []
+    finally:
+        previous.set_current()
