@@ -11,6 +11,7 @@ from celery.exceptions import QueueNotFound
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.db import DEFAULT_DB_ALIAS, connections, router
+from django.db.models.signals import pre_save
 
 from . import registry
 from .conf import SETTING, Problem, conf, limits_problem, settings_problems
@@ -27,6 +28,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         problems += _unknown_handlers(raw.get("HANDLERS", {}))
     problems += _unknown_aliases()
     problems += task_name_clashes()
+    problems += _before_the_write()
     if not any(problem.id.startswith("deferred_signals.E") for problem in problems):
         problems += _redis_redelivery()  # merges options: needs valid settings
         problems += _time_limits()
@@ -89,6 +91,27 @@ def _redis_redelivery() -> list[Problem]:
                     )
                 )
     return problems
+
+
+def _before_the_write() -> list[Problem]:
+    """Deferred handlers of ``pre_save``: outside ``atomic()`` Django sends it before the row
+    is written and outside any transaction, so nothing holds the call back: it is published
+    at once, before the write, and even if the save then fails."""
+    return [
+        Problem(
+            "deferred_signals.W004",
+            f"Deferred handler {handler.name!r} listens to pre_save: outside "
+            "transaction.atomic() Django sends it before the row is written, in no "
+            "transaction, so the call is published at once, before the write and even if the "
+            "save then fails.",
+            "Connect it to post_save (it gets the same instance, update_fields, raw and "
+            "using, once the row is written), or silence this warning if every save of its "
+            "model runs inside atomic().",
+            warning=True,
+        )
+        for handler in registry.all_handlers()
+        if any(signal is pre_save for signal, _, _ in handler.connections)
+    ]
 
 
 def _time_limits() -> list[Problem]:

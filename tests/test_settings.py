@@ -363,3 +363,28 @@ def test_a_queue_celery_refuses_to_route_to_is_an_error() -> None:
         assert ids({"HANDLERS": {ARTICLE_SAVED: {"queue": "cmr"}}}) == []
     finally:
         previous.set_current()
+
+
+def test_a_deferred_pre_save_handler_warns_that_autocommit_publishes_before_the_write() -> None:
+    from django.db.models.signals import post_save, pre_save
+
+    from deferred_signals import connect
+
+    def before(**kwargs: Any) -> None:
+        pass
+
+    connect([pre_save, post_save], before, defer=True, name="tests.before_the_write")
+    try:
+        with override_settings(DEFERRED_SIGNALS={}):
+            (warning,) = [m for m in check_settings() if m.id == "deferred_signals.W004"]
+        assert isinstance(warning, Warning)
+        assert warning.msg.startswith(
+            "Deferred handler 'tests.before_the_write' listens to pre_save: outside "
+            "transaction.atomic() Django sends it before the row is written"
+        )
+        assert "Connect it to post_save" in (warning.hint or "")
+    finally:
+        for signal in (pre_save, post_save):
+            signal.disconnect(before)
+        registry.unregister("tests.before_the_write")
+    assert "deferred_signals.W004" not in ids({})
