@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar, overload
 
+from django.db.models.signals import post_init, pre_init
 from django.dispatch import Signal
 from django.dispatch import receiver as django_receiver
 from django.dispatch.dispatcher import _make_id  # type: ignore[attr-defined]
@@ -253,6 +254,14 @@ def _register(
         f"{where} is connected to {signal!r}, which is not a django.dispatch.Signal."
         for signal in signals
         if not isinstance(signal, Signal)
+    ]
+    problems += [
+        f"{where} is connected to {name}, which Django sends each time a model instance is "
+        "made in memory (every row a query loads, the worker's own fetch of the instance "
+        "included): deferred, it would publish a call per row loaded, and each call would "
+        "send it again on the worker, without end. Connect it without defer=True."
+        for name, signal in (("pre_init", pre_init), ("post_init", post_init))
+        if any(one is signal for one in signals)
     ]
     if len(problems) == 1:
         raise DeferredSignalConfigError(problems[0])

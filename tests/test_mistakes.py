@@ -239,6 +239,24 @@ def test_a_method_decorated_in_its_class_body_fails_at_registration() -> None:
         assert CALLS == [{"x": 1}]
 
 
+@pytest.mark.parametrize("name", ["pre_init", "post_init"])
+def test_instance_creation_signals_cannot_be_deferred(name: str) -> None:
+    """Sent for every row loaded, the worker's own fetch included: a call that sends itself
+    again, without end (one save loaded one row: hundreds of tasks a second)."""
+    from django.db.models import signals
+
+    with pytest.raises(DeferredSignalConfigError) as raised:
+        receiver(getattr(signals, name), sender=Article, defer=True)(fine)
+    assert str(raised.value).startswith(
+        f"Deferred handler '{__name__}.fine' is connected to {name}, which Django sends each "
+        "time a model instance is made in memory"
+    )
+    assert "Connect it without defer=True." in str(raised.value)
+    assert registry.get(f"{__name__}.fine") is None
+    receiver(getattr(signals, name), sender=Article)(fine)  # a plain receiver: Django's
+    getattr(signals, name).disconnect(fine, sender=Article)
+
+
 def test_a_single_problem_is_one_sentence() -> None:
     with pytest.raises(DeferredSignalConfigError) as raised:
         connect(Signal(), fine, defer=True, include_raws=True)
