@@ -257,6 +257,41 @@ def test_instance_creation_signals_cannot_be_deferred(name: str) -> None:
     getattr(signals, name).disconnect(fine, sender=Article)
 
 
+SAVES: list[int] = []
+
+
+def saves_its_own_row(sender: Any, instance: Article, **kwargs: Any) -> None:
+    SAVES.append(instance.pk)
+    if len(SAVES) < 3:  # a real one would not stop: each run publishing the next, forever
+        instance.title = f"{instance.title}!"
+        instance.save(update_fields=["title"])
+
+
+def test_a_handler_that_saves_its_own_row_is_told_it_calls_itself(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    SAVES.clear()
+    with (
+        deferred(post_save, saves_its_own_row, sender=Article) as handler,
+        caplog.at_level("WARNING", logger="deferred_signals"),
+    ):
+        article = Article.objects.create(title="loop")  # EAGER: each run inline at its commit
+    assert [article.pk, article.pk, article.pk] == SAVES
+    warnings = [r.getMessage() for r in caplog.records if "to itself" in r.getMessage()]
+    assert len(warnings) == 2  # the two runs that deferred the next one
+    assert warnings[0].startswith(f"Deferred handler {handler.name}, running for call ")
+    assert f"deferred a call to itself for <testapp.article pk={article.pk}>" in warnings[0]
+    assert "look at update_fields or created" in warnings[0]
+    caplog.clear()
+    with deferred(post_save, on_other_rows, sender=Article):
+        Article.objects.create(title="plain")
+    assert not [r for r in caplog.records if "to itself" in r.getMessage()]
+
+
+def on_other_rows(sender: Any, instance: Article, **kwargs: Any) -> None:
+    pass
+
+
 def test_a_single_problem_is_one_sentence() -> None:
     with pytest.raises(DeferredSignalConfigError) as raised:
         connect(Signal(), fine, defer=True, include_raws=True)
