@@ -292,6 +292,24 @@ def on_other_rows(sender: Any, instance: Article, **kwargs: Any) -> None:
     pass
 
 
+def test_a_model_label_as_sender_of_a_plain_signal_fails_at_registration() -> None:
+    """Only model signals resolve "app_label.Model": a plain Signal would compare the str with
+    the class sent, and the handler would silently never run."""
+    with pytest.raises(DeferredSignalConfigError) as raised:
+        connect(Signal(), fine, sender="testapp.Article", defer=True)
+    assert str(raised.value) == (
+        f"Deferred handler '{__name__}.fine' has sender='testapp.Article' on a signal that is "
+        "not a model signal: only model signals (post_save, ...) resolve 'app_label.Model' "
+        "strings, and this one compares senders as they are, so a send with the model as "
+        "sender would never reach the handler. Pass the class: sender=Article."
+    )
+    assert registry.get(f"{__name__}.fine") is None
+    signal = Signal()
+    with deferred(signal, fine, sender="billing"):  # a plain str sender is a sender like any
+        signal.send(sender="billing", x=1)
+        assert CALLS == [{"x": 1}]
+
+
 def test_a_single_problem_is_one_sentence() -> None:
     with pytest.raises(DeferredSignalConfigError) as raised:
         connect(Signal(), fine, defer=True, include_raws=True)
