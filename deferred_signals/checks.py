@@ -7,12 +7,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery import current_app
+from celery.exceptions import QueueNotFound
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.db import DEFAULT_DB_ALIAS, connections, router
+from django.db.models.signals import pre_save
 
 from . import registry
-from .conf import SETTING, Problem, conf, settings_problems
+from .conf import SETTING, Problem, conf, limits_problem, settings_problems
 from .readiness import UNCONFIGURED_APP_HINT, unconfigured_app
 
 logger = logging.getLogger("deferred_signals")
@@ -26,8 +28,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         problems += _unknown_handlers(raw.get("HANDLERS", {}))
     problems += _unknown_aliases()
     problems += task_name_clashes()
+    problems += _before_the_write()
     if not any(problem.id.startswith("deferred_signals.E") for problem in problems):
         problems += _redis_redelivery()  # merges options: needs valid settings
+        problems += _time_limits()
+        problems += _unroutable()
         problems += _unconfigured_celery_app()
     return [
         (Warning if problem.warning else Error)(problem.msg, hint=problem.hint, id=problem.id)
@@ -85,6 +90,72 @@ def _redis_redelivery() -> list[Problem]:
                         warning=True,
                     )
                 )
+    return problems
+
+
+def _before_the_write() -> list[Problem]:
+    """Deferred handlers of ``pre_save``: outside ``atomic()`` Django sends it before the row
+    is written and outside any transaction, so nothing holds the call back: it is published
+    at once, before the write, and even if the save then fails."""
+    return [
+        Problem(
+            "deferred_signals.W004",
+            f"Deferred handler {handler.name!r} listens to pre_save: outside "
+            "transaction.atomic() Django sends it before the row is written, in no "
+            "transaction, so the call is published at once, before the write and even if the "
+            "save then fails.",
+            "Connect it to post_save (it gets the same instance, update_fields, raw and "
+            "using, once the row is written), or silence this warning if every save of its "
+            "model runs inside atomic().",
+            warning=True,
+        )
+        for handler in registry.all_handlers()
+        if any(signal is pre_save for signal, _, _ in handler.connections)
+    ]
+
+
+def _time_limits() -> list[Problem]:
+    """A handler whose limits, once merged, put the soft one above the hard one.
+
+    Read from its task, so Celery's ``task_time_limit`` / ``task_soft_time_limit`` count
+    where the handler's options leave a limit unset.
+    """
+    problems: list[Problem] = []
+    for handler in registry.all_handlers():
+        limits = {
+            "time_limit": handler.task.time_limit,
+            "soft_time_limit": handler.task.soft_time_limit,
+        }
+        where = f"Deferred handler {handler.name!r}"
+        problems += filter(None, [limits_problem(limits, where, "deferred_signals.E011")])
+    return problems
+
+
+def _unroutable() -> list[Problem]:
+    """A handler whose queue Celery refuses to route to: not in ``task_queues`` while
+    ``task_create_missing_queues`` is off. Routing is Celery's, without I/O, as a publish
+    does it; other routing errors (a router function failing) are left to the publish."""
+    app = current_app
+    problems: list[Problem] = []
+    for handler in registry.all_handlers():
+        queue = handler.merged.publish.get("queue")
+        try:
+            app.amqp.router.route(
+                {"queue": queue} if queue else {}, handler.name, task_type=handler.task
+            )
+        except QueueNotFound as error:
+            problems.append(
+                Problem(
+                    "deferred_signals.E012",
+                    f"Deferred handler {handler.name!r} is routed to a queue Celery does not "
+                    f"know ({error}), and task_create_missing_queues is off: Celery refuses "
+                    "every message of the handler, so each call would fail at its commit.",
+                    "Add the queue to task_queues, or give the handler a queue that is there "
+                    "(its queue option, or task_routes).",
+                )
+            )
+        except Exception:  # a router that fails: not ours to report, the publish logs it
+            continue
     return problems
 
 
@@ -158,7 +229,12 @@ def _unknown_aliases() -> list[Problem]:
 
 def _unconfigured_celery_app() -> list[Problem]:
     """Publishing through Celery's fallback app sends to a broker nobody configured."""
-    if conf.eager or not any(True for _ in registry.all_handlers()) or current_app.conf.broker_url:
+    if (
+        conf.eager
+        or not any(True for _ in registry.all_handlers())
+        or current_app.conf.broker_url
+        or current_app.conf.task_always_eager  # tasks run in place: no broker is reached
+    ):
         return []
     return [
         Problem(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import datetime
 import enum
+import io
 import sys
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from django.core.files import File
 from django.db import models
 from django.db.models.fields.files import FieldFile
 from django.db.models.query import QuerySet
@@ -235,6 +237,14 @@ class Encoder:
         for simple, (tag, encode) in _SIMPLE_ENCODERS.items():
             if isinstance(value, simple):
                 return {TAG: tag, "v": encode(value)}
+        if isinstance(value, (File, io.IOBase)):
+            # A codec would ship the bytes through the broker, or a path the worker lacks.
+            raise EncodeError(
+                value,
+                "a file's content does not travel (an upload is gone once the request ends): "
+                "save it to storage, e.g. name = default_storage.save(upload.name, upload), "
+                "and send the name (or the instance whose FileField holds it)",
+            )
         raise EncodeError(value)
 
     def _encode_instance(self, instance: models.Model, level: int) -> JSON:

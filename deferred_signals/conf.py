@@ -216,7 +216,24 @@ def option_problems(
             )
         elif key in ("autoretry_for", "dont_autoretry_for"):
             problems.extend(_exception_problems(value, where, key))
+    if not problems:
+        problems += filter(None, [limits_problem(options, where, "deferred_signals.E005")])
     return problems
+
+
+def limits_problem(values: Mapping[str, Any], where: str, id: str) -> Problem | None:
+    """A ``soft_time_limit`` above the ``time_limit``: Celery refuses to publish the message
+    (``ValueError``), so each call would fail at its commit instead of where it is set."""
+    hard, soft = values.get("time_limit"), values.get("soft_time_limit")
+    if not (hard and soft and _is_number(hard) and _is_number(soft) and soft > hard):
+        return None
+    return Problem(
+        id,
+        f"{where} has soft_time_limit={soft!r} above its time_limit={hard!r}: Celery refuses "
+        "to publish such a message, so every call would fail at its commit.",
+        "Make soft_time_limit lower than time_limit (the soft limit warns the handler "
+        "before the hard limit stops it), or leave one of them unset.",
+    )
 
 
 def _exception_problems(paths: Iterable[object], where: str, key: str) -> list[Problem]:
@@ -313,6 +330,8 @@ class HandlerOptions:
     snapshot_fallback: bool = False
     outbox: bool = False
     coalesce: bool = False
+    #: Options valid one by one that cannot go together once merged: raised at each send.
+    conflict: str | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.values.get(key, default)
@@ -423,9 +442,15 @@ class Settings:
             snapshot_fallback=values.get("on_missing") == "snapshot",
             outbox=values.get("delivery") == "outbox",
             coalesce=bool(values.get("coalesce")),
+            conflict=_conflict(name, values),
         )
         self._options[name] = merged
         return merged
+
+
+def _conflict(name: str, values: Mapping[str, Any]) -> str | None:
+    problem = limits_problem(values, f"Deferred handler {name!r}", "deferred_signals.E011")
+    return None if problem is None else f"{problem.msg} {problem.hint} ({problem.id})"
 
 
 conf = Settings()

@@ -24,15 +24,23 @@ def handlers_report(workers: bool = True, timeout: float = 1.0) -> list[dict[str
 
     ``queue`` is where the handler's messages go, resolved by the Celery app's router as a
     publish would; with ``workers``, ``workers`` lists the live workers consuming that queue
-    (asked with ``inspect active_queues``), or is "unknown" when no worker answered.
+    (asked with ``inspect active_queues``), or is "unknown" when no worker answered, and
+    ``unregistered_on`` those of them that have not imported the handler (``inspect
+    registered``): Celery discards its messages there, as unregistered tasks.
     """
     names = _signal_names()
     app = get_current_app()
-    consumers = _consumers(app, timeout) if workers else None
+    consumers, known = _consumers(app, timeout) if workers else (None, {})
     handlers: list[dict[str, Any]] = []
     for handler in sorted(registry.all_handlers(), key=lambda h: h.name):
         merged = handler.merged
         queue = _queue(app, handler)
+        consuming = (
+            consumers
+            if consumers is None or isinstance(consumers, str)
+            # sorted(): a stable listing, whatever order the replies came in
+            else sorted(consumers.get(queue, ()))
+        )
         handlers.append(
             {
                 "name": handler.name,
@@ -43,12 +51,13 @@ def handlers_report(workers: bool = True, timeout: float = 1.0) -> list[dict[str
                     if _connected(signal, sender, uid)
                 ],
                 "queue": queue,
-                "workers": (
-                    consumers
-                    if consumers is None or isinstance(consumers, str)
-                    # sorted(): a stable listing, whatever order the replies came in
-                    else sorted(consumers.get(queue, ()))
-                ),
+                "workers": consuming,
+                "unregistered_on": [
+                    worker
+                    for worker in (consuming if isinstance(consuming, list) else ())
+                    # A worker that did not answer ``registered`` is not accused.
+                    if worker in known and handler.name not in known[worker]
+                ],
                 "aliases": list(handler.aliases),
                 "options": {
                     "queue": queue,
@@ -79,6 +88,15 @@ def print_handlers(handlers: list[dict[str, Any]], out: OutputWrapper, style: St
             out.write(f"  consumed by: {workers} (no worker answered)")
         elif workers:
             out.write(f"  consumed by: {', '.join(workers)}")
+            if entry["unregistered_on"]:
+                out.write(
+                    style.ERROR(
+                        f"  not imported by: {', '.join(entry['unregistered_on'])}: such a "
+                        "worker discards this handler's calls as unregistered tasks. Import "
+                        "the handler's module from an AppConfig.ready(), which every process "
+                        "runs at start-up, not on first use (inside a view, a command...)."
+                    )
+                )
         elif workers is not None:
             out.write(f"  consumed by: no live worker (start one with -Q {entry['queue']})")
         if entry["aliases"]:
@@ -100,22 +118,38 @@ def _queue(app: Celery, handler: registry.Handler) -> str:
     return str(getattr(found, "name", found))
 
 
-def _consumers(app: Celery, timeout: float) -> dict[str, list[str]] | str:
-    """Queue name -> the live workers consuming it; "unknown" when nobody could tell."""
+def _consumers(
+    app: Celery, timeout: float
+) -> tuple[dict[str, list[str]] | str, dict[str, set[str]]]:
+    """Queue name -> the live workers consuming it ("unknown" when nobody could tell), and
+    worker -> the task names it has registered (for the workers that said)."""
     try:
         with app.connection_for_write() as connection:
             # Fail at once on a broker that is down instead of retrying for seconds.
             connection.ensure_connection(max_retries=1)
             replies = app.control.inspect(timeout=timeout, connection=connection).active_queues()
+            registered = (
+                # Only the workers that answered, and done as soon as they all have.
+                app.control.inspect(
+                    list(replies), timeout=timeout, connection=connection, limit=len(replies)
+                ).registered()
+                if replies
+                else None
+            )
     except Exception:  # the broker is unreachable: not this listing's problem to solve
-        return "unknown"
+        return "unknown", {}
     if not replies:
-        return "unknown"
+        return "unknown", {}
     consumers: dict[str, list[str]] = {}
     for worker, queues in replies.items():
         for queue in queues or ():
             consumers.setdefault(queue.get("name"), []).append(worker)
-    return consumers
+    known = {
+        # ``registered`` lists "name [rate_limit=...]" for tasks with such attributes.
+        worker: {str(task).split(" ", 1)[0] for task in tasks or ()}
+        for worker, tasks in (registered or {}).items()
+    }
+    return consumers, known
 
 
 def _connected(signal: Signal, sender: Any, uid: Any) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -20,13 +21,16 @@ from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import Signal
 
 from . import coalesce, dispatch, frozen, readiness, signals
+from .calls import DeferredCall, current_call
 from .codec import MAX_DEPTH, EncodeError, Encoder, TooDeepError, locate
-from .exceptions import DeferredSignalError
+from .exceptions import DeferredSignalConfigError, DeferredSignalError
 from .frozen import Frozen, freeze
 from .ids import uuid4
 from .registry import Handler
 
 DELETE_SIGNALS = (pre_delete, post_delete)
+
+logger = logging.getLogger("deferred_signals")
 
 _serials = itertools.count()
 _newest_serial = -1
@@ -80,10 +84,15 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
             _check_signature(handler, names)
             accepted.add(names)
         options = handler.merged
+        if options.conflict is not None:
+            raise DeferredSignalConfigError(options.conflict)
         fresh = options.fresh and not deletes
         sender_data, kwargs_data = _encode(
             handler, serial, signal, sender, kwargs, fresh, options.snapshot_fallback, deletes
         )
+        running = current_call()
+        if running is not None and running.handler == handler.name:
+            _warn_self_call(handler, running, kwargs.get("instance"))
         key = _coalesce_key(index, sender, kwargs.get("instance")) if options.coalesce else None
         call = dispatch.PendingCall(
             handler,
@@ -115,6 +124,26 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
     proxy.__doc__ = getattr(func, "__doc__", None)
     proxy.__wrapped__ = func  # type: ignore[attr-defined]
     return proxy
+
+
+def _warn_self_call(handler: Handler, running: DeferredCall, instance: Any) -> None:
+    # A synchronous handler saving its own row recurses until RecursionError; deferred, each
+    # run publishes the next, quietly and without end. Said, not refused: a handler that
+    # stops itself (a state that moves on) is fine.
+    row = f" for {_row(instance)}" if isinstance(instance, Model) else ""
+    logger.warning(
+        "Deferred handler %s, running for call %s, deferred a call to itself%s: a handler "
+        "that saves the row its signal is about sends that signal again, and so on without "
+        "end unless it stops itself (look at update_fields or created, or save with "
+        "QuerySet.update(), which sends no signal).",
+        handler.name,
+        running.id,
+        row,
+    )
+
+
+def _row(instance: Model) -> str:
+    return f"<{instance._meta.label_lower} pk={instance.pk!r}>"
 
 
 class _Announce:

@@ -67,7 +67,8 @@ def _problem(app: Celery) -> str | None:
             f"settings.DEFERRED_SIGNALS and `manage.py {APP}` does not exist. "
             f'Fix: add "{APP}" to INSTALLED_APPS.'
         )
-    if not conf.eager and not app.conf.broker_url:
+    # With task_always_eager, Celery runs tasks in place and never reaches the broker.
+    if not conf.eager and not app.conf.broker_url and not app.conf.task_always_eager:
         return f"{unconfigured_app(app)} Fix: {UNCONFIGURED_APP_HINT}"
     return None
 

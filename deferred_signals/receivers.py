@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar, overload
 
+from django.db.models.signals import ModelSignal, post_init, pre_init
 from django.dispatch import Signal
 from django.dispatch import receiver as django_receiver
 from django.dispatch.dispatcher import _make_id  # type: ignore[attr-defined]
@@ -114,7 +116,7 @@ def connect(
         for one in signals:
             one.connect(receiver, sender, weak, dispatch_uid, **extra, **options)
         return
-    handler = _register(receiver, signals, name, include_raw, using, aliases, options)
+    handler = _register(receiver, signals, sender, name, include_raw, using, aliases, options)
     for one in signals:
         # Django computes this key for ``receiver`` itself, so ``signal.disconnect(receiver,
         # sender=...)`` disconnects the proxy, and connecting twice connects once.
@@ -153,6 +155,34 @@ def _name_problem(what: str, value: object, where: str) -> str | None:
     return None
 
 
+def _model_of(label: str) -> type | None:
+    """The model an "app_label.Model" string names, once the app registry can tell."""
+    from django.apps import apps
+
+    try:
+        return apps.get_model(label)
+    except Exception:  # not a label, no such model, or apps not loaded yet: nothing to say
+        return None
+
+
+def _unbound_self(func: Callable[..., Any]) -> str | None:
+    """``self`` or ``cls`` when ``func`` is a plain function of a class body taking it first."""
+    if not inspect.isfunction(func) or "." not in func.__qualname__:
+        return None
+    try:
+        first = next(iter(inspect.signature(func).parameters.values()), None)
+    except (TypeError, ValueError):
+        return None
+    if (
+        first is not None
+        and first.name in ("self", "cls")
+        and first.kind in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD)
+        and first.default is first.empty
+    ):
+        return first.name
+    return None
+
+
 def _refuse_deferred_options(kwargs: dict[str, Any]) -> None:
     # Only our own options: anything else goes to Django, which accepts or refuses it itself
     # (``apps`` for lazy model senders, a typo...). Identity tests: a sender may define __eq__.
@@ -171,6 +201,7 @@ def _refuse_deferred_options(kwargs: dict[str, Any]) -> None:
 def _register(
     func: Callable[..., Any],
     signals: list[Signal],
+    sender: Any,
     name: str | None,
     include_raw: bool,
     using: str | None,
@@ -204,6 +235,13 @@ def _register(
     elif not func_accepts_kwargs(func):
         # Django checks this only with DEBUG; here it would fail later, on the worker.
         problems.append(f"{where} must accept keyword arguments: add **kwargs.")
+    elif first := _unbound_self(func):
+        problems.append(
+            f"{where} takes {first!r} first, as a method decorated in its class body does: "
+            f"the decorator connects the plain function, and nothing passes {first}. Connect "
+            f"the method of an object instead, connect(signal, obj.{func.__name__}, "
+            "defer=True), or make it a staticmethod or a module-level function."
+        )
     problems += [
         f"{problem.msg} {problem.hint}"
         for problem in option_problems(options, where, also_known=HANDLER_KWARGS)
@@ -227,6 +265,24 @@ def _register(
         f"{where} is connected to {signal!r}, which is not a django.dispatch.Signal."
         for signal in signals
         if not isinstance(signal, Signal)
+    ]
+    model = _model_of(sender) if isinstance(sender, str) else None
+    if model is not None and any(
+        isinstance(signal, Signal) and not isinstance(signal, ModelSignal) for signal in signals
+    ):
+        problems.append(
+            f"{where} has sender={sender!r} on a signal that is not a model signal: only "
+            "model signals (post_save, ...) resolve 'app_label.Model' strings, and this one "
+            "compares senders as they are, so a send with the model as sender would never "
+            f"reach the handler. Pass the class: sender={model.__name__}."
+        )
+    problems += [
+        f"{where} is connected to {name}, which Django sends each time a model instance is "
+        "made in memory (every row a query loads, the worker's own fetch of the instance "
+        "included): deferred, it would publish a call per row loaded, and each call would "
+        "send it again on the worker, without end. Connect it without defer=True."
+        for name, signal in (("pre_init", pre_init), ("post_init", post_init))
+        if any(one is signal for one in signals)
     ]
     if len(problems) == 1:
         raise DeferredSignalConfigError(problems[0])

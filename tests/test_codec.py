@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import subprocess
 import uuid
@@ -11,6 +12,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.core.files.base import ContentFile
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import models
 from django.utils.safestring import mark_safe
 from kombu.utils import json as kombu_json
@@ -320,6 +323,23 @@ def test_plain_enums_are_refused_with_a_hint() -> None:
     with pytest.raises(EncodeError) as info:
         Encoder(fresh=True, fields=False).encode(Level.LOW)
     assert ".value" in info.value.hint
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SimpleUploadedFile("avatar.png", b"\x89PNG"),
+        lambda: ContentFile(b"report", name="report.csv"),
+        lambda: io.BytesIO(b"x"),
+    ],
+    ids=["upload", "content file", "BytesIO"],
+)
+def test_files_are_refused_with_the_storage_fix_not_a_codec(make: Any) -> None:
+    """A codec is the wrong advice for a file: its bytes would ride the broker, or the worker
+    would get a path it does not have."""
+    with pytest.raises(EncodeError) as info:
+        Encoder(fresh=True, fields=False).encode(make())
+    assert "default_storage.save(" in info.value.hint and "send the name" in info.value.hint
 
 
 def test_subclasses_of_supported_types_travel_as_the_base_type() -> None:

@@ -180,6 +180,136 @@ def test_every_problem_of_a_decorator_call_is_reported_at_once_in_sentences() ->
     assert registry.get(f"{__name__}.fine") is None
 
 
+def test_a_soft_time_limit_above_the_hard_one_fails_at_registration() -> None:
+    with pytest.raises(DeferredSignalConfigError) as raised:
+        connect(Signal(), fine, defer=True, time_limit=5, soft_time_limit=10)
+    assert str(raised.value).startswith(
+        f"Deferred handler '{__name__}.fine' has soft_time_limit=10 above its time_limit=5: "
+        "Celery refuses to publish such a message"
+    )
+    assert registry.get(f"{__name__}.fine") is None
+
+
+def test_limits_that_conflict_once_merged_fail_in_the_request_not_at_commit() -> None:
+    """time_limit in DEFAULTS, soft_time_limit on the decorator: each fine alone, but Celery
+    would refuse every message of the handler when its transaction commits."""
+    signal = Signal()
+    with (
+        override_settings(DEFERRED_SIGNALS={"EAGER": True, "DEFAULTS": {"time_limit": 5}}),
+        deferred(signal, fine, soft_time_limit=10),
+        pytest.raises(DeferredSignalConfigError) as raised,
+        transaction.atomic(),
+    ):
+        signal.send(sender=None, x=1)
+    assert str(raised.value).startswith(
+        f"Deferred handler '{__name__}.fine' has soft_time_limit=10 above its time_limit=5"
+    )
+    assert str(raised.value).endswith("(deferred_signals.E011)")
+    assert CALLS == []
+
+
+def test_a_method_decorated_in_its_class_body_fails_at_registration() -> None:
+    """The decorator gets the plain function: nothing would ever pass ``self``."""
+
+    class Indexer:
+        def on_save(self, sender: Any, **kwargs: Any) -> None:
+            pass
+
+        @staticmethod
+        def static(sender: Any, signal: Signal, **kwargs: Any) -> None:
+            CALLS.append(kwargs)
+
+    on_save = Indexer.on_save
+    with pytest.raises(DeferredSignalConfigError) as raised:
+        receiver(Signal(), defer=True, name="tests.indexer_on_save")(on_save)
+    assert str(raised.value) == (
+        "Deferred handler 'tests.indexer_on_save' takes 'self' first, as a method decorated "
+        "in its class body does: the decorator connects the plain function, and nothing "
+        "passes self. Connect the method of an object instead, connect(signal, "
+        "obj.on_save, defer=True), or make it a staticmethod or a module-level function."
+    )
+    assert registry.get("tests.indexer_on_save") is None
+    # A bound method and a staticmethod are fine.
+    signal = Signal()
+    with (
+        deferred(signal, Indexer().on_save, name="tests.indexer_bound"),
+        deferred(signal, Indexer.static, name="tests.indexer_static"),
+    ):
+        signal.send(sender=None, x=1)
+        assert CALLS == [{"x": 1}]
+
+
+@pytest.mark.parametrize("name", ["pre_init", "post_init"])
+def test_instance_creation_signals_cannot_be_deferred(name: str) -> None:
+    """Sent for every row loaded, the worker's own fetch included: a call that sends itself
+    again, without end (one save loaded one row: hundreds of tasks a second)."""
+    from django.db.models import signals
+
+    with pytest.raises(DeferredSignalConfigError) as raised:
+        receiver(getattr(signals, name), sender=Article, defer=True)(fine)
+    assert str(raised.value).startswith(
+        f"Deferred handler '{__name__}.fine' is connected to {name}, which Django sends each "
+        "time a model instance is made in memory"
+    )
+    assert "Connect it without defer=True." in str(raised.value)
+    assert registry.get(f"{__name__}.fine") is None
+    receiver(getattr(signals, name), sender=Article)(fine)  # a plain receiver: Django's
+    getattr(signals, name).disconnect(fine, sender=Article)
+
+
+SAVES: list[int] = []
+
+
+def saves_its_own_row(sender: Any, instance: Article, **kwargs: Any) -> None:
+    SAVES.append(instance.pk)
+    if len(SAVES) < 3:  # a real one would not stop: each run publishing the next, forever
+        instance.title = f"{instance.title}!"
+        instance.save(update_fields=["title"])
+
+
+def test_a_handler_that_saves_its_own_row_is_told_it_calls_itself(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    SAVES.clear()
+    with (
+        deferred(post_save, saves_its_own_row, sender=Article) as handler,
+        caplog.at_level("WARNING", logger="deferred_signals"),
+    ):
+        article = Article.objects.create(title="loop")  # EAGER: each run inline at its commit
+    assert [article.pk, article.pk, article.pk] == SAVES
+    warnings = [r.getMessage() for r in caplog.records if "to itself" in r.getMessage()]
+    assert len(warnings) == 2  # the two runs that deferred the next one
+    assert warnings[0].startswith(f"Deferred handler {handler.name}, running for call ")
+    assert f"deferred a call to itself for <testapp.article pk={article.pk}>" in warnings[0]
+    assert "look at update_fields or created" in warnings[0]
+    caplog.clear()
+    with deferred(post_save, on_other_rows, sender=Article):
+        Article.objects.create(title="plain")
+    assert not [r for r in caplog.records if "to itself" in r.getMessage()]
+
+
+def on_other_rows(sender: Any, instance: Article, **kwargs: Any) -> None:
+    pass
+
+
+def test_a_model_label_as_sender_of_a_plain_signal_fails_at_registration() -> None:
+    """Only model signals resolve "app_label.Model": a plain Signal would compare the str with
+    the class sent, and the handler would silently never run."""
+    with pytest.raises(DeferredSignalConfigError) as raised:
+        connect(Signal(), fine, sender="testapp.Article", defer=True)
+    assert str(raised.value) == (
+        f"Deferred handler '{__name__}.fine' has sender='testapp.Article' on a signal that is "
+        "not a model signal: only model signals (post_save, ...) resolve 'app_label.Model' "
+        "strings, and this one compares senders as they are, so a send with the model as "
+        "sender would never reach the handler. Pass the class: sender=Article."
+    )
+    assert registry.get(f"{__name__}.fine") is None
+    signal = Signal()
+    with deferred(signal, fine, sender="billing"):  # a plain str sender is a sender like any
+        signal.send(sender="billing", x=1)
+        assert CALLS == [{"x": 1}]
+
+
 def test_a_single_problem_is_one_sentence() -> None:
     with pytest.raises(DeferredSignalConfigError) as raised:
         connect(Signal(), fine, defer=True, include_raws=True)

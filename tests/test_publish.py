@@ -393,3 +393,27 @@ def test_a_failing_call_spilled_receiver_does_not_fail_the_request(broker_down: 
     finally:
         signals.call_spilled.disconnect(broken)
     assert OutboxCall.objects.count() == 2  # committed and spilled; the request went on
+
+
+def test_with_celerys_task_always_eager_handlers_run_here_without_a_broker(
+    broker_down: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The usual Celery test setting: Celery's own tasks then run in place without a broker,
+    and so do deferred handlers, after the commit, rather than going to the outbox."""
+    from celery import current_app
+
+    from tests.conftest import records
+
+    current_app.conf.task_always_eager = True
+    with caplog.at_level(logging.WARNING, logger="deferred_signals"):
+        with transaction.atomic():
+            article = Article.objects.create(title="eager")
+            assert records("article_saved") == []  # not before commit
+        (record,) = records("article_saved")
+    assert record.call["kwargs"]["instance"]["pk"]["repr"] == repr(article.pk)
+    assert OutboxCall.objects.count() == 0
+    assert caplog.text == ""
+    # Without a broker_url at all too, as Celery's own tasks do.
+    current_app.conf.broker_url = None
+    Article.objects.create(title="no broker")
+    assert len(records("article_saved")) == 2

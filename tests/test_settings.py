@@ -73,7 +73,9 @@ def test_valid_settings_pass_the_checks() -> None:
             "acks_late": True,
             "reject_on_worker_lost": True,
             "time_limit": 30,
-            "soft_time_limit": 25.5,
+            # Below every registered handler's own time_limit (2 s at least): above one, its
+            # messages would be refused (E011).
+            "soft_time_limit": 1.5,
             "rate_limit": "10/s",
             "priority": 5,
             "countdown": 0,
@@ -127,6 +129,12 @@ def test_valid_settings_pass_the_checks() -> None:
             ["deferred_signals.E005"],
         ),
         ({"DELIVERY": "carrier pigeon"}, ["deferred_signals.E008"]),
+        ({"DEFAULTS": {"time_limit": 5, "soft_time_limit": 10}}, ["deferred_signals.E005"]),
+        ({"DEFAULTS": {"time_limit": 10, "soft_time_limit": 1}}, []),
+        (
+            {"DEFAULTS": {"time_limit": 5}, "HANDLERS": {ARTICLE_SAVED: {"soft_time_limit": 9}}},
+            ["deferred_signals.E011"],
+        ),
         ({"HANDLERS": {"app.signals.typo": {}}}, ["deferred_signals.W001"]),
     ],
 )
@@ -238,6 +246,8 @@ def test_an_unconfigured_celery_app_warns() -> None:
     try:
         assert ids({}) == ["deferred_signals.W003"]
         assert ids({"EAGER": True}) == []  # nothing is published in EAGER mode
+        current_app.conf.task_always_eager = True  # nor with Celery's: tasks run in place
+        assert ids({}) == []
     finally:
         previous.set_current()
 
@@ -301,3 +311,80 @@ def test_a_handler_named_as_another_celery_task_is_an_error(
             current_app.tasks.pop(name, None)
             tasks._tasks.pop(name, None)
     assert not [m for m in check_settings() if m.id == "deferred_signals.E010"]
+
+
+def test_a_soft_time_limit_above_celerys_hard_one_is_an_error() -> None:
+    """A handler's soft_time_limit against Celery's task_time_limit: the limits the worker
+    and every publish would use, so each call would fail at its commit."""
+    from celery import current_app
+
+    conf_ = current_app.conf
+    previous = conf_.task_time_limit
+    conf_.task_time_limit = 30
+    try:
+        with override_settings(
+            DEFERRED_SIGNALS={"HANDLERS": {ARTICLE_SAVED: {"soft_time_limit": 60}}}
+        ):
+            (error,) = [m for m in check_settings() if m.id == "deferred_signals.E011"]
+        assert error.msg.startswith(
+            f"Deferred handler {ARTICLE_SAVED!r} has soft_time_limit=60 above its time_limit=30"
+        )
+        assert "soft_time_limit lower than time_limit" in (error.hint or "")
+        assert ids({"HANDLERS": {ARTICLE_SAVED: {"soft_time_limit": 20}}}) == []
+    finally:
+        conf_.task_time_limit = previous
+
+
+def test_a_queue_celery_refuses_to_route_to_is_an_error() -> None:
+    """task_queues declared and task_create_missing_queues off, a production hardening:
+    a handler queue missing from the list would make every commit of it fail to publish."""
+    from celery import Celery, current_app
+    from kombu import Queue
+
+    previous = current_app._get_current_object()
+    app = Celery("strict-queues", broker="memory://", set_as_current=True)
+    app.conf.task_queues = [Queue("celery"), Queue("crm")]
+    app.conf.task_create_missing_queues = False
+    try:
+        with warnings.catch_warnings():  # the new app takes the shared tasks other tests made
+            warnings.simplefilter("ignore")
+            app.finalize()
+        assert ids({"HANDLERS": {ARTICLE_SAVED: {"queue": "crm"}}}) == []
+        with override_settings(DEFERRED_SIGNALS={"HANDLERS": {ARTICLE_SAVED: {"queue": "cmr"}}}):
+            (error,) = [m for m in check_settings() if m.id == "deferred_signals.E012"]
+        assert error.msg.startswith(
+            f"Deferred handler {ARTICLE_SAVED!r} is routed to a queue Celery does not know ("
+        )
+        assert "'cmr'" in error.msg and "task_create_missing_queues is off" in error.msg
+        assert "Add the queue to task_queues" in (error.hint or "")
+        app.conf.task_create_missing_queues = True
+        app.amqp.__dict__.pop("router", None)  # Celery builds its router once
+        app.amqp.__dict__.pop("queues", None)
+        assert ids({"HANDLERS": {ARTICLE_SAVED: {"queue": "cmr"}}}) == []
+    finally:
+        previous.set_current()
+
+
+def test_a_deferred_pre_save_handler_warns_that_autocommit_publishes_before_the_write() -> None:
+    from django.db.models.signals import post_save, pre_save
+
+    from deferred_signals import connect
+
+    def before(**kwargs: Any) -> None:
+        pass
+
+    connect([pre_save, post_save], before, defer=True, name="tests.before_the_write")
+    try:
+        with override_settings(DEFERRED_SIGNALS={}):
+            (warning,) = [m for m in check_settings() if m.id == "deferred_signals.W004"]
+        assert isinstance(warning, Warning)
+        assert warning.msg.startswith(
+            "Deferred handler 'tests.before_the_write' listens to pre_save: outside "
+            "transaction.atomic() Django sends it before the row is written"
+        )
+        assert "Connect it to post_save" in (warning.hint or "")
+    finally:
+        for signal in (pre_save, post_save):
+            signal.disconnect(before)
+        registry.unregister("tests.before_the_write")
+    assert "deferred_signals.W004" not in ids({})

@@ -36,6 +36,47 @@ def test_list_shows_the_live_worker_consuming_each_queue(deferred_to: Worker) ->
     assert [worker.split("@")[0] for worker in entry["workers"]] == [deferred_to.queue]
 
 
+def only_in_this_process(**kwargs: Any) -> None:
+    """A handler the worker never imports (registered by the test that needs it)."""
+
+
+def test_list_names_a_consuming_worker_that_has_not_imported_the_handler(
+    deferred_to: Worker,
+) -> None:
+    """The worker would discard the handler's calls as unregistered tasks: list says so,
+    instead of showing it as consuming them."""
+    from django.dispatch import Signal
+
+    from deferred_signals import connect, registry
+
+    name = "tests.test_worker_ops.only_in_this_process"
+    signal = Signal()
+    connect(signal, only_in_this_process, defer=True)
+    try:
+
+        def entries() -> dict[str, dict[str, Any]] | None:
+            text, data = StringIO(), StringIO()
+            call_command("deferred_signals", "list", "--timeout", "2", stdout=text)
+            call_command("deferred_signals", "list", "--json", "--timeout", "2", stdout=data)
+            found = {entry["name"]: entry for entry in json.loads(data.getvalue())}
+            found["text"] = {"out": text.getvalue()}
+            workers = found[name]["workers"]
+            # A loaded machine may miss one round of replies: ask again rather than time it.
+            return found if isinstance(workers, list) and workers else None
+
+        found = wait_for(entries, what="the worker's replies to active_queues and registered")
+    finally:
+        signal.disconnect(only_in_this_process)
+        registry.unregister(name)
+    (worker,) = found[name]["workers"]
+    assert found[name]["unregistered_on"] == [worker]
+    assert found["tests.testapp.handlers.marker"]["unregistered_on"] == []
+    text = found["text"]["out"]
+    assert f"{name}\n" in text
+    assert f"  not imported by: {worker}: such a worker discards this handler's calls" in text
+    assert text.count("not imported by") == 1
+
+
 def test_a_message_queued_under_a_former_name_runs_the_renamed_handler(
     deferred_to: Worker,
 ) -> None:

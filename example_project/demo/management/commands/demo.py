@@ -61,8 +61,10 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _exit_on_signal)
-        # The timeline below tells what the inline receiver logs; don't say it twice.
+        # The timeline below tells what the inline receiver logs, and what each commit
+        # published; don't say it twice (the package's INFO lines would land mid-story).
         logging.getLogger("accounts").setLevel(logging.WARNING)
+        logging.getLogger("deferred_signals").setLevel(logging.WARNING)
         self.timeout: float = options["timeout"]
         say = self.stdout.write
 
