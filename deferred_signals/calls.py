@@ -25,6 +25,8 @@ class DeferredCall:
 
 
 _current: ContextVar[DeferredCall | None] = ContextVar("deferred_call", default=None)
+#: The message body of the running call (private: the proxy compares the rows of two calls).
+_body: ContextVar[dict[str, Any] | None] = ContextVar("deferred_call_body", default=None)
 
 
 def current_call() -> DeferredCall | None:
@@ -45,17 +47,25 @@ class running:
     """Make ``current_call()`` answer for the duration of one handler run (a class, not a
     ``@contextmanager``: it runs for every message on the worker)."""
 
-    __slots__ = ("call", "token")
+    __slots__ = ("body", "body_token", "call", "token")
 
     def __init__(self, call_id: str, handler: str, attempt: int, body: dict[str, Any]) -> None:
         self.call = DeferredCall(call_id, handler, attempt, committed_at(body))
+        self.body = body
 
     def __enter__(self) -> DeferredCall:
         self.token = _current.set(self.call)
+        self.body_token = _body.set(self.body)
         return self.call
 
     def __exit__(self, *exc_info: object) -> None:
+        _body.reset(self.body_token)
         _current.reset(self.token)
+
+
+def running_body() -> dict[str, Any] | None:
+    """The message body of the call the running deferred handler serves, if any."""
+    return _body.get()
 
 
 def committed_at(body: dict[str, Any]) -> datetime.datetime | None:

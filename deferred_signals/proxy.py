@@ -21,7 +21,7 @@ from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import Signal
 
 from . import coalesce, dispatch, frozen, readiness, signals
-from .calls import DeferredCall, current_call
+from .calls import DeferredCall, current_call, running_body
 from .codec import MAX_DEPTH, EncodeError, Encoder, TooDeepError, locate
 from .exceptions import DeferredSignalConfigError, DeferredSignalError
 from .frozen import Frozen, freeze
@@ -92,7 +92,7 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
         )
         running = current_call()
         if running is not None and running.handler == handler.name:
-            _warn_self_call(handler, running, kwargs.get("instance"))
+            _warn_self_call(handler, running, kwargs.get("instance"))  # if about its own row
         key = _coalesce_key(index, sender, kwargs.get("instance")) if options.coalesce else None
         call = dispatch.PendingCall(
             handler,
@@ -130,6 +130,8 @@ def _warn_self_call(handler: Handler, running: DeferredCall, instance: Any) -> N
     # A synchronous handler saving its own row recurses until RecursionError; deferred, each
     # run publishes the next, quietly and without end. Said, not refused: a handler that
     # stops itself (a state that moves on) is fine.
+    if not _same_row(running_body(), instance):
+        return  # another row of the model (a parent's counter): that chain ends
     row = f" for {_row(instance)}" if isinstance(instance, Model) else ""
     logger.warning(
         "Deferred handler %s, running for call %s, deferred a call to itself%s: a handler "
@@ -140,6 +142,21 @@ def _warn_self_call(handler: Handler, running: DeferredCall, instance: Any) -> N
         running.id,
         row,
     )
+
+
+def _same_row(body: dict[str, Any] | None, instance: Any) -> bool:
+    """Is ``instance`` the row the running call's message is about (or neither is about a
+    row)? Read from the message: ``{"m": label, "pk": pk or a tagged pk}``."""
+    kwargs = body.get("kwargs") if isinstance(body, dict) else None
+    running = kwargs.get("instance") if isinstance(kwargs, dict) else None
+    if not isinstance(instance, Model):
+        return not isinstance(running, dict) or running.get("m") is None
+    if not isinstance(running, dict) or running.get("m") != instance._meta.label_lower:
+        return False
+    pk = running.get("pk")
+    if isinstance(pk, dict):  # a tagged pk (UUID, ...): its text
+        pk = pk.get("v")
+    return str(pk) == str(instance.pk)
 
 
 def _row(instance: Model) -> str:

@@ -284,12 +284,18 @@ def test_a_handler_that_saves_its_own_row_is_told_it_calls_itself(
     assert "look at update_fields or created" in warnings[0]
     caplog.clear()
     with deferred(post_save, on_other_rows, sender=Article):
-        Article.objects.create(title="plain")
+        plain = Article.objects.create(title="plain")
+    parent = Article.objects.get(title="parent")
+    assert SAVES[3:] == [plain.pk, parent.pk]  # it ran for the row, then for the other one
     assert not [r for r in caplog.records if "to itself" in r.getMessage()]
 
 
 def on_other_rows(sender: Any, instance: Article, **kwargs: Any) -> None:
-    pass
+    """Saves another row of the model once (a parent's counter): a chain that ends, said
+    nothing about."""
+    SAVES.append(instance.pk)
+    if instance.title == "plain":
+        Article.objects.create(title="parent")
 
 
 def test_a_model_label_as_sender_of_a_plain_signal_fails_at_registration() -> None:
