@@ -1,0 +1,124 @@
+"""Review of the replay claim (e1f334a, 5df6bf1): each test fails on that code."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+from django.db import OperationalError, connection, transaction
+from pytest_django.fixtures import Settings as SettingsWrapper
+
+from deferred_signals.models import DeadLetter
+from deferred_signals.outbox import body_text
+from tests.conftest import Queue
+from tests.test_operations import command, dead_letter, published
+
+FLAKY = "tests.testapp.handlers.flaky"
+
+
+def flaky_letter(key: str) -> DeadLetter:
+    body = {"v": 1, "signal": 0, "sender": None, "kwargs": {"key": key, "fail_times": 99}}
+    body["at"] = time.time()
+    return DeadLetter.objects.create(
+        call_id=str(uuid.uuid4()),
+        handler=FLAKY,
+        body=body_text(body),
+        exception="tests.testapp.handlers.FlakyError",
+        message="attempt 4",
+        traceback="Traceback ...",
+        attempts=4,
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_that_fails_midway_leaves_no_letter_marked_but_unpublished(
+    postgres_only: None, redis_queue: Queue
+) -> None:
+    """The second letter's claim UPDATE fails (its row locked by another transaction past
+    lock_timeout, as with a statement_timeout in OPTIONS; or the database dropping): the
+    first letter, claimed (committed) already, must not stay marked replayed unpublished."""
+    first, second = dead_letter("first"), dead_letter("second")
+    settings = connection.settings_dict
+    locker = psycopg.connect(
+        host=settings["HOST"], port=settings["PORT"], user=settings["USER"],
+        dbname=settings["NAME"], autocommit=False,
+    )  # fmt: skip
+    try:
+        locker.execute(
+            f"SELECT 1 FROM {DeadLetter._meta.db_table} WHERE id = %s FOR UPDATE", [second.pk]
+        )
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '300ms'")
+        try:
+            out, err = command("replay", "--all")
+        except OperationalError:
+            out = err = "raised"
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
+    finally:
+        locker.rollback()
+        locker.close()
+    first.refresh_from_db()
+    sent = [task_id for task_id, _ in published(redis_queue)]
+    # Marked replayed <=> published (the broker has it).
+    assert (first.replayed_at is not None) == (first.call_id in sent), (out, err, sent)
+    # And nothing is lost for good: a later replay --all publishes every letter.
+    command("replay", "--all")
+    sent = [task_id for task_id, _ in published(redis_queue)]
+    assert sorted(set(sent)) == sorted([first.call_id, second.call_id]), sent
+
+
+@pytest.mark.django_db
+def test_a_replay_inside_an_atomic_block_of_a_testcase_is_captured(deferred: Any) -> None:
+    """Under TestCase (pytest-django's db), the capture counts a deferred call when the
+    test's outermost atomic block exits: a replay made there is claimed, so it must count."""
+    from deferred_signals.replay import replay
+
+    letter = dead_letter("captured")
+    with transaction.atomic():
+        replayed, skipped = replay(DeadLetter.objects.all())
+    assert replayed == [letter] and not skipped
+    assert DeadLetter.objects.get().replayed_at is not None  # claimed, in the test's tx
+    assert [call.id for call in deferred.calls] == [letter.call_id]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_eager_propagates_a_replay_at_commit_raises_the_handlers_error(
+    settings: SettingsWrapper,
+) -> None:
+    """EAGER + EAGER_PROPAGATES: a replayed handler's exception at commit reaches the test,
+    as every deferred call's does, not an AttributeError from Django's robust on_commit
+    logging ``functools.partial.__qualname__``; and later commit callbacks still run."""
+    from deferred_signals.replay import replay
+    from tests.testapp.handlers import FlakyError
+
+    settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "EAGER_PROPAGATES": True}
+    flaky_letter("eager-commit")
+    ran: list[str] = []
+    with pytest.raises(FlakyError):
+        with transaction.atomic():
+            replay(DeadLetter.objects.all())
+            transaction.on_commit(lambda: ran.append("later"))
+    assert ran == ["later"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_eager_propagates_a_replay_whose_handler_raises_is_not_left_marked(
+    settings: SettingsWrapper,
+) -> None:
+    """Before the claim, the handler's exception left the letter unmarked (as for a lost
+    call): it failed again, nothing recorded it, it is still to be replayed."""
+    from deferred_signals.replay import replay
+    from tests.testapp.handlers import FlakyError
+
+    settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "EAGER_PROPAGATES": True}
+    flaky_letter("eager-now")
+    with pytest.raises(FlakyError):
+        replay(DeadLetter.objects.all())
+    assert DeadLetter.objects.get().replayed_at is None
