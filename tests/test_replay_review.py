@@ -118,3 +118,25 @@ def test_eager_propagates_a_replay_whose_handler_raises_is_not_left_marked(
     with pytest.raises(FlakyError):
         replay(DeadLetter.objects.all())
     assert DeadLetter.objects.get().replayed_at is None
+
+
+@pytest.mark.django_db
+def test_the_admin_replay_under_atomic_requests_in_a_testcase_is_captured(
+    deferred: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A project's own test of its admin (TestCase, ATOMIC_REQUESTS): the request's atomic
+    block exits, the capture counts what it deferred; the replayed call included."""
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    monkeypatch.setitem(connection.settings_dict, "ATOMIC_REQUESTS", True)
+    letter = dead_letter("admin in a TestCase")
+    client = Client()
+    client.force_login(User.objects.create_superuser("admin", password="pw"))
+    response = client.post(
+        "/admin/deferred_signals/deadletter/",
+        {"action": "replay_selected", "_selected_action": [letter.pk]},
+        follow=True,
+    )
+    assert "Replayed 1 dead letter(s)" in response.content.decode()
+    assert [call.id for call in deferred.calls] == [letter.call_id]
