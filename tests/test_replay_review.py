@@ -140,3 +140,37 @@ def test_the_admin_replay_under_atomic_requests_in_a_testcase_is_captured(
     )
     assert "Replayed 1 dead letter(s)" in response.content.decode()
     assert [call.id for call in deferred.calls] == [letter.call_id]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_operators_replaying_from_pages_loaded_before_either_publish_once(
+    redis_queue: Queue,
+) -> None:
+    """Both see the letter not replayed and click Replay, seconds apart: the action reads
+    the selection at the click, after the first replay's claim, so the claim (as read)
+    passed and the call was published twice, both told "Replayed 1"."""
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    letter = dead_letter("two operators")
+    clients = []
+    for name in ("alice", "bob"):
+        client = Client()
+        client.force_login(User.objects.create_superuser(name, password="pw"))
+        page = client.get("/admin/deferred_signals/deadletter/?replayed_at__isempty=1")
+        assert letter.call_id in page.content.decode()
+        clients.append(client)
+    pages = [
+        client.post(
+            "/admin/deferred_signals/deadletter/",
+            {"action": "replay_selected", "_selected_action": [letter.pk]},
+            follow=True,
+        ).content.decode()
+        for client in clients
+    ]
+    assert "Replayed 1 dead letter(s)" in pages[0]
+    assert (
+        "Replayed 1 dead letter" not in pages[1]
+        and f"Skipped {letter.call_id}: replayed already" in pages[1]
+    )
+    assert [task_id for task_id, _ in published(redis_queue)] == [letter.call_id]
