@@ -26,6 +26,11 @@ logger = logging.getLogger("deferred_signals")
 LOST = "neither the broker nor the outbox took it (logged as LOST): still a dead letter"
 #: Why a letter is not published: a claim found it changed since it was read.
 TAKEN = "replayed by another replay, or failed again, since it was read: not published twice"
+#: A lost call whose letter the database did not let this replay un-mark.
+STUCK = (
+    "neither the broker nor the outbox took it (logged as LOST), and un-marking it failed: "
+    "it reads as replayed, replay it by its id"
+)
 #: Why a letter is not published: its claim failed (the database refused or did not answer).
 UNCLAIMED = "could not be claimed ({}): not published, still a dead letter"
 
@@ -99,7 +104,7 @@ def replay(
         )
         return [letter for letter, _ in claimed], skipped
     lost = _publish(claimed, now)
-    skipped += [_skip(letter, LOST) for letter in lost]
+    skipped += [_skip(letter, LOST if letter.replayed_at is None else STUCK) for letter in lost]
     return [letter for letter, _ in claimed if letter not in lost], skipped
 
 

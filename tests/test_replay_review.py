@@ -11,10 +11,12 @@ import pytest
 from django.db import OperationalError, connection, transaction
 from pytest_django.fixtures import Settings as SettingsWrapper
 
+from deferred_signals import signals
 from deferred_signals.models import DeadLetter
 from deferred_signals.outbox import body_text
-from tests.conftest import Queue
-from tests.test_operations import command, dead_letter, published
+from tests.conftest import Queue, use_app
+from tests.test_operations import command, dead_letter, outbox_table_gone, published
+from tests.workers import make_app
 
 FLAKY = "tests.testapp.handlers.flaky"
 
@@ -174,3 +176,36 @@ def test_two_operators_replaying_from_pages_loaded_before_either_publish_once(
         and f"Skipped {letter.call_id}: replayed already" in pages[1]
     )
     assert [task_id for task_id, _ in published(redis_queue)] == [letter.call_id]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lost_call_whose_letter_cannot_be_unmarked_is_reported(
+    postgres_only: None, settings: SettingsWrapper, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Broker and outbox both fail, then the un-mark UPDATE fails too (the row locked past
+    lock_timeout; or the database gone): the command raised, leaving the letter marked
+    replayed though its call is lost. It is reported, with what to do."""
+    letter = dead_letter("unmark")
+    s = connection.settings_dict
+    locker = psycopg.connect(host=s["HOST"], port=s["PORT"], user=s["USER"], dbname=s["NAME"])
+
+    def lock(**kwargs: Any) -> None:  # the row taken between the publish and the un-mark
+        table = DeadLetter._meta.db_table
+        locker.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", [letter.pk])
+
+    signals.call_lost.connect(lock, weak=False)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '300ms'")
+        down = make_app("down", "redis://127.0.0.1:1/0")
+        with use_app(down, settings, "nowhere"), outbox_table_gone():
+            out, err = command("replay", "--all")
+    finally:
+        signals.call_lost.disconnect(lock)
+        locker.rollback()
+        locker.close()
+        with connection.cursor() as cursor:
+            cursor.execute("RESET lock_timeout")
+    assert "replayed 0 dead letter(s), skipped 1" in out
+    assert f"skipped {letter.id}" in err and "replay it by its id" in err
+    assert "could not un-mark dead letter" in caplog.text
