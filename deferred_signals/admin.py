@@ -40,7 +40,19 @@ class DeadLetterAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Replay the selected dead letters", permissions=["change"])
     def replay_selected(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
-        replayed, skipped = replay(queryset.order_by("id"))
+        # The selection is read now, not when the operator's page was: a letter another
+        # operator replayed since would be claimed (as read) and published again. Publishing
+        # a replayed letter again is the command's, by its id.
+        letters = list(queryset.order_by("id"))
+        for letter in letters:
+            if letter.replayed_at is not None:
+                self.message_user(
+                    request,
+                    f"Skipped {letter.call_id}: replayed already, at {letter.replayed_at}; to "
+                    f"publish it again: manage.py deferred_signals replay {letter.pk}.",
+                    messages.WARNING,
+                )
+        replayed, skipped = replay(letter for letter in letters if letter.replayed_at is None)
         if replayed:
             self.message_user(
                 request,

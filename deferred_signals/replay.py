@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import datetime
-import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from django.db import router, transaction
+from django.db import DatabaseError, router, transaction
 from django.utils import timezone
 from kombu.utils import json as kombu_json
 
 from . import registry
+from .conf import conf
 from .dispatch import PendingCall, _guarded, flush, in_transaction
 from .tasks import MESSAGE_KEYS
 
@@ -26,6 +26,13 @@ logger = logging.getLogger("deferred_signals")
 LOST = "neither the broker nor the outbox took it (logged as LOST): still a dead letter"
 #: Why a letter is not published: a claim found it changed since it was read.
 TAKEN = "replayed by another replay, or failed again, since it was read: not published twice"
+#: A lost call whose letter the database did not let this replay un-mark.
+STUCK = (
+    "neither the broker nor the outbox took it (logged as LOST), and un-marking it failed: "
+    "it reads as replayed, replay it by its id"
+)
+#: Why a letter is not published: its claim failed (the database refused or did not answer).
+UNCLAIMED = "could not be claimed ({}): not published, still a dead letter"
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,16 @@ def replay(
     now = timezone.now()
     claimed: list[tuple[DeadLetter, PendingCall]] = []
     for letter, call in chosen:
-        if _claim(letter, now):
+        using = _written_on(letter)
+        try:
+            taken = _claim(letter, now)
+        except DatabaseError as error:
+            if in_transaction(transaction.get_connection(using)):
+                raise  # the transaction rolls back, claims and all: nothing is published
+            # Autocommit: the letters claimed so far are marked; they must be published.
+            skipped.append(_skip(letter, UNCLAIMED.format(type(error).__name__)))
+            continue
+        if taken:
             claimed.append((letter, call))
         else:
             skipped.append(_skip(letter, TAKEN))
@@ -81,13 +97,32 @@ def replay(
     # transaction, if any, holds the claims.
     using = _written_on(claimed[0][0])
     if in_transaction(transaction.get_connection(using)):
+        # Not robust with EAGER_PROPAGATES, as a deferred call's own callback: the handler's
+        # exception reaches the test.
         transaction.on_commit(
-            functools.partial(_guarded, _publish, claimed, now), using=using, robust=True
+            ReplayAtCommit(claimed, now), using=using, robust=not conf.eager_propagates
         )
         return [letter for letter, _ in claimed], skipped
     lost = _publish(claimed, now)
-    skipped += [_skip(letter, LOST) for letter in lost]
+    skipped += [_skip(letter, LOST if letter.replayed_at is None else STUCK) for letter in lost]
     return [letter for letter, _ in claimed if letter not in lost], skipped
+
+
+class ReplayAtCommit:
+    """The commit callback of a replay made inside a transaction: publishes its claimed
+    letters' calls. A type of its own, so the testing capture runs it at a ``TestCase``
+    block's exit, as it runs deferred calls' callbacks."""
+
+    __slots__ = ("claimed", "now")
+
+    def __init__(self, claimed: list[tuple[DeadLetter, PendingCall]], now: datetime.datetime):
+        self.claimed, self.now = claimed, now
+
+    def __call__(self) -> None:
+        _guarded(_publish, self.claimed, self.now)
+
+    def __repr__(self) -> str:
+        return f"<replay of {len(self.claimed)} dead letter(s) at commit>"
 
 
 def _claim(letter: DeadLetter, now: datetime.datetime) -> bool:
@@ -108,19 +143,42 @@ def _publish(
     claimed: list[tuple[DeadLetter, PendingCall]], now: datetime.datetime
 ) -> list[DeadLetter]:
     """Publish the claimed letters' calls; un-mark and return the letters whose call was lost."""
-    from .models import DeadLetter, OutboxCall
+    from .models import OutboxCall
 
-    lost_ids = {
-        call.id for call in flush([call for _, call in claimed], router.db_for_write(OutboxCall))
-    }
+    try:
+        lost_ids = {
+            call.id
+            for call in flush([call for _, call in claimed], router.db_for_write(OutboxCall))
+        }
+    except BaseException:
+        # A handler's own exception with EAGER_PROPAGATES: which calls ran is unknown, and
+        # the one that raised failed again without a dead letter: un-mark them all.
+        _unmark([letter for letter, _ in claimed], now)
+        raise
     lost = [letter for letter, call in claimed if call.id in lost_ids]
-    for letter in lost:
-        # Only this replay's mark: a worker's new failure, if any, stands.
-        DeadLetter.objects.using(_written_on(letter)).filter(pk=letter.pk, replayed_at=now).update(
-            replayed_at=None
-        )
-        letter.replayed_at = None
+    _unmark(lost, now)
     return lost
+
+
+def _unmark(letters: list[DeadLetter], now: datetime.datetime) -> None:
+    from .models import DeadLetter
+
+    for letter in letters:
+        # Only this replay's mark: a worker's new failure, if any, stands.
+        try:
+            DeadLetter.objects.using(_written_on(letter)).filter(
+                pk=letter.pk, replayed_at=now
+            ).update(replayed_at=None)
+        except DatabaseError:
+            logger.exception(
+                "deferred_signals could not un-mark dead letter %s: %s [%s]: its call was not "
+                "published, yet it stays marked replayed: replay it by its id",
+                letter.pk,
+                letter.handler,
+                letter.call_id,
+            )
+            continue
+        letter.replayed_at = None
 
 
 def _written_on(letter: DeadLetter) -> str:

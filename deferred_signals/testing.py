@@ -55,11 +55,13 @@ from .decoder import resolve
 from .dispatch import PendingCall
 from .exceptions import DeferredSignalError
 from .execution import decode_call
+from .replay import ReplayAtCommit
 
 __all__ = ["CapturedCall", "DeferredCapture", "capture_deferred"]
 
-#: The commit callbacks a capture runs or forgets: a call's, and a coalesced call's own.
-_CALLBACK_TYPES = (PendingCall, *coalesce.CALLBACKS)
+#: The commit callbacks a capture runs or forgets: a call's, a coalesced call's own, and a
+#: replay's made inside a transaction (the admin under ``ATOMIC_REQUESTS``).
+_CALLBACK_TYPES = (PendingCall, *coalesce.CALLBACKS, ReplayAtCommit)
 
 #: The active capture, if any; its Atomic wrappers and the flush hook serve it.
 _active: DeferredCapture | None = None
