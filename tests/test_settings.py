@@ -319,7 +319,7 @@ def test_a_soft_time_limit_above_celerys_hard_one_is_an_error() -> None:
     from celery import current_app
 
     conf_ = current_app.conf
-    previous = conf_.task_time_limit
+    had, previous = "task_time_limit" in conf_.changes, conf_.changes.get("task_time_limit")
     conf_.task_time_limit = 30
     try:
         with override_settings(
@@ -332,7 +332,12 @@ def test_a_soft_time_limit_above_celerys_hard_one_is_an_error() -> None:
         assert "soft_time_limit lower than time_limit" in (error.hint or "")
         assert ids({"HANDLERS": {ARTICLE_SAVED: {"soft_time_limit": 20}}}) == []
     finally:
-        conf_.task_time_limit = previous
+        # Not `= previous`: a value set on app.conf (even None) would hide Django's settings
+        # from the tests after this one.
+        if had:
+            conf_.changes["task_time_limit"] = previous
+        else:
+            del conf_.changes["task_time_limit"]
 
 
 def test_a_queue_celery_refuses_to_route_to_is_an_error() -> None:
