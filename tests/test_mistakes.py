@@ -298,22 +298,33 @@ def on_other_rows(sender: Any, instance: Article, **kwargs: Any) -> None:
         Article.objects.create(title="parent")
 
 
-def test_a_model_label_as_sender_of_a_plain_signal_fails_at_registration() -> None:
-    """Only model signals resolve "app_label.Model": a plain Signal would compare the str with
-    the class sent, and the handler would silently never run."""
-    with pytest.raises(DeferredSignalConfigError) as raised:
-        connect(Signal(), fine, sender="testapp.Article", defer=True)
-    assert str(raised.value) == (
-        f"Deferred handler '{__name__}.fine' has sender='testapp.Article' on a signal that is "
-        "not a model signal: only model signals (post_save, ...) resolve 'app_label.Model' "
-        "strings, and this one compares senders as they are, so a send with the model as "
-        "sender would never reach the handler. Pass the class: sender=Article."
-    )
-    assert registry.get(f"{__name__}.fine") is None
+def test_a_model_label_as_sender_of_a_plain_signal_is_a_check_warning_not_a_refusal() -> None:
+    """Only model signals resolve "app_label.Model": a plain Signal compares the str with the
+    sender sent, so a send with the class never reaches the handler (W005). But a project that
+    sends that very str (``sender=settings.AUTH_USER_MODEL``) is right, and Django matches it:
+    registration must not refuse it, and its calls must run."""
+    from deferred_signals.checks import check_settings
+
+    signal = Signal()
+    label = settings.AUTH_USER_MODEL  # the same str object at each read
+    with deferred(signal, fine, sender=label):
+        signal.send(sender=settings.AUTH_USER_MODEL, x=1)
+        assert CALLS == [{"x": 1}]
+        (warning,) = [m for m in check_settings() if m.id == "deferred_signals.W005"]
+        assert warning.level == 30  # a Warning: silenced by a project that means it
+        assert warning.msg == (
+            f"Deferred handler '{__name__}.fine' has sender='auth.User' on a signal that is "
+            "not a model signal: only model signals (post_save, ...) resolve 'app_label.Model' "
+            "strings; this one compares senders as they are, so a send with sender=User never "
+            "reaches the handler."
+        )
     signal = Signal()
     with deferred(signal, fine, sender="billing"):  # a plain str sender is a sender like any
         signal.send(sender="billing", x=1)
         assert CALLS == [{"x": 1}]
+        assert "deferred_signals.W005" not in [m.id for m in check_settings()]
+    with deferred(post_save, fine, sender="testapp.Article"):  # resolved by the model signal
+        assert "deferred_signals.W005" not in [m.id for m in check_settings()]
 
 
 def test_a_single_problem_is_one_sentence() -> None:
