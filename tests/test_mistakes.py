@@ -278,7 +278,10 @@ def test_a_handler_that_saves_its_own_row_is_told_it_calls_itself(
         article = Article.objects.create(title="loop")  # EAGER: each run inline at its commit
     assert [article.pk, article.pk, article.pk] == SAVES
     warnings = [r.getMessage() for r in caplog.records if "to itself" in r.getMessage()]
-    assert len(warnings) == 2  # the two runs that deferred the next one
+    # The second run deferred the very call it served (same row, update_fields=["title"]),
+    # which a loop does at each run from then on; the first run's call differed from its own
+    # (created=True), as a guarded save's does (see the test below).
+    assert len(warnings) == 1
     assert warnings[0].startswith(f"Deferred handler {handler.name}, running for call ")
     assert f"deferred a call to itself for <testapp.article pk={article.pk}>" in warnings[0]
     assert "look at update_fields or created" in warnings[0]
@@ -288,6 +291,46 @@ def test_a_handler_that_saves_its_own_row_is_told_it_calls_itself(
     parent = Article.objects.get(title="parent")
     assert SAVES[3:] == [plain.pk, parent.pk]  # it ran for the row, then for the other one
     assert not [r for r in caplog.records if "to itself" in r.getMessage()]
+
+
+def guarded(sender: Any, instance: Article, update_fields: Any = None, **kwargs: Any) -> None:
+    """The fix the warning itself advises: a run for its own update_fields stops the chain."""
+    SAVES.append(instance.pk)
+    if update_fields and "title" in update_fields:
+        return
+    instance.title = instance.title.strip()
+    instance.save(update_fields=["title"])
+
+
+def saves_plainly(sender: Any, instance: Article, **kwargs: Any) -> None:
+    SAVES.append(instance.pk)
+    if len(SAVES) < 4:
+        instance.save()  # each run's call: created=False, update_fields=None, as the one served
+
+
+def test_a_guarded_save_of_its_own_row_is_not_told_it_calls_itself(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Warned at each run, a handler written as the warning says would teach people to
+    ignore it: its one extra run carries other arguments than the first, and ends the chain."""
+    SAVES.clear()
+    with (
+        deferred(post_save, guarded, sender=Article),
+        caplog.at_level("WARNING", logger="deferred_signals"),
+    ):
+        first = Article.objects.create(title=" one ")
+        second = Article.objects.create(title=" two ")
+    assert [first.pk, first.pk, second.pk, second.pk] == SAVES  # two runs each, then it ends
+    assert not [r for r in caplog.records if "to itself" in r.getMessage()]
+    SAVES.clear()
+    with (
+        deferred(post_save, saves_plainly, sender=Article),
+        caplog.at_level("WARNING", logger="deferred_signals"),
+    ):
+        looping = Article.objects.create(title="loop")
+    assert [looping.pk] * 4 == SAVES
+    warnings = [r for r in caplog.records if "to itself" in r.getMessage()]
+    assert len(warnings) == 2  # the second and third runs: each deferred the call it served
 
 
 def on_other_rows(sender: Any, instance: Article, **kwargs: Any) -> None:
