@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from contextlib import suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,18 @@ class DeferredCall:
     handler: str
     attempt: int
     committed_at: datetime.datetime | None
+
+
+#: Set (True) on a handler's exception that leaves its task once the call failed for good and
+#: was dealt with (logged, kept as a dead letter): under Celery's ``task_always_eager`` with
+#: ``task_eager_propagates`` it reaches the publisher, which must not take it for a failure
+#: to publish (the call ran).
+HANDLER_FAILED = "deferred_signals_handler_failed"
+
+
+def mark_handler_failed(error: BaseException) -> None:
+    with suppress(AttributeError, TypeError):  # an exception that takes no attributes
+        setattr(error, HANDLER_FAILED, True)
 
 
 _current: ContextVar[DeferredCall | None] = ContextVar("deferred_call", default=None)

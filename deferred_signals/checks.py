@@ -11,7 +11,7 @@ from celery.exceptions import QueueNotFound
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.db import DEFAULT_DB_ALIAS, connections, router
-from django.db.models.signals import pre_save
+from django.db.models.signals import ModelSignal, pre_save
 
 from . import registry
 from .conf import SETTING, Problem, conf, limits_problem, settings_problems
@@ -29,6 +29,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     problems += _unknown_aliases()
     problems += task_name_clashes()
     problems += _before_the_write()
+    problems += _model_label_senders()
     if not any(problem.id.startswith("deferred_signals.E") for problem in problems):
         problems += _redis_redelivery()  # merges options: needs valid settings
         problems += _time_limits()
@@ -112,6 +113,38 @@ def _before_the_write() -> list[Problem]:
         for handler in registry.all_handlers()
         if any(signal is pre_save for signal, _, _ in handler.connections)
     ]
+
+
+def _model_label_senders() -> list[Problem]:
+    """Deferred handlers connected to a plain ``Signal`` with an "app_label.Model" str as
+    sender. Only model signals resolve such a str; a plain signal compares senders by
+    identity, so a send with the model class never reaches the handler. A warning, not an
+    error: a project that sends that very str (``sender=settings.AUTH_USER_MODEL``) is right.
+    """
+    from django.apps import apps
+
+    problems: list[Problem] = []
+    for handler in registry.all_handlers():
+        for signal, sender, _ in handler.connections:
+            if not isinstance(sender, str) or isinstance(signal, ModelSignal):
+                continue
+            try:
+                model = apps.get_model(sender)
+            except (LookupError, ValueError):  # not a model label: a sender like any
+                continue
+            problems.append(
+                Problem(
+                    "deferred_signals.W005",
+                    f"Deferred handler {handler.name!r} has sender={sender!r} on a signal "
+                    "that is not a model signal: only model signals (post_save, ...) resolve "
+                    "'app_label.Model' strings; this one compares senders as they are, so a "
+                    f"send with sender={model.__name__} never reaches the handler.",
+                    f"Connect it with the class, sender={model.__name__}, or silence this "
+                    "warning if the signal is sent with this very string as its sender.",
+                    warning=True,
+                )
+            )
+    return problems
 
 
 def _time_limits() -> list[Problem]:

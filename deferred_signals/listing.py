@@ -129,10 +129,11 @@ def _consumers(
             connection.ensure_connection(max_retries=1)
             replies = app.control.inspect(timeout=timeout, connection=connection).active_queues()
             registered = (
-                # Only the workers that answered, and done as soon as they all have.
+                # Only the workers that answered, and done as soon as they all have. Asked
+                # for an attribute no task has, a worker lists bare names.
                 app.control.inspect(
                     list(replies), timeout=timeout, connection=connection, limit=len(replies)
-                ).registered()
+                ).registered(NAMES_ONLY)
                 if replies
                 else None
             )
@@ -145,11 +146,28 @@ def _consumers(
         for queue in queues or ():
             consumers.setdefault(queue.get("name"), []).append(worker)
     known = {
-        # ``registered`` lists "name [rate_limit=...]" for tasks with such attributes.
-        worker: {str(task).split(" ", 1)[0] for task in tasks or ()}
+        worker: registered_names(tasks)
         for worker, tasks in (registered or {}).items()
+        if isinstance(tasks, list)  # not an error reply ({"error": ...}): nothing said
     }
     return consumers, known
+
+
+#: The task attribute ``list`` asks ``inspect registered`` for: none has it, so each task is
+#: listed by its bare name, without " [rate_limit=...]".
+NAMES_ONLY = "deferred_signals_name_only"
+
+
+def registered_names(tasks: list[Any]) -> set[str]:
+    """The task names of a worker's ``registered`` reply. A name may hold spaces (a handler's
+    ``name=`` is any str): an entry is cut only at a trailing " [attr=value ...]"."""
+    names: set[str] = set()
+    for task in tasks:
+        entry = str(task)
+        names.add(entry)
+        if entry.endswith("]") and " [" in entry:
+            names.add(entry[: entry.rindex(" [")])
+    return names
 
 
 def _connected(signal: Signal, sender: Any, uid: Any) -> bool:

@@ -24,7 +24,7 @@ from . import coalesce, dispatch, frozen, readiness, signals
 from .calls import DeferredCall, current_call, running_body
 from .codec import MAX_DEPTH, EncodeError, Encoder, TooDeepError, locate
 from .exceptions import DeferredSignalConfigError, DeferredSignalError
-from .frozen import Frozen, freeze
+from .frozen import Frozen, freeze, thaw
 from .ids import uuid4
 from .registry import Handler
 
@@ -92,7 +92,8 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
         )
         running = current_call()
         if running is not None and running.handler == handler.name:
-            _warn_self_call(handler, running, kwargs.get("instance"))  # if about its own row
+            # If about its own row, with the arguments of the call it serves.
+            _warn_self_call(handler, running, kwargs.get("instance"), index, kwargs_data)
         key = _coalesce_key(index, sender, kwargs.get("instance")) if options.coalesce else None
         call = dispatch.PendingCall(
             handler,
@@ -126,12 +127,20 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
     return proxy
 
 
-def _warn_self_call(handler: Handler, running: DeferredCall, instance: Any) -> None:
+def _warn_self_call(
+    handler: Handler, running: DeferredCall, instance: Any, index: int, kwargs_data: Frozen
+) -> None:
     # A synchronous handler saving its own row recurses until RecursionError; deferred, each
     # run publishes the next, quietly and without end. Said, not refused: a handler that
     # stops itself (a state that moves on) is fine.
-    if not _same_row(running_body(), instance):
+    body = running_body()
+    if not _same_row(body, instance):
         return  # another row of the model (a parent's counter): that chain ends
+    if not _same_arguments(body, index, kwargs_data):
+        # Not the call it serves again: the guarded save the warning advises (a run for
+        # update_fields=["title"] returns at once) defers one call with other arguments
+        # than its first run's. A loop defers, from its second run on, the call it serves.
+        return
     row = f" for {_row(instance)}" if isinstance(instance, Model) else ""
     logger.warning(
         "Deferred handler %s, running for call %s, deferred a call to itself%s: a handler "
@@ -157,6 +166,18 @@ def _same_row(body: dict[str, Any] | None, instance: Any) -> bool:
     if isinstance(pk, dict):  # a tagged pk (UUID, ...): its text
         pk = pk.get("v")
     return str(pk) == str(instance.pk)
+
+
+def _same_arguments(body: dict[str, Any] | None, index: int, kwargs_data: Frozen) -> bool:
+    """Does the new call carry the running call's signal and arguments (``instance`` aside,
+    compared by :func:`_same_row`), as both messages encode them?"""
+    if not isinstance(body, dict) or body.get("signal") != index:
+        return False
+    running, new = body.get("kwargs"), thaw(kwargs_data)
+    if not isinstance(running, dict) or not isinstance(new, dict):
+        return False
+    running = {key: value for key, value in running.items() if key != "instance"}
+    return running == {key: value for key, value in new.items() if key != "instance"}
 
 
 def _row(instance: Model) -> str:

@@ -25,7 +25,7 @@ from celery._state import get_current_app
 from kombu import Producer
 
 from . import broker, propagation, sentry, signals
-from .calls import committed_at
+from .calls import HANDLER_FAILED, committed_at
 from .codec import summary
 from .conf import conf
 from .exceptions import BrokerUnavailable, PublishRefused, PublishTimeout
@@ -146,6 +146,12 @@ def _apply_eagerly(calls: Sequence[PendingCall]) -> tuple[int, BaseException | N
                 None, call.handler.task, call.id, call.body, call.handler.merged.publish
             )
         except Exception as error:
+            if getattr(error, HANDLER_FAILED, False):
+                # ``task_eager_propagates``: the handler ran here and failed for good, which
+                # its task logged and kept as a dead letter, as on a worker. Not a failure to
+                # publish: spilled, the call would run again from the outbox.
+                done += 1
+                continue
             _blame(error, call)
             failure = error
             break

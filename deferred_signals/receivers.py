@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar, overload
 
-from django.db.models.signals import ModelSignal, post_init, pre_init
+from django.db.models.signals import post_init, pre_init
 from django.dispatch import Signal
 from django.dispatch import receiver as django_receiver
 from django.dispatch.dispatcher import _make_id  # type: ignore[attr-defined]
@@ -116,7 +116,7 @@ def connect(
         for one in signals:
             one.connect(receiver, sender, weak, dispatch_uid, **extra, **options)
         return
-    handler = _register(receiver, signals, sender, name, include_raw, using, aliases, options)
+    handler = _register(receiver, signals, name, include_raw, using, aliases, options)
     for one in signals:
         # Django computes this key for ``receiver`` itself, so ``signal.disconnect(receiver,
         # sender=...)`` disconnects the proxy, and connecting twice connects once.
@@ -155,16 +155,6 @@ def _name_problem(what: str, value: object, where: str) -> str | None:
     return None
 
 
-def _model_of(label: str) -> type | None:
-    """The model an "app_label.Model" string names, once the app registry can tell."""
-    from django.apps import apps
-
-    try:
-        return apps.get_model(label)
-    except Exception:  # not a label, no such model, or apps not loaded yet: nothing to say
-        return None
-
-
 def _unbound_self(func: Callable[..., Any]) -> str | None:
     """``self`` or ``cls`` when ``func`` is a plain function of a class body taking it first."""
     if not inspect.isfunction(func) or "." not in func.__qualname__:
@@ -201,7 +191,6 @@ def _refuse_deferred_options(kwargs: dict[str, Any]) -> None:
 def _register(
     func: Callable[..., Any],
     signals: list[Signal],
-    sender: Any,
     name: str | None,
     include_raw: bool,
     using: str | None,
@@ -266,16 +255,6 @@ def _register(
         for signal in signals
         if not isinstance(signal, Signal)
     ]
-    model = _model_of(sender) if isinstance(sender, str) else None
-    if model is not None and any(
-        isinstance(signal, Signal) and not isinstance(signal, ModelSignal) for signal in signals
-    ):
-        problems.append(
-            f"{where} has sender={sender!r} on a signal that is not a model signal: only "
-            "model signals (post_save, ...) resolve 'app_label.Model' strings, and this one "
-            "compares senders as they are, so a send with the model as sender would never "
-            f"reach the handler. Pass the class: sender={model.__name__}."
-        )
     problems += [
         f"{where} is connected to {name}, which Django sends each time a model instance is "
         "made in memory (every row a query loads, the worker's own fetch of the instance "

@@ -15,6 +15,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from django.db import InterfaceError, OperationalError
 
 from . import deadletters, registry, signals
+from .calls import mark_handler_failed
 from .conf import WORKER_OPTIONS, conf
 from .exceptions import MalformedMessageError
 from .execution import (
@@ -207,6 +208,7 @@ def run_task(task: DeferredHandlerTask, args: tuple[Any, ...], body: Any) -> Non
             close_connections()
             retry_after_database_error(task, handler, body, exc, window)  # Retry, or returns
         dead_letter(task, handler, body, exc)
+        mark_handler_failed(exc)
         raise
     attempt = request.retries + 1
     try:
@@ -241,6 +243,7 @@ def run_task(task: DeferredHandlerTask, args: tuple[Any, ...], body: Any) -> Non
             handler.name, call_id, attempt, _kind(exc),
         )  # fmt: skip
         dead_letter(task, handler, body, exc)
+        mark_handler_failed(exc)
         raise
 
 

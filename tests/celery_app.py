@@ -11,6 +11,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings_postgres")
 app = Celery("tests")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+if os.environ.get("DS_TEST_WORKER_IMPORTS"):  # modules one test's own worker imports too
+    app.conf.imports = tuple(os.environ["DS_TEST_WORKER_IMPORTS"].split(","))
 
 if os.environ.get("DS_TEST_OTEL_SPANS"):  # the tracing tests' worker
     from tests.otel import ENV, trace_worker_to

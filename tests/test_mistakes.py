@@ -278,7 +278,10 @@ def test_a_handler_that_saves_its_own_row_is_told_it_calls_itself(
         article = Article.objects.create(title="loop")  # EAGER: each run inline at its commit
     assert [article.pk, article.pk, article.pk] == SAVES
     warnings = [r.getMessage() for r in caplog.records if "to itself" in r.getMessage()]
-    assert len(warnings) == 2  # the two runs that deferred the next one
+    # The second run deferred the very call it served (same row, update_fields=["title"]),
+    # which a loop does at each run from then on; the first run's call differed from its own
+    # (created=True), as a guarded save's does (see the test below).
+    assert len(warnings) == 1
     assert warnings[0].startswith(f"Deferred handler {handler.name}, running for call ")
     assert f"deferred a call to itself for <testapp.article pk={article.pk}>" in warnings[0]
     assert "look at update_fields or created" in warnings[0]
@@ -290,6 +293,46 @@ def test_a_handler_that_saves_its_own_row_is_told_it_calls_itself(
     assert not [r for r in caplog.records if "to itself" in r.getMessage()]
 
 
+def guarded(sender: Any, instance: Article, update_fields: Any = None, **kwargs: Any) -> None:
+    """The fix the warning itself advises: a run for its own update_fields stops the chain."""
+    SAVES.append(instance.pk)
+    if update_fields and "title" in update_fields:
+        return
+    instance.title = instance.title.strip()
+    instance.save(update_fields=["title"])
+
+
+def saves_plainly(sender: Any, instance: Article, **kwargs: Any) -> None:
+    SAVES.append(instance.pk)
+    if len(SAVES) < 4:
+        instance.save()  # each run's call: created=False, update_fields=None, as the one served
+
+
+def test_a_guarded_save_of_its_own_row_is_not_told_it_calls_itself(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Warned at each run, a handler written as the warning says would teach people to
+    ignore it: its one extra run carries other arguments than the first, and ends the chain."""
+    SAVES.clear()
+    with (
+        deferred(post_save, guarded, sender=Article),
+        caplog.at_level("WARNING", logger="deferred_signals"),
+    ):
+        first = Article.objects.create(title=" one ")
+        second = Article.objects.create(title=" two ")
+    assert [first.pk, first.pk, second.pk, second.pk] == SAVES  # two runs each, then it ends
+    assert not [r for r in caplog.records if "to itself" in r.getMessage()]
+    SAVES.clear()
+    with (
+        deferred(post_save, saves_plainly, sender=Article),
+        caplog.at_level("WARNING", logger="deferred_signals"),
+    ):
+        looping = Article.objects.create(title="loop")
+    assert [looping.pk] * 4 == SAVES
+    warnings = [r for r in caplog.records if "to itself" in r.getMessage()]
+    assert len(warnings) == 2  # the second and third runs: each deferred the call it served
+
+
 def on_other_rows(sender: Any, instance: Article, **kwargs: Any) -> None:
     """Saves another row of the model once (a parent's counter): a chain that ends, said
     nothing about."""
@@ -298,22 +341,33 @@ def on_other_rows(sender: Any, instance: Article, **kwargs: Any) -> None:
         Article.objects.create(title="parent")
 
 
-def test_a_model_label_as_sender_of_a_plain_signal_fails_at_registration() -> None:
-    """Only model signals resolve "app_label.Model": a plain Signal would compare the str with
-    the class sent, and the handler would silently never run."""
-    with pytest.raises(DeferredSignalConfigError) as raised:
-        connect(Signal(), fine, sender="testapp.Article", defer=True)
-    assert str(raised.value) == (
-        f"Deferred handler '{__name__}.fine' has sender='testapp.Article' on a signal that is "
-        "not a model signal: only model signals (post_save, ...) resolve 'app_label.Model' "
-        "strings, and this one compares senders as they are, so a send with the model as "
-        "sender would never reach the handler. Pass the class: sender=Article."
-    )
-    assert registry.get(f"{__name__}.fine") is None
+def test_a_model_label_as_sender_of_a_plain_signal_is_a_check_warning_not_a_refusal() -> None:
+    """Only model signals resolve "app_label.Model": a plain Signal compares the str with the
+    sender sent, so a send with the class never reaches the handler (W005). But a project that
+    sends that very str (``sender=settings.AUTH_USER_MODEL``) is right, and Django matches it:
+    registration must not refuse it, and its calls must run."""
+    from deferred_signals.checks import check_settings
+
+    signal = Signal()
+    label = settings.AUTH_USER_MODEL  # the same str object at each read
+    with deferred(signal, fine, sender=label):
+        signal.send(sender=settings.AUTH_USER_MODEL, x=1)
+        assert CALLS == [{"x": 1}]
+        (warning,) = [m for m in check_settings() if m.id == "deferred_signals.W005"]
+        assert warning.level == 30  # a Warning: silenced by a project that means it
+        assert warning.msg == (
+            f"Deferred handler '{__name__}.fine' has sender='auth.User' on a signal that is "
+            "not a model signal: only model signals (post_save, ...) resolve 'app_label.Model' "
+            "strings; this one compares senders as they are, so a send with sender=User never "
+            "reaches the handler."
+        )
     signal = Signal()
     with deferred(signal, fine, sender="billing"):  # a plain str sender is a sender like any
         signal.send(sender="billing", x=1)
         assert CALLS == [{"x": 1}]
+        assert "deferred_signals.W005" not in [m.id for m in check_settings()]
+    with deferred(post_save, fine, sender="testapp.Article"):  # resolved by the model signal
+        assert "deferred_signals.W005" not in [m.id for m in check_settings()]
 
 
 def test_a_single_problem_is_one_sentence() -> None:

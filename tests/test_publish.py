@@ -417,3 +417,34 @@ def test_with_celerys_task_always_eager_handlers_run_here_without_a_broker(
     current_app.conf.broker_url = None
     Article.objects.create(title="no broker")
     assert len(records("article_saved")) == 2
+
+
+def test_with_task_eager_propagates_a_failing_handler_is_a_dead_letter_not_spilled(
+    broker_down: None, caplog: pytest.LogCaptureFixture, settings: SettingsWrapper
+) -> None:
+    """Celery's eager apply raises the handler's exception then: it ran here and failed for
+    good, kept as a dead letter as on a worker. Taken for a failure to publish, it was also
+    spilled, so the relay would run it once more, and its log said the call could not be
+    published. (A retry raises Celery's Retry out of the eager apply instead: that call is
+    spilled, for the relay to run again, as a worker would retry it.)"""
+    from celery import current_app
+
+    from deferred_signals.models import DeadLetter
+    from tests.conftest import records
+    from tests.testapp.signals import flaky_signal
+
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "HANDLERS": {"tests.testapp.handlers.flaky": {"max_retries": 0}},
+    }
+    current_app.conf.task_always_eager = True
+    current_app.conf.task_eager_propagates = True
+    with caplog.at_level(logging.WARNING, logger="deferred_signals"), transaction.atomic():
+        flaky_signal.send(sender=None, key="always-fails", fail_times=100)
+        user_registered.send(sender=None, label="after it")
+    assert OutboxCall.objects.count() == 0
+    (letter,) = DeadLetter.objects.all()
+    assert letter.handler == "tests.testapp.handlers.flaky" and letter.attempts == 1
+    assert [record.handler for record in records()] == ["user_event"]  # the next one ran
+    assert "could not publish" not in caplog.text
+    assert "spilled" not in caplog.text

@@ -95,3 +95,54 @@ def test_a_message_queued_under_a_former_name_runs_the_renamed_handler(
     )
     assert record.call["kwargs"]["label"]["repr"] == repr(label)
     assert record.call["signal"] == {"type": "Signal", "name": "renamed_signal"}
+
+
+def test_list_does_not_name_a_worker_that_imported_a_handler_named_with_spaces(
+    worker: Worker, settings: Any, tmp_path: Any
+) -> None:
+    """A handler's name is any str. ``inspect registered`` lists a task as "name [attr=...]"
+    when it has a rate_limit: cut at the first space, the name was never found, and ``list``
+    named every worker under 'not imported by', the one running the handler included."""
+    from deferred_signals import registry
+    from tests.conftest import current
+    from tests.spaced_handlers import spaced, spaced_signal
+
+    if worker.broker != "redis":
+        pytest.skip("one broker is enough: the reply's format is the worker's, not the broker's")
+    name = "tests spaced handler"
+    if registry.get(name) is None:  # imported by an earlier run of this test, then removed
+        from deferred_signals import connect
+
+        connect(spaced_signal, spaced, defer=True, name=name, rate_limit="100/s")
+    own = Worker(
+        "redis",
+        {alias: worker.env[f"DS_TEST_DB_{alias.upper()}"] for alias in ("default", "other")},
+        tmp_path,
+        pool="solo",
+        env={"DS_TEST_WORKER_IMPORTS": "tests.spaced_handlers"},
+    )
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "EAGER": False,
+        "HANDLERS": {name: {"queue": own.queue}},
+    }
+    own.start()
+    try:
+        assert f"  . {name}\n" in own.log()  # the worker's banner: it has the task
+
+        def entry() -> dict[str, Any] | None:
+            data = StringIO()
+            call_command("deferred_signals", "list", "--json", "--timeout", "2", stdout=data)
+            found: dict[str, Any] = {e["name"]: e for e in json.loads(data.getvalue())}[name]
+            # A loaded machine may miss one round of replies: ask again rather than time it.
+            return found if isinstance(found["workers"], list) and found["workers"] else None
+
+        with current(own.app):
+            found = wait_for(entry, what="the worker's replies to active_queues and registered")
+    finally:
+        own.stop()
+        own.delete_queue()
+        spaced_signal.disconnect(spaced)
+        registry.unregister(name)
+    assert [one.split("@")[0] for one in found["workers"]] == [own.queue]
+    assert found["unregistered_on"] == []
