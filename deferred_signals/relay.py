@@ -177,7 +177,14 @@ class Relay:
             if rows:
                 self._publish(rows, using, result)
         if self.on_round is not None:
-            self.on_round(using, result)
+            try:
+                self.on_round(using, result)
+            except Exception:
+                # The round is committed: its database did not fail, and must not rest.
+                logger.exception(
+                    "deferred_signals relay: the per-round hook failed after a round of %r",
+                    using,
+                )
         return result
 
     def _publish(self, rows: list[Claimed], using: str, result: RoundResult) -> None:

@@ -672,6 +672,26 @@ def test_the_health_file_is_touched_after_each_round_of_a_backlog(
     assert seen == [False, True, True]
 
 
+def test_a_failing_round_hook_does_not_rest_a_database_that_works(
+    redis_queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The health file's touch failing (a full disk) after a committed round is not the
+    database's failure: the relay goes on draining it, and says what failed."""
+    due = timezone.now() - SECOND
+    for n in range(3):
+        OutboxCall.objects.create(
+            id=f"hooked-{n}", handler=EVENT, body=body_text(body(str(n))), next_attempt_at=due
+        )
+
+    def touch(using: str, result: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    relay = Relay(batch=1, on_round=touch)
+    assert relay.run_once() == 3
+    assert not relay.failures and len(redis_queue) == 3
+    assert "the per-round hook failed after a round of 'default'" in caplog.text
+
+
 def test_relay_refuses_an_unconfigured_celery_app(postgres_only: None) -> None:
     env = {
         **os.environ,
