@@ -229,7 +229,8 @@ def _register(
             f"{where} takes {first!r} first, as a method decorated in its class body does: "
             f"the decorator connects the plain function, and nothing passes {first}. Connect "
             f"the method of an object instead, connect(signal, obj.{func.__name__}, "
-            "defer=True), or make it a staticmethod or a module-level function."
+            "defer=True), or make it a module-level function or a staticmethod (@staticmethod "
+            "above @receiver)."
         )
     problems += [
         f"{problem.msg} {problem.hint}"

@@ -226,7 +226,8 @@ def test_a_method_decorated_in_its_class_body_fails_at_registration() -> None:
         "Deferred handler 'tests.indexer_on_save' takes 'self' first, as a method decorated "
         "in its class body does: the decorator connects the plain function, and nothing "
         "passes self. Connect the method of an object instead, connect(signal, "
-        "obj.on_save, defer=True), or make it a staticmethod or a module-level function."
+        "obj.on_save, defer=True), or make it a module-level function or a staticmethod "
+        "(@staticmethod above @receiver)."
     )
     assert registry.get("tests.indexer_on_save") is None
     # A bound method and a staticmethod are fine.
