@@ -40,6 +40,30 @@ def record(
     one. Never raises: when the database cannot take the row, the call id is logged at ERROR
     and the caller carries on with Celery's own failure handling. Returns whether it was kept.
     """
+    if not write(
+        call_id=call_id,
+        handler=handler,
+        body=body,
+        exception=exception,
+        traceback=traceback,
+        attempts=attempts,
+    ):
+        return False
+    announce(handler=handler, call_id=call_id, exception=exception, attempts=attempts)
+    return True
+
+
+def write(
+    *,
+    call_id: str,
+    handler: str,
+    body: Any,
+    exception: BaseException,
+    traceback: str = "",
+    attempts: int = 1,
+) -> bool:
+    """The row of :func:`record`, without ``call_dead_lettered``: False when it was not
+    kept (dead letters are off, or the database refused it: logged at ERROR)."""
     if not conf.dead_letters:
         return False
     from .models import NAME_LENGTH, DeadLetter  # models load once Django's apps are ready
@@ -77,6 +101,11 @@ def record(
             fields["exception"],
         )
         return False
+    return True
+
+
+def announce(*, handler: str, call_id: str, exception: BaseException, attempts: int) -> None:
+    """Send ``call_dead_lettered`` for a dead letter :func:`write` kept."""
     registered = registry.get(handler)
     signals.call_dead_lettered.send(
         None if registered is None else registered.func,
@@ -85,4 +114,3 @@ def record(
         exception=exception,
         attempts=attempts,
     )
-    return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import uuid
@@ -271,10 +272,14 @@ def test_an_idempotent_handler_writes_once_per_call(deferred_to: Worker) -> None
 
 @contextmanager
 def proxied_worker(
-    pool: str, window: float, settings: SettingsWrapper, tmp_path: Any
+    pool: str,
+    window: float,
+    settings: SettingsWrapper,
+    tmp_path: Any,
+    dead_letters: str | None = "other",
 ) -> Iterator[tuple[Worker, FaultProxy]]:
     """A Redis worker reaching the default database through a proxy; dead letters go to
-    the other database, which stays reachable."""
+    the ``dead_letters`` database (by default the other one, which stays reachable)."""
     if not on_postgres():
         pytest.skip("end-to-end: runs in make test's PostgreSQL pass")
     require("redis")
@@ -285,7 +290,7 @@ def proxied_worker(
             env={
                 "DS_TEST_PG_PORT_DEFAULT": str(proxy.port),
                 "DS_TEST_DB_RETRY_WINDOW": str(window),
-                "DS_TEST_DEADLETTER_DB": "other",
+                **({"DS_TEST_DEADLETTER_DB": dead_letters} if dead_letters else {}),
             },
         )  # fmt: skip
         worker.start()
@@ -370,4 +375,40 @@ def test_an_outage_past_the_retry_window_makes_dead_letters_to_replay(
             f"{len(numbers) - len(set(numbers))}; worker alive: {yes(worker.alive())}"
         )
         assert numbers == list(range(20))
+        assert worker.alive()
+
+
+UNRECORDED = re.compile(r"Could not record the dead letter of call (\S+)")
+HELD = re.compile(r"\[(\S+)\] failed for good on attempt \d+ \(\S+\), but its dead letter")
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_an_outage_past_the_window_that_takes_the_dead_letters_too_loses_nothing(
+    pool: str, settings: SettingsWrapper, tmp_path: Any
+) -> None:
+    """Dead letters on the database that is down: the message is the call's only copy."""
+    label, author = unique(), Author.objects.create(name="outage")
+    with proxied_worker(pool, 3, settings, tmp_path, dead_letters=None) as (worker, proxy):
+        proxy.refuse()
+        for i in range(20):
+            user_registered.send(sender=None, instance=author, label=label, i=i)
+        # Each call past the window, its dead letter refused: the point where one was lost.
+        wait_for(
+            lambda: len(set(UNRECORDED.findall(worker.log()))) >= 20,
+            timeout=120,
+            what="20 calls past db_retry_window whose dead letters could not be written",
+        )
+        proxy.forward()
+        wait_for(lambda: len(labelled(label)) >= 20, timeout=120, what="20 calls after the cut")
+        time.sleep(1)
+        numbers = sorted(int(r.call["kwargs"]["i"]["repr"]) for r in labelled(label))
+        held = len(set(HELD.findall(worker.log())))
+        print(
+            f"\n[redis/{pool}] database and dead letters cut past db_retry_window=3 s: calls "
+            f"sent 20, completed {len(set(numbers))}, lost {20 - len(set(numbers))}, run twice "
+            f"{len(numbers) - len(set(numbers))}, retried for want of a dead letter {held}; worker "
+            f"alive: {yes(worker.alive())}"
+        )
+        assert numbers == list(range(20))
+        assert not DeadLetter.objects.filter(body__contains=label).exists()
         assert worker.alive()
