@@ -15,11 +15,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from io import StringIO
 from typing import Any
 
 import pytest
 from celery import _state as celery_state
 from celery import current_app
+from django.core.management import call_command
 from django.db import connections, transaction
 from kombu import Exchange, Queue
 from pytest_django.fixtures import Settings as SettingsWrapper
@@ -412,3 +414,39 @@ def test_an_outage_past_the_window_that_takes_the_dead_letters_too_loses_nothing
         assert numbers == list(range(20))
         assert not DeadLetter.objects.filter(body__contains=label).exists()
         assert worker.alive()
+
+
+def test_a_call_for_a_name_no_handler_answers_to_is_a_dead_letter(deferred_to: Worker) -> None:
+    """A handler renamed without aliases, or removed, while calls were queued under its name."""
+    marker = unique()
+    gone = "tests.testapp.handlers.renamed_away"
+    ours = [publish_raw(deferred_to, gone, call(None, label=marker, i=i)) for i in range(3)]
+    retried = publish_raw(deferred_to, gone, call(None, label=marker, i=3), headers={"retries": 2})
+    foreign = publish_raw(deferred_to, gone, [[marker], {}, {}])  # another producer's task
+    for message_id in [*ours, retried, foreign]:
+        wait_for(
+            lambda message_id=message_id: message_id in deferred_to.log(),
+            what=f"the unregistered message {message_id}",
+        )
+    found = wait_for(
+        lambda: (kept := list(DeadLetter.objects.filter(handler=gone))) and len(kept) >= 4 and kept,
+        what="4 dead letters",
+    )
+    letters = {letter.call_id: letter for letter in found}
+    time.sleep(0.5)  # the foreign message, logged by Celery, is not kept
+    status = StringIO()
+    call_command("deferred_signals", "status", stdout=status)
+    print(
+        f"\n[{deferred_to.broker}] calls for an unregistered name sent 4, dead letters "
+        f"{len(letters)}; a foreign task's message kept: "
+        f"{yes(DeadLetter.objects.filter(call_id=foreign).exists())}; worker alive: "
+        f"{yes(deferred_to.alive())}"
+    )
+    assert set(letters) == {*ours, retried}
+    assert not DeadLetter.objects.filter(call_id=foreign).exists()
+    letter = letters[ours[0]]
+    assert letter.exception == "celery.exceptions.NotRegistered"
+    assert json.loads(letter.body) == call(None, label=marker, i=0)[1]
+    assert letters[retried].attempts == 2
+    assert f"{gone}: 4" in status.getvalue()
+    assert deferred_to.alive()

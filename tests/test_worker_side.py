@@ -354,3 +354,19 @@ def test_a_retry_the_broker_refuses_makes_a_dead_letter(monkeypatch: pytest.Monk
     assert isinstance(result.result, Reject)
     letter = DeadLetter.objects.get(call_id="call-1")
     assert letter.exception == "tests.testapp.handlers.FlakyError"
+
+
+@pytest.mark.django_db
+def test_a_call_under_a_former_name_no_worker_knew_replays_once_an_alias_answers() -> None:
+    from deferred_signals.replay import replay
+    from deferred_signals.unregistered import on_task_unknown
+
+    old = "tests.testapp.handlers.old_name"  # an alias of handlers.renamed, added too late
+    message = FakeMessage([[], body(label="x"), None], {"id": "u-1", "task": old, "retries": 1})
+    on_task_unknown(message=message, name=old, id="u-1")
+    on_task_unknown(message=FakeMessage([[1], {}, None]), name=old, id="m-1")  # not ours
+    letter = DeadLetter.objects.get()
+    assert (letter.call_id, letter.handler, letter.attempts) == ("u-1", old, 1)
+    assert letter.exception == "celery.exceptions.NotRegistered"
+    replayed, skipped = replay([letter], dry_run=True)
+    assert replayed == [letter] and skipped == []
