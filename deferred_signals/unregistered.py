@@ -16,8 +16,7 @@ from typing import Any
 from celery import signals as celery_signals
 from celery.exceptions import NotRegistered
 
-from . import deadletters
-from .execution import close_connections
+from . import letter_writer
 
 logger = logging.getLogger("deferred_signals")
 
@@ -36,17 +35,14 @@ def on_task_unknown(message: Any = None, name: Any = None, id: Any = None, **_: 
         "that published it); replay it once one does",
         id, name,
     )  # fmt: skip
-    try:
-        deadletters.record(
-            call_id=str(id),
-            handler=name,
-            body=message.payload[1],
-            exception=NotRegistered(name),
-            attempts=retries,
-        )
-    finally:
-        # The main process rarely touches the database: keep no connection open there.
-        close_connections()
+    # Off the event loop: a hung database must not stop the worker.
+    letter_writer.keep(
+        call_id=str(id),
+        handler=name,
+        body=message.payload[1],
+        exception=NotRegistered(name),
+        attempts=retries,
+    )
 
 
 celery_signals.task_unknown.connect(on_task_unknown, dispatch_uid="deferred_signals.unregistered")

@@ -33,7 +33,12 @@ from deferred_signals.replay import replay
 from tests.conftest import on_postgres, records, require, sync_calls, wait_for
 from tests.faults import FaultProxy
 from tests.testapp.models import Article, Attempt, Author
-from tests.testapp.signals import counted_signal, killable_signal, user_registered
+from tests.testapp.signals import (
+    counted_signal,
+    killable_signal,
+    overrun_signal,
+    user_registered,
+)
 from tests.workers import Worker
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
@@ -279,6 +284,7 @@ def proxied_worker(
     settings: SettingsWrapper,
     tmp_path: Any,
     dead_letters: str | None = "other",
+    connect_timeout: str = "3",
 ) -> Iterator[tuple[Worker, FaultProxy]]:
     """A Redis worker reaching the default database through a proxy; dead letters go to
     the ``dead_letters`` database (by default the other one, which stays reachable)."""
@@ -292,6 +298,7 @@ def proxied_worker(
             env={
                 "DS_TEST_PG_PORT_DEFAULT": str(proxy.port),
                 "DS_TEST_DB_RETRY_WINDOW": str(window),
+                "DS_TEST_PG_CONNECT_TIMEOUT": connect_timeout,
                 **({"DS_TEST_DEADLETTER_DB": dead_letters} if dead_letters else {}),
             },
         )  # fmt: skip
@@ -450,3 +457,39 @@ def test_a_call_for_a_name_no_handler_answers_to_is_a_dead_letter(deferred_to: W
     assert letters[retried].attempts == 2
     assert f"{gone}: 4" in status.getvalue()
     assert deferred_to.alive()
+
+
+def test_a_hung_database_does_not_stop_the_worker_keeping_a_lost_call(
+    settings: SettingsWrapper, tmp_path: Any
+) -> None:
+    """The main process keeps a call its pool lost; the database it writes to hangs."""
+    key = unique()
+    with proxied_worker(
+        "prefork", 900, settings, tmp_path, dead_letters=None, connect_timeout=""
+    ) as (worker, proxy):
+        proxy.blackhole()  # accepts connections, never answers; no connect_timeout
+        started = time.monotonic()
+        # The handler hangs on the database; its hard time_limit (2 s) kills the child.
+        overrun_signal.send(sender=None, key=key, seconds=0.0)
+        wait_for(lambda: "was stopped by its hard time limit" in worker.log(), timeout=60)
+        # The main process goes on meanwhile: it takes, logs and hands out the next message.
+        plain = worker.app.send_task("tests.plain_task", args=[key], queue=worker.queue).id
+        wait_for(
+            lambda: f"Task tests.plain_task[{plain}] received" in worker.log(),
+            timeout=20,
+            what="the worker's main process to take a message while the database hangs",
+        )
+        answered = time.monotonic() - started
+        proxy.forward()  # the writer's connection is reset; it tries again and succeeds
+        letter = wait_for(
+            lambda: DeadLetter.objects.filter(body__contains=key).first(),
+            timeout=60,
+            what="the dead letter, once the database answers",
+        )
+        print(
+            f"\n[redis/prefork] database hung during a hard time limit: worker took the next "
+            f"message {answered:.1f} s after the call was sent; dead letter kept once the "
+            f"database answered: {yes(letter is not None)}; worker alive: {yes(worker.alive())}"
+        )
+        assert letter.exception == "billiard.exceptions.TimeLimitExceeded"
+        assert worker.alive()
