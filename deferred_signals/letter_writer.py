@@ -87,8 +87,7 @@ def _write_all() -> None:
         letter = _current = _pending.get()
         delay = RETRY[0]
         try:
-            # deadletters.record() logs each failure; a letter that fails at shutdown is lost.
-            while not deadletters.record(**letter.fields) and conf.dead_letters:
+            while not _write(letter):
                 close_connections()  # a broken connection is replaced at the next try
                 if _stopping.wait(delay):
                     _lost(letter, "the worker stopped before the database took it")
@@ -100,6 +99,28 @@ def _write_all() -> None:
             _current = None
             close_connections()
             _pending.task_done()
+
+
+def _write(letter: _Letter) -> bool:
+    """Write ``letter``; False to try again later (the database could not be reached)."""
+    fields = letter.fields
+    try:
+        kept = deadletters.write(**fields)
+    except deadletters.UNREACHABLE:
+        deadletters.unwritten(fields["call_id"], fields["handler"], fields["exception"])
+        return False
+    except Exception:  # refused for a reason of its own: it would fail again
+        deadletters.unwritten(fields["call_id"], fields["handler"], fields["exception"])
+        _lost(letter, "the database refused it")
+        return True
+    if kept:
+        deadletters.announce(
+            handler=fields["handler"],
+            call_id=fields["call_id"],
+            exception=fields["exception"],
+            attempts=fields.get("attempts", 1),
+        )
+    return True
 
 
 def _lost(letter: _Letter, why: str) -> None:

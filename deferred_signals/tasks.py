@@ -362,23 +362,28 @@ def keep(task: DeferredHandlerTask, handler: Handler, body: dict[str, Any], exc:
     failure is reported. False when dead letters are off.
 
     Once the worker acknowledges the message, the dead letter is the call's only copy. When
-    it cannot be written (its database is down too, as in an outage past
-    ``db_retry_window``), the call is retried instead, with the outage's backoff and outside
+    its database cannot be reached (down too, as in an outage past ``db_retry_window``),
+    the call is retried instead, with the outage's backoff and outside
     the handler's ``max_retries``: this raises :class:`~celery.exceptions.Retry`, and the
     call runs again or becomes a dead letter once the database answers.
     """
     if not conf.dead_letters:
         return False
     request = task.request
-    if deadletters.write(
-        call_id=str(request.id),
-        handler=handler.name,
-        body=body,
-        exception=exc,
-        traceback=_traceback(exc),
-        attempts=request.retries + 1,
-    ):
-        return True
+    try:
+        return deadletters.write(
+            call_id=str(request.id),
+            handler=handler.name,
+            body=body,
+            exception=exc,
+            traceback=_traceback(exc),
+            attempts=request.retries + 1,
+        )
+    except deadletters.UNREACHABLE:
+        deadletters.unwritten(str(request.id), handler.name, exc)
+    except Exception:  # it would fail the same way again: Celery's failure handling goes on
+        deadletters.unwritten(str(request.id), handler.name, exc)
+        return False
     if request.is_eager:  # apply(): no message to keep, its caller sees the exception
         return False
     close_connections()

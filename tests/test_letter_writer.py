@@ -1,5 +1,5 @@
 """The worker main process's dead letters, written by a thread of their own (no database:
-``deadletters.record`` is replaced). The real worker test is in test_worker_faults.py."""
+``deadletters.write`` is replaced). The real worker test is in test_worker_faults.py."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.db import OperationalError
 
 from deferred_signals import deadletters, letter_writer
 
@@ -30,7 +31,7 @@ def letter(call_id: str) -> dict[str, Any]:
 
 def test_outside_a_worker_a_letter_is_written_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     written: list[str] = []
-    monkeypatch.setattr(deadletters, "record", lambda **kw: written.append(kw["call_id"]))
+    monkeypatch.setattr(deadletters, "write", lambda **kw: bool(written.append(kw["call_id"])))
     letter_writer.keep(**letter("now"))
     assert written == ["now"]
 
@@ -38,16 +39,16 @@ def test_outside_a_worker_a_letter_is_written_at_once(monkeypatch: pytest.Monkey
 def test_the_main_process_hands_letters_over_and_failed_writes_are_retried(
     main_process: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    release, failures = threading.Event(), iter([False, False])
+    release, failures = threading.Event(), iter([True, True])
 
-    def record(**kw: Any) -> bool:
-        release.wait(5)  # a database that hangs, then fails twice, then answers
-        if next(failures, True):
-            main_process.append(kw["call_id"])
-            return True
-        return False
+    def write(**kw: Any) -> bool:
+        release.wait(5)  # a database that hangs, then cannot be reached twice, then answers
+        if next(failures, False):
+            raise OperationalError("connection refused")
+        main_process.append(kw["call_id"])
+        return True
 
-    monkeypatch.setattr(deadletters, "record", record)
+    monkeypatch.setattr(deadletters, "write", write)
     letter_writer.keep(**letter("a"))
     letter_writer.keep(**letter("b"))
     assert main_process == []  # keep() returned while the database hangs
@@ -56,10 +57,30 @@ def test_the_main_process_hands_letters_over_and_failed_writes_are_retried(
     assert main_process == ["a", "b"]
 
 
+def test_a_letter_the_database_refuses_for_its_own_reason_is_not_retried(
+    main_process: list[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def write(**kw: Any) -> bool:
+        if kw["call_id"] == "bad":
+            raise ValueError("refused")
+        main_process.append(kw["call_id"])
+        return True
+
+    monkeypatch.setattr(deadletters, "write", write)
+    letter_writer.keep(**letter("bad"))  # would otherwise hold every letter behind it
+    letter_writer.keep(**letter("good"))
+    letter_writer._pending.join()
+    assert main_process == ["good"]
+    assert "LOST the dead letter of call bad" in caplog.text
+
+
 def test_what_the_database_never_took_is_logged_at_shutdown(
     main_process: list[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(deadletters, "record", lambda **kw: False)
+    def write(**kw: Any) -> bool:
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(deadletters, "write", write)
     for call_id in ("x", "y"):
         letter_writer.keep(**letter(call_id))
     letter_writer.on_worker_shutdown()

@@ -370,3 +370,13 @@ def test_a_call_under_a_former_name_no_worker_knew_replays_once_an_alias_answers
     assert letter.exception == "celery.exceptions.NotRegistered"
     replayed, skipped = replay([letter], dry_run=True)
     assert replayed == [letter] and skipped == []
+
+
+@pytest.mark.django_db
+def test_a_dead_letter_with_nul_characters_is_kept() -> None:
+    # A raw body that did not decode, or an exception's text: PostgreSQL's text refuses NUL.
+    kept = deadletters.record(
+        call_id="nul", handler="h", body="a\x00b", exception=ValueError("c\x00d")
+    )
+    letter = DeadLetter.objects.get(call_id="nul")
+    assert kept and (letter.body, letter.message) == ("a\ufffdb", "c\ufffdd")
