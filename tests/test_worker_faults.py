@@ -125,6 +125,8 @@ def test_poison_and_forged_messages_never_stop_the_worker(deferred_to: Worker) -
         "800 levels deep": (call(None, x=nested(800), label=marker), {}, False),
         "5000 levels deep": (deep_text, {}, True),
         "a bad timelimit": (call(None, label=marker), {"timelimit": "soon"}, False),
+        # Kept raw: PostgreSQL's text refuses NUL, so such a dead letter used to be lost.
+        "a NUL in a body that does not decode": (f"\x00{marker}", {}, True),
     }
     forged = {  # well-formed, but not what this code base sends (points 3 and 4)
         "fresh instance, null pk": (
