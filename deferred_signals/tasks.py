@@ -14,7 +14,7 @@ from celery.exceptions import Reject, Retry
 from celery.utils.time import get_exponential_backoff_interval
 from django.db import InterfaceError, OperationalError
 
-from . import deadletters, registry, signals
+from . import deadletters, redelivery, registry, signals
 from .calls import mark_handler_failed
 from .conf import WORKER_OPTIONS, conf
 from .exceptions import MalformedMessageError
@@ -327,7 +327,7 @@ def retry_after_database_error(
             handler.name, task.request.id, now - first, window, outage_retries, _kind(exc),
         )  # fmt: skip
         return
-    delay = min(2.0**outage_retries, DB_RETRY_BACKOFF_MAX, left)
+    delay = min(2.0**outage_retries, longest_wait(task), left)
     countdown = delay * random.uniform(0.5, 1.0)  # spread the herd
     logger.warning(
         "Deferred handler %s [%s]: database error, retry in %.1f s (%.0f s left of "
@@ -341,6 +341,14 @@ def retry_after_database_error(
         # Not the handler's budget: it has its own max_retries for its own errors.
         max_retries=task.request.retries + 1,
     )
+
+
+def longest_wait(task: DeferredHandlerTask) -> float:
+    """The longest countdown of a retry of our own: :data:`DB_RETRY_BACKOFF_MAX`, and half
+    Redis's ``visibility_timeout`` at most, or Redis would hand the waiting retry out again
+    (and each copy, failing, retries in turn)."""
+    timeout = redelivery.visibility_timeout(task.app)
+    return DB_RETRY_BACKOFF_MAX if timeout is None else min(DB_RETRY_BACKOFF_MAX, timeout / 2)
 
 
 def dead_letter(
@@ -388,7 +396,7 @@ def keep(task: DeferredHandlerTask, handler: Handler, body: dict[str, Any], exc:
         return False
     close_connections()
     outage_retries = body.get("dbr", 0)
-    countdown = min(2.0**outage_retries, DB_RETRY_BACKOFF_MAX) * random.uniform(0.5, 1.0)
+    countdown = min(2.0**outage_retries, longest_wait(task)) * random.uniform(0.5, 1.0)
     logger.error(
         "Deferred handler %s [%s] failed for good on attempt %d (%s), but its dead letter could "
         "not be written: retry in %.1f s rather than drop the call",

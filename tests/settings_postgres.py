@@ -52,3 +52,11 @@ DEFERRED_SIGNALS = {
 # (tests/test_worker_lost.py).
 if os.environ.get("DS_TEST_REQUEUE_TIMEOUTS"):
     CELERY_TASK_ACKS_ON_TIMEOUT = False
+# A Redis worker that redelivers a message unacknowledged for this many seconds, and looks
+# for such messages every second (tests/test_worker_faults.py).
+if os.environ.get("DS_TEST_VISIBILITY_TIMEOUT"):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": float(os.environ["DS_TEST_VISIBILITY_TIMEOUT"]),
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }

@@ -287,6 +287,7 @@ def proxied_worker(
     tmp_path: Any,
     dead_letters: str | None = "other",
     connect_timeout: str = "3",
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[Worker, FaultProxy]]:
     """A Redis worker reaching the default database through a proxy; dead letters go to
     the ``dead_letters`` database (by default the other one, which stays reachable)."""
@@ -302,6 +303,7 @@ def proxied_worker(
                 "DS_TEST_DB_RETRY_WINDOW": str(window),
                 "DS_TEST_PG_CONNECT_TIMEOUT": connect_timeout,
                 **({"DS_TEST_DEADLETTER_DB": dead_letters} if dead_letters else {}),
+                **(env or {}),
             },
         )  # fmt: skip
         worker.start()
@@ -495,3 +497,27 @@ def test_a_hung_database_does_not_stop_the_worker_keeping_a_lost_call(
         )
         assert letter.exception == "billiard.exceptions.TimeLimitExceeded"
         assert worker.alive()
+
+
+def test_outage_retries_wait_less_than_redis_takes_to_hand_them_out_again(
+    settings: SettingsWrapper, tmp_path: Any
+) -> None:
+    """A retry waiting for its countdown is a message Redis redelivers after visibility_timeout:
+    each copy then fails and retries in turn, for as long as the outage lasts."""
+    label, author = unique(), Author.objects.create(name="outage")
+    env = {"DS_TEST_VISIBILITY_TIMEOUT": "10"}
+    with proxied_worker("prefork", 900, settings, tmp_path, env=env) as (worker, proxy):
+        proxy.refuse()
+        for i in range(5):
+            user_registered.send(sender=None, instance=author, label=label, i=i)
+        time.sleep(40)  # backoff 1, 2, 4, 8, 16, 32 s: past 10 s, Redis hands retries out again
+        proxy.forward()
+        wait_for(lambda: len(labelled(label)) >= 5, timeout=90, what="5 calls after the cut")
+        time.sleep(15)  # the copies Redis handed out, if any, run too
+        numbers = sorted(int(r.call["kwargs"]["i"]["repr"]) for r in labelled(label))
+        print(
+            f"\n[redis/prefork] visibility_timeout=10 s, database cut 40 s: calls sent 5, "
+            f"completed {len(set(numbers))}, handler runs {len(numbers)}; worker alive: "
+            f"{yes(worker.alive())}"
+        )
+        assert numbers == list(range(5))

@@ -380,3 +380,20 @@ def test_a_dead_letter_with_nul_characters_is_kept() -> None:
     )
     letter = DeadLetter.objects.get(call_id="nul")
     assert kept and (letter.body, letter.message) == ("a\ufffdb", "c\ufffdd")
+
+
+def test_our_retries_wait_at_most_half_of_redis_visibility_timeout() -> None:
+    from deferred_signals.tasks import DB_RETRY_BACKOFF_MAX, longest_wait
+
+    task = current_app.tasks[DB_FLAKY]
+    assert longest_wait(task) == DB_RETRY_BACKOFF_MAX  # the tests' memory:// broker
+    conf = task.app.conf  # read live, at each retry
+    previous = conf.broker_url, conf.broker_transport_options
+    try:
+        conf.broker_url = "redis://127.0.0.1:6379/0"
+        conf.broker_transport_options = {"visibility_timeout": 10}
+        assert longest_wait(task) == 5
+        conf.broker_transport_options = {}
+        assert longest_wait(task) == DB_RETRY_BACKOFF_MAX
+    finally:
+        conf.broker_url, conf.broker_transport_options = previous
