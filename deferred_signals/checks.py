@@ -13,7 +13,7 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.db import DEFAULT_DB_ALIAS, connections, router
 from django.db.models.signals import ModelSignal, pre_save
 
-from . import registry
+from . import redelivery, registry
 from .conf import SETTING, Problem, conf, limits_problem, settings_problems
 from .readiness import UNCONFIGURED_APP_HINT, unconfigured_app
 
@@ -65,13 +65,9 @@ RUN_TIMES = ("time_limit", "soft_time_limit")
 
 def _redis_redelivery() -> list[Problem]:
     """Redis redelivers a message unacknowledged for ``visibility_timeout``: longer delays loop."""
-    app = current_app
-    # Workers consume from broker_read_url when it is set: that broker redelivers.
-    url = app.conf.broker_read_url or app.conf.broker_url
-    if not str(url or "").startswith(("redis", "rediss", "sentinel")):
+    timeout = redelivery.visibility_timeout(current_app)
+    if timeout is None:
         return []
-    options = app.conf.broker_transport_options or {}
-    timeout = options.get("visibility_timeout", 3600)
     problems = []
     for handler in registry.all_handlers():
         merged = handler.merged

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.db import IntegrityError, router, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, router, transaction
 from django.utils import timezone
 from kombu.utils import json as kombu_json
 
@@ -16,6 +16,9 @@ logger = logging.getLogger("deferred_signals")
 
 #: Keys the worker adds to a message for its own retries; a replay starts afresh without them.
 WORKER_KEYS = ("dbf", "dbr")
+#: A dead-letter write that failed with one of these may succeed later: the database is
+#: down, hung up or refusing connections. Anything else would fail the same way again.
+UNREACHABLE = (OperationalError, InterfaceError)
 
 
 def body_text(body: Any) -> str:
@@ -40,6 +43,34 @@ def record(
     one. Never raises: when the database cannot take the row, the call id is logged at ERROR
     and the caller carries on with Celery's own failure handling. Returns whether it was kept.
     """
+    try:
+        kept = write(
+            call_id=call_id,
+            handler=handler,
+            body=body,
+            exception=exception,
+            traceback=traceback,
+            attempts=attempts,
+        )
+    except Exception:
+        unwritten(call_id, handler, exception)
+        return False
+    if kept:
+        announce(handler=handler, call_id=call_id, exception=exception, attempts=attempts)
+    return kept
+
+
+def write(
+    *,
+    call_id: str,
+    handler: str,
+    body: Any,
+    exception: BaseException,
+    traceback: str = "",
+    attempts: int = 1,
+) -> bool:
+    """The row of :func:`record`, without ``call_dead_lettered`` and raising what the
+    database raised; False when dead letters are off."""
     if not conf.dead_letters:
         return False
     from .models import NAME_LENGTH, DeadLetter  # models load once Django's apps are ready
@@ -48,35 +79,47 @@ def record(
     now = timezone.now()
     fields: dict[str, Any] = {
         "handler": handler[:NAME_LENGTH],
-        "body": body if isinstance(body, str) else body_text(body),
+        "body": _text(body if isinstance(body, str) else body_text(body)),
         "exception": f"{kind.__module__}.{kind.__qualname__}"[:NAME_LENGTH],
-        "message": str(exception),
-        "traceback": traceback,
+        "message": _text(str(exception)),
+        "traceback": _text(traceback),
         "attempts": attempts,
         "last_failed_at": now,
         # A replayed call that failed again is a dead letter again: counted, replayed by
         # --all, kept by prune.
         "replayed_at": None,
     }
-    try:
-        using = router.db_for_write(DeadLetter)
-        rows = DeadLetter.objects.using(using)
-        with transaction.atomic(using=using):
-            if not rows.filter(call_id=call_id).update(**fields):
-                try:
-                    with transaction.atomic(using=using):
-                        rows.create(call_id=call_id, first_failed_at=now, **fields)
-                except IntegrityError:  # another worker recorded the same call just now
-                    rows.filter(call_id=call_id).update(**fields)
-    except Exception:
-        # Not the exception's text: it may quote the call's arguments.
-        logger.exception(
-            "Could not record the dead letter of call %s (deferred handler %s, %s)",
-            call_id,
-            handler,
-            fields["exception"],
-        )
-        return False
+    using = router.db_for_write(DeadLetter)
+    rows = DeadLetter.objects.using(using)
+    with transaction.atomic(using=using):
+        if not rows.filter(call_id=call_id).update(**fields):
+            try:
+                with transaction.atomic(using=using):
+                    rows.create(call_id=call_id, first_failed_at=now, **fields)
+            except IntegrityError:  # another worker recorded the same call just now
+                rows.filter(call_id=call_id).update(**fields)
+    return True
+
+
+def _text(text: str) -> str:
+    # PostgreSQL's text refuses NUL, which a raw body or an exception's text may hold.
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def unwritten(call_id: str, handler: str, exception: BaseException) -> None:
+    """Log, inside the ``except`` block of a failed :func:`write`, that it failed."""
+    kind = type(exception)
+    # Not the exception's text: it may quote the call's arguments.
+    logger.exception(
+        "Could not record the dead letter of call %s (deferred handler %s, %s)",
+        call_id,
+        handler,
+        f"{kind.__module__}.{kind.__qualname__}"[:200],
+    )
+
+
+def announce(*, handler: str, call_id: str, exception: BaseException, attempts: int) -> None:
+    """Send ``call_dead_lettered`` for a dead letter :func:`write` kept."""
     registered = registry.get(handler)
     signals.call_dead_lettered.send(
         None if registered is None else registered.func,
@@ -85,4 +128,3 @@ def record(
         exception=exception,
         attempts=attempts,
     )
-    return True

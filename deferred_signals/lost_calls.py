@@ -20,8 +20,7 @@ import celery
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery import signals as celery_signals
 
-from . import deadletters, registry
-from .execution import close_connections
+from . import letter_writer, registry
 from .tasks import DeferredHandlerTask
 
 logger = logging.getLogger("deferred_signals")
@@ -91,18 +90,15 @@ def on_task_failure(
         "Deferred handler %s [%s] %s on attempt %d: kept as a dead letter",
         handler.name, task_id, what, attempts,
     )  # fmt: skip
-    try:
-        deadletters.record(
-            call_id=task_id,
-            handler=handler.name,
-            body=kwargs,
-            exception=exception,
-            traceback=str(getattr(einfo, "traceback", "") or ""),
-            attempts=attempts,
-        )
-    finally:
-        # The main process forks new children: keep no connection open there.
-        close_connections()
+    # Written off the main process's event loop: a hung database must not stop the worker.
+    letter_writer.keep(
+        call_id=task_id,
+        handler=handler.name,
+        body=kwargs,
+        exception=exception,
+        traceback=str(getattr(einfo, "traceback", "") or ""),
+        attempts=attempts,
+    )
 
 
 def on_task_received(request: Any = None, **_: Any) -> None:

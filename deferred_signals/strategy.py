@@ -20,10 +20,10 @@ from celery.utils import uuid
 from celery.worker.strategy import default as default_strategy
 from kombu.exceptions import ContentDisallowed
 
-from . import deadletters
+from . import deadletters, letter_writer
 from .codec import MAX_DEPTH
 from .exceptions import MalformedMessageError
-from .execution import MESSAGE_KEYS, OPTIONAL_KEYS, close_connections
+from .execution import MESSAGE_KEYS, OPTIONAL_KEYS
 
 logger = logging.getLogger("deferred_signals")
 
@@ -153,12 +153,11 @@ def refuse(task_name: str, message: Any, reason: str) -> None:
     except Exception:  # undecodable, or too deep to encode again
         raw = message.body
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-    deadletters.record(
+    # Off the event loop: a hung database must not stop the worker.
+    letter_writer.keep(
         call_id=call_id,
         handler=task_name,
         body=text,
         exception=MalformedMessageError(reason),
         attempts=0,
     )
-    # The main process rarely touches the database: keep no connection open there.
-    close_connections()

@@ -14,7 +14,7 @@ from celery.exceptions import Reject, Retry
 from celery.utils.time import get_exponential_backoff_interval
 from django.db import InterfaceError, OperationalError
 
-from . import deadletters, registry, signals
+from . import deadletters, redelivery, registry, signals
 from .calls import mark_handler_failed
 from .conf import WORKER_OPTIONS, conf
 from .exceptions import MalformedMessageError
@@ -207,7 +207,8 @@ def run_task(task: DeferredHandlerTask, args: tuple[Any, ...], body: Any) -> Non
         if window:
             close_connections()
             retry_after_database_error(task, handler, body, exc, window)  # Retry, or returns
-        dead_letter(task, handler, body, exc)
+        if keep(task, handler, body, exc):  # Retry when its dead letter cannot be written
+            announce(task, handler, exc)
         mark_handler_failed(exc)
         raise
     attempt = request.retries + 1
@@ -222,6 +223,10 @@ def run_task(task: DeferredHandlerTask, args: tuple[Any, ...], body: Any) -> Non
                 retry_after_database_error(task, handler, body, exc, window)
             else:
                 retry_or_reraise(task, handler, body, exc)
+            # Failed for good. The message is the call's only copy: written before anyone is
+            # told the failure is final, since a dead letter that cannot be written retries it.
+            database = True
+            kept = keep(task, handler, body, exc)
         except Retry as retry:
             call.failed(call_id, attempt, exc, final=False)
             retried(handler, call_id, attempt, exc, retry, database)
@@ -242,7 +247,8 @@ def run_task(task: DeferredHandlerTask, args: tuple[Any, ...], body: Any) -> Non
             "Deferred handler %s [%s] failed for good on attempt %d: %s",
             handler.name, call_id, attempt, _kind(exc),
         )  # fmt: skip
-        dead_letter(task, handler, body, exc)
+        if kept:
+            announce(task, handler, exc)
         mark_handler_failed(exc)
         raise
 
@@ -317,11 +323,11 @@ def retry_after_database_error(
     if left <= 0:
         logger.error(
             "Deferred handler %s [%s]: the database has failed for %.0f s, past db_retry_window "
-            "(%s s); giving up after %d retries: %s",
+            "(%s s); no more retries for the outage after %d: %s",
             handler.name, task.request.id, now - first, window, outage_retries, _kind(exc),
         )  # fmt: skip
         return
-    delay = min(2.0**outage_retries, DB_RETRY_BACKOFF_MAX, left)
+    delay = min(2.0**outage_retries, longest_wait(task), left)
     countdown = delay * random.uniform(0.5, 1.0)  # spread the herd
     logger.warning(
         "Deferred handler %s [%s]: database error, retry in %.1f s (%.0f s left of "
@@ -337,6 +343,14 @@ def retry_after_database_error(
     )
 
 
+def longest_wait(task: DeferredHandlerTask) -> float:
+    """The longest countdown of a retry of our own: :data:`DB_RETRY_BACKOFF_MAX`, and half
+    Redis's ``visibility_timeout`` at most, or Redis would hand the waiting retry out again
+    (and each copy, failing, retries in turn)."""
+    timeout = redelivery.visibility_timeout(task.app)
+    return DB_RETRY_BACKOFF_MAX if timeout is None else min(DB_RETRY_BACKOFF_MAX, timeout / 2)
+
+
 def dead_letter(
     task: DeferredHandlerTask, handler: Handler, body: dict[str, Any], exc: Exception
 ) -> None:
@@ -346,6 +360,65 @@ def dead_letter(
         handler=handler.name,
         body=body,
         exception=exc,
-        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        traceback=_traceback(exc),
         attempts=task.request.retries + 1,
     )
+
+
+def keep(task: DeferredHandlerTask, handler: Handler, body: dict[str, Any], exc: Exception) -> bool:
+    """Write the dead letter of a call that failed for good; :func:`announce` it once the
+    failure is reported. False when dead letters are off.
+
+    Once the worker acknowledges the message, the dead letter is the call's only copy. When
+    its database cannot be reached (down too, as in an outage past ``db_retry_window``),
+    the call is retried instead, with the outage's backoff and outside
+    the handler's ``max_retries``: this raises :class:`~celery.exceptions.Retry`, and the
+    call runs again or becomes a dead letter once the database answers.
+    """
+    if not conf.dead_letters:
+        return False
+    request = task.request
+    try:
+        return deadletters.write(
+            call_id=str(request.id),
+            handler=handler.name,
+            body=body,
+            exception=exc,
+            traceback=_traceback(exc),
+            attempts=request.retries + 1,
+        )
+    except deadletters.UNREACHABLE:
+        deadletters.unwritten(str(request.id), handler.name, exc)
+    except Exception:  # it would fail the same way again: Celery's failure handling goes on
+        deadletters.unwritten(str(request.id), handler.name, exc)
+        return False
+    if request.is_eager:  # apply(): no message to keep, its caller sees the exception
+        return False
+    close_connections()
+    outage_retries = body.get("dbr", 0)
+    countdown = min(2.0**outage_retries, longest_wait(task)) * random.uniform(0.5, 1.0)
+    logger.error(
+        "Deferred handler %s [%s] failed for good on attempt %d (%s), but its dead letter could "
+        "not be written: retry in %.1f s rather than drop the call",
+        handler.name, request.id, request.retries + 1, _kind(exc), countdown,
+    )  # fmt: skip
+    raise task.retry(
+        exc=exc,
+        countdown=countdown,
+        kwargs={**body, "dbr": outage_retries + 1},
+        max_retries=request.retries + 1,
+    )
+
+
+def announce(task: DeferredHandlerTask, handler: Handler, exc: Exception) -> None:
+    """Send ``call_dead_lettered`` for the dead letter :func:`keep` wrote."""
+    deadletters.announce(
+        handler=handler.name,
+        call_id=str(task.request.id),
+        exception=exc,
+        attempts=task.request.retries + 1,
+    )
+
+
+def _traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

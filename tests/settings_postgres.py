@@ -24,9 +24,11 @@ DATABASES = {
 }
 # Fault tests: the worker reaches the default database through a proxy of the tests' own
 # (tests/test_worker_faults.py), and keeps its dead letters on the other one, which stays up.
+# DS_TEST_PG_CONNECT_TIMEOUT="" leaves libpq's default (none), as most projects do.
 if os.environ.get("DS_TEST_PG_PORT_DEFAULT"):
     DATABASES["default"]["PORT"] = os.environ["DS_TEST_PG_PORT_DEFAULT"]
-    DATABASES["default"]["OPTIONS"] = {"connect_timeout": 3}
+    if connect_timeout := os.environ.get("DS_TEST_PG_CONNECT_TIMEOUT", "3"):
+        DATABASES["default"]["OPTIONS"] = {"connect_timeout": int(connect_timeout)}
 if os.environ.get("DS_TEST_DEADLETTER_DB"):
     DATABASE_ROUTERS = ["tests.routers.DeadLetterRouter"]
 # A project with a read replica (tests/test_operations.py): reads go to "replica", the
@@ -50,3 +52,11 @@ DEFERRED_SIGNALS = {
 # (tests/test_worker_lost.py).
 if os.environ.get("DS_TEST_REQUEUE_TIMEOUTS"):
     CELERY_TASK_ACKS_ON_TIMEOUT = False
+# A Redis worker that redelivers a message unacknowledged for this many seconds, and looks
+# for such messages every second (tests/test_worker_faults.py).
+if os.environ.get("DS_TEST_VISIBILITY_TIMEOUT"):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": float(os.environ["DS_TEST_VISIBILITY_TIMEOUT"]),
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }

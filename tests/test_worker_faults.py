@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from io import StringIO
 from typing import Any
 
 import pytest
 from celery import _state as celery_state
 from celery import current_app
+from django.core.management import call_command
 from django.db import connections, transaction
 from kombu import Exchange, Queue
 from pytest_django.fixtures import Settings as SettingsWrapper
@@ -30,7 +33,12 @@ from deferred_signals.replay import replay
 from tests.conftest import on_postgres, records, require, sync_calls, wait_for
 from tests.faults import FaultProxy
 from tests.testapp.models import Article, Attempt, Author
-from tests.testapp.signals import counted_signal, killable_signal, user_registered
+from tests.testapp.signals import (
+    counted_signal,
+    killable_signal,
+    overrun_signal,
+    user_registered,
+)
 from tests.workers import Worker
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
@@ -117,6 +125,8 @@ def test_poison_and_forged_messages_never_stop_the_worker(deferred_to: Worker) -
         "800 levels deep": (call(None, x=nested(800), label=marker), {}, False),
         "5000 levels deep": (deep_text, {}, True),
         "a bad timelimit": (call(None, label=marker), {"timelimit": "soon"}, False),
+        # Kept raw: PostgreSQL's text refuses NUL, so such a dead letter used to be lost.
+        "a NUL in a body that does not decode": (f"\x00{marker}", {}, True),
     }
     forged = {  # well-formed, but not what this code base sends (points 3 and 4)
         "fresh instance, null pk": (
@@ -271,10 +281,16 @@ def test_an_idempotent_handler_writes_once_per_call(deferred_to: Worker) -> None
 
 @contextmanager
 def proxied_worker(
-    pool: str, window: float, settings: SettingsWrapper, tmp_path: Any
+    pool: str,
+    window: float,
+    settings: SettingsWrapper,
+    tmp_path: Any,
+    dead_letters: str | None = "other",
+    connect_timeout: str = "3",
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[Worker, FaultProxy]]:
     """A Redis worker reaching the default database through a proxy; dead letters go to
-    the other database, which stays reachable."""
+    the ``dead_letters`` database (by default the other one, which stays reachable)."""
     if not on_postgres():
         pytest.skip("end-to-end: runs in make test's PostgreSQL pass")
     require("redis")
@@ -285,7 +301,9 @@ def proxied_worker(
             env={
                 "DS_TEST_PG_PORT_DEFAULT": str(proxy.port),
                 "DS_TEST_DB_RETRY_WINDOW": str(window),
-                "DS_TEST_DEADLETTER_DB": "other",
+                "DS_TEST_PG_CONNECT_TIMEOUT": connect_timeout,
+                **({"DS_TEST_DEADLETTER_DB": dead_letters} if dead_letters else {}),
+                **(env or {}),
             },
         )  # fmt: skip
         worker.start()
@@ -371,3 +389,135 @@ def test_an_outage_past_the_retry_window_makes_dead_letters_to_replay(
         )
         assert numbers == list(range(20))
         assert worker.alive()
+
+
+UNRECORDED = re.compile(r"Could not record the dead letter of call (\S+)")
+HELD = re.compile(r"\[(\S+)\] failed for good on attempt \d+ \(\S+\), but its dead letter")
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_an_outage_past_the_window_that_takes_the_dead_letters_too_loses_nothing(
+    pool: str, settings: SettingsWrapper, tmp_path: Any
+) -> None:
+    """Dead letters on the database that is down: the message is the call's only copy."""
+    label, author = unique(), Author.objects.create(name="outage")
+    with proxied_worker(pool, 3, settings, tmp_path, dead_letters=None) as (worker, proxy):
+        proxy.refuse()
+        for i in range(20):
+            user_registered.send(sender=None, instance=author, label=label, i=i)
+        # Each call past the window, its dead letter refused: the point where one was lost.
+        wait_for(
+            lambda: len(set(UNRECORDED.findall(worker.log()))) >= 20,
+            timeout=120,
+            what="20 calls past db_retry_window whose dead letters could not be written",
+        )
+        proxy.forward()
+        wait_for(lambda: len(labelled(label)) >= 20, timeout=120, what="20 calls after the cut")
+        time.sleep(1)
+        numbers = sorted(int(r.call["kwargs"]["i"]["repr"]) for r in labelled(label))
+        held = len(set(HELD.findall(worker.log())))
+        print(
+            f"\n[redis/{pool}] database and dead letters cut past db_retry_window=3 s: calls "
+            f"sent 20, completed {len(set(numbers))}, lost {20 - len(set(numbers))}, run twice "
+            f"{len(numbers) - len(set(numbers))}, retried for want of a dead letter {held}; worker "
+            f"alive: {yes(worker.alive())}"
+        )
+        assert numbers == list(range(20))
+        assert not DeadLetter.objects.filter(body__contains=label).exists()
+        assert worker.alive()
+
+
+def test_a_call_for_a_name_no_handler_answers_to_is_a_dead_letter(deferred_to: Worker) -> None:
+    """A handler renamed without aliases, or removed, while calls were queued under its name."""
+    marker = unique()
+    gone = "tests.testapp.handlers.renamed_away"
+    ours = [publish_raw(deferred_to, gone, call(None, label=marker, i=i)) for i in range(3)]
+    retried = publish_raw(deferred_to, gone, call(None, label=marker, i=3), headers={"retries": 2})
+    foreign = publish_raw(deferred_to, gone, [[marker], {}, {}])  # another producer's task
+    for message_id in [*ours, retried, foreign]:
+        wait_for(
+            lambda message_id=message_id: message_id in deferred_to.log(),
+            what=f"the unregistered message {message_id}",
+        )
+    found = wait_for(
+        lambda: (kept := list(DeadLetter.objects.filter(handler=gone))) and len(kept) >= 4 and kept,
+        what="4 dead letters",
+    )
+    letters = {letter.call_id: letter for letter in found}
+    time.sleep(0.5)  # the foreign message, logged by Celery, is not kept
+    status = StringIO()
+    call_command("deferred_signals", "status", stdout=status)
+    print(
+        f"\n[{deferred_to.broker}] calls for an unregistered name sent 4, dead letters "
+        f"{len(letters)}; a foreign task's message kept: "
+        f"{yes(DeadLetter.objects.filter(call_id=foreign).exists())}; worker alive: "
+        f"{yes(deferred_to.alive())}"
+    )
+    assert set(letters) == {*ours, retried}
+    assert not DeadLetter.objects.filter(call_id=foreign).exists()
+    letter = letters[ours[0]]
+    assert letter.exception == "celery.exceptions.NotRegistered"
+    assert json.loads(letter.body) == call(None, label=marker, i=0)[1]
+    assert letters[retried].attempts == 2
+    assert f"{gone}: 4" in status.getvalue()
+    assert deferred_to.alive()
+
+
+def test_a_hung_database_does_not_stop_the_worker_keeping_a_lost_call(
+    settings: SettingsWrapper, tmp_path: Any
+) -> None:
+    """The main process keeps a call its pool lost; the database it writes to hangs."""
+    key = unique()
+    with proxied_worker(
+        "prefork", 900, settings, tmp_path, dead_letters=None, connect_timeout=""
+    ) as (worker, proxy):
+        proxy.blackhole()  # accepts connections, never answers; no connect_timeout
+        started = time.monotonic()
+        # The handler hangs on the database; its hard time_limit (2 s) kills the child.
+        overrun_signal.send(sender=None, key=key, seconds=0.0)
+        wait_for(lambda: "was stopped by its hard time limit" in worker.log(), timeout=60)
+        # The main process goes on meanwhile: it takes, logs and hands out the next message.
+        plain = worker.app.send_task("tests.plain_task", args=[key], queue=worker.queue).id
+        wait_for(
+            lambda: f"Task tests.plain_task[{plain}] received" in worker.log(),
+            timeout=20,
+            what="the worker's main process to take a message while the database hangs",
+        )
+        answered = time.monotonic() - started
+        proxy.forward()  # the writer's connection is reset; it tries again and succeeds
+        letter = wait_for(
+            lambda: DeadLetter.objects.filter(body__contains=key).first(),
+            timeout=60,
+            what="the dead letter, once the database answers",
+        )
+        print(
+            f"\n[redis/prefork] database hung during a hard time limit: worker took the next "
+            f"message {answered:.1f} s after the call was sent; dead letter kept once the "
+            f"database answered: {yes(letter is not None)}; worker alive: {yes(worker.alive())}"
+        )
+        assert letter.exception == "billiard.exceptions.TimeLimitExceeded"
+        assert worker.alive()
+
+
+def test_outage_retries_wait_less_than_redis_takes_to_hand_them_out_again(
+    settings: SettingsWrapper, tmp_path: Any
+) -> None:
+    """A retry waiting for its countdown is a message Redis redelivers after visibility_timeout:
+    each copy then fails and retries in turn, for as long as the outage lasts."""
+    label, author = unique(), Author.objects.create(name="outage")
+    env = {"DS_TEST_VISIBILITY_TIMEOUT": "10"}
+    with proxied_worker("prefork", 900, settings, tmp_path, env=env) as (worker, proxy):
+        proxy.refuse()
+        for i in range(5):
+            user_registered.send(sender=None, instance=author, label=label, i=i)
+        time.sleep(40)  # backoff 1, 2, 4, 8, 16, 32 s: past 10 s, Redis hands retries out again
+        proxy.forward()
+        wait_for(lambda: len(labelled(label)) >= 5, timeout=90, what="5 calls after the cut")
+        time.sleep(15)  # the copies Redis handed out, if any, run too
+        numbers = sorted(int(r.call["kwargs"]["i"]["repr"]) for r in labelled(label))
+        print(
+            f"\n[redis/prefork] visibility_timeout=10 s, database cut 40 s: calls sent 5, "
+            f"completed {len(set(numbers))}, handler runs {len(numbers)}; worker alive: "
+            f"{yes(worker.alive())}"
+        )
+        assert numbers == list(range(5))

@@ -354,3 +354,46 @@ def test_a_retry_the_broker_refuses_makes_a_dead_letter(monkeypatch: pytest.Monk
     assert isinstance(result.result, Reject)
     letter = DeadLetter.objects.get(call_id="call-1")
     assert letter.exception == "tests.testapp.handlers.FlakyError"
+
+
+@pytest.mark.django_db
+def test_a_call_under_a_former_name_no_worker_knew_replays_once_an_alias_answers() -> None:
+    from deferred_signals.replay import replay
+    from deferred_signals.unregistered import on_task_unknown
+
+    old = "tests.testapp.handlers.old_name"  # an alias of handlers.renamed, added too late
+    message = FakeMessage([[], body(label="x"), None], {"id": "u-1", "task": old, "retries": 1})
+    on_task_unknown(message=message, name=old, id="u-1")
+    on_task_unknown(message=FakeMessage([[1], {}, None]), name=old, id="m-1")  # not ours
+    letter = DeadLetter.objects.get()
+    assert (letter.call_id, letter.handler, letter.attempts) == ("u-1", old, 1)
+    assert letter.exception == "celery.exceptions.NotRegistered"
+    replayed, skipped = replay([letter], dry_run=True)
+    assert replayed == [letter] and skipped == []
+
+
+@pytest.mark.django_db
+def test_a_dead_letter_with_nul_characters_is_kept() -> None:
+    # A raw body that did not decode, or an exception's text: PostgreSQL's text refuses NUL.
+    kept = deadletters.record(
+        call_id="nul", handler="h", body="a\x00b", exception=ValueError("c\x00d")
+    )
+    letter = DeadLetter.objects.get(call_id="nul")
+    assert kept and (letter.body, letter.message) == ("a\ufffdb", "c\ufffdd")
+
+
+def test_our_retries_wait_at_most_half_of_redis_visibility_timeout() -> None:
+    from deferred_signals.tasks import DB_RETRY_BACKOFF_MAX, longest_wait
+
+    task = current_app.tasks[DB_FLAKY]
+    assert longest_wait(task) == DB_RETRY_BACKOFF_MAX  # the tests' memory:// broker
+    conf = task.app.conf  # read live, at each retry
+    previous = conf.broker_url, conf.broker_transport_options
+    try:
+        conf.broker_url = "redis://127.0.0.1:6379/0"
+        conf.broker_transport_options = {"visibility_timeout": 10}
+        assert longest_wait(task) == 5
+        conf.broker_transport_options = {}
+        assert longest_wait(task) == DB_RETRY_BACKOFF_MAX
+    finally:
+        conf.broker_url, conf.broker_transport_options = previous

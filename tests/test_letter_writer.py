@@ -1,0 +1,88 @@
+"""The worker main process's dead letters, written by a thread of their own (no database:
+``deadletters.write`` is replaced). The real worker test is in test_worker_faults.py."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import OperationalError
+
+from deferred_signals import deadletters, letter_writer
+
+
+@pytest.fixture
+def main_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """This process as a worker's main process; records the call ids written."""
+    written: list[str] = []
+    monkeypatch.setattr(letter_writer, "RETRY", (0.01, 0.02))
+    monkeypatch.setattr(letter_writer, "SHUTDOWN_WAIT", 0.5)
+    letter_writer.on_worker_init()
+    yield written
+    letter_writer._stopping.set()
+    monkeypatch.setattr(letter_writer, "_main_pid", None)
+
+
+def letter(call_id: str) -> dict[str, Any]:
+    return {"call_id": call_id, "handler": "h", "body": "{}", "exception": KeyError()}
+
+
+def test_outside_a_worker_a_letter_is_written_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[str] = []
+    monkeypatch.setattr(deadletters, "write", lambda **kw: bool(written.append(kw["call_id"])))
+    letter_writer.keep(**letter("now"))
+    assert written == ["now"]
+
+
+def test_the_main_process_hands_letters_over_and_failed_writes_are_retried(
+    main_process: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release, failures = threading.Event(), iter([True, True])
+
+    def write(**kw: Any) -> bool:
+        release.wait(5)  # a database that hangs, then cannot be reached twice, then answers
+        if next(failures, False):
+            raise OperationalError("connection refused")
+        main_process.append(kw["call_id"])
+        return True
+
+    monkeypatch.setattr(deadletters, "write", write)
+    letter_writer.keep(**letter("a"))
+    letter_writer.keep(**letter("b"))
+    assert main_process == []  # keep() returned while the database hangs
+    release.set()
+    letter_writer._pending.join()
+    assert main_process == ["a", "b"]
+
+
+def test_a_letter_the_database_refuses_for_its_own_reason_is_not_retried(
+    main_process: list[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def write(**kw: Any) -> bool:
+        if kw["call_id"] == "bad":
+            raise ValueError("refused")
+        main_process.append(kw["call_id"])
+        return True
+
+    monkeypatch.setattr(deadletters, "write", write)
+    letter_writer.keep(**letter("bad"))  # would otherwise hold every letter behind it
+    letter_writer.keep(**letter("good"))
+    letter_writer._pending.join()
+    assert main_process == ["good"]
+    assert "LOST the dead letter of call bad" in caplog.text
+
+
+def test_what_the_database_never_took_is_logged_at_shutdown(
+    main_process: list[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def write(**kw: Any) -> bool:
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(deadletters, "write", write)
+    for call_id in ("x", "y"):
+        letter_writer.keep(**letter(call_id))
+    letter_writer.on_worker_shutdown()
+    lost = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LOST")]
+    assert sorted(line.split()[6] for line in lost) == ["x", "y"]  # once each
