@@ -387,11 +387,10 @@ def keep(task: DeferredHandlerTask, handler: Handler, body: dict[str, Any], exc:
             traceback=_traceback(exc),
             attempts=request.retries + 1,
         )
-    except deadletters.UNREACHABLE:
+    except Exception as error:
         deadletters.unwritten(str(request.id), handler.name, exc)
-    except Exception:  # it would fail the same way again: Celery's failure handling goes on
-        deadletters.unwritten(str(request.id), handler.name, exc)
-        return False
+        if not deadletters.unreachable(error):
+            return False  # it would fail the same way again: Celery's failure handling goes on
     if request.is_eager:  # apply(): no message to keep, its caller sees the exception
         return False
     close_connections()

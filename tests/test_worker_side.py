@@ -397,3 +397,31 @@ def test_our_retries_wait_at_most_half_of_redis_visibility_timeout() -> None:
         assert longest_wait(task) == DB_RETRY_BACKOFF_MAX
     finally:
         conf.broker_url, conf.broker_transport_options = previous
+
+
+@pytest.fixture
+def as_a_worker(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The db_flaky task serving a message, as on a worker (not apply()'s eager request);
+    its retries are not published."""
+    from celery.canvas import Signature
+
+    monkeypatch.setattr(Signature, "apply_async", lambda *args, **kwargs: None)
+    task = current_app.tasks[DB_FLAKY]
+    task.push_request(id="call-1", retries=0, is_eager=False, called_directly=False)
+    yield task
+    task.pop_request()
+
+
+@pytest.mark.django_db
+def test_a_dead_letter_a_database_that_answers_refuses_is_not_retried(as_a_worker: Any) -> None:
+    # SQLite raises OperationalError for a missing table (MySQL for an unknown column): the
+    # database answers, every retry would fail the same way, re-running the handler for ever.
+    from django.db import connection
+
+    from deferred_signals.tasks import keep
+
+    with connection.cursor() as cursor:  # undone by the test's transaction
+        cursor.execute(f"DROP TABLE {DeadLetter._meta.db_table}")
+    handler = registry.get(DB_FLAKY)
+    assert keep(as_a_worker, handler, body(key="k"), FlakyError("x")) is False
+
