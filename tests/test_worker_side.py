@@ -425,3 +425,23 @@ def test_a_dead_letter_a_database_that_answers_refuses_is_not_retried(as_a_worke
     handler = registry.get(DB_FLAKY)
     assert keep(as_a_worker, handler, body(key="k"), FlakyError("x")) is False
 
+
+def test_a_call_retried_for_want_of_its_dead_letter_retries_past_1024_times(
+    as_a_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each retry of a call whose dead letter cannot be written counts one more in "dbr": a
+    # database down for hours took the backoff's 2.0 ** dbr past a float (OverflowError).
+    from celery.exceptions import Retry
+
+    from deferred_signals.tasks import DB_RETRY_BACKOFF_MAX, keep
+
+    def down(**_: Any) -> bool:
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(deadletters, "write", down)
+    # The database is down: no connection answers.
+    monkeypatch.setattr(deadletters, "_reachable", lambda using: False, raising=False)
+    handler = registry.get(DB_FLAKY)
+    with pytest.raises(Retry) as retry:
+        keep(as_a_worker, handler, {**body(key="k"), "dbr": 1100}, FlakyError("x"))
+    assert 0 < float(retry.value.when) <= DB_RETRY_BACKOFF_MAX
