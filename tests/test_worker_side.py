@@ -399,6 +399,21 @@ def test_our_retries_wait_at_most_half_of_redis_visibility_timeout() -> None:
         conf.broker_url, conf.broker_transport_options = previous
 
 
+def test_our_retries_wait_at_most_half_of_redis_visibility_timeout_with_failover_urls() -> None:
+    # broker_url may be a list of failover URLs (kombu takes those too): still Redis.
+    from deferred_signals.tasks import longest_wait
+
+    task = current_app.tasks[DB_FLAKY]
+    conf = task.app.conf
+    previous = conf.broker_url, conf.broker_transport_options
+    try:
+        conf.broker_url = ["redis://127.0.0.1:6379/0", "redis://127.0.0.2:6379/0"]
+        conf.broker_transport_options = {"visibility_timeout": 10}
+        assert longest_wait(task) == 5
+    finally:
+        conf.broker_url, conf.broker_transport_options = previous
+
+
 @pytest.fixture
 def as_a_worker(monkeypatch: pytest.MonkeyPatch) -> Any:
     """The db_flaky task serving a message, as on a worker (not apply()'s eager request);
