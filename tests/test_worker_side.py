@@ -460,3 +460,15 @@ def test_a_call_retried_for_want_of_its_dead_letter_retries_past_1024_times(
     with pytest.raises(Retry) as retry:
         keep(as_a_worker, handler, {**body(key="k"), "dbr": 1100}, FlakyError("x"))
     assert 0 < float(retry.value.when) <= DB_RETRY_BACKOFF_MAX
+
+
+def test_an_unregistered_message_of_a_content_type_not_accepted_is_left_to_celery() -> None:
+    # Another producer's pickled task on the queue: Celery refuses it; the receiver raising
+    # here made Celery log "Signal handler ... raised" with a traceback for each such message.
+    from kombu.exceptions import ContentDisallowed
+
+    from deferred_signals.unregistered import on_task_unknown
+
+    refused = ContentDisallowed("Refusing to deserialize untrusted content of type pickle")
+    message = FakeMessage(refused, {"id": "p-1", "task": "other.task"})
+    on_task_unknown(message=message, name="other.task", id="p-1")  # does not raise
