@@ -85,8 +85,10 @@ def write(
 
     kind = type(exception)
     now = timezone.now()
+    # A forged message's id or task name may hold NUL too (its headers are any JSON strings).
+    call_id = _text(call_id)
     fields: dict[str, Any] = {
-        "handler": handler[:NAME_LENGTH],
+        "handler": _text(handler[:NAME_LENGTH]),
         "body": _text(body if isinstance(body, str) else body_text(body)),
         "exception": f"{kind.__module__}.{kind.__qualname__}"[:NAME_LENGTH],
         "message": _text(str(exception)),

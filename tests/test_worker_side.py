@@ -382,6 +382,14 @@ def test_a_dead_letter_with_nul_characters_is_kept() -> None:
     assert kept and (letter.body, letter.message) == ("a\ufffdb", "c\ufffdd")
 
 
+@pytest.mark.django_db
+def test_a_dead_letter_whose_call_id_or_name_holds_nul_is_kept() -> None:
+    # A forged message's id header or task name (an unknown one) is any JSON string.
+    kept = deadletters.record(call_id="i\x00d", handler="h\x00", body="{}", exception=KeyError())
+    letter = DeadLetter.objects.get()
+    assert kept and (letter.call_id, letter.handler) == ("i\ufffdd", "h\ufffd")
+
+
 def test_our_retries_wait_at_most_half_of_redis_visibility_timeout() -> None:
     from deferred_signals.tasks import DB_RETRY_BACKOFF_MAX, longest_wait
 
