@@ -395,16 +395,13 @@ def test_our_retries_wait_at_most_half_of_redis_visibility_timeout() -> None:
 
     task = current_app.tasks[DB_FLAKY]
     assert longest_wait(task) == DB_RETRY_BACKOFF_MAX  # the tests' memory:// broker
-    conf = task.app.conf  # read live, at each retry
-    previous = conf.broker_url, conf.broker_transport_options
-    try:
-        conf.broker_url = "redis://127.0.0.1:6379/0"
-        conf.broker_transport_options = {"visibility_timeout": 10}
+    # Read live, at each retry. Through the Django settings the app reads (CELERY_*): Celery
+    # 5.5 answers a namespaced key before a change made with app.conf.broker_url = ...
+    redis = {"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"}
+    with override_settings(**redis, CELERY_BROKER_TRANSPORT_OPTIONS={"visibility_timeout": 10}):
         assert longest_wait(task) == 5
-        conf.broker_transport_options = {}
+    with override_settings(**redis, CELERY_BROKER_TRANSPORT_OPTIONS={}):
         assert longest_wait(task) == DB_RETRY_BACKOFF_MAX
-    finally:
-        conf.broker_url, conf.broker_transport_options = previous
 
 
 def test_our_retries_wait_at_most_half_of_redis_visibility_timeout_with_failover_urls() -> None:
@@ -412,14 +409,11 @@ def test_our_retries_wait_at_most_half_of_redis_visibility_timeout_with_failover
     from deferred_signals.tasks import longest_wait
 
     task = current_app.tasks[DB_FLAKY]
-    conf = task.app.conf
-    previous = conf.broker_url, conf.broker_transport_options
-    try:
-        conf.broker_url = ["redis://127.0.0.1:6379/0", "redis://127.0.0.2:6379/0"]
-        conf.broker_transport_options = {"visibility_timeout": 10}
+    with override_settings(
+        CELERY_BROKER_URL=["redis://127.0.0.1:6379/0", "redis://127.0.0.2:6379/0"],
+        CELERY_BROKER_TRANSPORT_OPTIONS={"visibility_timeout": 10},
+    ):
         assert longest_wait(task) == 5
-    finally:
-        conf.broker_url, conf.broker_transport_options = previous
 
 
 @pytest.fixture
