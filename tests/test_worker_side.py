@@ -474,3 +474,17 @@ def test_an_unregistered_message_of_a_content_type_not_accepted_is_left_to_celer
     refused = ContentDisallowed("Refusing to deserialize untrusted content of type pickle")
     message = FakeMessage(refused, {"id": "p-1", "task": "other.task"})
     on_task_unknown(message=message, name="other.task", id="p-1")  # does not raise
+
+
+@pytest.mark.django_db
+def test_with_dead_letters_off_an_unregistered_call_is_not_said_to_be_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from deferred_signals.unregistered import on_task_unknown
+
+    old = "tests.testapp.handlers.old_name"
+    message = FakeMessage([[], body(label="x"), None], {"id": "u-2", "task": old})
+    with override_settings(DEFERRED_SIGNALS={"DEAD_LETTERS": False}):
+        on_task_unknown(message=message, name=old, id="u-2")
+    assert not DeadLetter.objects.exists()
+    assert "as a dead letter" not in caplog.text  # Celery's own error is the whole story
