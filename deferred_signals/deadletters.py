@@ -5,7 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.db import IntegrityError, InterfaceError, OperationalError, router, transaction
+from django.db import (
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    router,
+    transaction,
+)
 from django.utils import timezone
 from kombu.utils import json as kombu_json
 
@@ -16,8 +23,9 @@ logger = logging.getLogger("deferred_signals")
 
 #: Keys the worker adds to a message for its own retries; a replay starts afresh without them.
 WORKER_KEYS = ("dbf", "dbr")
-#: A dead-letter write that failed with one of these may succeed later: the database is
-#: down, hung up or refusing connections. Anything else would fail the same way again.
+#: The errors of a database that is down, hung up or refusing connections. Not all of them
+#: are: SQLite raises OperationalError for a missing table or column, MySQL for an unknown
+#: column, PostgreSQL for a statement timeout. :func:`unreachable` tells them apart.
 UNREACHABLE = (OperationalError, InterfaceError)
 
 
@@ -77,8 +85,10 @@ def write(
 
     kind = type(exception)
     now = timezone.now()
+    # A forged message's id or task name may hold NUL too (its headers are any JSON strings).
+    call_id = _text(call_id)
     fields: dict[str, Any] = {
-        "handler": handler[:NAME_LENGTH],
+        "handler": _text(handler[:NAME_LENGTH]),
         "body": _text(body if isinstance(body, str) else body_text(body)),
         "exception": f"{kind.__module__}.{kind.__qualname__}"[:NAME_LENGTH],
         "message": _text(str(exception)),
@@ -91,14 +101,47 @@ def write(
     }
     using = router.db_for_write(DeadLetter)
     rows = DeadLetter.objects.using(using)
-    with transaction.atomic(using=using):
-        if not rows.filter(call_id=call_id).update(**fields):
-            try:
-                with transaction.atomic(using=using):
-                    rows.create(call_id=call_id, first_failed_at=now, **fields)
-            except IntegrityError:  # another worker recorded the same call just now
-                rows.filter(call_id=call_id).update(**fields)
+
+    def upsert() -> None:
+        with transaction.atomic(using=using):
+            if not rows.filter(call_id=call_id).update(**fields):
+                try:
+                    with transaction.atomic(using=using):
+                        rows.create(call_id=call_id, first_failed_at=now, **fields)
+                except IntegrityError:  # another worker recorded the same call just now
+                    rows.filter(call_id=call_id).update(**fields)
+
+    try:
+        upsert()
+    except UNREACHABLE:
+        if not _reachable(using):
+            raise
+        # The database answered but failed the write (a deadlock, a timeout): once more; a
+        # second failure is the write's own (a missing table), for unreachable() to tell.
+        upsert()
     return True
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether a :func:`write` that raised ``error`` may succeed later, once the dead-letter
+    database can be reached again. Not for an error of a database that answers: a missing
+    table (SQLite's OperationalError) would fail every retry the same way, for ever."""
+    if not isinstance(error, UNREACHABLE):
+        return False
+    from .models import DeadLetter
+
+    return not _reachable(router.db_for_write(DeadLetter))
+
+
+def _reachable(using: str) -> bool:
+    # Django drops a connection whose rollback failed, and has none after a failed connect.
+    connection = connections[using]
+    if connection.connection is None:
+        return False
+    try:
+        return bool(connection.is_usable())
+    except Exception:
+        return False
 
 
 def _text(text: str) -> str:

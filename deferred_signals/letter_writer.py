@@ -106,12 +106,11 @@ def _write(letter: _Letter) -> bool:
     fields = letter.fields
     try:
         kept = deadletters.write(**fields)
-    except deadletters.UNREACHABLE:
+    except Exception as error:
         deadletters.unwritten(fields["call_id"], fields["handler"], fields["exception"])
-        return False
-    except Exception:  # refused for a reason of its own: it would fail again
-        deadletters.unwritten(fields["call_id"], fields["handler"], fields["exception"])
-        _lost(letter, "the database refused it")
+        if deadletters.unreachable(error):
+            return False
+        _lost(letter, "the database refused it")  # for a reason of its own: it would again
         return True
     if kept:
         deadletters.announce(

@@ -19,6 +19,8 @@ def visibility_timeout(app: Any) -> float | None:
     it has none (not Redis)."""
     # Workers consume from broker_read_url when it is set: that broker redelivers.
     url = app.conf.broker_read_url or app.conf.broker_url
+    if isinstance(url, (list, tuple)):  # failover URLs (of one broker kind): read the first
+        url = url[0] if url else ""
     if not str(url or "").startswith(("redis", "rediss", "sentinel")):
         return None
     options = app.conf.broker_transport_options or {}

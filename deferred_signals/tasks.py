@@ -327,7 +327,7 @@ def retry_after_database_error(
             handler.name, task.request.id, now - first, window, outage_retries, _kind(exc),
         )  # fmt: skip
         return
-    delay = min(2.0**outage_retries, longest_wait(task), left)
+    delay = min(backoff(outage_retries), longest_wait(task), left)
     countdown = delay * random.uniform(0.5, 1.0)  # spread the herd
     logger.warning(
         "Deferred handler %s [%s]: database error, retry in %.1f s (%.0f s left of "
@@ -341,6 +341,13 @@ def retry_after_database_error(
         # Not the handler's budget: it has its own max_retries for its own errors.
         max_retries=task.request.retries + 1,
     )
+
+
+def backoff(outage_retries: int) -> float:
+    """2 ** ``outage_retries`` seconds, before the cap of :func:`longest_wait`. Bounded: a
+    call retried for want of its dead letter counts on for as long as the database is down,
+    and 2.0 ** 1024 raises OverflowError, which would fail (and drop) the call."""
+    return 2.0 ** min(outage_retries, 16)
 
 
 def longest_wait(task: DeferredHandlerTask) -> float:
@@ -387,16 +394,15 @@ def keep(task: DeferredHandlerTask, handler: Handler, body: dict[str, Any], exc:
             traceback=_traceback(exc),
             attempts=request.retries + 1,
         )
-    except deadletters.UNREACHABLE:
+    except Exception as error:
         deadletters.unwritten(str(request.id), handler.name, exc)
-    except Exception:  # it would fail the same way again: Celery's failure handling goes on
-        deadletters.unwritten(str(request.id), handler.name, exc)
-        return False
+        if not deadletters.unreachable(error):
+            return False  # it would fail the same way again: Celery's failure handling goes on
     if request.is_eager:  # apply(): no message to keep, its caller sees the exception
         return False
     close_connections()
     outage_retries = body.get("dbr", 0)
-    countdown = min(2.0**outage_retries, longest_wait(task)) * random.uniform(0.5, 1.0)
+    countdown = min(backoff(outage_retries), longest_wait(task)) * random.uniform(0.5, 1.0)
     logger.error(
         "Deferred handler %s [%s] failed for good on attempt %d (%s), but its dead letter could "
         "not be written: retry in %.1f s rather than drop the call",

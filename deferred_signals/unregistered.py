@@ -15,8 +15,10 @@ from typing import Any
 
 from celery import signals as celery_signals
 from celery.exceptions import NotRegistered
+from kombu.exceptions import ContentDisallowed
 
 from . import letter_writer
+from .conf import conf
 
 logger = logging.getLogger("deferred_signals")
 
@@ -25,7 +27,13 @@ def on_task_unknown(message: Any = None, name: Any = None, id: Any = None, **_: 
     """Keep a call Celery discarded for want of a task named ``name`` (``task_unknown``)."""
     from .strategy import message_problem  # the worker's own imports; a web process never runs this
 
-    if message is None or not isinstance(name, str) or message_problem(message) is not None:
+    if message is None or not isinstance(name, str) or not conf.dead_letters:
+        return  # DEAD_LETTERS=False: Celery's own error is the whole story
+    try:
+        problem = message_problem(message)
+    except ContentDisallowed:  # a content type this worker does not accept: not one of ours
+        return
+    if problem is not None:
         return  # not a call of ours (or not one we could replay): Celery's log is enough
     headers = message.headers
     retries = headers.get("retries") or 0

@@ -19,6 +19,8 @@ def main_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     written: list[str] = []
     monkeypatch.setattr(letter_writer, "RETRY", (0.01, 0.02))
     monkeypatch.setattr(letter_writer, "SHUTDOWN_WAIT", 0.5)
+    # Undone after the test: the value before on_worker_init(), not this process's pid.
+    monkeypatch.setattr(letter_writer, "_main_pid", letter_writer._main_pid)
     letter_writer.on_worker_init()
     yield written
     letter_writer._stopping.set()
@@ -49,6 +51,8 @@ def test_the_main_process_hands_letters_over_and_failed_writes_are_retried(
         return True
 
     monkeypatch.setattr(deadletters, "write", write)
+    # ...since the database cannot be reached: no connection answers.
+    monkeypatch.setattr(deadletters, "_reachable", lambda using: False, raising=False)
     letter_writer.keep(**letter("a"))
     letter_writer.keep(**letter("b"))
     assert main_process == []  # keep() returned while the database hangs
@@ -81,8 +85,31 @@ def test_what_the_database_never_took_is_logged_at_shutdown(
         raise OperationalError("connection refused")
 
     monkeypatch.setattr(deadletters, "write", write)
+    monkeypatch.setattr(deadletters, "_reachable", lambda using: False, raising=False)
     for call_id in ("x", "y"):
         letter_writer.keep(**letter(call_id))
     letter_writer.on_worker_shutdown()
     lost = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LOST")]
     assert sorted(line.split()[6] for line in lost) == ["x", "y"]  # once each
+
+
+@pytest.mark.django_db
+def test_a_letter_a_database_that_answers_refuses_does_not_hold_up_the_others(
+    main_process: list[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A real write, to a database that answers: SQLite raises OperationalError for a missing
+    # table, as MySQL does for an unknown column. Retrying it would block the writer for good.
+    from django.db import connection
+
+    def write(**_: Any) -> bool:
+        with connection.cursor() as cursor:  # the writer thread's own connection
+            cursor.execute("SELECT call_id FROM no_such_dead_letter_table")
+        return True
+
+    monkeypatch.setattr(deadletters, "write", write)
+    letter_writer.keep(**letter("refused"))
+    done = threading.Thread(target=letter_writer._pending.join, daemon=True)
+    done.start()
+    done.join(5)
+    assert not done.is_alive()  # not retried: the letters behind it are not held up
+    assert "LOST the dead letter of call refused" in caplog.text

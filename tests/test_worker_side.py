@@ -382,18 +382,109 @@ def test_a_dead_letter_with_nul_characters_is_kept() -> None:
     assert kept and (letter.body, letter.message) == ("a\ufffdb", "c\ufffdd")
 
 
+@pytest.mark.django_db
+def test_a_dead_letter_whose_call_id_or_name_holds_nul_is_kept() -> None:
+    # A forged message's id header or task name (an unknown one) is any JSON string.
+    kept = deadletters.record(call_id="i\x00d", handler="h\x00", body="{}", exception=KeyError())
+    letter = DeadLetter.objects.get()
+    assert kept and (letter.call_id, letter.handler) == ("i\ufffdd", "h\ufffd")
+
+
 def test_our_retries_wait_at_most_half_of_redis_visibility_timeout() -> None:
     from deferred_signals.tasks import DB_RETRY_BACKOFF_MAX, longest_wait
 
     task = current_app.tasks[DB_FLAKY]
     assert longest_wait(task) == DB_RETRY_BACKOFF_MAX  # the tests' memory:// broker
-    conf = task.app.conf  # read live, at each retry
-    previous = conf.broker_url, conf.broker_transport_options
-    try:
-        conf.broker_url = "redis://127.0.0.1:6379/0"
-        conf.broker_transport_options = {"visibility_timeout": 10}
+    # Read live, at each retry. Through the Django settings the app reads (CELERY_*): Celery
+    # 5.5 answers a namespaced key before a change made with app.conf.broker_url = ...
+    redis = {"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"}
+    with override_settings(**redis, CELERY_BROKER_TRANSPORT_OPTIONS={"visibility_timeout": 10}):
         assert longest_wait(task) == 5
-        conf.broker_transport_options = {}
+    with override_settings(**redis, CELERY_BROKER_TRANSPORT_OPTIONS={}):
         assert longest_wait(task) == DB_RETRY_BACKOFF_MAX
-    finally:
-        conf.broker_url, conf.broker_transport_options = previous
+
+
+def test_our_retries_wait_at_most_half_of_redis_visibility_timeout_with_failover_urls() -> None:
+    # broker_url may be a list of failover URLs (kombu takes those too): still Redis.
+    from deferred_signals.tasks import longest_wait
+
+    task = current_app.tasks[DB_FLAKY]
+    with override_settings(
+        CELERY_BROKER_URL=["redis://127.0.0.1:6379/0", "redis://127.0.0.2:6379/0"],
+        CELERY_BROKER_TRANSPORT_OPTIONS={"visibility_timeout": 10},
+    ):
+        assert longest_wait(task) == 5
+
+
+@pytest.fixture
+def as_a_worker(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The db_flaky task serving a message, as on a worker (not apply()'s eager request);
+    its retries are not published."""
+    from celery.canvas import Signature
+
+    monkeypatch.setattr(Signature, "apply_async", lambda *args, **kwargs: None)
+    task = current_app.tasks[DB_FLAKY]
+    task.push_request(id="call-1", retries=0, is_eager=False, called_directly=False)
+    yield task
+    task.pop_request()
+
+
+@pytest.mark.django_db
+def test_a_dead_letter_a_database_that_answers_refuses_is_not_retried(as_a_worker: Any) -> None:
+    # SQLite raises OperationalError for a missing table (MySQL for an unknown column): the
+    # database answers, every retry would fail the same way, re-running the handler for ever.
+    from django.db import connection
+
+    from deferred_signals.tasks import keep
+
+    with connection.cursor() as cursor:  # undone by the test's transaction
+        cursor.execute(f"DROP TABLE {DeadLetter._meta.db_table}")
+    handler = registry.get(DB_FLAKY)
+    assert keep(as_a_worker, handler, body(key="k"), FlakyError("x")) is False
+
+
+def test_a_call_retried_for_want_of_its_dead_letter_retries_past_1024_times(
+    as_a_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each retry of a call whose dead letter cannot be written counts one more in "dbr": a
+    # database down for hours took the backoff's 2.0 ** dbr past a float (OverflowError).
+    from celery.exceptions import Retry
+
+    from deferred_signals.tasks import DB_RETRY_BACKOFF_MAX, keep
+
+    def down(**_: Any) -> bool:
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(deadletters, "write", down)
+    # The database is down: no connection answers.
+    monkeypatch.setattr(deadletters, "_reachable", lambda using: False, raising=False)
+    handler = registry.get(DB_FLAKY)
+    with pytest.raises(Retry) as retry:
+        keep(as_a_worker, handler, {**body(key="k"), "dbr": 1100}, FlakyError("x"))
+    assert 0 < float(retry.value.when) <= DB_RETRY_BACKOFF_MAX
+
+
+def test_an_unregistered_message_of_a_content_type_not_accepted_is_left_to_celery() -> None:
+    # Another producer's pickled task on the queue: Celery refuses it; the receiver raising
+    # here made Celery log "Signal handler ... raised" with a traceback for each such message.
+    from kombu.exceptions import ContentDisallowed
+
+    from deferred_signals.unregistered import on_task_unknown
+
+    refused = ContentDisallowed("Refusing to deserialize untrusted content of type pickle")
+    message = FakeMessage(refused, {"id": "p-1", "task": "other.task"})
+    on_task_unknown(message=message, name="other.task", id="p-1")  # does not raise
+
+
+@pytest.mark.django_db
+def test_with_dead_letters_off_an_unregistered_call_is_not_said_to_be_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from deferred_signals.unregistered import on_task_unknown
+
+    old = "tests.testapp.handlers.old_name"
+    message = FakeMessage([[], body(label="x"), None], {"id": "u-2", "task": old})
+    with override_settings(DEFERRED_SIGNALS={"DEAD_LETTERS": False}):
+        on_task_unknown(message=message, name=old, id="u-2")
+    assert not DeadLetter.objects.exists()
+    assert "as a dead letter" not in caplog.text  # Celery's own error is the whole story
