@@ -92,7 +92,7 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
         )
         running = current_call()
         if running is not None and running.handler == handler.name:
-            # If about its own row, with the arguments of the call it serves.
+            # If it is the call it serves again: same row, same arguments.
             _warn_self_call(handler, running, kwargs.get("instance"), index, kwargs_data)
         key = _coalesce_key(index, sender, kwargs.get("instance")) if options.coalesce else None
         call = dispatch.PendingCall(
@@ -133,13 +133,10 @@ def _warn_self_call(
     # A synchronous handler saving its own row recurses until RecursionError; deferred, each
     # run publishes the next, quietly and without end. Said, not refused: a handler that
     # stops itself (a state that moves on) is fine.
-    body = running_body()
-    if not _same_row(body, instance):
-        return  # another row of the model (a parent's counter): that chain ends
-    if not _same_arguments(body, index, kwargs_data):
-        # Not the call it serves again: the guarded save the warning advises (a run for
-        # update_fields=["title"] returns at once) defers one call with other arguments
-        # than its first run's. A loop defers, from its second run on, the call it serves.
+    if not _serves_again(running_body(), index, kwargs_data):
+        # Another row of the model (a parent's counter), or the guarded save the warning
+        # advises (a run for update_fields=["title"] returns at once): chains that end. A
+        # loop defers, from its second run on, the very call it serves.
         return
     row = f" for {_row(instance)}" if isinstance(instance, Model) else ""
     logger.warning(
@@ -153,31 +150,24 @@ def _warn_self_call(
     )
 
 
-def _same_row(body: dict[str, Any] | None, instance: Any) -> bool:
-    """Is ``instance`` the row the running call's message is about (or neither is about a
-    row)? Read from the message: ``{"m": label, "pk": pk or a tagged pk}``."""
-    kwargs = body.get("kwargs") if isinstance(body, dict) else None
-    running = kwargs.get("instance") if isinstance(kwargs, dict) else None
-    if not isinstance(instance, Model):
-        return not isinstance(running, dict) or running.get("m") is None
-    if not isinstance(running, dict) or running.get("m") != instance._meta.label_lower:
-        return False
-    pk = running.get("pk")
-    if isinstance(pk, dict):  # a tagged pk (UUID, ...): its text
-        pk = pk.get("v")
-    return str(pk) == str(instance.pk)
-
-
-def _same_arguments(body: dict[str, Any] | None, index: int, kwargs_data: Frozen) -> bool:
-    """Does the new call carry the running call's signal and arguments (``instance`` aside,
-    compared by :func:`_same_row`), as both messages encode them?"""
+def _serves_again(body: dict[str, Any] | None, index: int, kwargs_data: Frozen) -> bool:
+    """Does the new call carry what the running call's message carries: the same signal, the
+    same arguments and the same row (its model and pk; its fields may have changed), as both
+    messages encode them?"""
     if not isinstance(body, dict) or body.get("signal") != index:
         return False
     running, new = body.get("kwargs"), thaw(kwargs_data)
     if not isinstance(running, dict) or not isinstance(new, dict):
         return False
-    running = {key: value for key, value in running.items() if key != "instance"}
-    return running == {key: value for key, value in new.items() if key != "instance"}
+    return _by_row(running) == _by_row(new)
+
+
+def _by_row(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Encoded arguments with ``instance`` as its row: a model's label and encoded pk, or
+    None for anything that is not a model instance."""
+    instance = kwargs.get("instance")
+    row = (instance.get("m"), instance.get("pk")) if isinstance(instance, dict) else None
+    return {**kwargs, "instance": row if row is None or row[0] is not None else None}
 
 
 def _row(instance: Model) -> str:
