@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 import traceback
@@ -327,18 +328,32 @@ def retry_after_database_error(
             handler.name, task.request.id, now - first, window, outage_retries, _kind(exc),
         )  # fmt: skip
         return
-    delay = min(backoff(outage_retries), longest_wait(task), left)
-    countdown = delay * random.uniform(0.5, 1.0)  # spread the herd
+    countdown = outage_countdown(task, outage_retries, left)
     logger.warning(
         "Deferred handler %s [%s]: database error, retry in %.1f s (%.0f s left of "
         "db_retry_window): %s",
         handler.name, task.request.id, countdown, left, _kind(exc),
     )  # fmt: skip
-    raise task.retry(
+    raise outage_retry(task, body, exc, countdown, dbf=first)
+
+
+def outage_countdown(
+    task: DeferredHandlerTask, outage_retries: int, left: float = math.inf
+) -> float:
+    """The wait before an outage's next retry: :func:`backoff`, within :func:`longest_wait`
+    and what is ``left`` of the window, jittered to spread the herd."""
+    return min(backoff(outage_retries), longest_wait(task), left) * random.uniform(0.5, 1.0)
+
+
+def outage_retry(
+    task: DeferredHandlerTask, body: dict[str, Any], exc: Exception, countdown: float, **keys: Any
+) -> Retry:
+    """Celery's retry of a call in an outage: one more outage retry (``"dbr"``) in its
+    message, with ``keys`` added, and not taken from the handler's own ``max_retries``."""
+    return task.retry(
         exc=exc,
         countdown=countdown,
-        kwargs={**body, "dbf": first, "dbr": outage_retries + 1},
-        # Not the handler's budget: it has its own max_retries for its own errors.
+        kwargs={**body, **keys, "dbr": body.get("dbr", 0) + 1},
         max_retries=task.request.retries + 1,
     )
 
@@ -401,19 +416,13 @@ def keep(task: DeferredHandlerTask, handler: Handler, body: dict[str, Any], exc:
     if request.is_eager:  # apply(): no message to keep, its caller sees the exception
         return False
     close_connections()
-    outage_retries = body.get("dbr", 0)
-    countdown = min(backoff(outage_retries), longest_wait(task)) * random.uniform(0.5, 1.0)
+    countdown = outage_countdown(task, body.get("dbr", 0))
     logger.error(
         "Deferred handler %s [%s] failed for good on attempt %d (%s), but its dead letter could "
         "not be written: retry in %.1f s rather than drop the call",
         handler.name, request.id, request.retries + 1, _kind(exc), countdown,
     )  # fmt: skip
-    raise task.retry(
-        exc=exc,
-        countdown=countdown,
-        kwargs={**body, "dbr": outage_retries + 1},
-        max_retries=request.retries + 1,
-    )
+    raise outage_retry(task, body, exc, countdown)
 
 
 def announce(task: DeferredHandlerTask, handler: Handler, exc: Exception) -> None:
