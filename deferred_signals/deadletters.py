@@ -83,14 +83,13 @@ def write(
         return False
     from .models import NAME_LENGTH, DeadLetter  # models load once Django's apps are ready
 
-    kind = type(exception)
     now = timezone.now()
     # A forged message's id or task name may hold NUL too (its headers are any JSON strings).
     call_id = _text(call_id)
     fields: dict[str, Any] = {
         "handler": _text(handler[:NAME_LENGTH]),
         "body": _text(body if isinstance(body, str) else body_text(body)),
-        "exception": f"{kind.__module__}.{kind.__qualname__}"[:NAME_LENGTH],
+        "exception": _kind(exception)[:NAME_LENGTH],
         "message": _text(str(exception)),
         "traceback": _text(traceback),
         "attempts": attempts,
@@ -144,6 +143,12 @@ def _reachable(using: str) -> bool:
         return False
 
 
+def _kind(exception: BaseException) -> str:
+    """The exception's type as a dead letter names it: ``module.QualName``."""
+    kind = type(exception)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 def _text(text: str) -> str:
     # PostgreSQL's text refuses NUL, which a raw body or an exception's text may hold.
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
@@ -151,13 +156,12 @@ def _text(text: str) -> str:
 
 def unwritten(call_id: str, handler: str, exception: BaseException) -> None:
     """Log, inside the ``except`` block of a failed :func:`write`, that it failed."""
-    kind = type(exception)
     # Not the exception's text: it may quote the call's arguments.
     logger.exception(
         "Could not record the dead letter of call %s (deferred handler %s, %s)",
         call_id,
         handler,
-        f"{kind.__module__}.{kind.__qualname__}"[:200],
+        _kind(exception)[:200],
     )
 
 
