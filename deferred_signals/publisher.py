@@ -111,11 +111,8 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
                 cooldown.start(error)
             break
     # Outside the try: a failing call_published receiver must not pass for a broker failure
-    # (a false cooldown), nor keep the caller from spilling what was not confirmed.
-    try:
-        _confirmed(calls, progress.done, started)
-    except Exception:
-        logger.exception("deferred_signals: a call_published receiver failed")
+    # (a false cooldown).
+    _confirmed(calls, progress.done, started)
     return progress.done, failure
 
 
@@ -156,15 +153,22 @@ def _apply_eagerly(calls: Sequence[PendingCall]) -> tuple[int, BaseException | N
             failure = error
             break
         done += 1
-    try:
-        _confirmed(calls, done, started)
-    except Exception:
-        logger.exception("deferred_signals: a call_published receiver failed")
+    _confirmed(calls, done, started)
     return done, failure
 
 
 def _confirmed(calls: Sequence[PendingCall], done: int, started: float) -> None:
-    """One log line for the batch, and ``call_published`` for each call the broker confirmed."""
+    """One log line for the batch, and ``call_published`` for each call the broker confirmed.
+
+    Never raises: a failing receiver (metrics code) is logged, and must not keep the caller
+    from spilling what was not confirmed."""
+    try:
+        _announce_confirmed(calls, done, started)
+    except Exception:
+        logger.exception("deferred_signals: a call_published receiver failed")
+
+
+def _announce_confirmed(calls: Sequence[PendingCall], done: int, started: float) -> None:
     if not done:
         return
     if logger.isEnabledFor(logging.INFO):
