@@ -39,7 +39,7 @@ Key = tuple[Hashable, ...]
 _UNITED = ("frozenset", "set")
 
 
-class _Member:
+class _Member(dispatch.CommitHook):
     """One coalesced call's ``on_commit`` callback: running at commit proves it survived.
 
     ``body`` is the merge of the group's surviving calls up to this one; ``row`` the id of
@@ -139,7 +139,7 @@ class _Transaction:
             dispatch.flush(calls, self.using)
 
 
-class _Finisher:
+class _Finisher(dispatch.CommitHook):
     __slots__ = ("transaction",)
 
     def __init__(self, transaction: _Transaction) -> None:
@@ -152,10 +152,6 @@ class _Finisher:
     def __repr__(self) -> str:
         return "<deferred_signals coalesced calls>"
 
-
-#: The types of the commit callbacks coalescing registers (a test's capture runs them at
-#: what stands for a commit).
-CALLBACKS = (_Member, _Finisher)
 
 _open: weakref.WeakKeyDictionary[Any, _Transaction] = weakref.WeakKeyDictionary()
 

@@ -35,7 +35,16 @@ logger = logging.getLogger("deferred_signals")
 capture: Callable[[list[PendingCall], str], None] | None = None
 
 
-class PendingCall:
+class CommitHook:
+    """A commit callback of the package's own, which a test's capture
+    (:mod:`~deferred_signals.testing`) runs at what stands for a commit, or forgets: a call,
+    coalescing's, a replay's. (:class:`_Held` is not one: calls wait for a second database
+    only outside a capture.)"""
+
+    __slots__ = ()
+
+
+class PendingCall(CommitHook):
     """One handler call waiting for its transaction, and its own ``on_commit`` callback.
 
     ``body`` is the message body, already encoded. A call made by a signal keeps it frozen

@@ -14,7 +14,7 @@ from kombu.utils import json as kombu_json
 
 from . import registry
 from .conf import conf
-from .dispatch import PendingCall, _guarded, flush, in_transaction
+from .dispatch import CommitHook, PendingCall, _guarded, flush, in_transaction
 from .tasks import MESSAGE_KEYS
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def replay(
     return [letter for letter, _ in claimed if letter not in lost], skipped
 
 
-class ReplayAtCommit:
+class ReplayAtCommit(CommitHook):
     """The commit callback of a replay made inside a transaction: publishes its claimed
     letters' calls. A type of its own, so the testing capture runs it at a ``TestCase``
     block's exit, as it runs deferred calls' callbacks."""

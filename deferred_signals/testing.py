@@ -50,18 +50,13 @@ from django.db.transaction import Atomic
 from django.dispatch import Signal
 from kombu.utils import json as kombu_json
 
-from . import coalesce, dispatch, outbox, registry
+from . import dispatch, outbox, registry
 from .decoder import resolve
-from .dispatch import PendingCall
+from .dispatch import CommitHook, PendingCall
 from .exceptions import DeferredSignalError
 from .execution import decode_call
-from .replay import ReplayAtCommit
 
 __all__ = ["CapturedCall", "DeferredCapture", "capture_deferred"]
-
-#: The commit callbacks a capture runs or forgets: a call's, a coalesced call's own, and a
-#: replay's made inside a transaction (the admin under ``ATOMIC_REQUESTS``).
-_CALLBACK_TYPES = (PendingCall, *coalesce.CALLBACKS, ReplayAtCommit)
 
 #: The active capture, if any; its Atomic wrappers and the flush hook serve it.
 _active: DeferredCapture | None = None
@@ -258,7 +253,7 @@ class DeferredCapture:
         for callback in _pending(connection):
             if callback not in self._taken and callback not in self._passed:
                 if type(callback) is not PendingCall:
-                    self._taken.add(callback)  # a coalesced call's: _record sees its merge
+                    self._taken.add(callback)  # coalescing's, a replay's: _record sees their calls
                 # As Django would at commit: a batch, or the merge of coalesced calls, goes
                 # to flush(), then to _record.
                 callback()
@@ -311,11 +306,12 @@ def _refuse_async_context() -> None:
 
 
 def _pending(connection: BaseDatabaseWrapper) -> list[Callable[[], None]]:
-    """The commit callbacks of deferred calls, in order: calls, and coalesced calls' own
-    (each marks its call as surviving; the last finisher releases the merged calls)."""
+    """The package's commit callbacks (:class:`~deferred_signals.dispatch.CommitHook`), in
+    order: calls, coalesced calls' own (each marks its call as surviving; the last finisher
+    releases the merged calls), and replays made inside a transaction."""
     # Entries are (savepoint ids, callback, robust); django-stubs still says pairs.
     callbacks = (entry[1] for entry in connection.run_on_commit)
-    return [func for func in callbacks if type(func) in _CALLBACK_TYPES]
+    return [func for func in callbacks if isinstance(func, CommitHook)]
 
 
 def at_test_level(connection: BaseDatabaseWrapper) -> bool:
