@@ -346,8 +346,64 @@ CASE3B = [
 # --- case 4: one row saved ten times, coalesce=True ----------------------------------------
 
 SAVES = 10
+
+#: A message's size as our Redis envelope stores it (case 1's, ~1.4 KB).
+BARE_MESSAGE = b"x" * 1400
+
+
+@contextmanager
+def bare_publish() -> Iterator[None]:
+    """The least any library that publishes after the commit can add: a receiver whose first
+    call in a transaction registers one ``on_commit`` that writes one prepacked ``LPUSH`` on a
+    socket kept open, and reads the reply. No encoding, no message building, no bookkeeping:
+    the broker's round trip alone, the part that cannot go (``delivery="on_commit"`` needs
+    the broker's answer before the request may go on)."""
+    import socket
+
+    from benchmarks import settings
+
+    sock = socket.create_connection((settings.REDIS_HOST, settings.REDIS_PORT), timeout=3)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def command(*parts: bytes) -> bytes:
+        packed = b"*%d\r\n" % len(parts)
+        for part in parts:
+            packed += b"$%d\r\n%s\r\n" % (len(part), part)
+        return packed
+
+    sock.sendall(command(b"SELECT", str(settings.REDIS_DB).encode()))
+    if not sock.recv(64).startswith(b"+OK"):
+        raise RuntimeError("Redis refused SELECT")
+    push = command(b"LPUSH", settings.QUEUE.encode(), BARE_MESSAGE)
+    pending: list[bool] = []
+
+    def publish() -> None:
+        pending.clear()
+        sock.sendall(push)
+        if not sock.recv(64).startswith(b":"):
+            raise RuntimeError("Redis refused LPUSH")
+
+    def receiver(sender: Any, **kwargs: Any) -> None:
+        if not pending:
+            pending.append(True)
+            transaction.on_commit(publish)
+
+    try:
+        with plain(post_save, receiver, Item):
+            yield
+    finally:
+        sock.close()
+
+
 CASE4 = [
     Variant("none", "no receiver", False, 0),
+    Variant(
+        "bare",
+        "one bare LPUSH at commit (the least a publish costs)",
+        True,
+        1,
+        bare_publish,
+    ),
     Variant(
         "deferred",
         "deferred_signals coalesce=True",
