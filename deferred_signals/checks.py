@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -23,7 +24,7 @@ logger = logging.getLogger("deferred_signals")
 @register(Tags.compatibility, "deferred_signals")  # manage.py check --tag deferred_signals
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     raw = getattr(settings, SETTING, {})
-    problems = settings_problems(raw)
+    problems = settings_problems(raw) + _misnamed_settings()
     if isinstance(raw, Mapping) and isinstance(raw.get("HANDLERS", {}), Mapping):
         problems += _unknown_handlers(raw.get("HANDLERS", {}))
     problems += _unknown_aliases()
@@ -38,6 +39,24 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     return [
         (Warning if problem.warning else Error)(problem.msg, hint=problem.hint, id=problem.id)
         for problem in problems
+    ]
+
+
+def _misnamed_settings() -> list[Problem]:
+    """``DEFERRED_SIGNAL = {...}`` is read by nobody: its options would silently do nothing."""
+    names = [name for name in dir(settings) if name.isupper() and name != SETTING]
+    near = set(difflib.get_close_matches(SETTING, names, n=len(names), cutoff=0.85))
+    near.update(name for name in names if name.startswith(SETTING[:-1]))  # DEFERRED_SIGNALS_EAGER
+    return [
+        Problem(
+            "deferred_signals.W006",
+            f"settings.{name} is not read by deferred_signals, which reads only "
+            f"settings.{SETTING}: its value is ignored.",
+            f"Rename it to {SETTING}, one dict with every key "
+            f"({SETTING} = {{'DEFAULTS': {{...}}, 'EAGER': True, ...}}).",
+            warning=True,
+        )
+        for name in sorted(near)
     ]
 
 

@@ -163,6 +163,25 @@ def test_manage_py_check_reports_errors() -> None:
     call_command("check")  # the test settings themselves are clean
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["DEFERRED_SIGNAL", "DEFERED_SIGNALS", "DEFERRED_SIGNALS_DEFAULTS", "DEFERRED_SIGNALS_EAGER"],
+)
+def test_a_misnamed_setting_is_a_warning_not_silently_ignored(name: str) -> None:
+    # Its options would do nothing, and nothing else would say so.
+    with override_settings(**{name: {"PUBLISH_TIMEOUT": 9}}):
+        (warning,) = check_settings()
+        assert conf.publish_timeout != 9
+    assert isinstance(warning, Warning) and warning.id == "deferred_signals.W006"
+    assert f"settings.{name} is not read" in warning.msg
+    assert "Rename it to DEFERRED_SIGNALS" in warning.hint
+
+
+def test_settings_of_other_names_are_not_taken_for_misnamed_ones() -> None:
+    with override_settings(DEFAULT_SIGNALS=1, DEFERRED=1, SIGNALS=1):
+        assert check_settings() == []
+
+
 @pytest.mark.parametrize("key", ["PUBLISH_TIMEOUT", "PUBLISH_COOLDOWN", "OUTBOX_GRACE"])
 def test_infinite_seconds_are_refused_at_check_and_at_use(key: str) -> None:
     with override_settings(DEFERRED_SIGNALS={key: float("inf")}):
