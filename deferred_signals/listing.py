@@ -92,9 +92,11 @@ def print_handlers(handlers: list[dict[str, Any]], out: OutputWrapper, style: St
                 out.write(
                     style.ERROR(
                         f"  not imported by: {', '.join(entry['unregistered_on'])}: such a "
-                        "worker discards this handler's calls as unregistered tasks. Import "
-                        "the handler's module from an AppConfig.ready(), which every process "
-                        "runs at start-up, not on first use (inside a view, a command...)."
+                        "worker does not run this handler's calls: it keeps them as dead "
+                        "letters, to replay once it runs them. Restart a worker started "
+                        "before the handler was added; otherwise import the handler's module "
+                        "from an AppConfig.ready(), which every process runs at start-up, not "
+                        "on first use (inside a view, a command...)."
                     )
                 )
         elif workers is not None:
