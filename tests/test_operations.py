@@ -735,6 +735,12 @@ def test_status_reports_pending_rows_dead_letters_and_relays() -> None:
     assert "relay host:1: last loop 0 s ago" in text
 
 
+def test_status_says_no_relay_runs_once_the_last_one_stopped() -> None:
+    # A stopped relay removes its heartbeat: what is left must not read as one still busy.
+    text = command("status")[0]
+    assert "relays: none running (a relay shows here once it completes a loop)" in text
+
+
 @pytest.mark.django_db(transaction=True, databases=["default", "other"])
 def test_status_and_prune_name_a_database_that_did_not_answer_and_fail(
     postgres_only: None, monkeypatch: pytest.MonkeyPatch

@@ -238,7 +238,8 @@ class Command(BaseCommand):
         for handler, count in report["dead_letters"].items():
             self.stdout.write(f"  {handler}: {count}")
         if not report["relays"]:
-            self.stdout.write("relays: none has completed a loop yet")
+            # Read as "one is running, slowly" after a relay was stopped, with calls waiting.
+            self.stdout.write("relays: none running (a relay shows here once it completes a loop)")
         for name, at in report["relays"].items():
             seconds = (now - datetime.datetime.fromisoformat(at)).total_seconds()
             stale = ": stale (stopped or stuck)" if name in report["stale_relays"] else ""
