@@ -626,6 +626,23 @@ def test_relay_once_touches_its_health_file_and_leaves_no_heartbeat(
     assert not RelayHeartbeat.objects.exists()
 
 
+def test_relay_once_says_what_it_leaves_for_later(redis_queue: Queue) -> None:
+    """After a crash in outbox mode, ``relay --once`` found only rows within OUTBOX_GRACE and
+    printed "relayed 0 call(s)" over an outbox that status showed full, without a reason."""
+    now = timezone.now()
+    for label, wait in (("graced", 25), ("backing-off", 40)):
+        OutboxCall.objects.create(
+            id=label,
+            handler=EVENT,
+            body=body_text(body(label)),
+            next_attempt_at=now + wait * SECOND,
+        )
+    out, _ = command("relay", "--once")
+    assert out.startswith("relayed 0 call(s); 2 more not due yet, the first in 2")
+    assert "left OUTBOX_GRACE for its request to publish; a failed one backs off" in out
+    assert OutboxCall.objects.count() == 2 and redis_queue.messages() == []
+
+
 def test_common_options_may_follow_the_subcommand(redis_queue: Queue) -> None:
     """The reference gives ``relay ... -v 2``: argparse hands what follows a subcommand to
     that subcommand's parser, which must know Django's common options too."""
