@@ -13,10 +13,19 @@ from django.dispatch import Signal
 from django.dispatch.dispatcher import _make_id  # type: ignore[attr-defined]
 
 from . import registry
+from .conf import BUILTIN_DEFAULTS
 
 #: Options the text listing shows; unset worker options show the Celery value in effect.
 SHOWN_OPTIONS = ("queue", "max_retries", "autoretry_for", "retry_backoff", "acks_late", "instance")
 TASK_ATTRIBUTES = ("max_retries", "acks_late")
+#: The other options are listed only where they differ from these.
+LISTED_DEFAULTS: dict[str, Any] = {
+    **{
+        key: list(value) if key.endswith("_for") else value
+        for key, value in BUILTIN_DEFAULTS.items()
+    },
+    "delivery": "on_commit",
+}
 
 
 def handlers_report(workers: bool = True, timeout: float = 1.0) -> list[dict[str, Any]]:
@@ -82,6 +91,13 @@ def print_handlers(handlers: list[dict[str, Any]], out: OutputWrapper, style: St
         for connection in entry["connections"]:
             out.write(f"  {connection['signal']} from {connection['sender']}")
         shown = {k: entry["options"].get(k) for k in SHOWN_OPTIONS}
+        # And whatever else a layer changed (coalesce, delivery, rate_limit...), or a user
+        # who set it has no way to see, short of --json, that it took.
+        shown.update(
+            (key, value)
+            for key, value in entry["options"].items()
+            if key not in shown and value != LISTED_DEFAULTS.get(key)
+        )
         out.write("  " + ", ".join(f"{k}={v}" for k, v in shown.items()))
         workers = entry["workers"]
         if isinstance(workers, str):

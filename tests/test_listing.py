@@ -63,3 +63,18 @@ def test_renamed_handlers_show_their_former_names() -> None:
         "tests.testapp.handlers.old_name"
     ]
     assert "also answers to its former names: tests.testapp.handlers.old_name" in text
+
+
+def test_the_text_shows_every_option_a_layer_changed() -> None:
+    """It showed six options whatever was set: a handler given coalesce=True, or made durable
+    with delivery="outbox", listed as any other, and only --json told."""
+    handlers = {MARKER: {"delivery": "outbox", "rate_limit": "5/s"}}
+    with override_settings(DEFERRED_SIGNALS={"HANDLERS": handlers}):
+        text, _ = listing("--no-workers")
+    blocks = {block.split("\n")[0]: block for block in text.split("\ntests.")}
+    marker = blocks[MARKER.removeprefix("tests.")]
+    assert ", instance=fresh, delivery=outbox, rate_limit=5/s" in marker
+    row_touched = blocks["testapp.handlers.row_touched"]
+    assert ", instance=snapshot, coalesce=True" in row_touched
+    # Options at their defaults stay out of the line, as before.
+    assert "reject_on_worker_lost=True" not in text and "coalesce=False" not in text
