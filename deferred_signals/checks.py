@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery import current_app
+from celery._state import get_current_app
 from celery.exceptions import QueueNotFound
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
@@ -16,7 +17,7 @@ from django.db.models.signals import ModelSignal, pre_save
 
 from . import redelivery, registry
 from .conf import SETTING, Problem, conf, limits_problem, settings_problems
-from .readiness import UNCONFIGURED_APP_HINT, unconfigured_app
+from .readiness import unconfigured_app, unconfigured_app_hint
 
 logger = logging.getLogger("deferred_signals")
 
@@ -288,7 +289,7 @@ def _unconfigured_celery_app() -> list[Problem]:
         Problem(
             "deferred_signals.W003",
             unconfigured_app(current_app),
-            UNCONFIGURED_APP_HINT,
+            unconfigured_app_hint(get_current_app()),  # the app itself, not current_app's proxy
             warning=True,
         )
     ]
