@@ -547,6 +547,39 @@ def test_a_row_whose_body_is_not_a_message_backs_off_then_becomes_a_dead_letter(
     ]
 
 
+def test_a_queue_celery_cannot_route_to_spills_each_call_and_dead_letters_it(
+    redis_queue: Queue, settings: SettingsWrapper
+) -> None:
+    """What E012 says happens to the calls: the commit succeeds, each call waits in the
+    outbox, and the relay, refused too, keeps it as a dead letter; no message is sent. (It
+    said each call would "fail at its commit", which reads as a request that fails.)"""
+    from kombu import Queue as Declared
+
+    from deferred_signals.checks import check_settings
+    from tests.testapp.signals import user_registered
+
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "RELAY_MAX_ATTEMPTS": 1,
+        "HANDLERS": {EVENT: {"queue": "nowhere"}},
+    }
+    app = redis_queue.app
+    app.conf.task_queues = [Declared(redis_queue.name)]
+    app.conf.task_create_missing_queues = False
+    (problem,) = [m for m in check_settings() if m.id == "deferred_signals.E012"]
+    with transaction.atomic():
+        user_registered.send(sender=None, label="unroutable")
+    assert list(OutboxCall.objects.values_list("handler", flat=True)) == [EVENT]
+    Relay().run_once()
+    letter = DeadLetter.objects.get()
+    assert letter.handler == EVENT and "QueueNotFound" in letter.message
+    assert not OutboxCall.objects.exists() and redis_queue.messages() == []
+    assert "so none reaches a worker: each call is spilled to the outbox at its commit, and " in (
+        problem.msg
+    )
+    assert "kept as a dead letter once the relay is refused too" in problem.msg
+
+
 def test_a_row_is_kept_when_its_dead_letter_cannot_be_written(
     redis_queue: Queue, settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
 ) -> None:

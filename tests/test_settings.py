@@ -334,7 +334,7 @@ def test_a_handler_named_as_another_celery_task_is_an_error(
 
 def test_a_soft_time_limit_above_celerys_hard_one_is_an_error() -> None:
     """A handler's soft_time_limit against Celery's task_time_limit: the limits the worker
-    and every publish would use, so each call would fail at its commit."""
+    and every publish would use, so each call would be refused at its commit."""
     from celery import current_app
 
     conf_ = current_app.conf
@@ -349,6 +349,8 @@ def test_a_soft_time_limit_above_celerys_hard_one_is_an_error() -> None:
             f"Deferred handler {ARTICLE_SAVED!r} has soft_time_limit=60 above its time_limit=30"
         )
         assert "soft_time_limit lower than time_limit" in (error.hint or "")
+        # Not "every call would fail at its commit": the commit spills it (test_operations).
+        assert "so no call of the handler would reach a worker" in error.msg
         assert ids({"HANDLERS": {ARTICLE_SAVED: {"soft_time_limit": 20}}}) == []
     finally:
         # Not `= previous`: a value set on app.conf (even None) would hide Django's settings
