@@ -46,7 +46,9 @@ def handlers_report(workers: bool = True, timeout: float = 1.0) -> list[dict[str
         queue = _queue(app, handler)
         consuming = (
             consumers
-            if consumers is None or isinstance(consumers, str)
+            if consumers is None
+            else "unknown"
+            if isinstance(consumers, str)
             # sorted(): a stable listing, whatever order the replies came in
             else sorted(consumers.get(queue, ()))
         )
@@ -61,6 +63,8 @@ def handlers_report(workers: bool = True, timeout: float = 1.0) -> list[dict[str
                 ],
                 "queue": queue,
                 "workers": consuming,
+                # Why "unknown": a broker that is down is not workers that are.
+                "workers_unknown_reason": consumers if isinstance(consumers, str) else None,
                 "unregistered_on": [
                     worker
                     for worker in (consuming if isinstance(consuming, list) else ())
@@ -101,7 +105,7 @@ def print_handlers(handlers: list[dict[str, Any]], out: OutputWrapper, style: St
         out.write("  " + ", ".join(f"{k}={v}" for k, v in shown.items()))
         workers = entry["workers"]
         if isinstance(workers, str):
-            out.write(f"  consumed by: {workers} (no worker answered)")
+            out.write(f"  consumed by: {workers} ({entry['workers_unknown_reason']})")
         elif workers:
             out.write(f"  consumed by: {', '.join(workers)}")
             if entry["unregistered_on"]:
@@ -139,7 +143,7 @@ def _queue(app: Celery, handler: registry.Handler) -> str:
 def _consumers(
     app: Celery, timeout: float
 ) -> tuple[dict[str, list[str]] | str, dict[str, set[str]]]:
-    """Queue name -> the live workers consuming it ("unknown" when nobody could tell), and
+    """Queue name -> the live workers consuming it (or why nobody could tell), and
     worker -> the task names it has registered (for the workers that said)."""
     try:
         with app.connection_for_write() as connection:
@@ -155,10 +159,10 @@ def _consumers(
                 if replies
                 else None
             )
-    except Exception:  # the broker is unreachable: not this listing's problem to solve
-        return "unknown", {}
+    except Exception as error:  # the broker is unreachable: not this listing's to solve
+        return f"the broker did not answer: {type(error).__name__}: {error}", {}
     if not replies:
-        return "unknown", {}
+        return "no worker answered", {}
     consumers: dict[str, list[str]] = {}
     for worker, queues in replies.items():
         for queue in queues or ():

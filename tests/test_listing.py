@@ -54,7 +54,23 @@ def test_queues_are_resolved_through_the_celery_apps_router(
 def test_workers_are_unknown_when_none_answers() -> None:
     text, entries = listing("--timeout", "0.1")
     assert entries[MARKER]["workers"] == "unknown"
+    assert entries[MARKER]["workers_unknown_reason"] == "no worker answered"
     assert "consumed by: unknown (no worker answered)" in text
+
+
+def test_a_broker_that_is_down_is_not_reported_as_workers_that_do_not_answer() -> None:
+    """With Redis stopped, list said "no worker answered", sending the user to their workers
+    when the broker was what did not answer."""
+    from celery import Celery
+
+    from tests.conftest import current
+
+    with current(Celery("down", broker="redis://127.0.0.1:1/0", set_as_current=False)):
+        text, entries = listing("--timeout", "0.1")
+    reason = entries[MARKER]["workers_unknown_reason"]
+    assert entries[MARKER]["workers"] == "unknown"
+    assert reason.startswith("the broker did not answer: OperationalError: ")
+    assert f"consumed by: unknown ({reason})" in text and "no worker answered" not in text
 
 
 def test_renamed_handlers_show_their_former_names() -> None:
