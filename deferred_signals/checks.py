@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 from celery import current_app
+from celery._state import get_current_app
 from celery.exceptions import QueueNotFound
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
@@ -15,7 +17,7 @@ from django.db.models.signals import ModelSignal, pre_save
 
 from . import redelivery, registry
 from .conf import SETTING, Problem, conf, limits_problem, settings_problems
-from .readiness import UNCONFIGURED_APP_HINT, unconfigured_app
+from .readiness import unconfigured_app, unconfigured_app_hint
 
 logger = logging.getLogger("deferred_signals")
 
@@ -23,7 +25,7 @@ logger = logging.getLogger("deferred_signals")
 @register(Tags.compatibility, "deferred_signals")  # manage.py check --tag deferred_signals
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     raw = getattr(settings, SETTING, {})
-    problems = settings_problems(raw)
+    problems = settings_problems(raw) + _misnamed_settings()
     if isinstance(raw, Mapping) and isinstance(raw.get("HANDLERS", {}), Mapping):
         problems += _unknown_handlers(raw.get("HANDLERS", {}))
     problems += _unknown_aliases()
@@ -38,6 +40,24 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     return [
         (Warning if problem.warning else Error)(problem.msg, hint=problem.hint, id=problem.id)
         for problem in problems
+    ]
+
+
+def _misnamed_settings() -> list[Problem]:
+    """``DEFERRED_SIGNAL = {...}`` is read by nobody: its options would silently do nothing."""
+    names = [name for name in dir(settings) if name.isupper() and name != SETTING]
+    near = set(difflib.get_close_matches(SETTING, names, n=len(names), cutoff=0.85))
+    near.update(name for name in names if name.startswith(SETTING[:-1]))  # DEFERRED_SIGNALS_EAGER
+    return [
+        Problem(
+            "deferred_signals.W006",
+            f"settings.{name} is not read by deferred_signals, which reads only "
+            f"settings.{SETTING}: its value is ignored.",
+            f"Rename it to {SETTING}, one dict with every key "
+            f"({SETTING} = {{'DEFAULTS': {{...}}, 'EAGER': True, ...}}).",
+            warning=True,
+        )
+        for name in sorted(near)
     ]
 
 
@@ -178,7 +198,9 @@ def _unroutable() -> list[Problem]:
                     "deferred_signals.E012",
                     f"Deferred handler {handler.name!r} is routed to a queue Celery does not "
                     f"know ({error}), and task_create_missing_queues is off: Celery refuses "
-                    "every message of the handler, so each call would fail at its commit.",
+                    "every message of the handler, so none reaches a worker: each call is "
+                    "spilled to the outbox at its commit, and kept as a dead letter once the "
+                    "relay is refused too.",
                     "Add the queue to task_queues, or give the handler a queue that is there "
                     "(its queue option, or task_routes).",
                 )
@@ -269,7 +291,7 @@ def _unconfigured_celery_app() -> list[Problem]:
         Problem(
             "deferred_signals.W003",
             unconfigured_app(current_app),
-            UNCONFIGURED_APP_HINT,
+            unconfigured_app_hint(get_current_app()),  # the app itself, not current_app's proxy
             warning=True,
         )
     ]

@@ -230,7 +230,7 @@ def limits_problem(values: Mapping[str, Any], where: str, id: str) -> Problem | 
     return Problem(
         id,
         f"{where} has soft_time_limit={soft!r} above its time_limit={hard!r}: Celery refuses "
-        "to publish such a message, so every call would fail at its commit.",
+        "to publish such a message, so no call of the handler would reach a worker.",
         "Make soft_time_limit lower than time_limit (the soft limit warns the handler "
         "before the hard limit stops it), or leave one of them unset.",
     )

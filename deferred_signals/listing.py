@@ -13,10 +13,19 @@ from django.dispatch import Signal
 from django.dispatch.dispatcher import _make_id  # type: ignore[attr-defined]
 
 from . import registry
+from .conf import BUILTIN_DEFAULTS
 
 #: Options the text listing shows; unset worker options show the Celery value in effect.
 SHOWN_OPTIONS = ("queue", "max_retries", "autoretry_for", "retry_backoff", "acks_late", "instance")
 TASK_ATTRIBUTES = ("max_retries", "acks_late")
+#: The other options are listed only where they differ from these.
+LISTED_DEFAULTS: dict[str, Any] = {
+    **{
+        key: list(value) if key.endswith("_for") else value
+        for key, value in BUILTIN_DEFAULTS.items()
+    },
+    "delivery": "on_commit",
+}
 
 
 def handlers_report(workers: bool = True, timeout: float = 1.0) -> list[dict[str, Any]]:
@@ -37,7 +46,9 @@ def handlers_report(workers: bool = True, timeout: float = 1.0) -> list[dict[str
         queue = _queue(app, handler)
         consuming = (
             consumers
-            if consumers is None or isinstance(consumers, str)
+            if consumers is None
+            else "unknown"
+            if isinstance(consumers, str)
             # sorted(): a stable listing, whatever order the replies came in
             else sorted(consumers.get(queue, ()))
         )
@@ -52,6 +63,8 @@ def handlers_report(workers: bool = True, timeout: float = 1.0) -> list[dict[str
                 ],
                 "queue": queue,
                 "workers": consuming,
+                # Why "unknown": a broker that is down is not workers that are.
+                "workers_unknown_reason": consumers if isinstance(consumers, str) else None,
                 "unregistered_on": [
                     worker
                     for worker in (consuming if isinstance(consuming, list) else ())
@@ -82,19 +95,28 @@ def print_handlers(handlers: list[dict[str, Any]], out: OutputWrapper, style: St
         for connection in entry["connections"]:
             out.write(f"  {connection['signal']} from {connection['sender']}")
         shown = {k: entry["options"].get(k) for k in SHOWN_OPTIONS}
+        # And whatever else a layer changed (coalesce, delivery, rate_limit...), or a user
+        # who set it has no way to see, short of --json, that it took.
+        shown.update(
+            (key, value)
+            for key, value in entry["options"].items()
+            if key not in shown and value != LISTED_DEFAULTS.get(key)
+        )
         out.write("  " + ", ".join(f"{k}={v}" for k, v in shown.items()))
         workers = entry["workers"]
         if isinstance(workers, str):
-            out.write(f"  consumed by: {workers} (no worker answered)")
+            out.write(f"  consumed by: {workers} ({entry['workers_unknown_reason']})")
         elif workers:
             out.write(f"  consumed by: {', '.join(workers)}")
             if entry["unregistered_on"]:
                 out.write(
                     style.ERROR(
                         f"  not imported by: {', '.join(entry['unregistered_on'])}: such a "
-                        "worker discards this handler's calls as unregistered tasks. Import "
-                        "the handler's module from an AppConfig.ready(), which every process "
-                        "runs at start-up, not on first use (inside a view, a command...)."
+                        "worker does not run this handler's calls: it keeps them as dead "
+                        "letters, to replay once it runs them. Restart a worker started "
+                        "before the handler was added; otherwise import the handler's module "
+                        "from an AppConfig.ready(), which every process runs at start-up, not "
+                        "on first use (inside a view, a command...)."
                     )
                 )
         elif workers is not None:
@@ -121,7 +143,7 @@ def _queue(app: Celery, handler: registry.Handler) -> str:
 def _consumers(
     app: Celery, timeout: float
 ) -> tuple[dict[str, list[str]] | str, dict[str, set[str]]]:
-    """Queue name -> the live workers consuming it ("unknown" when nobody could tell), and
+    """Queue name -> the live workers consuming it (or why nobody could tell), and
     worker -> the task names it has registered (for the workers that said)."""
     try:
         with app.connection_for_write() as connection:
@@ -137,10 +159,10 @@ def _consumers(
                 if replies
                 else None
             )
-    except Exception:  # the broker is unreachable: not this listing's problem to solve
-        return "unknown", {}
+    except Exception as error:  # the broker is unreachable: not this listing's to solve
+        return f"the broker did not answer: {type(error).__name__}: {error}", {}
     if not replies:
-        return "unknown", {}
+        return "no worker answered", {}
     consumers: dict[str, list[str]] = {}
     for worker, queues in replies.items():
         for queue in queues or ():

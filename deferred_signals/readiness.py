@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, _state
 from celery._state import get_current_app
 from django.apps import apps
 from django.core.signals import setting_changed
@@ -23,6 +23,25 @@ UNCONFIGURED_APP_HINT = (
     "Import your Celery app when Django starts (proj/__init__.py: `from .celery import "
     "app as celery_app`) and configure its broker, or set EAGER for development."
 )
+
+
+def unconfigured_app_hint(app: Celery) -> str:
+    """The fix for an app without a broker: which slip it is depends on the app current."""
+    # Celery's fallback app: the project's own app was never imported.
+    if app is getattr(_state, "default_app", None):
+        return UNCONFIGURED_APP_HINT
+    # The project's app is there: its broker setting is what is missing or misnamed.
+    namespace = getattr(app, "namespace", None)  # config_from_object(..., namespace=)
+    if namespace:
+        return (
+            f"Set {namespace}_BROKER_URL in your settings (your Celery app {app.main!r} "
+            f"reads them with namespace={namespace!r}), or set EAGER for development."
+        )
+    return (
+        f"Give your Celery app {app.main!r} a broker: Celery(..., broker=...), or broker_url "
+        "in the object it is configured from; or set EAGER for development."
+    )
+
 
 #: (the Celery app current when the verdict was reached, the error or None); None: not known.
 _verdict: tuple[Celery, str | None] | None = None
@@ -69,7 +88,7 @@ def _problem(app: Celery) -> str | None:
         )
     # With task_always_eager, Celery runs tasks in place and never reaches the broker.
     if not conf.eager and not app.conf.broker_url and not app.conf.task_always_eager:
-        return f"{unconfigured_app(app)} Fix: {UNCONFIGURED_APP_HINT}"
+        return f"{unconfigured_app(app)} Fix: {unconfigured_app_hint(app)}"
     return None
 
 

@@ -483,3 +483,20 @@ def pending(using: str) -> dict[str, Any]:
     oldest = stats["oldest"]
     age = (timezone.now() - oldest).total_seconds() if oldest is not None else None
     return {"database": using, "pending": stats["rows"], "oldest_age_seconds": age}
+
+
+def not_due(using: str) -> tuple[int, float | None]:
+    """Rows of ``using`` a relay leaves for later (within ``OUTBOX_GRACE``, or backing off
+    after a failed attempt), and the seconds until the first of them is due."""
+    from django.db.models import Count, Min
+
+    from .models import OutboxCall
+
+    now = timezone.now()
+    stats = (
+        OutboxCall.objects.using(using)
+        .filter(next_attempt_at__gt=now)
+        .aggregate(rows=Count("id"), first=Min("next_attempt_at"))
+    )
+    first = stats["first"]
+    return stats["rows"], (first - now).total_seconds() if first is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Iterator
 from io import StringIO
 from typing import Any
@@ -54,7 +55,27 @@ def test_queues_are_resolved_through_the_celery_apps_router(
 def test_workers_are_unknown_when_none_answers() -> None:
     text, entries = listing("--timeout", "0.1")
     assert entries[MARKER]["workers"] == "unknown"
+    assert entries[MARKER]["workers_unknown_reason"] == "no worker answered"
     assert "consumed by: unknown (no worker answered)" in text
+
+
+def test_a_broker_that_is_down_is_not_reported_as_workers_that_do_not_answer() -> None:
+    """With Redis stopped, list said "no worker answered", sending the user to their workers
+    when the broker was what did not answer."""
+    from celery import Celery
+
+    from tests.conftest import current
+
+    down = Celery("down", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    with warnings.catch_warnings():  # the new app takes the shared tasks other tests made
+        warnings.simplefilter("ignore")
+        down.finalize()
+    with current(down):
+        text, entries = listing("--timeout", "0.1")
+    reason = entries[MARKER]["workers_unknown_reason"]
+    assert entries[MARKER]["workers"] == "unknown"
+    assert reason.startswith("the broker did not answer: OperationalError: ")
+    assert f"consumed by: unknown ({reason})" in text and "no worker answered" not in text
 
 
 def test_renamed_handlers_show_their_former_names() -> None:
@@ -63,3 +84,18 @@ def test_renamed_handlers_show_their_former_names() -> None:
         "tests.testapp.handlers.old_name"
     ]
     assert "also answers to its former names: tests.testapp.handlers.old_name" in text
+
+
+def test_the_text_shows_every_option_a_layer_changed() -> None:
+    """It showed six options whatever was set: a handler given coalesce=True, or made durable
+    with delivery="outbox", listed as any other, and only --json told."""
+    handlers = {MARKER: {"delivery": "outbox", "rate_limit": "5/s"}}
+    with override_settings(DEFERRED_SIGNALS={"HANDLERS": handlers}):
+        text, _ = listing("--no-workers")
+    blocks = {block.split("\n")[0]: block for block in text.split("\ntests.")}
+    marker = blocks[MARKER.removeprefix("tests.")]
+    assert ", instance=fresh, delivery=outbox, rate_limit=5/s" in marker
+    row_touched = blocks["testapp.handlers.row_touched"]
+    assert ", instance=snapshot, coalesce=True" in row_touched
+    # Options at their defaults stay out of the line, as before.
+    assert "reject_on_worker_lost=True" not in text and "coalesce=False" not in text

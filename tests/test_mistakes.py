@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from celery import Celery, current_app
+from celery import _state as celery_state
 from django.conf import settings
 from django.db import transaction
 from django.db.models.signals import post_save
@@ -27,6 +28,7 @@ from deferred_signals import (
     receiver,
     registry,
 )
+from deferred_signals.checks import check_settings
 from tests.testapp.models import Article
 
 CALLS: list[dict[str, Any]] = []
@@ -150,9 +152,44 @@ def test_an_unconfigured_celery_app_refuses_to_publish(unconfigured_app: Celery)
             ) as raised,
         ):
             signal.send(sender=None, x=1)
-        assert "Import your Celery app when Django starts" in str(raised.value)
+        # The project's app is current: importing it is not the fix, giving it a broker is.
+        assert "Import your Celery app when Django starts" not in str(raised.value)
+        assert "Give your Celery app 'unconfigured' a broker" in str(raised.value)
         signal.send(sender=None, x=2)  # EAGER (the test settings) needs no broker
         assert CALLS == [{"x": 2}]
+
+
+def test_a_misnamed_broker_setting_is_named_not_the_import_of_the_app() -> None:
+    """CELERY_BROKER = ... (not _URL) in a project whose app is imported: the hint told the
+    user to import the app they had imported, and not which setting was missing."""
+    previous = current_app._get_current_object()
+    app = Celery("proj", set_as_current=True)
+    app.config_from_object({"CELERY_BROKER": "redis://127.0.0.1:6379/0"}, namespace="CELERY")
+    try:
+        with override_settings(DEFERRED_SIGNALS={"EAGER": False}):
+            (warning,) = [m for m in check_settings() if m.id == "deferred_signals.W003"]
+            signal = Signal()
+            with deferred(signal, fine), pytest.raises(DeferredSignalConfigError) as raised:
+                signal.send(sender=None, x=1)
+    finally:
+        previous.set_current()
+    hint = "Set CELERY_BROKER_URL in your settings (your Celery app 'proj' reads them with"
+    assert warning.hint.startswith(hint) and "Import your Celery app" not in warning.hint
+    assert f"Fix: {hint}" in str(raised.value)
+
+
+def test_without_the_projects_app_the_fix_is_to_import_it() -> None:
+    previous, default = current_app._get_current_object(), celery_state.default_app
+    # As when proj/__init__.py does not import the app: Celery makes its fallback app.
+    celery_state._tls.current_app = celery_state.default_app = None
+    try:
+        with override_settings(DEFERRED_SIGNALS={"EAGER": False}):
+            (warning,) = [m for m in check_settings() if m.id == "deferred_signals.W003"]
+    finally:
+        celery_state.default_app = default
+        previous.set_current()
+    assert "('default') has no broker_url" in warning.msg
+    assert warning.hint.startswith("Import your Celery app when Django starts")
 
 
 # --- 7. error messages --------------------------------------------------------------------
@@ -347,7 +384,6 @@ def test_a_model_label_as_sender_of_a_plain_signal_is_a_check_warning_not_a_refu
     sender sent, so a send with the class never reaches the handler (W005). But a project that
     sends that very str (``sender=settings.AUTH_USER_MODEL``) is right, and Django matches it:
     registration must not refuse it, and its calls must run."""
-    from deferred_signals.checks import check_settings
 
     signal = Signal()
     label = settings.AUTH_USER_MODEL  # the same str object at each read

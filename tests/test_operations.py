@@ -547,6 +547,39 @@ def test_a_row_whose_body_is_not_a_message_backs_off_then_becomes_a_dead_letter(
     ]
 
 
+def test_a_queue_celery_cannot_route_to_spills_each_call_and_dead_letters_it(
+    redis_queue: Queue, settings: SettingsWrapper
+) -> None:
+    """What E012 says happens to the calls: the commit succeeds, each call waits in the
+    outbox, and the relay, refused too, keeps it as a dead letter; no message is sent. (It
+    said each call would "fail at its commit", which reads as a request that fails.)"""
+    from kombu import Queue as Declared
+
+    from deferred_signals.checks import check_settings
+    from tests.testapp.signals import user_registered
+
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "RELAY_MAX_ATTEMPTS": 1,
+        "HANDLERS": {EVENT: {"queue": "nowhere"}},
+    }
+    app = redis_queue.app
+    app.conf.task_queues = [Declared(redis_queue.name)]
+    app.conf.task_create_missing_queues = False
+    (problem,) = [m for m in check_settings() if m.id == "deferred_signals.E012"]
+    with transaction.atomic():
+        user_registered.send(sender=None, label="unroutable")
+    assert list(OutboxCall.objects.values_list("handler", flat=True)) == [EVENT]
+    Relay().run_once()
+    letter = DeadLetter.objects.get()
+    assert letter.handler == EVENT and "QueueNotFound" in letter.message
+    assert not OutboxCall.objects.exists() and redis_queue.messages() == []
+    assert "so none reaches a worker: each call is spilled to the outbox at its commit, and " in (
+        problem.msg
+    )
+    assert "kept as a dead letter once the relay is refused too" in problem.msg
+
+
 def test_a_row_is_kept_when_its_dead_letter_cannot_be_written(
     redis_queue: Queue, settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -624,6 +657,23 @@ def test_relay_once_touches_its_health_file_and_leaves_no_heartbeat(
     out, _ = command("relay", "--once", "--health-file", str(health))
     assert "relayed 0 call(s)" in out and health.exists()
     assert not RelayHeartbeat.objects.exists()
+
+
+def test_relay_once_says_what_it_leaves_for_later(redis_queue: Queue) -> None:
+    """After a crash in outbox mode, ``relay --once`` found only rows within OUTBOX_GRACE and
+    printed "relayed 0 call(s)" over an outbox that status showed full, without a reason."""
+    now = timezone.now()
+    for label, wait in (("graced", 25), ("backing-off", 40)):
+        OutboxCall.objects.create(
+            id=label,
+            handler=EVENT,
+            body=body_text(body(label)),
+            next_attempt_at=now + wait * SECOND,
+        )
+    out, _ = command("relay", "--once")
+    assert out.startswith("relayed 0 call(s); 2 more not due yet, the first in 2")
+    assert "left OUTBOX_GRACE for its request to publish; a failed one backs off" in out
+    assert OutboxCall.objects.count() == 2 and redis_queue.messages() == []
 
 
 def test_common_options_may_follow_the_subcommand(redis_queue: Queue) -> None:
@@ -733,6 +783,12 @@ def test_status_reports_pending_rows_dead_letters_and_relays() -> None:
     assert "outbox default: 1 pending, oldest" in text
     assert f"dead letters not replayed: 2\n  {EVENT}: 2" in text
     assert "relay host:1: last loop 0 s ago" in text
+
+
+def test_status_says_no_relay_runs_once_the_last_one_stopped() -> None:
+    # A stopped relay removes its heartbeat: what is left must not read as one still busy.
+    text = command("status")[0]
+    assert "relays: none running (a relay shows here once it completes a loop)" in text
 
 
 @pytest.mark.django_db(transaction=True, databases=["default", "other"])

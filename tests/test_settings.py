@@ -163,6 +163,25 @@ def test_manage_py_check_reports_errors() -> None:
     call_command("check")  # the test settings themselves are clean
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["DEFERRED_SIGNAL", "DEFERED_SIGNALS", "DEFERRED_SIGNALS_DEFAULTS", "DEFERRED_SIGNALS_EAGER"],
+)
+def test_a_misnamed_setting_is_a_warning_not_silently_ignored(name: str) -> None:
+    # Its options would do nothing, and nothing else would say so.
+    with override_settings(**{name: {"PUBLISH_TIMEOUT": 9}}):
+        (warning,) = check_settings()
+        assert conf.publish_timeout != 9
+    assert isinstance(warning, Warning) and warning.id == "deferred_signals.W006"
+    assert f"settings.{name} is not read" in warning.msg
+    assert "Rename it to DEFERRED_SIGNALS" in warning.hint
+
+
+def test_settings_of_other_names_are_not_taken_for_misnamed_ones() -> None:
+    with override_settings(DEFAULT_SIGNALS=1, DEFERRED=1, SIGNALS=1):
+        assert check_settings() == []
+
+
 @pytest.mark.parametrize("key", ["PUBLISH_TIMEOUT", "PUBLISH_COOLDOWN", "OUTBOX_GRACE"])
 def test_infinite_seconds_are_refused_at_check_and_at_use(key: str) -> None:
     with override_settings(DEFERRED_SIGNALS={key: float("inf")}):
@@ -315,7 +334,7 @@ def test_a_handler_named_as_another_celery_task_is_an_error(
 
 def test_a_soft_time_limit_above_celerys_hard_one_is_an_error() -> None:
     """A handler's soft_time_limit against Celery's task_time_limit: the limits the worker
-    and every publish would use, so each call would fail at its commit."""
+    and every publish would use, so each call would be refused at its commit."""
     from celery import current_app
 
     conf_ = current_app.conf
@@ -330,6 +349,8 @@ def test_a_soft_time_limit_above_celerys_hard_one_is_an_error() -> None:
             f"Deferred handler {ARTICLE_SAVED!r} has soft_time_limit=60 above its time_limit=30"
         )
         assert "soft_time_limit lower than time_limit" in (error.hint or "")
+        # Not "every call would fail at its commit": the commit spills it (test_operations).
+        assert "so no call of the handler would reach a worker" in error.msg
         assert ids({"HANDLERS": {ARTICLE_SAVED: {"soft_time_limit": 20}}}) == []
     finally:
         # Not `= previous`: a value set on app.conf (even None) would hide Django's settings

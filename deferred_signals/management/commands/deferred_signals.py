@@ -26,6 +26,7 @@ from deferred_signals.relay import (
     Relay,
     RoundResult,
     freeze_heap,
+    not_due,
     outbox_state,
     pending,
 )
@@ -238,11 +239,25 @@ class Command(BaseCommand):
         for handler, count in report["dead_letters"].items():
             self.stdout.write(f"  {handler}: {count}")
         if not report["relays"]:
-            self.stdout.write("relays: none has completed a loop yet")
+            # Read as "one is running, slowly" after a relay was stopped, with calls waiting.
+            self.stdout.write("relays: none running (a relay shows here once it completes a loop)")
         for name, at in report["relays"].items():
             seconds = (now - datetime.datetime.fromisoformat(at)).total_seconds()
             stale = ": stale (stopped or stuck)" if name in report["stale_relays"] else ""
             self.stdout.write(f"relay {name}: last loop {seconds:.0f} s ago{stale}")
+
+    @staticmethod
+    def _not_due(relay: Relay) -> str:
+        """Rows left for later: without a word, "relayed 0" over a full outbox reads as a bug."""
+        later = [not_due(alias) for alias in relay.databases if alias not in relay.failures]
+        rows = sum(count for count, _ in later)
+        if not rows:
+            return ""
+        first = min(wait for count, wait in later if count and wait is not None)
+        return (
+            f"; {rows} more not due yet, the first in {first:.0f} s (a call written inside a "
+            "transaction is left OUTBOX_GRACE for its request to publish; a failed one backs off)"
+        )
 
     def handle_relay(self, **options: Any) -> None:
         # Checked before the first round: afterwards these fail as tracebacks, or not at all.
@@ -291,7 +306,7 @@ class Command(BaseCommand):
             # No heartbeat row: it would outlive this process and look like a stuck relay.
             if relay.health_file is not None:
                 relay.health_file.touch()
-            self.stdout.write(f"relayed {published} call(s)")
+            self.stdout.write(f"relayed {published} call(s){self._not_due(relay)}")
             failed = {**{alias: None for alias in relay.unverified}, **relay.failures}
             if failed:
                 # For cron and CI: what is left of a failing database is not relayed.
