@@ -27,8 +27,9 @@ UNCONFIGURED_APP_HINT = (
 
 def unconfigured_app_hint(app: Celery) -> str:
     """The fix for an app without a broker: which slip it is depends on the app current."""
-    # Celery's fallback app: the project's own app was never imported.
-    if app is getattr(_state, "default_app", None):
+    # Celery's fallback app (made with no fixups): the project's own app was never imported.
+    # Not the default app alone: Celery's Django fixup makes the project's first app that too.
+    if app is getattr(_state, "default_app", None) and not app.fixups:
         return UNCONFIGURED_APP_HINT
     # The project's app is there: its broker setting is what is missing or misnamed.
     namespace = getattr(app, "namespace", None)  # config_from_object(..., namespace=)

@@ -178,6 +178,24 @@ def test_a_misnamed_broker_setting_is_named_not_the_import_of_the_app() -> None:
     assert f"Fix: {hint}" in str(raised.value)
 
 
+def test_the_projects_app_is_not_taken_for_celerys_fallback_once_it_is_the_default() -> None:
+    """In a real start-up the project's app is the first Celery app, and Celery's Django
+    fixup makes it the default app too: the hint took it for the fallback and told the user
+    to import the app they had imported, not to set CELERY_BROKER_URL."""
+    previous, default = current_app._get_current_object(), celery_state.default_app
+    celery_state.default_app = None  # a fresh process: no Celery app made yet
+    try:
+        app = Celery("proj", set_as_current=True)
+        app.config_from_object({"CELERY_BROKER": "redis://127.0.0.1:6379/0"}, namespace="CELERY")
+        assert celery_state.default_app is app  # the fixup's doing, as in every Django project
+        with override_settings(DEFERRED_SIGNALS={"EAGER": False}):
+            (warning,) = [m for m in check_settings() if m.id == "deferred_signals.W003"]
+    finally:
+        celery_state.default_app = default
+        previous.set_current()
+    assert warning.hint.startswith("Set CELERY_BROKER_URL in your settings")
+
+
 def test_without_the_projects_app_the_fix_is_to_import_it() -> None:
     previous, default = current_app._get_current_object(), celery_state.default_app
     # As when proj/__init__.py does not import the app: Celery makes its fallback app.
