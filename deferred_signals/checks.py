@@ -199,8 +199,9 @@ def _unroutable() -> list[Problem]:
                     f"Deferred handler {handler.name!r} is routed to a queue Celery does not "
                     f"know ({error}), and task_create_missing_queues is off: Celery refuses "
                     "every message of the handler, so none reaches a worker: each call is "
-                    "spilled to the outbox at its commit, and kept as a dead letter once the "
-                    "relay is refused too.",
+                    "spilled to the outbox at its commit, and the relay, refused too, retries "
+                    "it RELAY_MAX_ATTEMPTS times before it keeps it as a dead letter (or drops "
+                    "it, with DEAD_LETTERS off).",
                     "Add the queue to task_queues, or give the handler a queue that is there "
                     "(its queue option, or task_routes).",
                 )

@@ -577,7 +577,37 @@ def test_a_queue_celery_cannot_route_to_spills_each_call_and_dead_letters_it(
     assert "so none reaches a worker: each call is spilled to the outbox at its commit, and " in (
         problem.msg
     )
-    assert "kept as a dead letter once the relay is refused too" in problem.msg
+    assert "retries it RELAY_MAX_ATTEMPTS times before it keeps it as a dead letter" in (
+        problem.msg
+    )
+
+
+def test_a_call_celery_cannot_route_waits_out_the_relays_attempts_before_its_dead_letter(
+    redis_queue: Queue, settings: SettingsWrapper
+) -> None:
+    """E012 said each call was "kept as a dead letter once the relay is refused too": with
+    the default RELAY_MAX_ATTEMPTS, a refused relay backs the row off (some 17 minutes in
+    all) and only the last attempt makes the dead letter; with DEAD_LETTERS off, none."""
+    from kombu import Queue as Declared
+
+    from deferred_signals.checks import check_settings
+    from tests.testapp.signals import user_registered
+
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "HANDLERS": {EVENT: {"queue": "nowhere"}},
+    }
+    app = redis_queue.app
+    app.conf.task_queues = [Declared(redis_queue.name)]
+    app.conf.task_create_missing_queues = False
+    (problem,) = [m for m in check_settings() if m.id == "deferred_signals.E012"]
+    with transaction.atomic():
+        user_registered.send(sender=None, label="unroutable")
+    Relay().run_once()
+    assert not DeadLetter.objects.exists()
+    assert list(OutboxCall.objects.values_list("attempts", flat=True)) == [1]
+    assert "once the relay is refused too" not in problem.msg
+    assert "(or drops it, with DEAD_LETTERS off)" in problem.msg
 
 
 def test_a_row_is_kept_when_its_dead_letter_cannot_be_written(
