@@ -16,7 +16,14 @@ from django.db import DEFAULT_DB_ALIAS, connections, router
 from django.db.models.signals import ModelSignal, pre_save
 
 from . import redelivery, registry
-from .conf import SETTING, Problem, conf, limits_problem, settings_problems
+from .conf import (
+    SETTING,
+    TOP_LEVEL_KEYS,
+    Problem,
+    conf,
+    limits_problem,
+    settings_problems,
+)
 from .readiness import unconfigured_app, unconfigured_app_hint
 
 logger = logging.getLogger("deferred_signals")
@@ -53,12 +60,25 @@ def _misnamed_settings() -> list[Problem]:
             "deferred_signals.W006",
             f"settings.{name} is not read by deferred_signals, which reads only "
             f"settings.{SETTING}: its value is ignored.",
-            f"Rename it to {SETTING}, one dict with every key "
-            f"({SETTING} = {{'DEFAULTS': {{...}}, 'EAGER': True, ...}}).",
+            _misnamed_hint(name),
             warning=True,
         )
         for name in sorted(near)
     ]
+
+
+def _misnamed_hint(name: str) -> str:
+    # Not "rename it" where that is wrong: DEFERRED_SIGNALS = True, or a second dict that
+    # would replace the project's DEFERRED_SIGNALS.
+    key = name.removeprefix(f"{SETTING}_")
+    if key in TOP_LEVEL_KEYS:
+        return f"Make it the {key!r} key of {SETTING} ({SETTING} = {{{key!r}: ..., ...}})."
+    if hasattr(settings, SETTING):
+        return f"Move its keys into {SETTING}, and delete it."
+    return (
+        f"Rename it to {SETTING}, one dict with every key "
+        f"({SETTING} = {{'DEFAULTS': {{...}}, 'EAGER': True, ...}})."
+    )
 
 
 def _unknown_handlers(handlers: Mapping[str, Any]) -> list[Problem]:

@@ -7,6 +7,7 @@ import warnings
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.core.checks import Error, Warning
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
@@ -174,7 +175,31 @@ def test_a_misnamed_setting_is_a_warning_not_silently_ignored(name: str) -> None
         assert conf.publish_timeout != 9
     assert isinstance(warning, Warning) and warning.id == "deferred_signals.W006"
     assert f"settings.{name} is not read" in warning.msg
-    assert "Rename it to DEFERRED_SIGNALS" in warning.hint
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("DEFERRED_SIGNALS_EAGER", "Make it the 'EAGER' key of DEFERRED_SIGNALS"),
+        ("DEFERRED_SIGNALS_DEFAULTS", "Make it the 'DEFAULTS' key of DEFERRED_SIGNALS"),
+        ("DEFERRED_SIGNAL", "Move its keys into DEFERRED_SIGNALS"),
+    ],
+)
+def test_a_misnamed_settings_hint_does_not_say_to_rename_it_over_the_real_one(
+    name: str, hint: str
+) -> None:
+    """It said "Rename it to DEFERRED_SIGNALS" to all: DEFERRED_SIGNALS_EAGER = False renamed
+    is DEFERRED_SIGNALS = False, and any renamed one replaces the DEFERRED_SIGNALS there."""
+    with override_settings(**{name: False}):
+        (warning,) = check_settings()
+    assert warning.hint.startswith(hint) and "Rename it" not in warning.hint
+
+
+def test_a_misnamed_setting_alone_is_to_be_renamed() -> None:
+    with override_settings(DEFERRED_SIGNAL={"EAGER": True}):
+        del settings.DEFERRED_SIGNALS  # undone with the override
+        (warning,) = check_settings()
+    assert warning.hint.startswith("Rename it to DEFERRED_SIGNALS, one dict with every key")
 
 
 def test_settings_of_other_names_are_not_taken_for_misnamed_ones() -> None:
