@@ -32,15 +32,16 @@ def unconfigured_app_hint(app: Celery) -> str:
     if app is getattr(_state, "default_app", None) and not app.fixups:
         return UNCONFIGURED_APP_HINT
     # The project's app is there: its broker setting is what is missing or misnamed.
+    your_app = f"your Celery app {app.main!r}" if app.main else "your Celery app"  # Celery()
     namespace = getattr(app, "namespace", None)  # config_from_object(..., namespace=)
     if namespace:
         return (
-            f"Set {namespace}_BROKER_URL in your settings (your Celery app {app.main!r} "
-            f"reads them with namespace={namespace!r}), or set EAGER for development."
+            f"Set {namespace}_BROKER_URL in your settings ({your_app} reads them with "
+            f"namespace={namespace!r}), or set EAGER for development."
         )
     return (
-        f"Give your Celery app {app.main!r} a broker: Celery(..., broker=...), or broker_url "
-        "in the object it is configured from; or set EAGER for development."
+        f"Give {your_app} a broker: Celery(..., broker=...), or broker_url in the object it "
+        "is configured from; or set EAGER for development."
     )
 
 

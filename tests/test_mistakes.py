@@ -196,6 +196,18 @@ def test_the_projects_app_is_not_taken_for_celerys_fallback_once_it_is_the_defau
     assert warning.hint.startswith("Set CELERY_BROKER_URL in your settings")
 
 
+def test_a_celery_app_made_without_a_name_is_not_called_none() -> None:
+    # Celery() is how Celery's own guide starts an app: main is None.
+    previous = current_app._get_current_object()
+    Celery(set_as_current=True)
+    try:
+        with override_settings(DEFERRED_SIGNALS={"EAGER": False}):
+            (warning,) = [m for m in check_settings() if m.id == "deferred_signals.W003"]
+    finally:
+        previous.set_current()
+    assert warning.hint.startswith("Give your Celery app a broker: Celery(..., broker=...)")
+
+
 def test_without_the_projects_app_the_fix_is_to_import_it() -> None:
     previous, default = current_app._get_current_object(), celery_state.default_app
     # As when proj/__init__.py does not import the app: Celery makes its fallback app.
