@@ -13,7 +13,7 @@ from django.dispatch import Signal
 from django.dispatch.dispatcher import _make_id  # type: ignore[attr-defined]
 
 from . import registry
-from .conf import BUILTIN_DEFAULTS
+from .conf import BUILTIN_DEFAULTS, conf
 
 #: Options the text listing shows; unset worker options show the Celery value in effect.
 SHOWN_OPTIONS = ("queue", "max_retries", "autoretry_for", "retry_backoff", "acks_late", "instance")
@@ -109,14 +109,18 @@ def print_handlers(handlers: list[dict[str, Any]], out: OutputWrapper, style: St
         elif workers:
             out.write(f"  consumed by: {', '.join(workers)}")
             if entry["unregistered_on"]:
+                kept = (
+                    "it keeps them as dead letters, to replay once it runs them"
+                    if conf.dead_letters
+                    else "with DEAD_LETTERS off, they are lost"
+                )
                 out.write(
                     style.ERROR(
                         f"  not imported by: {', '.join(entry['unregistered_on'])}: such a "
-                        "worker does not run this handler's calls: it keeps them as dead "
-                        "letters, to replay once it runs them. Restart a worker started "
-                        "before the handler was added; otherwise import the handler's module "
-                        "from an AppConfig.ready(), which every process runs at start-up, not "
-                        "on first use (inside a view, a command...)."
+                        f"worker does not run this handler's calls: {kept}. Restart a worker "
+                        "started before the handler was added; otherwise import the handler's "
+                        "module from an AppConfig.ready(), which every process runs at "
+                        "start-up, not on first use (inside a view, a command...)."
                     )
                 )
         elif workers is not None:

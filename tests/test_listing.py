@@ -99,3 +99,29 @@ def test_the_text_shows_every_option_a_layer_changed() -> None:
     assert ", instance=snapshot, coalesce=True" in row_touched
     # Options at their defaults stay out of the line, as before.
     assert "reject_on_worker_lost=True" not in text and "coalesce=False" not in text
+
+
+@pytest.mark.parametrize(
+    ("dead_letters", "said"),
+    [
+        (True, "it keeps them as dead letters, to replay once it runs them. Restart"),
+        (False, "with DEAD_LETTERS off, they are lost. Restart"),
+    ],
+)
+def test_a_worker_without_the_handler_is_said_to_keep_its_calls_only_when_it_does(
+    dead_letters: bool, said: str
+) -> None:
+    """With DEAD_LETTERS off a worker leaves an unregistered call to Celery, which discards
+    it (unregistered.py): "keeps them as dead letters" would send the user to replay none."""
+    from django.core.management.base import OutputWrapper
+    from django.core.management.color import no_style
+
+    from deferred_signals.listing import handlers_report, print_handlers
+
+    (entry,) = [e for e in handlers_report(workers=False) if e["name"] == MARKER]
+    entry.update(workers=["w1@host"], unregistered_on=["w1@host"])  # as `inspect` answers
+    text = StringIO()
+    with override_settings(DEFERRED_SIGNALS={"DEAD_LETTERS": dead_letters}):
+        print_handlers([entry], OutputWrapper(text), no_style())
+    line = "  not imported by: w1@host: such a worker does not run this handler's calls: "
+    assert line + said in text.getvalue()
