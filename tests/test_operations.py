@@ -818,7 +818,15 @@ def test_status_reports_pending_rows_dead_letters_and_relays() -> None:
 def test_status_says_no_relay_runs_once_the_last_one_stopped() -> None:
     # A stopped relay removes its heartbeat: what is left must not read as one still busy.
     text = command("status")[0]
-    assert "relays: none running (a relay shows here once it completes a loop)" in text
+    assert "relays: none running (a relay shows here once it completes a loop" in text
+
+
+def test_status_does_not_promise_that_a_relay_run_by_cron_shows(redis_queue: Queue) -> None:
+    """``relay --once`` (cron) completes a loop but leaves no heartbeat: status said a relay
+    "shows here once it completes a loop", so a working cron relay read as a missing one."""
+    command("relay", "--once")
+    assert not RelayHeartbeat.objects.exists()
+    assert "relay --once never does" in command("status")[0]
 
 
 @pytest.mark.django_db(transaction=True, databases=["default", "other"])

@@ -240,7 +240,10 @@ class Command(BaseCommand):
             self.stdout.write(f"  {handler}: {count}")
         if not report["relays"]:
             # Read as "one is running, slowly" after a relay was stopped, with calls waiting.
-            self.stdout.write("relays: none running (a relay shows here once it completes a loop)")
+            self.stdout.write(
+                "relays: none running (a relay shows here once it completes a loop; "
+                "relay --once never does)"
+            )
         for name, at in report["relays"].items():
             seconds = (now - datetime.datetime.fromisoformat(at)).total_seconds()
             stale = ": stale (stopped or stuck)" if name in report["stale_relays"] else ""
