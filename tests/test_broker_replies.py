@@ -1,0 +1,280 @@
+"""A broker that answers a publish, but not with a yes: Redis error replies, a paused Redis.
+
+Each test runs a private ``redis-server`` of its own (started and stopped here, on a free
+loopback port, no persistence), so that it can be filled, made a replica, given a password or
+paused without touching the shared server other tests use. The request side commits real
+transactions and publishes to it; what reached the queue is read back by call id, so each
+test prints committed / published / lost / published twice, and the slowest commit.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import transaction
+from pytest_django.fixtures import Settings as SettingsWrapper
+
+from deferred_signals import publisher
+from deferred_signals.models import OutboxCall
+from deferred_signals.relay import Relay
+from tests.conftest import missing, use_app
+from tests.testapp.models import Author
+from tests.testapp.signals import slow_signal, user_registered
+from tests.workers import make_app
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TIMEOUT = 2.0  # PUBLISH_TIMEOUT's default
+MODES = ["on_commit", "outbox"]
+OTHER = "tests.testapp.handlers.marker"  # slow_signal's handler, routed to a queue of its own
+
+
+class PrivateRedis:
+    """A ``redis-server`` of one test's own on 127.0.0.1, with no persistence."""
+
+    def __init__(self, directory: Path, *arguments: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log = directory / f"redis-{self.port}.log"
+        command = [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", str(directory),
+            "--logfile", str(self.log), *arguments,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        import redis
+
+        self.password = _password(arguments)
+        self.admin(self.password)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"redis-server did not start: {self.log.read_text()[-2000:]}")
+                time.sleep(0.02)
+
+    def admin(self, password: str | None) -> None:
+        """The test's own client, logging in with ``password``."""
+        import redis
+
+        self.client = redis.Redis(port=self.port, password=password)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _password(arguments: tuple[str, ...]) -> str | None:
+    return arguments[arguments.index("--requirepass") + 1] if "--requirepass" in arguments else None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Any]:
+    """``private_redis(*arguments)``: a started private redis-server, stopped after the test."""
+    if shutil.which("redis-server") is None:
+        missing("no redis-server binary here; install it with: apt-get install redis-server")
+    started: list[PrivateRedis] = []
+
+    def start(*arguments: str) -> PrivateRedis:
+        server = PrivateRedis(tmp_path, *arguments)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def commit(label: str, i: int, **extra: Any) -> float:
+    """One transaction with a row and a deferred call; returns how long the commit took."""
+    started = time.monotonic()
+    with transaction.atomic():
+        Author.objects.create(name=f"{label}-{i}")
+        user_registered.send(sender=None, label=label, i=i, **extra)
+    return time.monotonic() - started
+
+
+def published(client: Any, *queues: str) -> Counter[str]:
+    """How many times each call id sits in ``queues``."""
+    ids: Counter[str] = Counter()
+    for queue in queues:
+        for raw in client.lrange(queue, 0, -1):
+            ids[json.loads(raw)["headers"]["id"]] += 1
+    return ids
+
+
+def labels(client: Any, queue: str) -> Counter[int]:
+    """How many times each ``i`` sits in ``queue``."""
+    found: Counter[int] = Counter()
+    for raw in client.lrange(queue, 0, -1):
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        found[body[1]["kwargs"]["i"]] += 1
+    return found
+
+
+def relay_until_empty() -> int:
+    """What ``manage.py deferred_signals relay`` does, in a process of its own (no cooldown
+    carried over from the request that failed)."""
+    total = 0
+    for _ in range(10):
+        publisher.cooldown.clear()
+        total += Relay().run_once()
+        if not OutboxCall.objects.exists():
+            break
+        time.sleep(0.1)
+    return total
+
+
+def report(what: str, committed: int, seen: Counter[Any], durations: list[float]) -> None:
+    lost = committed - len(seen)
+    twice = sum(1 for count in seen.values() if count > 1)
+    print(
+        f"\n{what}: committed {committed} / published {len(seen)} / lost {lost} / "
+        f"published twice {twice}; slowest commit {max(durations):.2f} s"
+    )
+
+
+# --- faults: how to make a private Redis refuse writes, and how to make it accept them again
+
+
+def oom(server: PrivateRedis) -> None:
+    """Full, with nothing to evict: every write is refused with OOM."""
+    server.client.config_set("maxmemory-policy", "noeviction")
+    server.client.set("filler", b"x" * 2_000_000)
+    server.client.config_set("maxmemory", 1_000_000)
+
+
+def oom_over(server: PrivateRedis) -> None:
+    server.client.delete("filler")
+    server.client.config_set("maxmemory", 0)
+
+
+def read_only(server: PrivateRedis) -> None:
+    """A replica (of a primary that is not there): every write is refused with READONLY."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    server.client.replicaof("127.0.0.1", dead)
+
+
+def read_only_over(server: PrivateRedis) -> None:
+    server.client.replicaof("NO", "ONE")
+
+
+def misconf(server: PrivateRedis) -> None:
+    """The last snapshot failed and stop-writes-on-bgsave-error is on: MISCONF."""
+    gone = Path(server.log.parent, f"gone-{server.port}")
+    gone.mkdir()
+    server.client.config_set("save", "3600 1")
+    server.client.config_set("dir", str(gone))
+    gone.rmdir()  # the snapshot cannot create its file
+    server.client.bgsave()
+    deadline = time.monotonic() + 10
+    while server.client.info("persistence")["rdb_last_bgsave_status"] != "err":
+        assert time.monotonic() < deadline, "the failing BGSAVE did not fail"
+        time.sleep(0.02)
+
+
+def misconf_over(server: PrivateRedis) -> None:
+    server.client.config_set("stop-writes-on-bgsave-error", "no")
+
+
+def wrong_password(server: PrivateRedis) -> None:
+    """The password changed and every connection was closed: each new one gets WRONGPASS."""
+    server.client.config_set("requirepass", "changed")
+    server.client.client_kill_filter(_type="normal", skipme=True)
+    server.admin("changed")
+
+
+def wrong_password_over(server: PrivateRedis) -> None:
+    server.client.config_set("requirepass", "secret")
+    server.admin("secret")
+
+
+FAULTS = {
+    "OOM": (oom, oom_over, ()),
+    "READONLY": (read_only, read_only_over, ()),
+    "MISCONF": (misconf, misconf_over, ("--enable-protected-configs", "yes")),
+    "WRONGPASS": (wrong_password, wrong_password_over, ("--requirepass", "secret")),
+}
+
+
+#: What the log says, in Redis's words (redis-py drops the OOM and READONLY prefixes).
+WORDS = {
+    "OOM": "used memory > 'maxmemory'",
+    "READONLY": "read only replica",
+    "MISCONF": "MISCONF",
+    "WRONGPASS": "invalid username-password pair",
+}
+
+
+def app_url(server: PrivateRedis) -> str:
+    password = server.password
+    return server.url.replace("//", f"//:{password}@") if password else server.url
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_write_redis_refuses_is_spilled_and_relayed_once(
+    private_redis: Any,
+    settings: SettingsWrapper,
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+    mode: str,
+) -> None:
+    """Redis answers the LPUSH with an error reply: not published, so spilled (or kept in the
+    outbox), logged with Redis's own words; the relay leaves the rows while Redis still
+    refuses, and publishes each once after."""
+    start, end, arguments = FAULTS[fault]
+    server = private_redis(*arguments)
+    queue = f"ds-replies-{uuid.uuid4().hex[:8]}"
+    app = make_app("private-redis", app_url(server))
+    durations = []
+    with use_app(app, settings, queue):
+        settings.DEFERRED_SIGNALS = {
+            **settings.DEFERRED_SIGNALS,
+            "PUBLISH_TIMEOUT": TIMEOUT,
+            "DELIVERY": mode,
+        }
+        durations.append(commit("before", 0))  # a live connection when the fault starts
+        assert server.client.llen(queue) == 1
+        server.client.delete(queue)
+        start(server)
+        with caplog.at_level(logging.WARNING, logger="deferred_signals"):
+            durations += [commit(fault, i) for i in range(20)]
+        assert OutboxCall.objects.count() == 20, "every refused call is in the outbox"
+        assert WORDS[fault] in caplog.text and "go to the outbox" in caplog.text
+
+        publisher.cooldown.clear()
+        assert Relay().run_once() == 0, "the relay counts nothing Redis refused"
+        assert OutboxCall.objects.count() == 20, "and deletes no row of it"
+        end(server)
+        relay_until_empty()
+        seen = labels(server.client, queue)
+    report(f"Redis {fault} ({mode})", 20, seen, durations)
+    assert seen == Counter(range(20)), "each committed call published exactly once"
+    assert not OutboxCall.objects.exists()
+    assert max(durations) < TIMEOUT + 0.5
+
