@@ -278,3 +278,53 @@ def test_a_write_redis_refuses_is_spilled_and_relayed_once(
     assert not OutboxCall.objects.exists()
     assert max(durations) < TIMEOUT + 0.5
 
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_batch_redis_would_take_in_part_is_refused_whole_and_published_once(
+    private_redis: Any, settings: SettingsWrapper, mode: str
+) -> None:
+    """Memory short, Redis refuses the long ``LPUSH`` of a batch (20 calls of 20 KB to one
+    queue: the batch itself, in its input buffer, is over ``maxmemory``) and would take the
+    short one after it (one call to another queue). The batch is spilled whole, so none of it
+    may be in Redis: the relay publishes it, each call once. The relay, under the same
+    shortage, publishes nothing and keeps every row."""
+    server = private_redis()
+    queue, other = (f"ds-replies-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    app = make_app("private-redis", server.url)
+    with use_app(app, settings, queue):
+        settings.DEFERRED_SIGNALS = {
+            **settings.DEFERRED_SIGNALS,
+            "PUBLISH_TIMEOUT": TIMEOUT,
+            "DELIVERY": mode,
+            "HANDLERS": {OTHER: {"queue": other}},
+        }
+        commit("before", 0)  # connected, both queues declared
+        with transaction.atomic():
+            slow_signal.send(sender=None, i=0)
+        server.client.delete(queue, other)
+        server.client.config_set("maxmemory-policy", "noeviction")
+        used = server.client.info("memory")["used_memory"]
+        short = used + 100_000  # short of 20 calls of 20 KB
+
+        server.client.config_set("maxmemory", short)
+        started = time.monotonic()
+        with transaction.atomic():
+            for i in range(20):
+                user_registered.send(sender=None, label="part", i=i, pad="x" * 20_000)
+            slow_signal.send(sender=None, i=20)
+        took = time.monotonic() - started
+        in_redis = labels(server.client, queue) + labels(server.client, other)
+        assert OutboxCall.objects.count() == 21
+        assert not in_redis, "a batch counted as refused must have left nothing in Redis"
+
+        publisher.cooldown.clear()
+        assert Relay().run_once() == 0
+        assert OutboxCall.objects.count() == 21
+        in_redis = labels(server.client, queue) + labels(server.client, other)
+        assert not in_redis, "a relay round counted as refused must have left nothing in Redis"
+
+        server.client.config_set("maxmemory", 0)
+        relay_until_empty()
+        seen = labels(server.client, queue) + labels(server.client, other)
+    report(f"Redis OOM in the middle of a batch ({mode})", 21, seen, [took])
+    assert seen == Counter(range(21)), "each committed call published exactly once"
