@@ -328,3 +328,52 @@ def test_a_batch_redis_would_take_in_part_is_refused_whole_and_published_once(
         seen = labels(server.client, queue) + labels(server.client, other)
     report(f"Redis OOM in the middle of a batch ({mode})", 21, seen, [took])
     assert seen == Counter(range(21)), "each committed call published exactly once"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", ["one queue", "two queues"])
+def test_writes_paused_hold_a_commit_no_longer_than_publish_timeout_and_double_nothing(
+    private_redis: Any, settings: SettingsWrapper, mode: str, shape: str
+) -> None:
+    """``CLIENT PAUSE ... WRITE``: Redis reads a publish and holds it, unanswered, until the
+    pause ends. The commit gives up at ``PUBLISH_TIMEOUT`` and spills; closing the connection
+    withdraws the held write (Redis drops a paused client's commands when it leaves), so the
+    relay's copy is the only one."""
+    timeout, pause = 0.5, 1.5
+    server = private_redis()
+    queue, other = (f"ds-replies-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    app = make_app("private-redis", server.url)
+    durations = []
+    with use_app(app, settings, queue):
+        settings.DEFERRED_SIGNALS = {
+            **settings.DEFERRED_SIGNALS,
+            "PUBLISH_TIMEOUT": timeout,
+            "DELIVERY": mode,
+            "HANDLERS": {OTHER: {"queue": other}},
+        }
+        commit("before", 0)  # connected, both queues declared
+        with transaction.atomic():
+            slow_signal.send(sender=None, i=0)
+        server.client.delete(queue, other)
+        server.client.execute_command("CLIENT", "PAUSE", int(pause * 1000), "WRITE")
+        paused_until = time.monotonic() + pause
+        for i in range(0, 10, 2):
+            started = time.monotonic()
+            with transaction.atomic():
+                user_registered.send(sender=None, label="paused", i=i)
+                if shape == "two queues":  # a chunk of two runs: MULTI/EXEC
+                    slow_signal.send(sender=None, i=i + 1)
+                else:
+                    user_registered.send(sender=None, label="paused", i=i + 1)
+            durations.append(time.monotonic() - started)
+        committed = 10
+        assert OutboxCall.objects.count() == committed
+        time.sleep(max(0.0, paused_until - time.monotonic()) + 0.3)  # the pause is over
+        in_redis = labels(server.client, queue) + labels(server.client, other)
+        relay_until_empty()
+        seen = labels(server.client, queue) + labels(server.client, other)
+    report(f"Redis writes paused {pause} s ({shape}, {mode})", committed, seen, durations)
+    print(f"  held writes Redis ran after the pause: {sum(in_redis.values())}")
+    assert max(durations) < timeout + 0.5
+    assert not in_redis, "a write given up on must not run when the pause ends"
+    assert seen == Counter(range(committed))
