@@ -1,8 +1,10 @@
-"""A broker that answers a publish, but not with a yes: Redis error replies, a paused Redis.
+"""A broker that answers a publish, but not with a yes: Redis error replies, a paused Redis,
+a RabbitMQ queue full by policy.
 
-Each test runs a private ``redis-server`` of its own (started and stopped here, on a free
-loopback port, no persistence), so that it can be filled, made a replica, given a password or
-paused without touching the shared server other tests use. The request side commits real
+Each Redis test runs a private ``redis-server`` of its own (started and stopped here, on a
+free loopback port, no persistence), so that it can be filled, made a replica, given a
+password or paused without touching the shared server other tests use; the RabbitMQ test
+works in a vhost of its own, with a policy of its own, deleted after. The request side commits real
 transactions and publishes to it; what reached the queue is read back by call id, so each
 test prints committed / published / lost / published twice, and the slowest commit.
 """
@@ -24,12 +26,13 @@ from typing import Any
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 from deferred_signals import publisher
 from deferred_signals.models import OutboxCall
 from deferred_signals.relay import Relay
-from tests.conftest import missing, use_app
+from tests.conftest import missing, require, use_app
 from tests.testapp.models import Author
 from tests.testapp.signals import slow_signal, user_registered
 from tests.workers import make_app
@@ -377,3 +380,86 @@ def test_writes_paused_hold_a_commit_no_longer_than_publish_timeout_and_double_n
     assert max(durations) < timeout + 0.5
     assert not in_redis, "a write given up on must not run when the pause ends"
     assert seen == Counter(range(committed))
+
+
+# --- RabbitMQ: a queue an operator's policy keeps short ---------------------------------------
+
+
+@pytest.fixture
+def rabbit_vhost() -> Iterator[str]:
+    """A RabbitMQ vhost of this test's own, where queues named ``ds-full-*`` hold 3 messages
+    and refuse more (a policy, as an operator sets one: the package declares no argument).
+    Its URL; the vhost is deleted after."""
+    require("rabbitmq")
+    if shutil.which("rabbitmqctl") is None:
+        missing("no rabbitmqctl here (the RabbitMQ server's tools, run as root)")
+    vhost = f"ds-tests-{uuid.uuid4().hex[:8]}"
+
+    def ctl(*arguments: str) -> None:
+        done = subprocess.run(["rabbitmqctl", "-q", *arguments], capture_output=True, timeout=60)
+        if done.returncode:
+            missing(f"rabbitmqctl {arguments[0]} failed (needs root): {done.stderr[-300:]!r}")
+
+    ctl("add_vhost", vhost)
+    try:
+        ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        policy = json.dumps({"max-length": 3, "overflow": "reject-publish"})
+        ctl("set_policy", "-p", vhost, "--apply-to", "queues", "full", "^ds-full-", policy)
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        ctl("delete_vhost", vhost)
+
+
+def take_all(url: str, queue: str) -> list[int]:
+    """The ``i`` of each message in ``queue``, taken off it."""
+    from kombu import Connection
+    from kombu import Queue as KombuQueue
+
+    found = []
+    with Connection(url) as connection:
+        bound = KombuQueue(queue, channel=connection.channel())
+        while (message := bound.get(no_ack=True)) is not None:
+            found.append(json.loads(message.body)[1]["kwargs"]["i"])
+    return found
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_queue_full_by_policy_refuses_calls_that_are_spilled_and_relayed_once(
+    rabbit_vhost: str, settings: SettingsWrapper, mode: str
+) -> None:
+    """RabbitMQ nacks what a full queue (``overflow: reject-publish``) cannot take: those
+    calls are spilled, never counted as published; the relay keeps them while the queue is
+    full and publishes each once as the queue drains."""
+    queue = f"ds-full-{uuid.uuid4().hex[:8]}"
+    app = make_app("full-queue", rabbit_vhost)
+    durations = []
+    taken: list[int] = []
+    with use_app(app, settings, queue):
+        settings.DEFERRED_SIGNALS = {
+            **settings.DEFERRED_SIGNALS,
+            "PUBLISH_TIMEOUT": TIMEOUT,
+            "DELIVERY": mode,
+        }
+        durations += [commit("full", i) for i in range(5)]  # one call per commit
+        with transaction.atomic():  # and a batch of five
+            for i in range(5, 10):
+                user_registered.send(sender=None, label="full", i=i)
+        assert OutboxCall.objects.count() == 7, "3 calls fill the queue, 7 are refused"
+
+        publisher.cooldown.clear()
+        assert Relay().run_once() == 0, "nothing the full queue refused counts"
+        assert OutboxCall.objects.count() == 7
+
+        for _ in range(10):  # a consumer drains the queue, the relay fills it again
+            taken += take_all(rabbit_vhost, queue)
+            if not OutboxCall.objects.exists():
+                break
+            OutboxCall.objects.update(next_attempt_at=timezone.now())  # no backoff to wait
+            publisher.cooldown.clear()
+            Relay().run_once()
+        taken += take_all(rabbit_vhost, queue)
+    seen = Counter(taken)
+    report(f"RabbitMQ queue full by policy ({mode})", 10, seen, durations)
+    assert seen == Counter(range(10))
+    assert not OutboxCall.objects.exists()
+    assert max(durations) < TIMEOUT + 0.5
