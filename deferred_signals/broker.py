@@ -29,7 +29,11 @@ logger = logging.getLogger("deferred_signals")
 
 
 class Confirms:
-    """Publisher confirms of one AMQP channel: acks arrive asynchronously, maybe batched."""
+    """Publisher confirms of one AMQP channel: acks arrive asynchronously, maybe batched.
+
+    Messages are published ``mandatory``: one that no queue takes (its queue was deleted
+    after this channel declared it) is acked all the same, and dropped, but returned first.
+    """
 
     def __init__(self, channel: Any) -> None:
         channel.confirm_select()
@@ -37,8 +41,11 @@ class Confirms:
         self.acked = 0  # every tag up to this one is confirmed
         self.scattered: set[int] = set()
         self.nacked: int | None = None
+        #: Task ids of the messages returned unroutable, and why (the return has no tag).
+        self.returned: dict[str, str] = {}
         channel.events["basic_ack"].add(self.on_ack)
         channel.events["basic_nack"].add(self.on_nack)
+        channel.events["basic_return"].add(self.on_return)
 
     @classmethod
     def of(cls, channel: Any) -> Confirms:
@@ -61,6 +68,11 @@ class Confirms:
     def on_nack(self, tag: int, multiple: bool) -> None:
         first = self.acked + 1 if multiple else tag
         self.nacked = first if self.nacked is None else min(self.nacked, first)
+
+    def on_return(self, error: Any, exchange: str, routing_key: str, message: Any) -> None:
+        task_id = (getattr(message, "headers", None) or {}).get("id")
+        if task_id is not None:
+            self.returned[str(task_id)] = f"{error} (exchange {exchange!r}, key {routing_key!r})"
 
     def acked_up_to(self, last: int) -> int:
         if self.nacked is not None:

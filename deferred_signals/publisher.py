@@ -259,21 +259,28 @@ class _Progress:
                 confirms.next_tag += 1
             last = confirms.next_tag - 1
             while True:
+                if confirms.returned:
+                    self._refuse_returned(confirms, base, first)
                 acked = confirms.acked_up_to(last)
                 self.done = base + max(0, acked - first + 1)
                 if acked >= last:
                     return
                 # Confirms may arrive out of order: after a nack, wait for the tags before it.
                 if confirms.nacked is not None and acked >= confirms.nacked - 1:
+                    call = self.calls[base + confirms.nacked - first]
+                    returned = confirms.returned.get(call.id)
                     refused = PublishRefused(
                         f"the broker refused message {confirms.nacked - first + 1} of the batch"
+                        + (f": returned, no queue took it: {returned}" if returned else "")
                     )
-                    _blame(refused, self.calls[base + confirms.nacked - first])
+                    _blame(refused, call)
                     raise refused
                 producer.connection.drain_events(timeout=self.remaining(answering=acked >= first))
         except Exception as error:
             # What the broker confirmed before it failed still counts: a channel error comes
             # after the acks of the messages the channel took before it.
+            if confirms.returned:
+                self._refuse_returned(confirms, base, first)
             self.done = base + max(0, confirms.acked_up_to(confirms.next_tag - 1) - first + 1)
             if (
                 broker.is_refusal(error)
@@ -286,6 +293,13 @@ class _Progress:
                 with suppress(AttributeError):
                     delattr(error, FAILED_CALL)
             raise
+
+    def _refuse_returned(self, confirms: broker.Confirms, base: int, first: int) -> None:
+        """A message returned as unroutable is acked next, yet no queue has it: a refusal.
+        (RabbitMQ sends the return before the ack, so this runs before that ack counts.)"""
+        for n, call in enumerate(self.calls[base:]):
+            if call.id in confirms.returned:
+                confirms.on_nack(first + n, multiple=False)
 
 
 #: Set on an exception raised while one call's message was built or handed to the producer
@@ -435,6 +449,7 @@ def publish_message(
     if push is None or not push.add(message):
         kwargs = message.publish_kwargs()
         kwargs["declare"] = None
+        kwargs["mandatory"] = True  # AMQP: returned if no queue takes it (see Confirms)
         producer.publish(message.body, timeout=timeout, confirm_timeout=confirm_timeout, **kwargs)
     after = celery_signals.after_task_publish
     if after.receivers:
@@ -478,7 +493,7 @@ def publish_fallback(
         retry=False,
         timeout=timeout,
         confirm_timeout=confirm_timeout,
-        **options,
+        **{**options, "mandatory": True},  # AMQP: returned if no queue takes it
     )
 
 

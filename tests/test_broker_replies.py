@@ -414,12 +414,16 @@ def take_all(url: str, queue: str) -> list[int]:
     """The ``i`` of each message in ``queue``, taken off it."""
     from kombu import Connection
     from kombu import Queue as KombuQueue
+    from kombu.exceptions import ChannelError
 
     found = []
     with Connection(url) as connection:
         bound = KombuQueue(queue, channel=connection.channel())
-        while (message := bound.get(no_ack=True)) is not None:
-            found.append(json.loads(message.body)[1]["kwargs"]["i"])
+        try:
+            while (message := bound.get(no_ack=True)) is not None:
+                found.append(json.loads(message.body)[1]["kwargs"]["i"])
+        except ChannelError:  # no such queue (404): nothing in it
+            pass
     return found
 
 
@@ -462,4 +466,54 @@ def test_a_queue_full_by_policy_refuses_calls_that_are_spilled_and_relayed_once(
     report(f"RabbitMQ queue full by policy ({mode})", 10, seen, durations)
     assert seen == Counter(range(10))
     assert not OutboxCall.objects.exists()
+    assert max(durations) < TIMEOUT + 0.5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_queue_deleted_under_a_live_connection_loses_nothing(
+    rabbit_vhost: str, settings: SettingsWrapper, mode: str
+) -> None:
+    """The queue is deleted (an operator, ``x-expires``) after this process's connection
+    declared it: RabbitMQ acks a message it can route nowhere, and drops it. Such a call is
+    refused, not published: it is spilled, and the relay (on a new connection, which declares
+    the queue again) publishes it. In a batch, the calls before and after it go on."""
+    from kombu import Connection
+
+    queue, other = f"ds-gone-{uuid.uuid4().hex[:8]}", f"ds-other-{uuid.uuid4().hex[:8]}"
+    app = make_app("deleted-queue", rabbit_vhost)
+
+    def delete_queue() -> None:
+        with Connection(rabbit_vhost) as connection:
+            connection.channel().queue_delete(queue)
+
+    durations = []
+    with use_app(app, settings, queue):
+        settings.DEFERRED_SIGNALS = {
+            **settings.DEFERRED_SIGNALS,
+            "PUBLISH_TIMEOUT": TIMEOUT,
+            "DELIVERY": mode,
+            "HANDLERS": {OTHER: {"queue": other}},
+        }
+        durations.append(commit("gone", 0))  # connected, the queue declared
+        take_all(rabbit_vhost, queue)
+        delete_queue()
+        durations += [commit("gone", i) for i in range(1, 6)]
+        kept = OutboxCall.objects.count()
+        relay_until_empty()
+        taken = take_all(rabbit_vhost, queue)
+
+        delete_queue()
+        started = time.monotonic()
+        with transaction.atomic():  # the queue of the second call is gone
+            slow_signal.send(sender=None, i=6)
+            user_registered.send(sender=None, label="gone", i=7)
+        durations.append(time.monotonic() - started)
+        kept += OutboxCall.objects.count()
+        relay_until_empty()
+        taken += take_all(rabbit_vhost, queue) + take_all(rabbit_vhost, other)
+    seen = Counter(taken)
+    report(f"RabbitMQ queue deleted under a live producer ({mode})", 7, seen, durations)
+    print(f"  calls refused as unroutable, spilled or kept: {kept}")
+    assert kept == 2, "the first call to the deleted queue, each time"
+    assert seen == Counter(range(1, 8)), "each call published once, none dropped"
     assert max(durations) < TIMEOUT + 0.5
