@@ -40,7 +40,8 @@ class Confirms:
         self.next_tag = 1  # RabbitMQ numbers a confirming channel's publishes from 1
         self.acked = 0  # every tag up to this one is confirmed
         self.scattered: set[int] = set()
-        self.nacked: int | None = None
+        self.nacked: int | None = None  # the first tag refused
+        self.refused: set[int] = set()  # every tag refused
         #: Task ids of the messages returned unroutable, and why (the return has no tag).
         self.returned: dict[str, str] = {}
         channel.events["basic_ack"].add(self.on_ack)
@@ -68,6 +69,7 @@ class Confirms:
     def on_nack(self, tag: int, multiple: bool) -> None:
         first = self.acked + 1 if multiple else tag
         self.nacked = first if self.nacked is None else min(self.nacked, first)
+        self.refused.update(t for t in range(first, tag + 1) if t not in self.scattered)
 
     def on_return(self, error: Any, exchange: str, routing_key: str, message: Any) -> None:
         task_id = (getattr(message, "headers", None) or {}).get("id")
@@ -78,6 +80,21 @@ class Confirms:
         if self.nacked is not None:
             return min(self.acked, self.nacked - 1, last)
         return min(self.acked, last)
+
+    def answered(self, first: int, last: int) -> bool:
+        """Has every tag from ``first`` to ``last`` been acked or refused?"""
+        return all(
+            tag <= self.acked or tag in self.scattered or tag in self.refused
+            for tag in range(first, last + 1)
+        )
+
+    def acked_between(self, first: int, last: int) -> list[int]:
+        """The tags from ``first`` to ``last`` acked, not refused (after a refusal, say)."""
+        return [
+            tag
+            for tag in range(first, last + 1)
+            if (tag <= self.acked or tag in self.scattered) and tag not in self.refused
+        ]
 
 
 def transport_options(app: Any, timeout: float) -> dict[str, Any]:

@@ -73,7 +73,8 @@ cooldown = _Cooldown()
 def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
     """Publish ``calls`` in order; return how many the broker confirmed, and the error if not all.
 
-    Never raises. The confirmed ones are always a prefix of ``calls``.
+    Never raises. The confirmed ones are a prefix of ``calls``, and, after a call the broker
+    refused, those of :func:`published_after`.
     """
     if always_eager():
         return _apply_eagerly(calls)
@@ -112,8 +113,19 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
             break
     # Outside the try: a failing call_published receiver must not pass for a broker failure
     # (a false cooldown).
-    _confirmed(calls, progress.done, started)
+    after = published_after(failure)
+    if after:
+        taken = [*calls[: progress.done], *(c for c in calls[progress.done :] if c.id in after)]
+        _confirmed(taken, len(taken), started)
+    else:
+        _confirmed(calls, progress.done, started)
     return progress.done, failure
+
+
+def published_after(error: BaseException | None) -> frozenset[str]:
+    """The ids of the calls after the unconfirmed prefix that the broker took all the same
+    (after a refusal: the calls of a batch to other queues than a full one)."""
+    return error.published_after if isinstance(error, PublishRefused) else frozenset()
 
 
 #: (app, its own change of task_always_eager, conf.generation, task_always_eager): reading
@@ -274,6 +286,7 @@ class _Progress:
                         + (f": returned, no queue took it: {returned}" if returned else "")
                     )
                     _blame(refused, call)
+                    self._note_acked_after(refused, producer, confirms, base, first, last)
                     raise refused
                 producer.connection.drain_events(timeout=self.remaining(answering=acked >= first))
         except Exception as error:
@@ -293,6 +306,33 @@ class _Progress:
                 with suppress(AttributeError):
                     delattr(error, FAILED_CALL)
             raise
+
+    def _note_acked_after(
+        self,
+        refused: PublishRefused,
+        producer: Any,
+        confirms: broker.Confirms,
+        base: int,
+        first: int,
+        last: int,
+    ) -> None:
+        """Set on ``refused`` the ids of the calls after the refused one that the broker took
+        (other queues than a full one): they are published, and must not be sent again.
+        Waits for the rest of the confirms within PUBLISH_TIMEOUT; one still unanswered then
+        counts as not published (sent again: at least once)."""
+        assert confirms.nacked is not None
+        try:
+            while not confirms.answered(confirms.nacked + 1, last):
+                producer.connection.drain_events(timeout=self.remaining(answering=True))
+                if confirms.returned:
+                    self._refuse_returned(confirms, base, first)
+        except Exception as error:
+            if not broker.is_broker_failure(error):
+                raise
+        refused.published_after = frozenset(
+            self.calls[base + tag - first].id
+            for tag in confirms.acked_between(confirms.nacked + 1, last)
+        )
 
     def _refuse_returned(self, confirms: broker.Confirms, base: int, first: int) -> None:
         """A message returned as unroutable is acked next, yet no queue has it: a refusal.

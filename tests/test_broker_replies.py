@@ -12,6 +12,7 @@ test prints committed / published / lost / published twice, and the slowest comm
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import logging
 import shutil
@@ -31,6 +32,7 @@ from pytest_django.fixtures import Settings as SettingsWrapper
 
 from deferred_signals import publisher
 from deferred_signals.models import OutboxCall
+from deferred_signals.outbox import body_text
 from deferred_signals.relay import Relay
 from tests.conftest import missing, require, use_app
 from tests.testapp.models import Author
@@ -517,3 +519,64 @@ def test_a_queue_deleted_under_a_live_connection_loses_nothing(
     assert kept == 2, "the first call to the deleted queue, each time"
     assert seen == Counter(range(1, 8)), "each call published once, none dropped"
     assert max(durations) < TIMEOUT + 0.5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_calls_after_a_refused_one_in_a_batch_are_published_once(
+    rabbit_vhost: str, settings: SettingsWrapper, mode: str
+) -> None:
+    """A batch whose middle call goes to a full queue: RabbitMQ nacks it and acks the calls
+    before and after it (other queues). The acked ones count, whatever their place: only the
+    refused call is spilled, and none is published twice. The same in a relay round: the
+    rows of the calls taken are deleted, the refused ones kept."""
+    full, other = f"ds-full-{uuid.uuid4().hex[:8]}", f"ds-other-{uuid.uuid4().hex[:8]}"
+    app = make_app("refused-in-a-batch", rabbit_vhost)
+    with use_app(app, settings, other):
+        settings.DEFERRED_SIGNALS = {
+            **settings.DEFERRED_SIGNALS,
+            "PUBLISH_TIMEOUT": TIMEOUT,
+            "DELIVERY": mode,
+            "HANDLERS": {OTHER: {"queue": full}},
+        }
+        with transaction.atomic():  # fills the full queue
+            for i in range(3):
+                slow_signal.send(sender=None, i=100 + i)
+        assert not OutboxCall.objects.exists()
+        started = time.monotonic()
+        with transaction.atomic():
+            for i in range(0, 12, 3):
+                user_registered.send(sender=None, label="batch", i=i)
+                slow_signal.send(sender=None, i=i + 1)  # refused: the queue is full
+                user_registered.send(sender=None, label="batch", i=i + 2)
+        took = time.monotonic() - started
+        kept = sorted(json.loads(row.body)["kwargs"]["i"] for row in OutboxCall.objects.all())
+
+        # The relay, the queue still full: rows of both handlers, interleaved, in one round.
+        at = timezone.now() - datetime.timedelta(minutes=1)
+        OutboxCall.objects.update(next_attempt_at=at + datetime.timedelta(minutes=1))
+        for n, handler in enumerate(["tests.user_event", OTHER] * 3):
+            OutboxCall.objects.create(
+                id=str(uuid.uuid4()),
+                handler=handler,
+                body=body_text({"v": 1, "signal": 0, "sender": None, "kwargs": {"i": 12 + n}}),
+                next_attempt_at=at + datetime.timedelta(seconds=n),
+            )
+        publisher.cooldown.clear()
+        assert Relay().run_once() == 3, "the relay counts the calls the broker took"
+        left = sorted(json.loads(row.body)["kwargs"]["i"] for row in OutboxCall.objects.all())
+        assert left == [1, 4, 7, 10, 13, 15, 17], "and deletes their rows, only theirs"
+
+        taken = [i for i in take_all(rabbit_vhost, full) if i < 100]  # the queue drains
+        publisher.cooldown.clear()
+        for _ in range(10):
+            OutboxCall.objects.update(next_attempt_at=timezone.now())
+            Relay().run_once()
+            taken += take_all(rabbit_vhost, full)
+            if not OutboxCall.objects.exists():
+                break
+        taken += take_all(rabbit_vhost, other)
+    seen = Counter(taken)
+    report(f"RabbitMQ nacks the middle of batches ({mode})", 18, seen, [took])
+    print(f"  calls spilled or kept at commit: {kept}")
+    assert kept == [1, 4, 7, 10], "the refused calls, and only them"
+    assert seen == Counter(range(18))
