@@ -18,6 +18,7 @@ import logging
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections import Counter
@@ -284,9 +285,10 @@ def test_a_write_redis_refuses_is_spilled_and_relayed_once(
     assert max(durations) < TIMEOUT + 0.5
 
 
+@pytest.mark.parametrize("prefix", ["", "dsprefix:"])
 @pytest.mark.parametrize("mode", MODES)
 def test_a_batch_redis_would_take_in_part_is_refused_whole_and_published_once(
-    private_redis: Any, settings: SettingsWrapper, mode: str
+    private_redis: Any, settings: SettingsWrapper, mode: str, prefix: str
 ) -> None:
     """Memory short, Redis refuses the long ``LPUSH`` of a batch (20 calls of 20 KB to one
     queue: the batch itself, in its input buffer, is over ``maxmemory``) and would take the
@@ -296,6 +298,8 @@ def test_a_batch_redis_would_take_in_part_is_refused_whole_and_published_once(
     server = private_redis()
     queue, other = (f"ds-replies-{uuid.uuid4().hex[:8]}" for _ in range(2))
     app = make_app("private-redis", server.url)
+    if prefix:  # kombu's global_keyprefix: written through the channel's client
+        app.conf.broker_transport_options = {"global_keyprefix": prefix}
     with use_app(app, settings, queue):
         settings.DEFERRED_SIGNALS = {
             **settings.DEFERRED_SIGNALS,
@@ -306,7 +310,7 @@ def test_a_batch_redis_would_take_in_part_is_refused_whole_and_published_once(
         commit("before", 0)  # connected, both queues declared
         with transaction.atomic():
             slow_signal.send(sender=None, i=0)
-        server.client.delete(queue, other)
+        server.client.delete(prefix + queue, prefix + other)
         server.client.config_set("maxmemory-policy", "noeviction")
         used = server.client.info("memory")["used_memory"]
         short = used + 100_000  # short of 20 calls of 20 KB
@@ -318,20 +322,20 @@ def test_a_batch_redis_would_take_in_part_is_refused_whole_and_published_once(
                 user_registered.send(sender=None, label="part", i=i, pad="x" * 20_000)
             slow_signal.send(sender=None, i=20)
         took = time.monotonic() - started
-        in_redis = labels(server.client, queue) + labels(server.client, other)
+        in_redis = labels(server.client, prefix + queue) + labels(server.client, prefix + other)
         assert OutboxCall.objects.count() == 21
         assert not in_redis, "a batch counted as refused must have left nothing in Redis"
 
         publisher.cooldown.clear()
         assert Relay().run_once() == 0
         assert OutboxCall.objects.count() == 21
-        in_redis = labels(server.client, queue) + labels(server.client, other)
+        in_redis = labels(server.client, prefix + queue) + labels(server.client, prefix + other)
         assert not in_redis, "a relay round counted as refused must have left nothing in Redis"
 
         server.client.config_set("maxmemory", 0)
         relay_until_empty()
-        seen = labels(server.client, queue) + labels(server.client, other)
-    report(f"Redis OOM in the middle of a batch ({mode})", 21, seen, [took])
+        seen = labels(server.client, prefix + queue) + labels(server.client, prefix + other)
+    report(f"Redis OOM in the middle of a batch ({mode}, {prefix=})", 21, seen, [took])
     assert seen == Counter(range(21)), "each committed call published exactly once"
 
 
@@ -580,3 +584,46 @@ def test_calls_after_a_refused_one_in_a_batch_are_published_once(
     print(f"  calls spilled or kept at commit: {kept}")
     assert kept == [1, 4, 7, 10], "the refused calls, and only them"
     assert seen == Counter(range(18))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_busy_redis_holds_a_commit_no_longer_than_publish_timeout(
+    private_redis: Any, settings: SettingsWrapper, mode: str
+) -> None:
+    """Redis busy with one slow command (``DEBUG SLEEP``: a long script, a big ``DEL``) reads
+    nothing else meanwhile. The commit gives up at ``PUBLISH_TIMEOUT`` and spills. Redis runs
+    the write it was sent once it wakes (closing the socket, even with a reset, does not
+    withdraw bytes Redis has not read yet): that call is published twice, under one call id,
+    which ``idempotent=True`` skips the second time. At least once, as documented."""
+    timeout, busy = 0.5, 1.5
+    server = private_redis("--enable-debug-command", "yes")
+    queue = f"ds-replies-{uuid.uuid4().hex[:8]}"
+    app = make_app("private-redis", server.url)
+    durations = []
+    with use_app(app, settings, queue):
+        settings.DEFERRED_SIGNALS = {
+            **settings.DEFERRED_SIGNALS,
+            "PUBLISH_TIMEOUT": timeout,
+            "DELIVERY": mode,
+        }
+        commit("before", 0)  # connected, the queue declared
+        server.client.delete(queue)
+        import redis
+
+        sleeper = redis.Redis(port=server.port)
+        thread = threading.Thread(target=sleeper.execute_command, args=("DEBUG", "SLEEP", busy))
+        thread.start()
+        time.sleep(0.1)  # Redis is asleep
+        durations += [commit("busy", i) for i in range(5)]
+        thread.join()
+        time.sleep(0.2)
+        in_redis = labels(server.client, queue)
+        relay_until_empty()
+        seen = labels(server.client, queue)
+        ids = published(server.client, queue)
+    report(f"Redis busy {busy} s ({mode})", 5, seen, durations)
+    print(f"  writes given up on that Redis ran when it woke: {sum(in_redis.values())}")
+    assert max(durations) < timeout + 0.5
+    assert set(seen) == set(range(5)), "none lost"
+    assert len(ids) == 5, "a call published twice has one id: idempotent=True skips it"
+    assert sum(in_redis.values()) <= 1, "only the write in flight at the timeout"
