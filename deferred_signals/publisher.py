@@ -286,7 +286,8 @@ class _Progress:
                         + (f": returned, no queue took it: {returned}" if returned else "")
                     )
                     _blame(refused, call)
-                    self._note_acked_after(refused, producer, confirms, base, first, last)
+                    after = confirms.nacked + 1
+                    self._note_acked_after(refused, producer, confirms, base, first, after, last)
                     raise refused
                 producer.connection.drain_events(timeout=self.remaining(answering=acked >= first))
         except Exception as error:
@@ -314,15 +315,16 @@ class _Progress:
         confirms: broker.Confirms,
         base: int,
         first: int,
+        after: int,
         last: int,
     ) -> None:
-        """Set on ``refused`` the ids of the calls after the refused one that the broker took
-        (other queues than a full one): they are published, and must not be sent again.
-        Waits for the rest of the confirms within PUBLISH_TIMEOUT; one still unanswered then
-        counts as not published (sent again: at least once)."""
-        assert confirms.nacked is not None
+        """Set on ``refused`` the ids of the calls of tags ``after`` to ``last`` (those after
+        the refused one) that the broker took (other queues than a full one): they are
+        published, and must not be sent again. Waits for their confirms within
+        PUBLISH_TIMEOUT; one still unanswered then counts as not published (sent again: at
+        least once)."""
         try:
-            while not confirms.answered(confirms.nacked + 1, last):
+            while not confirms.answered(after, last):
                 producer.connection.drain_events(timeout=self.remaining(answering=True))
                 if confirms.returned:
                     self._refuse_returned(confirms, base, first)
@@ -330,8 +332,7 @@ class _Progress:
             if not broker.is_broker_failure(error):
                 raise
         refused.published_after = frozenset(
-            self.calls[base + tag - first].id
-            for tag in confirms.acked_between(confirms.nacked + 1, last)
+            self.calls[base + tag - first].id for tag in confirms.acked_between(after, last)
         )
 
     def _refuse_returned(self, confirms: broker.Confirms, base: int, first: int) -> None:
