@@ -29,16 +29,24 @@ logger = logging.getLogger("deferred_signals")
 
 
 class Confirms:
-    """Publisher confirms of one AMQP channel: acks arrive asynchronously, maybe batched."""
+    """Publisher confirms of one AMQP channel: acks arrive asynchronously, maybe batched.
+
+    Messages are published ``mandatory``: one that no queue takes (its queue was deleted
+    after this channel declared it) is acked all the same, and dropped, but returned first.
+    """
 
     def __init__(self, channel: Any) -> None:
         channel.confirm_select()
         self.next_tag = 1  # RabbitMQ numbers a confirming channel's publishes from 1
         self.acked = 0  # every tag up to this one is confirmed
         self.scattered: set[int] = set()
-        self.nacked: int | None = None
+        self.nacked: int | None = None  # the first tag refused
+        self.refused: set[int] = set()  # every tag refused
+        #: Task ids of the messages returned unroutable, and why (the return has no tag).
+        self.returned: dict[str, str] = {}
         channel.events["basic_ack"].add(self.on_ack)
         channel.events["basic_nack"].add(self.on_nack)
+        channel.events["basic_return"].add(self.on_return)
 
     @classmethod
     def of(cls, channel: Any) -> Confirms:
@@ -61,11 +69,32 @@ class Confirms:
     def on_nack(self, tag: int, multiple: bool) -> None:
         first = self.acked + 1 if multiple else tag
         self.nacked = first if self.nacked is None else min(self.nacked, first)
+        self.refused.update(t for t in range(first, tag + 1) if t not in self.scattered)
+
+    def on_return(self, error: Any, exchange: str, routing_key: str, message: Any) -> None:
+        task_id = (getattr(message, "headers", None) or {}).get("id")
+        if task_id is not None:
+            self.returned[str(task_id)] = f"{error} (exchange {exchange!r}, key {routing_key!r})"
 
     def acked_up_to(self, last: int) -> int:
         if self.nacked is not None:
             return min(self.acked, self.nacked - 1, last)
         return min(self.acked, last)
+
+    def answered(self, first: int, last: int) -> bool:
+        """Has every tag from ``first`` to ``last`` been acked or refused?"""
+        return all(
+            tag <= self.acked or tag in self.scattered or tag in self.refused
+            for tag in range(first, last + 1)
+        )
+
+    def acked_between(self, first: int, last: int) -> list[int]:
+        """The tags from ``first`` to ``last`` acked, not refused (after a refusal, say)."""
+        return [
+            tag
+            for tag in range(first, last + 1)
+            if (tag <= self.acked or tag in self.scattered) and tag not in self.refused
+        ]
 
 
 def transport_options(app: Any, timeout: float) -> dict[str, Any]:

@@ -287,10 +287,12 @@ def flush(calls: list[PendingCall], using: str) -> list[PendingCall]:
     lost: list[PendingCall] = []
     for attempt in range(REFUSALS_PER_FLUSH + 1):
         confirmed, error = publisher.publish(calls)
+        after = publisher.published_after(error)
         published = [call.id for call in calls[:confirmed] if call.outbox]
+        published += [call.id for call in calls[confirmed:] if call.outbox and call.id in after]
         if published:
             outbox.delete(published, using)
-        failed = calls[confirmed:]
+        failed = [call for call in calls[confirmed:] if call.id not in after]
         if not failed:
             return lost
         # One call refused (its queue, its message) or failing on our side: it and the

@@ -51,6 +51,8 @@ class PublishRefused(DeferredSignalError):
     up, so the refused calls are spilled without a cooldown."""
 
     broker_answering = True
+    #: Ids of the calls of the batch after the refused one that the broker took all the same.
+    published_after: frozenset[str] = frozenset()
 
 
 class OutboxWriteError(DeferredSignalError, DatabaseError):

@@ -73,7 +73,8 @@ cooldown = _Cooldown()
 def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
     """Publish ``calls`` in order; return how many the broker confirmed, and the error if not all.
 
-    Never raises. The confirmed ones are always a prefix of ``calls``.
+    Never raises. The confirmed ones are a prefix of ``calls``, and, after a call the broker
+    refused, those of :func:`published_after`.
     """
     if always_eager():
         return _apply_eagerly(calls)
@@ -112,8 +113,19 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
             break
     # Outside the try: a failing call_published receiver must not pass for a broker failure
     # (a false cooldown).
-    _confirmed(calls, progress.done, started)
+    after = published_after(failure)
+    if after:
+        taken = [*calls[: progress.done], *(c for c in calls[progress.done :] if c.id in after)]
+        _confirmed(taken, len(taken), started)
+    else:
+        _confirmed(calls, progress.done, started)
     return progress.done, failure
+
+
+def published_after(error: BaseException | None) -> frozenset[str]:
+    """The ids of the calls after the unconfirmed prefix that the broker took all the same
+    (after a refusal: the calls of a batch to other queues than a full one)."""
+    return error.published_after if isinstance(error, PublishRefused) else frozenset()
 
 
 #: (app, its own change of task_always_eager, conf.generation, task_always_eager): reading
@@ -259,21 +271,30 @@ class _Progress:
                 confirms.next_tag += 1
             last = confirms.next_tag - 1
             while True:
+                if confirms.returned:
+                    self._refuse_returned(confirms, base, first)
                 acked = confirms.acked_up_to(last)
                 self.done = base + max(0, acked - first + 1)
                 if acked >= last:
                     return
                 # Confirms may arrive out of order: after a nack, wait for the tags before it.
                 if confirms.nacked is not None and acked >= confirms.nacked - 1:
+                    call = self.calls[base + confirms.nacked - first]
+                    returned = confirms.returned.get(call.id)
                     refused = PublishRefused(
                         f"the broker refused message {confirms.nacked - first + 1} of the batch"
+                        + (f": returned, no queue took it: {returned}" if returned else "")
                     )
-                    _blame(refused, self.calls[base + confirms.nacked - first])
+                    _blame(refused, call)
+                    after = confirms.nacked + 1
+                    self._note_acked_after(refused, producer, confirms, base, first, after, last)
                     raise refused
                 producer.connection.drain_events(timeout=self.remaining(answering=acked >= first))
         except Exception as error:
             # What the broker confirmed before it failed still counts: a channel error comes
             # after the acks of the messages the channel took before it.
+            if confirms.returned:
+                self._refuse_returned(confirms, base, first)
             self.done = base + max(0, confirms.acked_up_to(confirms.next_tag - 1) - first + 1)
             if (
                 broker.is_refusal(error)
@@ -286,6 +307,40 @@ class _Progress:
                 with suppress(AttributeError):
                     delattr(error, FAILED_CALL)
             raise
+
+    def _note_acked_after(
+        self,
+        refused: PublishRefused,
+        producer: Any,
+        confirms: broker.Confirms,
+        base: int,
+        first: int,
+        after: int,
+        last: int,
+    ) -> None:
+        """Set on ``refused`` the ids of the calls of tags ``after`` to ``last`` (those after
+        the refused one) that the broker took (other queues than a full one): they are
+        published, and must not be sent again. Waits for their confirms within
+        PUBLISH_TIMEOUT; one still unanswered then counts as not published (sent again: at
+        least once)."""
+        try:
+            while not confirms.answered(after, last):
+                producer.connection.drain_events(timeout=self.remaining(answering=True))
+                if confirms.returned:
+                    self._refuse_returned(confirms, base, first)
+        except Exception as error:
+            if not broker.is_broker_failure(error):
+                raise
+        refused.published_after = frozenset(
+            self.calls[base + tag - first].id for tag in confirms.acked_between(after, last)
+        )
+
+    def _refuse_returned(self, confirms: broker.Confirms, base: int, first: int) -> None:
+        """A message returned as unroutable is acked next, yet no queue has it: a refusal.
+        (RabbitMQ sends the return before the ack, so this runs before that ack counts.)"""
+        for n, call in enumerate(self.calls[base:]):
+            if call.id in confirms.returned:
+                confirms.on_nack(first + n, multiple=False)
 
 
 #: Set on an exception raised while one call's message was built or handed to the producer
@@ -435,6 +490,7 @@ def publish_message(
     if push is None or not push.add(message):
         kwargs = message.publish_kwargs()
         kwargs["declare"] = None
+        kwargs["mandatory"] = True  # AMQP: returned if no queue takes it (see Confirms)
         producer.publish(message.body, timeout=timeout, confirm_timeout=confirm_timeout, **kwargs)
     after = celery_signals.after_task_publish
     if after.receivers:
@@ -478,7 +534,7 @@ def publish_fallback(
         retry=False,
         timeout=timeout,
         confirm_timeout=confirm_timeout,
-        **options,
+        **{**options, "mandatory": True},  # AMQP: returned if no queue takes it
     )
 
 

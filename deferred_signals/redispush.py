@@ -7,9 +7,10 @@ message. A :class:`RedisPush` builds the very envelope kombu stores (the same ke
 values: base64 body, ``delivery_info``, ``delivery_tag``, priority) and writes a chunk of
 them with one round trip: one ``LPUSH`` per run of consecutive messages to the same list
 (``LPUSH key m1 m2 m3`` leaves them where three ``LPUSH`` commands would, and Redis takes all
-or none of them), packed here and written on one connection of the channel's pool that the
-producer keeps (a channel with ``global_keyprefix`` goes through its own client, which
-prefixes the keys); priority queues are kombu's lists.
+or none of them; several runs go in one ``MULTI``/``EXEC``, taken or refused whole), packed
+here and written on one connection of the channel's pool that the producer keeps (a channel
+with ``global_keyprefix`` goes through its own client, which prefixes the keys); priority
+queues are kombu's lists.
 
 Celery's ``after_task_publish`` fires once a message is queued for its chunk's write, as with
 kombu's own batches: a failed write spills the chunk after the signal.
@@ -35,13 +36,15 @@ from .ids import uuid4
 
 _RedisChannel: Any
 RedisConnectionError: Any
+RedisResponseError: Any
 RedisTimeoutError: Any
 try:  # kombu's Redis transport needs redis-py; without it there is nothing to speed up
     from kombu.transport.redis import Channel as _RedisChannel
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError as RedisResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError:  # pragma: no cover - redis-py is a test and example dependency
-    _RedisChannel = RedisConnectionError = RedisTimeoutError = None
+    _RedisChannel = RedisConnectionError = RedisResponseError = RedisTimeoutError = None
 
 if TYPE_CHECKING:
     from .messages import Message
@@ -340,20 +343,55 @@ class RedisPush:
             # A connection opened for this write takes its socket timeout from here.
             connection.socket_timeout = max(timeout, 0.001)
         runs = _runs(pending)
+        # Redis runs each command of a pipeline on its own: when memory is short it can refuse
+        # a long LPUSH (OOM) and take a short one after it, and the caller, which spills a
+        # failed chunk whole, would publish that one twice. In MULTI/EXEC, Redis refuses every
+        # command of the chunk if it refuses one (OOM, READONLY, MISCONF, NOAUTH...).
+        whole = len(runs) > 1
         if connection is None:  # keys to prefix: the channel's own client does it
-            with self.channel.conn_or_acquire() as client, client.pipeline(False) as pipe:
+            with self.channel.conn_or_acquire() as client, client.pipeline(whole) as pipe:
                 for key, values in runs:
                     pipe.lpush(key, *values)
-                pipe.execute()
+                pipe.execute()  # raises the first error reply
             return
         try:
-            connection.send_packed_command([_pack(runs)])
-            for _ in runs:
+            if whole:
+                connection.send_packed_command([_MULTI, _pack(runs), _EXEC])
+                _read_transaction(connection, len(runs))
+            else:
+                connection.send_packed_command([_pack(runs)])
                 connection.read_response()  # an error reply raises (redis.ResponseError)
         except BaseException:
             # Replies may be left unread: this connection must never serve another batch.
             connection.disconnect()
             raise
+
+
+_MULTI = b"*1\r\n$5\r\nMULTI\r\n"
+_EXEC = b"*1\r\n$4\r\nEXEC\r\n"
+
+
+def _read_transaction(connection: Any, commands: int) -> None:
+    """Read the replies to ``MULTI``, ``commands`` commands and ``EXEC``; raise the first
+    error reply, having read them all."""
+    refused = None
+    for _ in range(commands + 1):  # MULTI's OK, then QUEUED or a refusal for each command
+        try:
+            connection.read_response()
+        except RedisResponseError as error:
+            refused = refused or error
+    try:
+        replies = connection.read_response()  # EXECABORT if a command was refused
+    except RedisResponseError:
+        if refused is None:
+            raise
+        replies = None
+    if refused is not None:
+        raise refused  # Redis's own words (OOM...), not EXECABORT's
+    # An error at run time (WRONGTYPE: a key that is not a list) stops no other command.
+    for reply in replies or ():
+        if isinstance(reply, Exception):
+            raise reply
 
 
 def _runs(pending: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
