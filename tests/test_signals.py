@@ -380,3 +380,65 @@ def test_a_failing_receiver_after_a_blamed_call_loses_none_of_the_calls_after_it
     finally:
         signals.call_spilled.disconnect(_failing_receiver)
     assert OutboxCall.objects.count() == 1 and len(published) == 1 + 2
+
+
+@contextmanager
+def broken_receivers() -> Iterator[None]:
+    """A receiver that raises connected to each of our signals, before any other (a broken
+    metrics exporter)."""
+    for name in signals.__all__:
+        getattr(signals, name).connect(_failing_receiver)
+    try:
+        yield
+    finally:
+        for name in signals.__all__:
+            getattr(signals, name).disconnect(_failing_receiver)
+
+
+def test_a_failing_receiver_changes_nothing_on_the_worker(caplog: pytest.LogCaptureFixture) -> None:
+    """A handler_started or handler_succeeded receiver that raised made the handler's run a
+    failure: a handler that never ran, or one that did kept as a dead letter (run again on
+    replay); a handler_failed or handler_retried one replaced Celery's Retry."""
+    from deferred_signals.models import DeadLetter
+    from tests.testapp.models import Record
+
+    with broken_receivers(), recording() as events:
+        ok = current_app.tasks[FLAKY].apply(kwargs=body(key="k", fail_times=1), task_id="c-1")
+        bad = current_app.tasks[FLAKY].apply(kwargs=body(key="x", fail_times=9), task_id="c-2")
+    assert ok.state == "SUCCESS"
+    assert names([event for event in events if event.kwargs["call_id"] == "c-1"]) == [
+        "handler_started",
+        "handler_failed",
+        "handler_retried",
+        "handler_started",
+        "handler_succeeded",
+    ]
+    assert Record.objects.filter(handler="flaky").count() == 1  # call c-1, once
+    assert bad.state == "FAILURE" and isinstance(bad.result, FlakyError)
+    assert names([event for event in events if event.kwargs["call_id"] == "c-2"]) == [
+        *["handler_started", "handler_failed", "handler_retried"] * 3,
+        "handler_started",
+        "handler_failed",
+        "call_dead_lettered",
+    ]
+    assert list(DeadLetter.objects.values_list("call_id", "exception")) == [
+        ("c-2", "tests.testapp.handlers.FlakyError")
+    ]
+    failures = [r.getMessage() for r in caplog.records if r.name == "deferred_signals"]
+    logged = f"{FLAKY} [c-1]: tests.test_signals.SpilledReceiverError"
+    assert (
+        f"deferred_signals: a handler_succeeded receiver (_failing_receiver) failed for {logged}"
+        in failures
+    )
+
+
+def test_a_failing_call_deferred_receiver_neither_fails_the_send_nor_drops_the_call(
+    memory_broker: None,
+) -> None:
+    """Outside a transaction the row is committed when post_save is sent: a call_deferred
+    receiver that raised dropped the call, and the save() raised after its commit."""
+    with broken_receivers(), recording() as events:
+        article = Article.objects.create(title="kept")
+    saved = [event for event in events if event.sender is handlers.article_saved]
+    assert names(saved) == ["call_deferred", "call_published"]
+    assert Article.objects.filter(pk=article.pk).exists()
