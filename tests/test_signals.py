@@ -8,6 +8,7 @@ the same code in a worker process.
 from __future__ import annotations
 
 import datetime
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -442,3 +443,24 @@ def test_a_failing_call_deferred_receiver_neither_fails_the_send_nor_drops_the_c
     saved = [event for event in events if event.sender is handlers.article_saved]
     assert names(saved) == ["call_deferred", "call_published"]
     assert Article.objects.filter(pk=article.pk).exists()
+
+
+def test_a_replayed_call_has_its_handlers_retries_again_no_more(deferred: Any) -> None:
+    """A dead letter of a call that met a database outage holds the outage's retry count
+    ("dbr"), which retries do not take from max_retries. The replay's message starts again
+    from retry 0: kept, that count gave the replayed call as many extra retries."""
+    from deferred_signals.models import DeadLetter
+    from deferred_signals.outbox import body_text
+    from deferred_signals.replay import replay
+
+    message = {**body(key="replayed", fail_times=99), "dbf": 1e9, "dbr": 2}
+    letter = DeadLetter.objects.create(
+        call_id="c-replayed", handler=FLAKY, body=body_text(message), attempts=6
+    )
+    assert replay([letter])[0] == [letter]
+    (call,) = deferred.calls
+    with recording() as events:
+        current_app.tasks[FLAKY].apply(kwargs=json.loads(call.message), task_id=call.id)
+    started = [event.kwargs["attempt"] for event in events if event.name == "handler_started"]
+    assert started == [1, 2, 3, 4]  # max_retries=3, as for a call sent afresh
+    assert names(events)[-1] == "call_dead_lettered"
