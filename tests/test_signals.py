@@ -464,3 +464,32 @@ def test_a_replayed_call_has_its_handlers_retries_again_no_more(deferred: Any) -
     started = [event.kwargs["attempt"] for event in events if event.name == "handler_started"]
     assert started == [1, 2, 3, 4]  # max_retries=3, as for a call sent afresh
     assert names(events)[-1] == "call_dead_lettered"
+
+
+def test_current_call_answers_in_every_handler_receiver_on_the_worker() -> None:
+    """As documented: handler_failed and handler_retried receivers on the worker (sent once
+    the handler has raised, where Celery's retry is decided) saw None."""
+    seen: list[tuple[str, Any, Any]] = []
+
+    def receive(sender: Any, signal: Any, **kwargs: Any) -> None:
+        call = deferred_signals.current_call()
+        answer = None if call is None else (call.id, call.attempt, call.handler)
+        name = next(name for name in signals.__all__ if getattr(signals, name) is signal)
+        seen.append((name, (kwargs["call_id"], kwargs["attempt"], kwargs["handler"]), answer))
+
+    handler_signals = [getattr(signals, name) for name in signals.__all__ if "handler_" in name]
+    for signal in handler_signals:
+        signal.connect(receive)
+    try:
+        current_app.tasks[FLAKY].apply(kwargs=body(key="k", fail_times=1), task_id="c-1")
+        current_app.tasks[FLAKY].apply(kwargs=body(key="x", fail_times=9), task_id="c-2")
+    finally:
+        for signal in handler_signals:
+            signal.disconnect(receive)
+    assert {name for name, _, _ in seen} == {
+        "handler_started",
+        "handler_failed",
+        "handler_retried",
+        "handler_succeeded",
+    }
+    assert [(name, answer) for name, expected, answer in seen if answer != expected] == []
