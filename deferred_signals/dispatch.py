@@ -333,14 +333,7 @@ def _spill(calls: list[PendingCall], using: str, error: BaseException | None) ->
         lost = not (call.outbox or spilled)
         signal = signals.call_lost if lost else signals.call_spilled
         if signal.receivers:
-            try:
-                signal.send(
-                    call.handler.func, handler=call.handler.name, call_id=call.id, error=error
-                )
-            except Exception:
-                # A metrics receiver must not keep the calls after these from the broker.
-                name = "call_lost" if lost else "call_spilled"
-                logger.exception("deferred_signals: a %s receiver failed", name)
+            signal.send(call.handler.func, handler=call.handler.name, call_id=call.id, error=error)
     return [] if spilled else [call for call in calls if not call.outbox]
 
 

@@ -104,17 +104,23 @@ class DecodedCall:
                 )
             return ran
 
+    def serving(self, call_id: str, attempt: int) -> running:
+        """``current_call()`` answering for this run again: for the receivers of the signals
+        the worker sends once the handler has raised (``handler_failed``, ``handler_retried``)."""
+        return running(call_id, self.handler.name, attempt, self.body)
+
     def failed(self, call_id: str, attempt: int, exc: BaseException, *, final: bool) -> None:
         """Send ``handler_failed`` for this run."""
-        signals.handler_failed.send(
-            self.handler.func,
-            handler=self.handler.name,
-            call_id=call_id,
-            attempt=attempt,
-            exception=exc,
-            duration=time.monotonic() - self.started,
-            final=final,
-        )
+        with self.serving(call_id, attempt):
+            signals.handler_failed.send(
+                self.handler.func,
+                handler=self.handler.name,
+                call_id=call_id,
+                attempt=attempt,
+                exception=exc,
+                duration=time.monotonic() - self.started,
+                final=final,
+            )
 
     def _skipped(self, call_id: str, attempt: int, reason: str) -> bool:
         signals.handler_skipped.send(

@@ -111,8 +111,6 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
             if not answered:  # an outage: spill without trying for a while
                 cooldown.start(error)
             break
-    # Outside the try: a failing call_published receiver must not pass for a broker failure
-    # (a false cooldown).
     after = published_after(failure)
     if after:
         taken = [*calls[: progress.done], *(c for c in calls[progress.done :] if c.id in after)]
@@ -170,17 +168,8 @@ def _apply_eagerly(calls: Sequence[PendingCall]) -> tuple[int, BaseException | N
 
 
 def _confirmed(calls: Sequence[PendingCall], done: int, started: float) -> None:
-    """One log line for the batch, and ``call_published`` for each call the broker confirmed.
-
-    Never raises: a failing receiver (metrics code) is logged, and must not keep the caller
-    from spilling what was not confirmed."""
-    try:
-        _announce_confirmed(calls, done, started)
-    except Exception:
-        logger.exception("deferred_signals: a call_published receiver failed")
-
-
-def _announce_confirmed(calls: Sequence[PendingCall], done: int, started: float) -> None:
+    """One log line for the batch, and ``call_published`` for each call the broker confirmed
+    (whose receivers cannot raise: see :mod:`.signals`)."""
     if not done:
         return
     if logger.isEnabledFor(logging.INFO):

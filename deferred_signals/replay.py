@@ -201,7 +201,10 @@ def _call_of(letter: DeadLetter) -> PendingCall:
         raise Unreplayable("its message is not one this package sends")
     if type(body["kwargs"]) is not dict:
         raise Unreplayable("its message is not one this package sends")
-    body.pop("dbf", None)  # a new database-outage window for the new delivery
+    # A new delivery, from retry 0: a new database-outage window, and no outage retries to
+    # set against its max_retries (they would give it as many extra retries).
+    body.pop("dbf", None)
+    body.pop("dbr", None)
     return PendingCall(handler, letter.call_id, body)
 
 

@@ -10,6 +10,10 @@ on every retry and replay). Times are aware UTC datetimes, durations are seconds
 With no receiver connected, ``Signal.send()`` returns at once (about a microsecond); the
 request path checks ``receivers`` first and skips even that.
 
+A receiver that raises changes nothing for the call: ``send()`` calls every receiver, as
+``send_robust()`` does, and logs the failure (Django's ``django.dispatch`` logger with its
+traceback, ours with the signal, handler and call id).
+
 Request side (and the relay, and replays):
 
 - ``call_deferred``: a deferred handler received a signal; the call waits for the commit.
@@ -44,7 +48,12 @@ Worker side (and inline with ``EAGER``):
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from django.dispatch import Signal
+
+logger = logging.getLogger("deferred_signals")
 
 __all__ = [
     "call_dead_lettered",
@@ -59,13 +68,45 @@ __all__ = [
     "handler_succeeded",
 ]
 
-call_deferred = Signal()
-call_published = Signal()
-call_spilled = Signal()
-call_lost = Signal()
-handler_started = Signal()
-handler_succeeded = Signal()
-handler_skipped = Signal()
-handler_failed = Signal()
-handler_retried = Signal()
-call_dead_lettered = Signal()
+
+class _Signal(Signal):
+    """A signal whose receivers cannot change what happens to a call.
+
+    Metrics code that raises must not stop a handler from running, turn its success into a
+    failure (retried, or kept as a dead letter and run twice on replay), nor drop a call
+    before it is queued for its commit: ``send()`` is ``send_robust()``, and logs.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def send(self, sender: Any, **named: Any) -> list[tuple[Any, Any]]:
+        responses = self.send_robust(sender, **named)
+        for receiver, response in responses:
+            if isinstance(response, Exception):
+                # Django logged the traceback (django.dispatch); its text stays out of ours,
+                # which may reach a log store that must not hold the call's arguments.
+                kind = type(response)
+                logger.error(
+                    "deferred_signals: a %s receiver (%s) failed for %s [%s]: %s.%s",
+                    self.name,
+                    getattr(receiver, "__qualname__", repr(receiver)),
+                    named.get("handler"),
+                    named.get("call_id"),
+                    kind.__module__,
+                    kind.__qualname__,
+                )
+        return responses
+
+
+call_deferred = _Signal("call_deferred")
+call_published = _Signal("call_published")
+call_spilled = _Signal("call_spilled")
+call_lost = _Signal("call_lost")
+handler_started = _Signal("handler_started")
+handler_succeeded = _Signal("handler_succeeded")
+handler_skipped = _Signal("handler_skipped")
+handler_failed = _Signal("handler_failed")
+handler_retried = _Signal("handler_retried")
+call_dead_lettered = _Signal("call_dead_lettered")

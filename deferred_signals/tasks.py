@@ -230,7 +230,8 @@ def run_task(task: DeferredHandlerTask, args: tuple[Any, ...], body: Any) -> Non
             kept = keep(task, handler, body, exc)
         except Retry as retry:
             call.failed(call_id, attempt, exc, final=False)
-            retried(handler, call_id, attempt, exc, retry, database)
+            with call.serving(call_id, attempt):
+                retried(handler, call_id, attempt, exc, retry, database)
             raise
         except Reject:
             # Celery could not publish the retry and rejects the message without requeue:

@@ -515,3 +515,40 @@ def test_an_sdk_that_fails_leaves_publishing_alone(monkeypatch: pytest.MonkeyPat
     def publish(*args: Any, **kwargs: Any) -> None: ...
 
     assert sentry.publishing(publish) is publish
+
+
+@pytest.mark.worker
+def test_retries_continue_the_request_trace_and_a_replay_its_own(
+    sentry_worker: tuple[Worker, Path], settings: SettingsWrapper
+) -> None:
+    """Celery retries through apply_async, which sentry-sdk traces from the failed attempt's
+    transaction: every attempt is in the request's trace. A replay publishes in the trace of
+    what replays (docs: "Which trace a call continues")."""
+    from deferred_signals.models import DeadLetter
+    from deferred_signals.replay import replay
+    from tests.testapp.signals import flaky_signal
+
+    worker, events_file = sentry_worker
+    publish_to(worker, settings)
+    transport = MemoryTransport()
+    with current(worker.app), initialised(transport, [CeleryIntegration(), DjangoIntegration()]):
+        with (
+            sentry_sdk.start_transaction(op="http.server", name="POST /articles/") as request,
+            transaction.atomic(),
+        ):
+            flaky_signal.send(sender=None, key=uuid.uuid4().hex, fail_times=4)
+        letter = wait_for(DeadLetter.objects.first, timeout=60, what="the dead letter")
+        with sentry_sdk.start_transaction(op="task", name="replay") as replaying:
+            assert replay([letter])[0] == [letter]
+
+    def runs() -> list[dict[str, Any]]:
+        found = [
+            event["contexts"]["trace"]
+            for event in read_events(events_file)
+            if event.get("type") == "transaction"
+            and event["tags"].get("celery_task_id") == letter.call_id
+        ]
+        return found if len(found) == 5 else []
+
+    traces = wait_for(runs, timeout=60, what="the five attempts' transactions")
+    assert [trace["trace_id"] for trace in traces] == [request.trace_id] * 4 + [replaying.trace_id]

@@ -8,6 +8,7 @@ the same code in a worker process.
 from __future__ import annotations
 
 import datetime
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -380,3 +381,115 @@ def test_a_failing_receiver_after_a_blamed_call_loses_none_of_the_calls_after_it
     finally:
         signals.call_spilled.disconnect(_failing_receiver)
     assert OutboxCall.objects.count() == 1 and len(published) == 1 + 2
+
+
+@contextmanager
+def broken_receivers() -> Iterator[None]:
+    """A receiver that raises connected to each of our signals, before any other (a broken
+    metrics exporter)."""
+    for name in signals.__all__:
+        getattr(signals, name).connect(_failing_receiver)
+    try:
+        yield
+    finally:
+        for name in signals.__all__:
+            getattr(signals, name).disconnect(_failing_receiver)
+
+
+def test_a_failing_receiver_changes_nothing_on_the_worker(caplog: pytest.LogCaptureFixture) -> None:
+    """A handler_started or handler_succeeded receiver that raised made the handler's run a
+    failure: a handler that never ran, or one that did kept as a dead letter (run again on
+    replay); a handler_failed or handler_retried one replaced Celery's Retry."""
+    from deferred_signals.models import DeadLetter
+    from tests.testapp.models import Record
+
+    with broken_receivers(), recording() as events:
+        ok = current_app.tasks[FLAKY].apply(kwargs=body(key="k", fail_times=1), task_id="c-1")
+        bad = current_app.tasks[FLAKY].apply(kwargs=body(key="x", fail_times=9), task_id="c-2")
+    assert ok.state == "SUCCESS"
+    assert names([event for event in events if event.kwargs["call_id"] == "c-1"]) == [
+        "handler_started",
+        "handler_failed",
+        "handler_retried",
+        "handler_started",
+        "handler_succeeded",
+    ]
+    assert Record.objects.filter(handler="flaky").count() == 1  # call c-1, once
+    assert bad.state == "FAILURE" and isinstance(bad.result, FlakyError)
+    assert names([event for event in events if event.kwargs["call_id"] == "c-2"]) == [
+        *["handler_started", "handler_failed", "handler_retried"] * 3,
+        "handler_started",
+        "handler_failed",
+        "call_dead_lettered",
+    ]
+    assert list(DeadLetter.objects.values_list("call_id", "exception")) == [
+        ("c-2", "tests.testapp.handlers.FlakyError")
+    ]
+    failures = [r.getMessage() for r in caplog.records if r.name == "deferred_signals"]
+    logged = f"{FLAKY} [c-1]: tests.test_signals.SpilledReceiverError"
+    assert (
+        f"deferred_signals: a handler_succeeded receiver (_failing_receiver) failed for {logged}"
+        in failures
+    )
+
+
+def test_a_failing_call_deferred_receiver_neither_fails_the_send_nor_drops_the_call(
+    memory_broker: None,
+) -> None:
+    """Outside a transaction the row is committed when post_save is sent: a call_deferred
+    receiver that raised dropped the call, and the save() raised after its commit."""
+    with broken_receivers(), recording() as events:
+        article = Article.objects.create(title="kept")
+    saved = [event for event in events if event.sender is handlers.article_saved]
+    assert names(saved) == ["call_deferred", "call_published"]
+    assert Article.objects.filter(pk=article.pk).exists()
+
+
+def test_a_replayed_call_has_its_handlers_retries_again_no_more(deferred: Any) -> None:
+    """A dead letter of a call that met a database outage holds the outage's retry count
+    ("dbr"), which retries do not take from max_retries. The replay's message starts again
+    from retry 0: kept, that count gave the replayed call as many extra retries."""
+    from deferred_signals.models import DeadLetter
+    from deferred_signals.outbox import body_text
+    from deferred_signals.replay import replay
+
+    message = {**body(key="replayed", fail_times=99), "dbf": 1e9, "dbr": 2}
+    letter = DeadLetter.objects.create(
+        call_id="c-replayed", handler=FLAKY, body=body_text(message), attempts=6
+    )
+    assert replay([letter])[0] == [letter]
+    (call,) = deferred.calls
+    with recording() as events:
+        current_app.tasks[FLAKY].apply(kwargs=json.loads(call.message), task_id=call.id)
+    started = [event.kwargs["attempt"] for event in events if event.name == "handler_started"]
+    assert started == [1, 2, 3, 4]  # max_retries=3, as for a call sent afresh
+    assert names(events)[-1] == "call_dead_lettered"
+
+
+def test_current_call_answers_in_every_handler_receiver_on_the_worker() -> None:
+    """As documented: handler_failed and handler_retried receivers on the worker (sent once
+    the handler has raised, where Celery's retry is decided) saw None."""
+    seen: list[tuple[str, Any, Any]] = []
+
+    def receive(sender: Any, signal: Any, **kwargs: Any) -> None:
+        call = deferred_signals.current_call()
+        answer = None if call is None else (call.id, call.attempt, call.handler)
+        name = next(name for name in signals.__all__ if getattr(signals, name) is signal)
+        seen.append((name, (kwargs["call_id"], kwargs["attempt"], kwargs["handler"]), answer))
+
+    handler_signals = [getattr(signals, name) for name in signals.__all__ if "handler_" in name]
+    for signal in handler_signals:
+        signal.connect(receive)
+    try:
+        current_app.tasks[FLAKY].apply(kwargs=body(key="k", fail_times=1), task_id="c-1")
+        current_app.tasks[FLAKY].apply(kwargs=body(key="x", fail_times=9), task_id="c-2")
+    finally:
+        for signal in handler_signals:
+            signal.disconnect(receive)
+    assert {name for name, _, _ in seen} == {
+        "handler_started",
+        "handler_failed",
+        "handler_retried",
+        "handler_succeeded",
+    }
+    assert [(name, answer) for name, expected, answer in seen if answer != expected] == []

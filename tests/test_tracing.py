@@ -24,17 +24,20 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 from deferred_signals import publisher, signals, tracing
-from deferred_signals.models import OutboxCall
+from deferred_signals.models import DeadLetter, OutboxCall
 from deferred_signals.relay import Relay
+from deferred_signals.replay import replay
 from tests.conftest import recording_worker, wait_for
 from tests.otel import ENV, read_spans, span_dict
 from tests.testapp.models import Record
+from tests.testapp.signals import flaky_signal
 from tests.testapp.traced import traced_signal
 from tests.workers import Worker
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
 
 HANDLER = "tests.testapp.traced.traced"
+FLAKY = "tests.testapp.handlers.flaky"
 
 
 @pytest.fixture(scope="module", params=["redis", "rabbitmq"])
@@ -194,3 +197,64 @@ def test_a_relayed_handler_span_descends_from_the_request_span(
     run = wait_for(lambda: run_span(spans_file, row.id), timeout=30, what="the worker's run span")
     assert run["trace_id"] == request["trace_id"]
     assert run["parent_id"] == publish["span_id"]
+
+
+def test_retries_stay_in_the_request_trace_and_a_replay_joins_its_own(
+    traced_worker: tuple[Worker, Path],
+    instrumented: tuple[TracerProvider, InMemorySpanExporter],
+    settings: SettingsWrapper,
+) -> None:
+    """Each retry's run span descends from the attempt that failed (Celery's retry publishes
+    from inside its run span), so a call's every attempt is in its request's trace. A replay
+    publishes again from where it runs: the replayed run joins the replay's trace."""
+    worker, spans_file = traced_worker
+    provider, _ = instrumented
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "EAGER": False,
+        "DEFAULTS": {"queue": worker.queue},
+    }
+    previous, previous_default = current_app._get_current_object(), celery_state.default_app
+    worker.app.set_current()
+    worker.app.set_default()
+    tracer = provider.get_tracer("tests")
+    try:
+        with tracer.start_as_current_span("POST /signup") as request_span, transaction.atomic():
+            flaky_signal.send(sender=None, key=uuid.uuid4().hex, fail_times=4)  # 4 attempts
+        letter = wait_for(DeadLetter.objects.first, timeout=60, what="the dead letter")
+        with tracer.start_as_current_span("replay") as replay_span:
+            assert replay([letter])[0] == [letter]
+        wait_for(
+            lambda: Record.objects.filter(handler="flaky").exists(),
+            timeout=60,
+            what="the replayed call to succeed",
+        )
+    finally:
+        previous.set_current()
+        celery_state.set_default_app(previous_default)
+
+    def runs() -> list[dict[str, Any]]:
+        found = [
+            span
+            for span in read_spans(spans_file)
+            if span["name"] == f"run/{FLAKY}"
+            and span["attributes"].get(tracing.CALL_ID) == letter.call_id
+        ]
+        return found if len(found) == 5 else []
+
+    spans = wait_for(runs, timeout=30, what="the five run spans")
+    by_attempt = {span["attributes"][tracing.ATTEMPT]: span for span in spans[:4]}
+    request_trace = f"{request_span.get_span_context().trace_id:032x}"
+    assert sorted(by_attempt) == [1, 2, 3, 4]
+    assert {span["trace_id"] for span in by_attempt.values()} == {request_trace}
+    publishes = {
+        span["span_id"]: span
+        for span in read_spans(spans_file)
+        if span["name"] == f"apply_async/{FLAKY}"
+    }
+    for attempt in (2, 3, 4):  # run <- the retry's publish <- the failed attempt's run
+        retry_publish = publishes[by_attempt[attempt]["parent_id"]]
+        assert retry_publish["parent_id"] == by_attempt[attempt - 1]["span_id"]
+    replayed = spans[4]
+    assert replayed["attributes"][tracing.ATTEMPT] == 1
+    assert replayed["trace_id"] == f"{replay_span.get_span_context().trace_id:032x}"
