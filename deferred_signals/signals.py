@@ -54,6 +54,7 @@ from typing import Any
 from django.dispatch import Signal
 
 logger = logging.getLogger("deferred_signals")
+dispatch_logger = logging.getLogger("django.dispatch")
 
 __all__ = [
     "call_dead_lettered",
@@ -91,13 +92,24 @@ class _Signal(Signal):
                 logger.error(
                     "deferred_signals: a %s receiver (%s) failed for %s [%s]: %s.%s",
                     self.name,
-                    getattr(receiver, "__qualname__", repr(receiver)),
+                    _name(receiver),
                     named.get("handler"),
                     named.get("call_id"),
                     kind.__module__,
                     kind.__qualname__,
                 )
         return responses
+
+    def _log_robust_failure(self, receiver: Any, err: Exception) -> None:
+        # Django's line names receiver.__qualname__, which a partial or a callable instance
+        # lacks: its AttributeError would leave send() and skip the receivers after it.
+        dispatch_logger.error(
+            "Error calling %s in Signal.send_robust() (%s)", _name(receiver), err, exc_info=err
+        )
+
+
+def _name(receiver: Any) -> str:
+    return getattr(receiver, "__qualname__", None) or repr(receiver)
 
 
 call_deferred = _Signal("call_deferred")

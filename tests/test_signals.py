@@ -8,6 +8,7 @@ the same code in a worker process.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import uuid
 from collections.abc import Callable, Iterator
@@ -443,6 +444,41 @@ def test_a_failing_call_deferred_receiver_neither_fails_the_send_nor_drops_the_c
     saved = [event for event in events if event.sender is handlers.article_saved]
     assert names(saved) == ["call_deferred", "call_published"]
     assert Article.objects.filter(pk=article.pk).exists()
+
+
+class _FailingMeter:
+    """A receiver that is an object, not a function (a metrics client's bound counter)."""
+
+    def __call__(self, sender: Any, **kwargs: Any) -> None:
+        raise SpilledReceiverError
+
+
+@pytest.mark.parametrize(
+    "broken", [functools.partial(_failing_receiver), _FailingMeter()], ids=["partial", "object"]
+)
+def test_a_failing_receiver_without_a_qualname_changes_nothing_either(
+    memory_broker: None, broken: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Django's send_robust() logs receiver.__qualname__: for a partial or a callable object
+    the AttributeError left send(), skipped the receivers after it, and failed what sent it
+    (a retry became a failure; the calls published were never announced)."""
+    for name in signals.__all__:
+        getattr(signals, name).connect(broken, weak=False)
+    try:
+        with recording() as events:
+            Article.objects.create(title="kept")
+            ok = current_app.tasks[FLAKY].apply(kwargs=body(key="k", fail_times=1), task_id="c-1")
+    finally:
+        for name in signals.__all__:
+            getattr(signals, name).disconnect(broken)
+    assert ok.state == "SUCCESS"
+    assert names(events) == [
+        *["call_deferred", "call_published"] * 2,  # article_saved, article_snapshot
+        *["handler_started", "handler_failed", "handler_retried"],
+        *["handler_started", "handler_succeeded"],
+    ]
+    dispatch = [r for r in caplog.records if r.name == "django.dispatch"]
+    assert len(dispatch) == len(events) and repr(broken) in dispatch[0].getMessage()
 
 
 def test_a_replayed_call_has_its_handlers_retries_again_no_more(deferred: Any) -> None:
