@@ -51,6 +51,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from billiard.exceptions import SoftTimeLimitExceeded
 from django.dispatch import Signal
 
 logger = logging.getLogger("deferred_signals")
@@ -75,7 +76,8 @@ class _Signal(Signal):
 
     Metrics code that raises must not stop a handler from running, turn its success into a
     failure (retried, or kept as a dead letter and run twice on replay), nor drop a call
-    before it is queued for its commit: ``send()`` is ``send_robust()``, and logs.
+    before it is queued for its commit: ``send()`` is ``send_robust()``, and logs. But for
+    Celery's soft time limit, which is the running task's wherever billiard raises it.
     """
 
     def __init__(self, name: str) -> None:
@@ -84,8 +86,13 @@ class _Signal(Signal):
 
     def send(self, sender: Any, **named: Any) -> list[tuple[Any, Any]]:
         responses = self.send_robust(sender, **named)
+        expired = None
         for receiver, response in responses:
-            if isinstance(response, Exception):
+            if isinstance(response, SoftTimeLimitExceeded):
+                # Dropped, it let the handler start, or go on, with no time limit but the
+                # hard one, which kills the child.
+                expired = response
+            elif isinstance(response, Exception):
                 # Django logged the traceback (django.dispatch); its text stays out of ours,
                 # which may reach a log store that must not hold the call's arguments.
                 kind = type(response)
@@ -98,11 +105,15 @@ class _Signal(Signal):
                     kind.__module__,
                     kind.__qualname__,
                 )
+        if expired is not None:
+            raise expired
         return responses
 
     def _log_robust_failure(self, receiver: Any, err: Exception) -> None:
         # Django's line names receiver.__qualname__, which a partial or a callable instance
         # lacks: its AttributeError would leave send() and skip the receivers after it.
+        if isinstance(err, SoftTimeLimitExceeded):
+            return  # not the receiver's failure: send() raises it
         dispatch_logger.error(
             "Error calling %s in Signal.send_robust() (%s)", _name(receiver), err, exc_info=err
         )

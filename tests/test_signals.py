@@ -481,6 +481,33 @@ def test_a_failing_receiver_without_a_qualname_changes_nothing_either(
     assert len(dispatch) == len(events) and repr(broken) in dispatch[0].getMessage()
 
 
+def test_a_soft_time_limit_met_in_a_receiver_is_the_calls(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Billiard raises SoftTimeLimitExceeded in whatever code runs: in a receiver it is not
+    the receiver's failure, and the handler must not start without its time (on a real
+    worker: test_signals_worker.py)."""
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    from deferred_signals.models import DeadLetter
+    from tests.testapp.models import Record
+
+    def expire(sender: Any, **kwargs: Any) -> None:
+        raise SoftTimeLimitExceeded
+
+    signals.handler_started.connect(expire)
+    try:
+        with recording() as events:
+            run = current_app.tasks[FLAKY].apply(kwargs=body(key="k", fail_times=0), task_id="c-1")
+    finally:
+        signals.handler_started.disconnect(expire)
+    assert run.state == "FAILURE" and isinstance(run.result, SoftTimeLimitExceeded)
+    assert not Record.objects.filter(handler="flaky").exists()
+    assert names(events) == ["handler_started", "handler_failed", "call_dead_lettered"]
+    assert DeadLetter.objects.get().exception == "billiard.exceptions.SoftTimeLimitExceeded"
+    assert not [r for r in caplog.records if "receiver" in r.getMessage()]  # no one's failure
+
+
 def test_a_replayed_call_has_its_handlers_retries_again_no_more(deferred: Any) -> None:
     """A dead letter of a call that met a database outage holds the outage's retry count
     ("dbr"), which retries do not take from max_retries. The replay's message starts again

@@ -25,8 +25,8 @@ from deferred_signals.relay import Relay
 from deferred_signals.replay import replay
 from tests.conftest import recording_worker, use_app, wait_for
 from tests.signal_log import ENV, RAISE_ENV, read_events, record_to
-from tests.testapp.models import Record
-from tests.testapp.signals import flaky_signal, user_registered
+from tests.testapp.models import Attempt, Record
+from tests.testapp.signals import flaky_signal, soft_overrun_signal, user_registered
 from tests.workers import Worker
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
@@ -125,3 +125,38 @@ def test_each_call_counts_once_where_it_happens(
     ]
     assert finals.count(True) == 1  # the one failure for good, of the dead letter
     assert "BrokenReceiverError" in worker.log()
+
+
+@pytest.fixture(scope="module", params=["redis", "rabbitmq"])
+def stalling_worker(
+    request: pytest.FixtureRequest,
+    django_db_setup: None,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch_module: pytest.MonkeyPatch,
+) -> Iterator[Worker]:
+    """A real worker whose handler_started receiver hangs on soft_overrun's runs."""
+    monkeypatch_module.setenv("DS_TEST_WORKER_IMPORTS", "tests.stalled_receiver")
+    for worker, _ in recording_worker(request.param, tmp_path_factory, ENV, "unused.jsonl"):
+        yield worker
+
+
+def test_a_soft_time_limit_met_in_a_receiver_still_stops_the_call(
+    stalling_worker: Worker, settings: SettingsWrapper
+) -> None:
+    """Billiard raises SoftTimeLimitExceeded wherever the child is, here in a hanging
+    handler_started receiver: taken for the receiver's failure, it was logged and dropped, and
+    the handler then ran with no soft time limit left (to its end, or to the hard limit's
+    kill). It is the call's: failed for good and kept as a dead letter, the handler never
+    started."""
+    key = uuid.uuid4().hex
+    with use_app(stalling_worker.app, settings, stalling_worker.queue):
+        soft_overrun_signal.send(sender=None, key=key, seconds=3)
+    letter = wait_for(
+        lambda: DeadLetter.objects.filter(body__contains=key).first(),
+        timeout=30,
+        what="the dead letter",
+    )
+    assert letter.exception == "billiard.exceptions.SoftTimeLimitExceeded"
+    assert "time.sleep(5)" in letter.traceback  # met in the receiver
+    assert not Attempt.objects.filter(key=f"soft_overrun-{key}").exists()  # never started
+    assert not Record.objects.filter(handler="soft_overrun").exists()
