@@ -11,8 +11,8 @@ With no receiver connected, ``Signal.send()`` returns at once (about a microseco
 request path checks ``receivers`` first and skips even that.
 
 A receiver that raises changes nothing for the call: ``send()`` calls every receiver, as
-``send_robust()`` does, and logs the failure (Django's ``django.dispatch`` logger with its
-traceback, ours with the signal, handler and call id).
+``send_robust()`` does, and logs the failure (the signal, handler and call id at ERROR, the
+traceback at DEBUG).
 
 Request side (and the relay, and replays):
 
@@ -55,7 +55,6 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from django.dispatch import Signal
 
 logger = logging.getLogger("deferred_signals")
-dispatch_logger = logging.getLogger("django.dispatch")
 
 __all__ = [
     "call_dead_lettered",
@@ -93,8 +92,7 @@ class _Signal(Signal):
                 # hard one, which kills the child.
                 expired = response
             elif isinstance(response, Exception):
-                # Django logged the traceback (django.dispatch); its text stays out of ours,
-                # which may reach a log store that must not hold the call's arguments.
+                # The exception's text, which may quote the call's arguments, at DEBUG only.
                 kind = type(response)
                 logger.error(
                     "deferred_signals: a %s receiver (%s) failed for %s [%s]: %s.%s",
@@ -105,18 +103,19 @@ class _Signal(Signal):
                     kind.__module__,
                     kind.__qualname__,
                 )
+                logger.debug(
+                    "deferred_signals: the %s receiver's failure", self.name, exc_info=response
+                )
         if expired is not None:
             raise expired
         return responses
 
     def _log_robust_failure(self, receiver: Any, err: Exception) -> None:
-        # Django's line names receiver.__qualname__, which a partial or a callable instance
-        # lacks: its AttributeError would leave send() and skip the receivers after it.
-        if isinstance(err, SoftTimeLimitExceeded):
-            return  # not the receiver's failure: send() raises it
-        dispatch_logger.error(
-            "Error calling %s in Signal.send_robust() (%s)", _name(receiver), err, exc_info=err
-        )
+        # Not Django's line on django.dispatch: under Django's default LOGGING it mails the
+        # ADMINS, once a call, from the commit, the exception's text in the subject; and it
+        # names receiver.__qualname__, which a partial or a callable object lacks (the
+        # AttributeError left send()). send() logs.
+        return
 
 
 def _name(receiver: Any) -> str:

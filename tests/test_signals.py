@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import logging.config
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -477,8 +478,31 @@ def test_a_failing_receiver_without_a_qualname_changes_nothing_either(
         *["handler_started", "handler_failed", "handler_retried"],
         *["handler_started", "handler_succeeded"],
     ]
-    dispatch = [r for r in caplog.records if r.name == "django.dispatch"]
-    assert len(dispatch) == len(events) and repr(broken) in dispatch[0].getMessage()
+    failures = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(failures) == len(events) and repr(broken) in failures[0]
+
+
+def test_a_failing_receiver_mails_no_one(memory_broker: None, settings: SettingsWrapper) -> None:
+    """Under Django's default LOGGING (DEBUG off, ADMINS set) an ERROR on a "django" logger
+    mails the ADMINS: send_robust()'s line on django.dispatch sent one email a call, from the
+    commit, with the exception's text in its subject."""
+    from django.core import mail
+    from django.utils.log import DEFAULT_LOGGING, configure_logging
+
+    settings.DEBUG = False
+    settings.ADMINS = [("ops", "ops@example.com")]
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    logging.config.dictConfig(DEFAULT_LOGGING)
+    signals.call_published.connect(_failing_receiver)
+    try:
+        with recording() as events, transaction.atomic():
+            for n in range(3):
+                user_registered.send(sender=None, n=n)
+    finally:
+        signals.call_published.disconnect(_failing_receiver)
+        configure_logging(settings.LOGGING_CONFIG, settings.LOGGING)
+    assert names(events).count("call_published") == 3
+    assert mail.outbox == []
 
 
 def test_a_soft_time_limit_met_in_a_receiver_is_the_calls(
