@@ -202,7 +202,8 @@ def _call_of(letter: DeadLetter) -> PendingCall:
     if type(body["kwargs"]) is not dict:
         raise Unreplayable("its message is not one this package sends")
     # A new delivery, from retry 0: a new database-outage window, and no outage retries to
-    # set against its max_retries (they would give it as many extra retries).
+    # set against its max_retries (they would give it as many extra retries). The worker's
+    # letters hold neither (deadletters.WORKER_KEYS); a body edited or written by hand may.
     body.pop("dbf", None)
     body.pop("dbr", None)
     return PendingCall(handler, letter.call_id, body)

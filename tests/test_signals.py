@@ -533,9 +533,10 @@ def test_a_soft_time_limit_met_in_a_receiver_is_the_calls(
 
 
 def test_a_replayed_call_has_its_handlers_retries_again_no_more(deferred: Any) -> None:
-    """A dead letter of a call that met a database outage holds the outage's retry count
-    ("dbr"), which retries do not take from max_retries. The replay's message starts again
-    from retry 0: kept, that count gave the replayed call as many extra retries."""
+    """A letter holding the outage's retry count ("dbr"), which retries do not take from
+    max_retries: none the worker writes (deadletters.record drops the worker's keys), but a
+    letter's body is only text in a table. The replay's message starts again from retry 0:
+    kept, that count gave the replayed call as many extra retries."""
     from deferred_signals.models import DeadLetter
     from deferred_signals.outbox import body_text
     from deferred_signals.replay import replay
