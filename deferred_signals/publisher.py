@@ -285,9 +285,14 @@ class _Progress:
                         f"the broker refused message {confirms.nacked - first + 1} of the batch"
                         + (f": returned, no queue took it: {returned}" if returned else "")
                     )
-                    _blame(refused, call)
                     after = confirms.nacked + 1
-                    self._note_acked_after(refused, producer, confirms, base, first, after, last)
+                    answered = self._note_acked_after(
+                        refused, producer, confirms, base, first, after, last
+                    )
+                    if answered:
+                        # Else the broker stopped answering: not blamed, the unanswered calls
+                        # are spilled with it, not tried again (a second PUBLISH_TIMEOUT).
+                        _blame(refused, call)
                     raise refused
                 producer.connection.drain_events(timeout=self.remaining(answering=acked >= first))
         except Exception as error:
@@ -317,12 +322,13 @@ class _Progress:
         first: int,
         after: int,
         last: int,
-    ) -> None:
+    ) -> bool:
         """Set on ``refused`` the ids of the calls of tags ``after`` to ``last`` (those after
         the refused one) that the broker took (other queues than a full one): they are
         published, and must not be sent again. Waits for their confirms within
         PUBLISH_TIMEOUT; one still unanswered then counts as not published (sent again: at
-        least once)."""
+        least once). Returns whether the broker answered them all."""
+        answered = True
         try:
             while not confirms.answered(after, last):
                 producer.connection.drain_events(timeout=self.remaining(answering=True))
@@ -331,9 +337,11 @@ class _Progress:
         except Exception as error:
             if not broker.is_broker_failure(error):
                 raise
+            answered = False
         refused.published_after = frozenset(
             self.calls[base + tag - first].id for tag in confirms.acked_between(after, last)
         )
+        return answered
 
     def _refuse_returned(self, confirms: broker.Confirms, base: int, first: int) -> None:
         """A message returned as unroutable is acked next, yet no queue has it: a refusal.
