@@ -588,6 +588,48 @@ def test_calls_after_a_refused_one_in_a_batch_are_published_once(
     assert seen == Counter(range(18))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_big_batch_to_a_deleted_queue_costs_what_a_batch_costs(
+    rabbit_vhost: str, settings: SettingsWrapper, mode: str
+) -> None:
+    """Every message of a batch to a deleted queue is returned, each in a frame of its own:
+    handling each return must not cost a pass over the whole batch (quadratic: seconds for a
+    few thousand calls, then ``PUBLISH_TIMEOUT``). The first call is spilled, the others
+    published on a new connection, which declares the queue again: each once."""
+    from kombu import Connection
+
+    queue, n = f"ds-gone-{uuid.uuid4().hex[:8]}", 2000
+    app = make_app("deleted-queue-batch", rabbit_vhost)
+
+    def batch(label: str) -> float:
+        started = time.monotonic()
+        with transaction.atomic():
+            for i in range(n):
+                user_registered.send(sender=None, label=label, i=i)
+        return time.monotonic() - started
+
+    with use_app(app, settings, queue):
+        settings.DEFERRED_SIGNALS = {
+            **settings.DEFERRED_SIGNALS,
+            "PUBLISH_TIMEOUT": 10.0,  # time enough for the quadratic one: measured, not cut
+            "DELIVERY": mode,
+        }
+        batch("live")  # connected, the queue declared; warm
+        usual = batch("live")
+        take_all(rabbit_vhost, queue)
+        with Connection(rabbit_vhost) as connection:
+            connection.channel().queue_delete(queue)
+        took = batch("gone")
+        kept = OutboxCall.objects.count()
+        relay_until_empty()
+        seen = Counter(take_all(rabbit_vhost, queue))
+    report(f"RabbitMQ batch of {n} to a deleted queue ({mode})", n, seen, [took])
+    print(f"  the same batch to a live queue: {usual:.2f} s")
+    assert kept == 1, "the first call, refused; the others published again at once"
+    assert seen == Counter(range(n))
+    assert took < 3 * usual + 0.5, "returned once, published once more: not quadratic"
+
+
 class SilentAfterNack:
     """A loopback proxy to RabbitMQ that, once it has passed on a ``basic.nack``, drops every
     ``basic.ack`` (the broker refused one call, then stopped answering) until ``heal()``."""
