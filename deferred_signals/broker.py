@@ -81,12 +81,13 @@ class Confirms:
             return min(self.acked, self.nacked - 1, last)
         return min(self.acked, last)
 
-    def answered(self, first: int, last: int) -> bool:
-        """Has every tag from ``first`` to ``last`` been acked or refused?"""
-        return all(
-            tag <= self.acked or tag in self.scattered or tag in self.refused
-            for tag in range(first, last + 1)
-        )
+    def unanswered(self, first: int, last: int) -> int:
+        """The first tag from ``first`` to ``last`` neither acked nor refused (``last + 1``
+        if none). A tag answered stays answered: a waiter starts its next call from there."""
+        tag = first
+        while tag <= last and (tag <= self.acked or tag in self.scattered or tag in self.refused):
+            tag += 1
+        return tag
 
     def acked_between(self, first: int, last: int) -> list[int]:
         """The tags from ``first`` to ``last`` acked, not refused (after a refusal, say)."""

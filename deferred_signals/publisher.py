@@ -17,6 +17,7 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext, suppress
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import celery
@@ -205,6 +206,10 @@ class _Progress:
         self.calls = calls
         self.deadline = deadline
         self.done = 0
+        # _refuse_returned: how many of Confirms.returned it has seen, and where each call
+        # of the attempt in hand stands.
+        self.returns_seen = 0
+        self.positions: dict[str, int] | None = None
 
     def remaining(self, answering: bool = False) -> float:
         remaining = self.deadline - time.monotonic()
@@ -249,6 +254,7 @@ class _Progress:
     def _send_confirmed(self, producer: Any, publish: _Publish, confirms: broker.Confirms) -> None:
         """AMQP: publish everything, then wait for the broker's acks (one wait, not one each)."""
         first, base = confirms.next_tag, self.done
+        self.returns_seen, self.positions = 0, None
         try:
             broker.bound_sockets(producer, self.remaining())
             for call in self.calls[self.done :]:
@@ -274,9 +280,14 @@ class _Progress:
                         f"the broker refused message {confirms.nacked - first + 1} of the batch"
                         + (f": returned, no queue took it: {returned}" if returned else "")
                     )
-                    _blame(refused, call)
                     after = confirms.nacked + 1
-                    self._note_acked_after(refused, producer, confirms, base, first, after, last)
+                    answered = self._note_acked_after(
+                        refused, producer, confirms, base, first, after, last
+                    )
+                    if answered:
+                        # Else the broker stopped answering: not blamed, the unanswered calls
+                        # are spilled with it, not tried again (a second PUBLISH_TIMEOUT).
+                        _blame(refused, call)
                     raise refused
                 producer.connection.drain_events(timeout=self.remaining(answering=acked >= first))
         except Exception as error:
@@ -306,30 +317,41 @@ class _Progress:
         first: int,
         after: int,
         last: int,
-    ) -> None:
+    ) -> bool:
         """Set on ``refused`` the ids of the calls of tags ``after`` to ``last`` (those after
         the refused one) that the broker took (other queues than a full one): they are
         published, and must not be sent again. Waits for their confirms within
         PUBLISH_TIMEOUT; one still unanswered then counts as not published (sent again: at
-        least once)."""
+        least once). Returns whether the broker answered them all."""
+        answered, waiting = True, after
         try:
-            while not confirms.answered(after, last):
+            # From the first tag not answered on: to a deleted queue each message is returned
+            # in a frame of its own, and a scan from ``after`` per frame is quadratic.
+            while (waiting := confirms.unanswered(waiting, last)) <= last:
                 producer.connection.drain_events(timeout=self.remaining(answering=True))
                 if confirms.returned:
                     self._refuse_returned(confirms, base, first)
         except Exception as error:
             if not broker.is_broker_failure(error):
                 raise
+            answered = False
         refused.published_after = frozenset(
             self.calls[base + tag - first].id for tag in confirms.acked_between(after, last)
         )
+        return answered
 
     def _refuse_returned(self, confirms: broker.Confirms, base: int, first: int) -> None:
         """A message returned as unroutable is acked next, yet no queue has it: a refusal.
-        (RabbitMQ sends the return before the ack, so this runs before that ack counts.)"""
-        for n, call in enumerate(self.calls[base:]):
-            if call.id in confirms.returned:
+        (RabbitMQ sends the return before the ack, so this runs before that ack counts.)
+        Each return once, found by id: to a deleted queue, every message of a batch is
+        returned, and a scan of the batch per return is quadratic."""
+        if self.positions is None:
+            self.positions = {call.id: n for n, call in enumerate(self.calls[base:])}
+        for task_id in islice(confirms.returned, self.returns_seen, None):
+            n = self.positions.get(task_id)
+            if n is not None:
                 confirms.on_nack(first + n, multiple=False)
+        self.returns_seen = len(confirms.returned)
 
 
 #: Set on an exception raised while one call's message was built or handed to the producer

@@ -17,12 +17,14 @@ import json
 import logging
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -584,6 +586,143 @@ def test_calls_after_a_refused_one_in_a_batch_are_published_once(
     print(f"  calls spilled or kept at commit: {kept}")
     assert kept == [1, 4, 7, 10], "the refused calls, and only them"
     assert seen == Counter(range(18))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_big_batch_to_a_deleted_queue_costs_what_a_batch_costs(
+    rabbit_vhost: str, settings: SettingsWrapper, mode: str
+) -> None:
+    """Every message of a batch to a deleted queue is returned, each in a frame of its own:
+    handling each return must not cost a pass over the whole batch (quadratic: seconds for a
+    few thousand calls, then ``PUBLISH_TIMEOUT``). The first call is spilled, the others
+    published on a new connection, which declares the queue again: each once."""
+    from kombu import Connection
+
+    queue, n = f"ds-gone-{uuid.uuid4().hex[:8]}", 2000
+    app = make_app("deleted-queue-batch", rabbit_vhost)
+
+    def batch(label: str) -> float:
+        started = time.monotonic()
+        with transaction.atomic():
+            for i in range(n):
+                user_registered.send(sender=None, label=label, i=i)
+        return time.monotonic() - started
+
+    with use_app(app, settings, queue):
+        settings.DEFERRED_SIGNALS = {
+            **settings.DEFERRED_SIGNALS,
+            "PUBLISH_TIMEOUT": 10.0,  # time enough for the quadratic one: measured, not cut
+            "DELIVERY": mode,
+        }
+        batch("live")  # connected, the queue declared; warm
+        usual = batch("live")
+        take_all(rabbit_vhost, queue)
+        with Connection(rabbit_vhost) as connection:
+            connection.channel().queue_delete(queue)
+        took = batch("gone")
+        kept = OutboxCall.objects.count()
+        relay_until_empty()
+        seen = Counter(take_all(rabbit_vhost, queue))
+    report(f"RabbitMQ batch of {n} to a deleted queue ({mode})", n, seen, [took])
+    print(f"  the same batch to a live queue: {usual:.2f} s")
+    assert kept == 1, "the first call, refused; the others published again at once"
+    assert seen == Counter(range(n))
+    assert took < 3 * usual + 0.5, "returned once, published once more: not quadratic"
+
+
+class SilentAfterNack:
+    """A loopback proxy to RabbitMQ that, once it has passed on a ``basic.nack``, drops every
+    ``basic.ack`` (the broker refused one call, then stopped answering) until ``heal()``."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.silent = False
+        self.healed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, url: str) -> str:
+        return url.replace(":5672/", f":{self.port}/")
+
+    def heal(self) -> None:
+        self.silent, self.healed = False, True
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        with suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", 5672))
+                threading.Thread(target=self._up, args=(client, server), daemon=True).start()
+                threading.Thread(target=self._down, args=(server, client), daemon=True).start()
+
+    def _up(self, source: socket.socket, target: socket.socket) -> None:
+        with suppress(OSError):
+            while data := source.recv(65536):
+                target.sendall(data)
+
+    def _down(self, source: socket.socket, target: socket.socket) -> None:
+        buffer = b""
+        with suppress(OSError):
+            while data := source.recv(65536):
+                buffer += data
+                while len(buffer) >= 7:  # AMQP frames: type, channel, size, payload, 0xCE
+                    kind, _, size = struct.unpack(">BHI", buffer[:7])
+                    if len(buffer) < 8 + size:
+                        break
+                    frame, buffer = buffer[: 8 + size], buffer[8 + size :]
+                    method = struct.unpack(">HH", frame[7:11]) if kind == 1 else None
+                    if method == (60, 120) and not self.healed:  # basic.nack
+                        self.silent = True
+                    elif method == (60, 80) and self.silent:  # basic.ack
+                        continue
+                    target.sendall(frame)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_broker_silent_after_a_refusal_holds_a_commit_no_longer_than_publish_timeout(
+    rabbit_vhost: str, settings: SettingsWrapper, mode: str
+) -> None:
+    """RabbitMQ nacks the first call of a batch (its queue full), then confirms nothing more.
+    The commit waits for the other calls' confirms until ``PUBLISH_TIMEOUT``, then spills
+    them with the refused one: it does not try them again on a new connection (a second
+    ``PUBLISH_TIMEOUT``). The relay publishes each once the broker answers again."""
+    full, other = f"ds-full-{uuid.uuid4().hex[:8]}", f"ds-other-{uuid.uuid4().hex[:8]}"
+    proxy = SilentAfterNack()
+    app = make_app("silent-after-nack", proxy.url(rabbit_vhost))
+    try:
+        with use_app(app, settings, other):
+            settings.DEFERRED_SIGNALS = {
+                **settings.DEFERRED_SIGNALS,
+                "PUBLISH_TIMEOUT": 1.0,
+                "DELIVERY": mode,
+                "HANDLERS": {OTHER: {"queue": full}},
+            }
+            with transaction.atomic():  # fills the full queue
+                for i in range(3):
+                    slow_signal.send(sender=None, i=100 + i)
+            assert not OutboxCall.objects.exists()
+            started = time.monotonic()
+            with transaction.atomic():
+                slow_signal.send(sender=None, i=0)  # refused: the queue is full
+                for i in range(1, 4):
+                    user_registered.send(sender=None, label="silent", i=i)
+            took = time.monotonic() - started
+            kept = OutboxCall.objects.count()
+
+            proxy.heal()
+            taken = [i for i in take_all(rabbit_vhost, full) if i < 100]
+            relay_until_empty()
+            taken += take_all(rabbit_vhost, full) + take_all(rabbit_vhost, other)
+    finally:
+        proxy.close()
+    seen = Counter(taken)
+    report(f"RabbitMQ silent after a nack ({mode})", 4, seen, [took])
+    assert took < 1.0 + 0.5, "one PUBLISH_TIMEOUT, not one per try"
+    assert kept == 4, "the refused call and the unconfirmed ones"
+    assert set(seen) == set(range(4)), "none lost (the unconfirmed ones may run twice)"
 
 
 @pytest.mark.parametrize("mode", MODES)
