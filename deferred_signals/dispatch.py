@@ -23,7 +23,7 @@ from kombu.utils import json as kombu_json
 from . import outbox, publisher, signals
 from .codec import summary
 from .conf import conf
-from .exceptions import BrokerUnavailable
+from .exceptions import BrokerUnavailable, PublishTimeout
 from .frozen import Frozen, thaw
 from .registry import Handler
 from .tasks import MESSAGE_VERSION, decode_call
@@ -285,8 +285,17 @@ def flush(calls: list[PendingCall], using: str) -> list[PendingCall]:
         run_inline(calls)
         return []
     lost: list[PendingCall] = []
+    # One PUBLISH_TIMEOUT for the commit, not one per attempt (invariant 8).
+    deadline = time.monotonic() + conf.publish_timeout
     for attempt in range(REFUSALS_PER_FLUSH + 1):
-        confirmed, error = publisher.publish(calls)
+        if attempt and time.monotonic() >= deadline:
+            ran_out = PublishTimeout(
+                f"PUBLISH_TIMEOUT ({conf.publish_timeout} s) ran out before the calls after "
+                "a refused one could be published",
+                broker_answering=True,
+            )
+            return lost + _spill(calls, using, ran_out)
+        confirmed, error = publisher.publish(calls, deadline)
         after = publisher.published_after(error)
         published = [call.id for call in calls[:confirmed] if call.outbox]
         published += [call.id for call in calls[confirmed:] if call.outbox and call.id in after]

@@ -71,11 +71,14 @@ class _Cooldown:
 cooldown = _Cooldown()
 
 
-def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
+def publish(
+    calls: Sequence[PendingCall], deadline: float | None = None
+) -> tuple[int, BaseException | None]:
     """Publish ``calls`` in order; return how many the broker confirmed, and the error if not all.
 
     Never raises. The confirmed ones are a prefix of ``calls``, and, after a call the broker
-    refused, those of :func:`published_after`.
+    refused, those of :func:`published_after`. ``deadline`` (``time.monotonic()``): the
+    caller's, shared by its attempts; by default ``PUBLISH_TIMEOUT`` from now.
     """
     if always_eager():
         return _apply_eagerly(calls)
@@ -85,7 +88,9 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
             "not trying it again until the cooldown ends"
         )
     started = time.monotonic()
-    progress = _Progress(calls, deadline=started + conf.publish_timeout)
+    if deadline is None:
+        deadline = started + conf.publish_timeout
+    progress = _Progress(calls, deadline=deadline)
     failure: BaseException | None = None
     for attempt in (1, 2):
         try:
@@ -109,8 +114,8 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
                 and time.monotonic() - started < STALE_CONNECTION_WINDOW
             ):
                 continue  # a stale pooled connection: once more on a fresh one
-            if not answered:  # an outage: spill without trying for a while
-                cooldown.start(error)
+            if not answered and not _short_changed(started, deadline):
+                cooldown.start(error)  # an outage: spill without trying for a while
             break
     after = published_after(failure)
     if after:
@@ -119,6 +124,14 @@ def publish(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
     else:
         _confirmed(calls, progress.done, started)
     return progress.done, failure
+
+
+def _short_changed(started: float, deadline: float) -> bool:
+    """An attempt that ran out of a budget an earlier attempt of its commit mostly used up
+    (after a refusal: the broker answered that one). Silence for less than half of
+    ``PUBLISH_TIMEOUT`` does not prove the broker down, and a false cooldown spills every
+    commit for ``PUBLISH_COOLDOWN``; a broker really down fails the next commit's attempt."""
+    return time.monotonic() >= deadline and deadline - started < conf.publish_timeout / 2
 
 
 def published_after(error: BaseException | None) -> frozenset[str]:

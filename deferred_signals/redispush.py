@@ -38,13 +38,16 @@ _RedisChannel: Any
 RedisConnectionError: Any
 RedisResponseError: Any
 RedisTimeoutError: Any
+RedisWatchError: Any
 try:  # kombu's Redis transport needs redis-py; without it there is nothing to speed up
     from kombu.transport.redis import Channel as _RedisChannel
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import ResponseError as RedisResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis.exceptions import WatchError as RedisWatchError
 except ImportError:  # pragma: no cover - redis-py is a test and example dependency
     _RedisChannel = RedisConnectionError = RedisResponseError = RedisTimeoutError = None
+    RedisWatchError = None
 
 if TYPE_CHECKING:
     from .messages import Message
@@ -388,8 +391,12 @@ def _read_transaction(connection: Any, commands: int) -> None:
         replies = None
     if refused is not None:
         raise refused  # Redis's own words (OOM...), not EXECABORT's
+    if replies is None:
+        # A nil EXEC: Redis aborted the transaction (a WATCHed key changed) and ran none of
+        # its commands. Nothing issues WATCH today; taken as success, the calls would be lost.
+        raise RedisWatchError("Redis aborted the transaction (EXEC replied nil): nothing ran")
     # An error at run time (WRONGTYPE: a key that is not a list) stops no other command.
-    for reply in replies or ():
+    for reply in replies:
         if isinstance(reply, Exception):
             raise reply
 

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
+from queue import Queue
 from typing import Any
 
 import pytest
@@ -766,3 +767,156 @@ def test_a_busy_redis_holds_a_commit_no_longer_than_publish_timeout(
     assert set(seen) == set(range(5)), "none lost"
     assert len(ids) == 5, "a call published twice has one id: idempotent=True skips it"
     assert sum(in_redis.values()) <= 1, "only the write in flight at the timeout"
+
+
+class SlowReplies:
+    """A loopback proxy to RabbitMQ that holds each frame from the broker for ``delay``
+    seconds (a slow link, frames still pipelined). ``later``: the delay of connections
+    opened from now on; ``None`` there: they get no answer at all (a broker that hangs)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.links: list[dict[str, float | None]] = []
+        self.later: float | None = 0.0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, url: str) -> str:
+        return url.replace(":5672/", f":{self.port}/")
+
+    def slow(self, delay: float, later: float | None) -> None:
+        for link in self.links:
+            link["delay"] = delay
+        self.later = later
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        with suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", 5672))
+                link = {"delay": self.later}
+                self.links.append(link)
+                threading.Thread(target=self._up, args=(client, server), daemon=True).start()
+                threading.Thread(
+                    target=self._down, args=(server, client, link), daemon=True
+                ).start()
+
+    def _up(self, source: socket.socket, target: socket.socket) -> None:
+        with suppress(OSError):
+            while data := source.recv(65536):
+                target.sendall(data)
+
+    def _down(self, source: socket.socket, target: socket.socket, link: dict[str, Any]) -> None:
+        held: Queue[tuple[float, bytes]] = Queue()
+
+        def send() -> None:
+            with suppress(OSError):
+                while True:
+                    due, data = held.get()
+                    time.sleep(max(0.0, due - time.monotonic()))
+                    target.sendall(data)
+
+        threading.Thread(target=send, daemon=True).start()
+        with suppress(OSError):
+            while data := source.recv(65536):
+                if link["delay"] is not None:
+                    held.put((time.monotonic() + link["delay"], data))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_refusal_late_in_publish_timeout_leaves_no_second_publish_timeout(
+    rabbit_vhost: str, settings: SettingsWrapper, mode: str
+) -> None:
+    """The broker is slow: the returns of a batch to a deleted queue arrive at 0.8 x
+    ``PUBLISH_TIMEOUT``, and publishing the calls after the refused one on a new connection
+    would take another 0.7 x. The commit's attempts share one ``PUBLISH_TIMEOUT``: it spills
+    them when it runs out, without starting a cooldown (the broker answered). None lost,
+    each published once by the relay."""
+    from kombu import Connection
+
+    timeout = 1.0
+    queue_name = f"ds-gone-{uuid.uuid4().hex[:8]}"
+    proxy = SlowReplies()
+    app = make_app("slow-replies", proxy.url(rabbit_vhost))
+    try:
+        with use_app(app, settings, queue_name):
+            settings.DEFERRED_SIGNALS = {
+                **settings.DEFERRED_SIGNALS,
+                "PUBLISH_TIMEOUT": timeout,
+                "DELIVERY": mode,
+            }
+            commit("slow", 100)  # connected, the queue declared
+            taken = [i for i in take_all(rabbit_vhost, queue_name) if i < 100]
+            with Connection(rabbit_vhost) as connection:
+                connection.channel().queue_delete(queue_name)
+            proxy.slow(0.8 * timeout, later=0.1 * timeout)
+            started = time.monotonic()
+            with transaction.atomic():
+                for i in range(4):
+                    user_registered.send(sender=None, label="slow", i=i)
+            took = time.monotonic() - started
+            kept = OutboxCall.objects.count()
+            cooling = publisher.cooldown.active()
+
+            proxy.slow(0.0, later=0.0)
+            relay_until_empty()
+            taken += take_all(rabbit_vhost, queue_name)
+    finally:
+        proxy.close()
+    seen = Counter(taken)
+    report(f"RabbitMQ slow, a refusal at 0.8 x PUBLISH_TIMEOUT ({mode})", 4, seen, [took])
+    print(f"  calls spilled or kept at commit: {kept}")
+    assert took < timeout + 0.3, "one PUBLISH_TIMEOUT for the commit, not one per attempt"
+    assert not cooling, "the broker answered: running out of a shared budget is no outage"
+    assert kept == 4, "the refused call, and the others the time left could not publish"
+    assert seen == Counter(range(4)), "none lost, none published twice"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_broker_hanging_after_a_quick_refusal_starts_the_cooldown(
+    rabbit_vhost: str, settings: SettingsWrapper, mode: str
+) -> None:
+    """The broker refuses the first call of a batch at once, then hangs: the new connection
+    for the calls after it gets no answer. That attempt had nearly the whole
+    ``PUBLISH_TIMEOUT``: a real timeout, which starts the cooldown; the commit still waits no
+    longer than one ``PUBLISH_TIMEOUT``."""
+    from kombu import Connection
+
+    timeout = 1.0
+    queue_name = f"ds-gone-{uuid.uuid4().hex[:8]}"
+    proxy = SlowReplies()
+    app = make_app("hanging-replies", proxy.url(rabbit_vhost))
+    try:
+        with use_app(app, settings, queue_name):
+            settings.DEFERRED_SIGNALS = {
+                **settings.DEFERRED_SIGNALS,
+                "PUBLISH_TIMEOUT": timeout,
+                "DELIVERY": mode,
+            }
+            commit("hang", 100)
+            taken = [i for i in take_all(rabbit_vhost, queue_name) if i < 100]
+            with Connection(rabbit_vhost) as connection:
+                connection.channel().queue_delete(queue_name)
+            proxy.slow(0.0, later=None)
+            started = time.monotonic()
+            with transaction.atomic():
+                for i in range(4):
+                    user_registered.send(sender=None, label="hang", i=i)
+            took = time.monotonic() - started
+            kept = OutboxCall.objects.count()
+            cooling = publisher.cooldown.active()
+
+            proxy.slow(0.0, later=0.0)
+            relay_until_empty()
+            taken += take_all(rabbit_vhost, queue_name)
+    finally:
+        proxy.close()
+    seen = Counter(taken)
+    report(f"RabbitMQ hanging after a quick refusal ({mode})", 4, seen, [took])
+    assert took < timeout + 0.3
+    assert cooling, "the broker did not answer a whole PUBLISH_TIMEOUT: an outage"
+    assert kept == 4
+    assert seen == Counter(range(4)), "none lost, none published twice"

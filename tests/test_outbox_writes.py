@@ -305,7 +305,7 @@ from django.conf import settings
 from django.db import transaction
 settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "DELIVERY": "outbox", "EAGER": False}
 from deferred_signals import publisher
-def die(calls):  # after COMMIT, before the publish: the process is killed
+def die(calls, deadline=None):  # after COMMIT, before the publish: the process is killed
     os.kill(os.getpid(), signal.SIGKILL)
 publisher.publish = die
 from tests.testapp.models import Author

@@ -351,6 +351,33 @@ def test_a_bug_on_the_publishing_side_spills_without_a_retry_or_a_cooldown(
     assert len(redis_queue) == 1  # published at once, not spilled for a cooldown
 
 
+def test_a_refusal_that_used_up_publish_timeout_leaves_no_second_attempt(
+    redis_queue: Queue, settings: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attempts of one commit share one deadline: once a refusal used it up, the calls
+    after the refused one are spilled at once, not tried again for a PUBLISH_TIMEOUT more."""
+    from deferred_signals.exceptions import PublishRefused
+
+    settings.DEFERRED_SIGNALS = {**settings.DEFERRED_SIGNALS, "PUBLISH_TIMEOUT": 0.05}
+    deadlines: list[float | None] = []
+
+    def refused_late(calls: Any, deadline: float | None = None) -> tuple[int, BaseException]:
+        deadlines.append(deadline)
+        time.sleep(0.06)  # the broker's answer came at the end of PUBLISH_TIMEOUT
+        error = PublishRefused("the broker refused message 1 of the batch")
+        setattr(error, publisher.FAILED_CALL, calls[0].id)
+        return 0, error
+
+    monkeypatch.setattr(publisher, "publish", refused_late)
+    with transaction.atomic():
+        for i in range(3):
+            user_registered.send(sender=None, label="late", i=i)
+    assert len(deadlines) == 1, "no second attempt"
+    assert deadlines[0] is not None and deadlines[0] < time.monotonic()  # the commit's own
+    assert OutboxCall.objects.count() == 3  # the refused call and the two after it
+    assert len(redis_queue) == 0
+
+
 @pytest.mark.parametrize(
     ("error", "expected"),
     [

@@ -528,3 +528,26 @@ def test_a_body_encodes_as_dumps_encodes_it(value: dict[str, Any]) -> None:
 
     assert _tree is not None  # CPython: the fast encoder is in use
     assert dumps_tree(value) == dumps(value)
+
+
+class _Replies:
+    """A connection that reads the given replies (a transaction Redis aborted: no I/O)."""
+
+    def __init__(self, *replies: Any) -> None:
+        self.replies = list(replies)
+
+    def read_response(self) -> Any:
+        return self.replies.pop(0)
+
+
+def test_a_transaction_redis_aborted_is_not_taken_as_written() -> None:
+    """``EXEC`` replies nil when Redis aborted the transaction (a ``WATCH``ed key changed):
+    none of its ``LPUSH``\\es ran, so the batch fails and its calls are spilled, not lost."""
+    require("redis")
+    import redis
+
+    from deferred_signals.redispush import _read_transaction
+
+    _read_transaction(_Replies(b"OK", b"QUEUED", b"QUEUED", [1, 2]), 2)  # written
+    with pytest.raises(redis.WatchError, match="nothing ran"):
+        _read_transaction(_Replies(b"OK", b"QUEUED", b"QUEUED", None), 2)

@@ -365,7 +365,7 @@ def test_a_failing_receiver_after_a_blamed_call_loses_none_of_the_calls_after_it
 
     published: list[str] = []
 
-    def publish(calls: Any) -> tuple[int, BaseException | None]:
+    def publish(calls: Any, deadline: Any = None) -> tuple[int, BaseException | None]:
         if not published:  # the first call's message fails on our side
             error = ValueError("building this call's message failed")
             setattr(error, publisher.FAILED_CALL, calls[0].id)
