@@ -826,37 +826,42 @@ class SlowReplies:
                     held.put((time.monotonic() + link["delay"], data))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_refusal_late_in_publish_timeout_leaves_no_second_publish_timeout(
-    rabbit_vhost: str, settings: SettingsWrapper, mode: str
-) -> None:
-    """The broker is slow: the returns of a batch to a deleted queue arrive at 0.8 x
-    ``PUBLISH_TIMEOUT``, and publishing the calls after the refused one on a new connection
-    would take another 0.7 x. The commit's attempts share one ``PUBLISH_TIMEOUT``: it spills
-    them when it runs out, without starting a cooldown (the broker answered). None lost,
-    each published once by the relay."""
+PUBLISH_TIMEOUT_HERE = 1.0
+
+
+def _refused_then_slow(
+    rabbit_vhost: str,
+    settings: SettingsWrapper,
+    mode: str,
+    label: str,
+    delay: float,
+    later: float | None,
+) -> tuple[float, int, bool, Counter[int]]:
+    """Commit four calls to a queue deleted after it was declared, behind a proxy that
+    delays the broker's frames by ``delay`` (``later`` on connections opened afterwards; None:
+    no answer at all). Returns the commit's time, the calls spilled or kept at commit, whether
+    the cooldown started, and how often the relay then published each call."""
     from kombu import Connection
 
-    timeout = 1.0
     queue_name = f"ds-gone-{uuid.uuid4().hex[:8]}"
     proxy = SlowReplies()
-    app = make_app("slow-replies", proxy.url(rabbit_vhost))
+    app = make_app(f"{label}-replies", proxy.url(rabbit_vhost))
     try:
         with use_app(app, settings, queue_name):
             settings.DEFERRED_SIGNALS = {
                 **settings.DEFERRED_SIGNALS,
-                "PUBLISH_TIMEOUT": timeout,
+                "PUBLISH_TIMEOUT": PUBLISH_TIMEOUT_HERE,
                 "DELIVERY": mode,
             }
-            commit("slow", 100)  # connected, the queue declared
+            commit(label, 100)  # connected, the queue declared
             taken = [i for i in take_all(rabbit_vhost, queue_name) if i < 100]
             with Connection(rabbit_vhost) as connection:
                 connection.channel().queue_delete(queue_name)
-            proxy.slow(0.8 * timeout, later=0.1 * timeout)
+            proxy.slow(delay, later=later)
             started = time.monotonic()
             with transaction.atomic():
                 for i in range(4):
-                    user_registered.send(sender=None, label="slow", i=i)
+                    user_registered.send(sender=None, label=label, i=i)
             took = time.monotonic() - started
             kept = OutboxCall.objects.count()
             cooling = publisher.cooldown.active()
@@ -866,7 +871,22 @@ def test_a_refusal_late_in_publish_timeout_leaves_no_second_publish_timeout(
             taken += take_all(rabbit_vhost, queue_name)
     finally:
         proxy.close()
-    seen = Counter(taken)
+    return took, kept, cooling, Counter(taken)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_refusal_late_in_publish_timeout_leaves_no_second_publish_timeout(
+    rabbit_vhost: str, settings: SettingsWrapper, mode: str
+) -> None:
+    """The broker is slow: the returns of a batch to a deleted queue arrive at 0.8 x
+    ``PUBLISH_TIMEOUT``, and publishing the calls after the refused one on a new connection
+    would take another 0.7 x. The commit's attempts share one ``PUBLISH_TIMEOUT``: it spills
+    them when it runs out, without starting a cooldown (the broker answered). None lost,
+    each published once by the relay."""
+    timeout = PUBLISH_TIMEOUT_HERE
+    took, kept, cooling, seen = _refused_then_slow(
+        rabbit_vhost, settings, mode, "slow", 0.8 * timeout, later=0.1 * timeout
+    )
     report(f"RabbitMQ slow, a refusal at 0.8 x PUBLISH_TIMEOUT ({mode})", 4, seen, [took])
     print(f"  calls spilled or kept at commit: {kept}")
     assert took < timeout + 0.3, "one PUBLISH_TIMEOUT for the commit, not one per attempt"
@@ -883,38 +903,10 @@ def test_a_broker_hanging_after_a_quick_refusal_starts_the_cooldown(
     for the calls after it gets no answer. That attempt had nearly the whole
     ``PUBLISH_TIMEOUT``: a real timeout, which starts the cooldown; the commit still waits no
     longer than one ``PUBLISH_TIMEOUT``."""
-    from kombu import Connection
-
-    timeout = 1.0
-    queue_name = f"ds-gone-{uuid.uuid4().hex[:8]}"
-    proxy = SlowReplies()
-    app = make_app("hanging-replies", proxy.url(rabbit_vhost))
-    try:
-        with use_app(app, settings, queue_name):
-            settings.DEFERRED_SIGNALS = {
-                **settings.DEFERRED_SIGNALS,
-                "PUBLISH_TIMEOUT": timeout,
-                "DELIVERY": mode,
-            }
-            commit("hang", 100)
-            taken = [i for i in take_all(rabbit_vhost, queue_name) if i < 100]
-            with Connection(rabbit_vhost) as connection:
-                connection.channel().queue_delete(queue_name)
-            proxy.slow(0.0, later=None)
-            started = time.monotonic()
-            with transaction.atomic():
-                for i in range(4):
-                    user_registered.send(sender=None, label="hang", i=i)
-            took = time.monotonic() - started
-            kept = OutboxCall.objects.count()
-            cooling = publisher.cooldown.active()
-
-            proxy.slow(0.0, later=0.0)
-            relay_until_empty()
-            taken += take_all(rabbit_vhost, queue_name)
-    finally:
-        proxy.close()
-    seen = Counter(taken)
+    timeout = PUBLISH_TIMEOUT_HERE
+    took, kept, cooling, seen = _refused_then_slow(
+        rabbit_vhost, settings, mode, "hang", 0.0, later=None
+    )
     report(f"RabbitMQ hanging after a quick refusal ({mode})", 4, seen, [took])
     assert took < timeout + 0.3
     assert cooling, "the broker did not answer a whole PUBLISH_TIMEOUT: an outage"
