@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import _state as celery_state
-from celery import current_app
 from django.db import transaction
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
@@ -27,7 +25,7 @@ from deferred_signals import publisher, signals, tracing
 from deferred_signals.models import DeadLetter, OutboxCall
 from deferred_signals.relay import Relay
 from deferred_signals.replay import replay
-from tests.conftest import recording_worker, wait_for
+from tests.conftest import recording_worker, use_app, wait_for
 from tests.otel import ENV, read_spans, span_dict
 from tests.testapp.models import Record
 from tests.testapp.signals import flaky_signal
@@ -94,29 +92,23 @@ def test_the_handler_span_descends_from_the_request_span(
 ) -> None:
     worker, spans_file = traced_worker
     provider, exporter = instrumented
-    settings.DEFERRED_SIGNALS = {
-        **settings.DEFERRED_SIGNALS,
-        "EAGER": False,
-        "DEFAULTS": {"queue": worker.queue},
-    }
     call_ids: list[str] = []
 
     def deferred(sender: Any, call_id: str, **kwargs: Any) -> None:
         call_ids.append(call_id)
 
     signals.call_deferred.connect(deferred, weak=False)
-    previous, previous_default = current_app._get_current_object(), celery_state.default_app
-    worker.app.set_current()
-    worker.app.set_default()
     label = uuid.uuid4().hex
     try:
         tracer = provider.get_tracer("tests")
-        with tracer.start_as_current_span("POST /signup") as request_span, transaction.atomic():
+        with (
+            use_app(worker.app, settings, worker.queue),
+            tracer.start_as_current_span("POST /signup") as request_span,
+            transaction.atomic(),
+        ):
             traced_signal.send(sender=None, label=label)
     finally:
         signals.call_deferred.disconnect(deferred)
-        previous.set_current()
-        celery_state.set_default_app(previous_default)
     (call_id,) = call_ids
 
     request, publish = request_and_publish_spans(exporter, request_span)
@@ -159,17 +151,9 @@ def test_a_relayed_handler_span_descends_from_the_request_span(
     the worker's run span descends from it."""
     worker, spans_file = traced_worker
     provider, exporter = instrumented
-    settings.DEFERRED_SIGNALS = {
-        **settings.DEFERRED_SIGNALS,
-        "EAGER": False,
-        "DEFAULTS": {"queue": worker.queue},
-    }
-    previous, previous_default = current_app._get_current_object(), celery_state.default_app
-    worker.app.set_current()
-    worker.app.set_default()
     label = uuid.uuid4().hex
     tracer = provider.get_tracer("tests")
-    try:
+    with use_app(worker.app, settings, worker.queue):
         with tracer.start_as_current_span("POST /signup") as request_span:
             publisher.cooldown.start(ConnectionError("the broker is down"))
             try:
@@ -181,9 +165,6 @@ def test_a_relayed_handler_span_descends_from_the_request_span(
         assert "traceparent" in row.trace
         with tracer.start_as_current_span("relay round") as relay_span:
             assert Relay(databases=["default"]).run_once() == 1
-    finally:
-        previous.set_current()
-        celery_state.set_default_app(previous_default)
 
     request, publish = request_and_publish_spans(exporter, request_span)
     assert relay_span.get_span_context().trace_id != request_span.get_span_context().trace_id
@@ -209,16 +190,8 @@ def test_retries_stay_in_the_request_trace_and_a_replay_joins_its_own(
     publishes again from where it runs: the replayed run joins the replay's trace."""
     worker, spans_file = traced_worker
     provider, _ = instrumented
-    settings.DEFERRED_SIGNALS = {
-        **settings.DEFERRED_SIGNALS,
-        "EAGER": False,
-        "DEFAULTS": {"queue": worker.queue},
-    }
-    previous, previous_default = current_app._get_current_object(), celery_state.default_app
-    worker.app.set_current()
-    worker.app.set_default()
     tracer = provider.get_tracer("tests")
-    try:
+    with use_app(worker.app, settings, worker.queue):
         with tracer.start_as_current_span("POST /signup") as request_span, transaction.atomic():
             flaky_signal.send(sender=None, key=uuid.uuid4().hex, fail_times=4)  # 4 attempts
         letter = wait_for(DeadLetter.objects.first, timeout=60, what="the dead letter")
@@ -229,9 +202,6 @@ def test_retries_stay_in_the_request_trace_and_a_replay_joins_its_own(
             timeout=60,
             what="the replayed call to succeed",
         )
-    finally:
-        previous.set_current()
-        celery_state.set_default_app(previous_default)
 
     def runs() -> list[dict[str, Any]]:
         found = [
