@@ -143,6 +143,13 @@ def labels(client: Any, queue: str) -> Counter[int]:
     return found
 
 
+def _batches(app: Any) -> bool:
+    """Does the package write this app's batches to Redis in chunks (kombu 5.7's
+    ``create_publish_batch``), rather than one message per round trip?"""
+    with app.connection_for_write() as connection:
+        return bool(getattr(connection.default_channel, "create_publish_batch", None))
+
+
 def relay_until_empty() -> int:
     """What ``manage.py deferred_signals relay`` does, in a process of its own (no cooldown
     carried over from the request that failed)."""
@@ -326,14 +333,20 @@ def test_a_batch_redis_would_take_in_part_is_refused_whole_and_published_once(
             slow_signal.send(sender=None, i=20)
         took = time.monotonic() - started
         in_redis = labels(server.client, prefix + queue) + labels(server.client, prefix + other)
-        assert OutboxCall.objects.count() == 21
-        assert not in_redis, "a batch counted as refused must have left nothing in Redis"
+        kept = OutboxCall.objects.count()
+        assert kept + sum(in_redis.values()) == 21, "a call in Redis must not be in the outbox"
+        if _batches(app):
+            # One chunk: refused whole, it must have left nothing in Redis.
+            assert kept == 21
+            assert not in_redis, "a batch counted as refused must have left nothing in Redis"
+        # else kombu < 5.7 (no create_publish_batch): one message per round trip, each taken
+        # or refused on its own (the first, before memory ran short, is taken).
 
         publisher.cooldown.clear()
         assert Relay().run_once() == 0
-        assert OutboxCall.objects.count() == 21
-        in_redis = labels(server.client, prefix + queue) + labels(server.client, prefix + other)
-        assert not in_redis, "a relay round counted as refused must have left nothing in Redis"
+        assert OutboxCall.objects.count() == kept
+        after = labels(server.client, prefix + queue) + labels(server.client, prefix + other)
+        assert after == in_redis, "a relay round counted as refused must have left nothing"
 
         server.client.config_set("maxmemory", 0)
         relay_until_empty()
