@@ -296,12 +296,10 @@ def flush(calls: list[PendingCall], using: str) -> list[PendingCall]:
             )
             return lost + _spill(calls, using, ran_out)
         confirmed, error = publisher.publish(calls, deadline)
-        after = publisher.published_after(error)
-        published = [call.id for call in calls[:confirmed] if call.outbox]
-        published += [call.id for call in calls[confirmed:] if call.outbox and call.id in after]
+        done, failed = publisher.taken(calls, confirmed, error)
+        published = [call.id for call in done if call.outbox]
         if published:
             outbox.delete(published, using)
-        failed = [call for call in calls[confirmed:] if call.id not in after]
         if not failed:
             return lost
         # One call refused (its queue, its message) or failing on our side: it and the

@@ -77,7 +77,7 @@ def publish(
     """Publish ``calls`` in order; return how many the broker confirmed, and the error if not all.
 
     Never raises. The confirmed ones are a prefix of ``calls``, and, after a call the broker
-    refused, those of :func:`published_after`. ``deadline`` (``time.monotonic()``): the
+    refused, those :func:`taken` finds. ``deadline`` (``time.monotonic()``): the
     caller's, shared by its attempts; by default ``PUBLISH_TIMEOUT`` from now.
     """
     if always_eager():
@@ -117,12 +117,8 @@ def publish(
             if not answered and not _short_changed(started, deadline):
                 cooldown.start(error)  # an outage: spill without trying for a while
             break
-    after = published_after(failure)
-    if after:
-        taken = [*calls[: progress.done], *(c for c in calls[progress.done :] if c.id in after)]
-        _confirmed(taken, len(taken), started)
-    else:
-        _confirmed(calls, progress.done, started)
+    done, _ = taken(calls, progress.done, failure)
+    _confirmed(done, len(done), started)
     return progress.done, failure
 
 
@@ -134,10 +130,19 @@ def _short_changed(started: float, deadline: float) -> bool:
     return time.monotonic() >= deadline and deadline - started < conf.publish_timeout / 2
 
 
-def published_after(error: BaseException | None) -> frozenset[str]:
-    """The ids of the calls after the unconfirmed prefix that the broker took all the same
-    (after a refusal: the calls of a batch to other queues than a full one)."""
-    return error.published_after if isinstance(error, PublishRefused) else frozenset()
+def taken(
+    calls: Sequence[PendingCall], confirmed: int, error: BaseException | None
+) -> tuple[list[PendingCall], list[PendingCall]]:
+    """What :func:`publish` returned, as the calls the broker took and those it did not: the
+    confirmed prefix and, after a refusal, the calls after it that the broker took all the
+    same (those of a batch to other queues than a full one)."""
+    after = error.published_after if isinstance(error, PublishRefused) else None
+    rest = calls[confirmed:]
+    if not after:
+        return list(calls[:confirmed]), list(rest)
+    return [*calls[:confirmed], *(c for c in rest if c.id in after)], [
+        c for c in rest if c.id not in after
+    ]
 
 
 #: (app, its own change of task_always_eager, conf.generation, task_always_eager): reading

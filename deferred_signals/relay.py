@@ -199,9 +199,7 @@ class Relay:
         # with its request's trace continues that one (propagation, in the publisher).
         with sentry.detached():
             confirmed, error = publisher.publish(calls)
-            after = publisher.published_after(error)
-            done = [*calls[:confirmed], *(c for c in calls[confirmed:] if c.id in after)]
-            left = [call for call in calls[confirmed:] if call.id not in after]
+            done, left = publisher.taken(calls, confirmed, error)
             refused: list[tuple[PendingCall, BaseException]] = []
             if (
                 left
