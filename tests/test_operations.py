@@ -547,12 +547,9 @@ def test_a_row_whose_body_is_not_a_message_backs_off_then_becomes_a_dead_letter(
     ]
 
 
-def test_a_queue_celery_cannot_route_to_spills_each_call_and_dead_letters_it(
-    redis_queue: Queue, settings: SettingsWrapper
-) -> None:
-    """What E012 says happens to the calls: the commit succeeds, each call waits in the
-    outbox, and the relay, refused too, keeps it as a dead letter; no message is sent. (It
-    said each call would "fail at its commit", which reads as a request that fails.)"""
+def _unroutable_commit(redis_queue: Queue, settings: SettingsWrapper, **options: Any) -> Any:
+    """Route the handler to a queue Celery does not know (task_create_missing_queues off),
+    commit one call, and return check E012's message."""
     from kombu import Queue as Declared
 
     from deferred_signals.checks import check_settings
@@ -560,7 +557,7 @@ def test_a_queue_celery_cannot_route_to_spills_each_call_and_dead_letters_it(
 
     settings.DEFERRED_SIGNALS = {
         **settings.DEFERRED_SIGNALS,
-        "RELAY_MAX_ATTEMPTS": 1,
+        **options,
         "HANDLERS": {EVENT: {"queue": "nowhere"}},
     }
     app = redis_queue.app
@@ -569,6 +566,16 @@ def test_a_queue_celery_cannot_route_to_spills_each_call_and_dead_letters_it(
     (problem,) = [m for m in check_settings() if m.id == "deferred_signals.E012"]
     with transaction.atomic():
         user_registered.send(sender=None, label="unroutable")
+    return problem
+
+
+def test_a_queue_celery_cannot_route_to_spills_each_call_and_dead_letters_it(
+    redis_queue: Queue, settings: SettingsWrapper
+) -> None:
+    """What E012 says happens to the calls: the commit succeeds, each call waits in the
+    outbox, and the relay, refused too, keeps it as a dead letter; no message is sent. (It
+    said each call would "fail at its commit", which reads as a request that fails.)"""
+    problem = _unroutable_commit(redis_queue, settings, RELAY_MAX_ATTEMPTS=1)
     assert list(OutboxCall.objects.values_list("handler", flat=True)) == [EVENT]
     Relay().run_once()
     letter = DeadLetter.objects.get()
@@ -588,21 +595,7 @@ def test_a_call_celery_cannot_route_waits_out_the_relays_attempts_before_its_dea
     """E012 said each call was "kept as a dead letter once the relay is refused too": with
     the default RELAY_MAX_ATTEMPTS, a refused relay backs the row off (some 17 minutes in
     all) and only the last attempt makes the dead letter; with DEAD_LETTERS off, none."""
-    from kombu import Queue as Declared
-
-    from deferred_signals.checks import check_settings
-    from tests.testapp.signals import user_registered
-
-    settings.DEFERRED_SIGNALS = {
-        **settings.DEFERRED_SIGNALS,
-        "HANDLERS": {EVENT: {"queue": "nowhere"}},
-    }
-    app = redis_queue.app
-    app.conf.task_queues = [Declared(redis_queue.name)]
-    app.conf.task_create_missing_queues = False
-    (problem,) = [m for m in check_settings() if m.id == "deferred_signals.E012"]
-    with transaction.atomic():
-        user_registered.send(sender=None, label="unroutable")
+    problem = _unroutable_commit(redis_queue, settings)
     Relay().run_once()
     assert not DeadLetter.objects.exists()
     assert list(OutboxCall.objects.values_list("attempts", flat=True)) == [1]
