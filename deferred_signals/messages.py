@@ -5,7 +5,7 @@ options, routing through ``task_routes``, resolving the queue, its exchange and 
 mode, and declaring the queue. A :class:`MessageBuilder` resolves all that once per
 handler and its publish options, then builds each message as a copy of a template: the
 same protocol-v2 headers, properties and body ``apply_async`` produces, so any Celery
-worker, Flower and ``celery inspect`` read it.
+worker, Flower and ``celery inspect`` read it (the routes: :mod:`routing`).
 :func:`deferred_signals.publisher.publish_message` hands it to a producer.
 
 What the builder cannot resolve once, it refuses (``build`` returns ``None``) and the call
@@ -24,34 +24,18 @@ takes the per-call path, :func:`deferred_signals.publisher.publish_fallback`, wh
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import celery
-import celery._state
 from celery import Celery
-from celery._state import get_current_worker_task
-from celery.app.routes import MapRoute
 from celery.utils import time as celery_time
-from celery.utils.nodenames import anon_nodename
-from celery.utils.quorum_queues import detect_quorum_queues
 from celery.utils.time import maybe_make_aware
-from django.core.signals import setting_changed
 from kombu import Queue
-from kombu.common import Broadcast
 
+from . import routing
 from .codec import summary
-
-#: What get_current_worker_task() walks; private, hence None if a Celery moved it.
-_task_stack: Any = getattr(celery._state, "_task_stack", None)
-#: Its threads' stacks by thread (celery.utils.threads.Local): empty while no thread of the
-#: process runs a task, as a web process never does. None if a Celery keeps them otherwise.
-_task_stacks: Any = getattr(getattr(_task_stack, "_local", None), "__storage__", None)
-if type(_task_stacks) is not dict:
-    _task_stacks = None
 
 
 def _add_seconds(dt: datetime, seconds: float) -> datetime:
@@ -64,13 +48,6 @@ _add: Callable[[datetime, float], datetime] = getattr(
 )
 
 __all__ = ["Message", "MessageBuilder"]
-
-#: ``Task.apply_async``/``send_task_message`` arguments that are not message properties.
-_ROUTING_KEYS = frozenset((
-    "exchange", "routing_key", "queue", "event_dispatcher", "retry", "retry_policy",
-    "serializer", "delivery_mode", "compression", "declare", "headers", "exchange_type",
-    "timeout", "confirm_timeout",
-))  # fmt: skip
 
 #: What ``apply_async(argsrepr=..., kwargsrepr=...)`` also puts among a message's properties,
 #: and the builder leaves out: the headers carry both, which is where workers, Flower and
@@ -126,75 +103,8 @@ class Message:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class _Route:
-    """What is constant in every message of one handler with one set of publish options."""
-
-    #: The state it was computed from: any change (identity) recomputes it.
-    stamp: tuple[Any, ...]
-    #: None when the handler must take the per-call path.
-    template: Message | None
-    time_limits: tuple[Any, Any]
-    countdown: float | None
-    expires: float | None
-
-
 _EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _EMBED_JSON = json.dumps(_EMBED)
-
-_routes: dict[tuple[Any, ...], _Route] = {}
-#: Celery settings that send a call down the per-call path.
-_PER_CALL_SETTINGS = ("task_always_eager", "task_send_sent_event")
-#: Where each of them is in ``_AppState.seen``.
-_PER_CALL_SEEN = tuple(enumerate(_PER_CALL_SETTINGS, start=5))
-
-
-@dataclass(slots=True)
-class _AppState:
-    """What one app's configuration says, and the routes checked against it."""
-
-    #: What it was read from: the router, its routes, the queues, app.conf changes.
-    seen: tuple[Any, ...]
-    lean: bool
-    origin: str
-    #: Routes by (task object id, options): kept with the task, so a reused id cannot
-    #: return another task's route.
-    routes: dict[tuple[int, tuple[Any, ...]], tuple[Any, _Route]]
-
-
-_app_state: dict[int, _AppState] = {}
-
-
-def clear_cache() -> None:
-    """Forget every resolved route and app configuration (settings changed)."""
-    _routes.clear()
-    _app_state.clear()
-
-
-def _cached(obj: Any, name: str) -> Any:
-    """``obj.name`` for one of Celery's cached properties, without their lock once computed."""
-    value = obj.__dict__.get(name)
-    return getattr(obj, name) if value is None else value
-
-
-#: This process's pid, one int object until a fork (the caches compare by identity).
-_pids = [os.getpid()]
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: _pids.__setitem__(0, os.getpid()))
-
-
-def _pid() -> int:
-    return _pids[0]
-
-
-def _worker_task() -> Any:
-    """Celery's ``get_current_worker_task()``, after a cheap look at its stack (empty outside
-    a worker's task, that is on every request)."""
-    if _task_stacks is not None and not _task_stacks:
-        return None  # no thread runs a task (~1 us less than asking the stack)
-    if _task_stack is not None and _task_stack.top is None:
-        return None
-    return get_current_worker_task()
 
 
 class MessageBuilder:
@@ -217,46 +127,24 @@ class MessageBuilder:
     def refresh(self) -> None:
         """Read the configuration again, as a new builder would: before each batch."""
         app = self.app
-        amqp = _cached(app, "amqp")
-        router: Any = _cached(amqp, "router")
+        amqp = routing.cached(app, "amqp")
+        router: Any = routing.cached(amqp, "router")
         routes = router.routes
-        queues = _cached(amqp, "queues")
+        queues = routing.cached(amqp, "queues")
         # Celery routes with the routes its router was built with, whatever app.conf says
         # since (reading app.conf.task_routes costs ~15 us when it is Django's settings): a
         # project that changes them rebuilds the router, and a new router recomputes.
         stamp = self.stamp
         if not stamp or stamp[1] is not router or stamp[2] is not routes or stamp[3] is not queues:
             stamp = self.stamp = (app, router, routes, queues)
-        # What app.conf says is read once per app (~40 us through Django's settings): again
-        # after a settings change, or a change made on app.conf itself (kept in its changes).
-        changes = app.conf.changes or {}
-        # The pid too: a forked child's origin ("gen<pid>@host") is its own.
-        pid = _pid()
-        state = _app_state.get(id(app))
-        if (
-            state is None
-            or (seen := state.seen)[0] is not app
-            or seen[1] is not router
-            or seen[2] is not routes
-            or seen[3] is not queues
-            or seen[4] is not pid
-            or any(seen[i] is not changes.get(key) for i, key in _PER_CALL_SEEN)
-        ):
-            seen = (*stamp, pid, *(changes.get(key) for key in _PER_CALL_SETTINGS))
-            conf = app.conf
-            lean = not (
-                conf.task_always_eager
-                or conf.task_send_sent_event
-                or any(not isinstance(route, MapRoute) for route in routes)
-            )
-            state = _app_state[id(app)] = _AppState(seen, lean, anon_nodename(), {})
+        state = routing.app_state(app, stamp)
         # A call made while a worker runs a task takes Celery's path (root and parent ids).
-        self.lean = state.lean and _worker_task() is None
+        self.lean = state.lean and routing.worker_task() is None
         self.origin = state.origin
         self.reply_to = app.thread_oid
         self.routes = state.routes
         #: The last route: (task, options, route).
-        self.last: tuple[Any, Any, _Route] | None = None
+        self.last: tuple[Any, Any, routing.Route] | None = None
 
     def build(
         self,
@@ -334,7 +222,7 @@ class MessageBuilder:
             layout=(route, headers, properties),
         )
 
-    def _route(self, task: Any, options: Mapping[str, Any]) -> _Route:
+    def _route(self, task: Any, options: Mapping[str, Any]) -> routing.Route:
         # Handler tasks are shared_task proxies, and each attribute read resolves the proxy:
         # look a route up by the identity of the task object, for as long as the app's
         # configuration holds (a Django setting change clears it all).
@@ -352,92 +240,7 @@ class MessageBuilder:
         if seen is not None and seen[0] is task and seen[1].stamp[-1] is exec_options:
             self.last = (task, options, seen[1])
             return seen[1]
-        key = (self.app, task.name, items)
-        stamp = (*self.stamp, exec_options)
-        route = _routes.get(key)
-        if route is None or not _same(route.stamp, stamp):
-            route = _routes[key] = _resolve(self.app, task, options, stamp)
+        route = routing.route(self.app, task, items, options, (*self.stamp, exec_options))
         self.routes[(id(task), items)] = (task, route)
         self.last = (task, options, route)
         return route
-
-
-def _same(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
-    return all(a is b for a, b in zip(old, new, strict=True))
-
-
-def _resolve(app: Celery, task: Any, options: Mapping[str, Any], stamp: tuple[Any, ...]) -> _Route:
-    """Run once what ``apply_async`` → ``send_task`` → ``send_task_message`` run per call."""
-    # apply_async
-    if task.soft_time_limit and task.time_limit and task.soft_time_limit > task.time_limit:
-        raise ValueError("soft_time_limit must be less than or equal to time_limit")
-    merged = dict(task._get_exec_options(), **options)
-    merged.setdefault("ignore_result", task.ignore_result)
-    countdown = merged.pop("countdown", None)
-    # send_task
-    time_limits = (merged.pop("time_limit", None), merged.pop("soft_time_limit", None))
-    expires = merged.pop("expires", None)
-    ignore_result = merged.pop("ignore_result", None)
-    router: Any = app.amqp.router
-    routed = router.route(merged, task.name, None, {}, task)
-    fallback = _Route(stamp, None, time_limits, countdown, expires)
-    if not ignore_result:
-        return fallback  # the result backend wants to know of each call (on_task_call)
-    if countdown:
-        driver_type = app.producer_pool.connections.connection.transport.driver_type
-        if detect_quorum_queues(app, driver_type)[0]:
-            return fallback
-    if expires is not None:
-        routed["expiration"] = max(expires, 0)
-    # send_task_message
-    queue = routed.get("queue")
-    exchange = routed.get("exchange")
-    routing_key = routed.get("routing_key")
-    delivery_mode = routed.get("delivery_mode")
-    exchange_type = routed.get("exchange_type")
-    qname = queue
-    if queue is None and exchange is None:
-        queue = app.amqp.default_queue
-    if queue is not None:
-        if isinstance(queue, str):
-            qname, queue = queue, app.amqp.queues[queue]
-        else:
-            qname = queue.name
-    if delivery_mode is None:
-        delivery_mode = getattr(getattr(queue, "exchange", None), "delivery_mode", None)
-        delivery_mode = delivery_mode or app.conf.task_default_delivery_mode
-    if exchange_type is None:
-        exchange_type = getattr(getattr(queue, "exchange", None), "type", "direct")
-    if (not exchange or not routing_key) and exchange_type == "direct":
-        exchange, routing_key = "", qname
-    elif exchange is None:
-        assert queue is not None  # a non-direct exchange comes from a queue
-        exchange = queue.exchange.name or app.amqp.default_exchange
-        routing_key = routing_key or queue.routing_key or app.conf.task_default_routing_key
-    declare = routed.get("declare")
-    if declare is None and queue and not isinstance(queue, Broadcast):
-        declare = [queue]
-    template = Message(
-        task=task.name,
-        body=((), {}, {}),
-        headers=dict(routed.get("headers") or {}),
-        properties={k: v for k, v in routed.items() if k not in _ROUTING_KEYS},
-        exchange=exchange,
-        routing_key=routing_key,
-        declare=declare,
-        delivery_mode=delivery_mode,
-        serializer=routed.get("serializer") or app.conf.task_serializer,
-        compression=routed.get("compression") or app.conf.task_compression,
-        retry_policy=dict(app.conf.task_publish_retry_policy),
-    )
-    if template.headers:
-        return fallback  # headers given in options: rare enough to leave to Celery
-    return _Route(stamp, template, time_limits, countdown, expires)
-
-
-def _reset(**kwargs: Any) -> None:
-    # A setting of Celery's (CELERY_*) or ours may change the routing: recompute everything.
-    clear_cache()
-
-
-setting_changed.connect(_reset, dispatch_uid="deferred_signals.messages")

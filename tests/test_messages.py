@@ -451,7 +451,7 @@ def test_a_builder_kept_for_another_batch_reads_what_a_new_one_would(
     """``refresh()`` between batches: settings, routes, a fork, a running task."""
     from celery._state import pop_current_task, push_current_task
 
-    from deferred_signals import messages
+    from deferred_signals import routing
 
     app = broker.app
     first, second = broker.queue(), broker.queue()
@@ -472,14 +472,14 @@ def test_a_builder_kept_for_another_batch_reads_what_a_new_one_would(
     assert routed is not None and routed.routing_key == second
     # A forked child: its origin names its own pid.
     origin = builder.origin
-    pid = messages._pids[0]
-    messages._pids[0] = child = pid + 100_000  # what the after-fork hook does
+    pid = routing._pids[0]
+    routing._pids[0] = child = pid + 100_000  # what the after-fork hook does
     monkeypatch.setattr(os, "getpid", lambda: child)
     try:
         builder.refresh()
         assert builder.origin != origin and str(child) in builder.origin
     finally:
-        messages._pids[0] = pid
+        routing._pids[0] = pid
     # A task running in the thread.
     running = task()._get_current_object()
     running.push_request(called_directly=False, id="running-task")

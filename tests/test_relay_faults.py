@@ -182,13 +182,13 @@ def test_a_message_refused_after_its_publish_is_found_one_at_a_time(
     time, each confirmed, and only the refused rows count attempts and end as dead letters."""
     from celery import current_app
 
-    from deferred_signals import messages
+    from deferred_signals import routing
 
     missing = f"{rabbit.bad}-no-such-exchange"
     current_app.conf.task_routes = {
         BAD: {"exchange": missing, "exchange_type": "direct", "routing_key": "x"}
     }
-    messages.clear_cache()
+    routing.clear_cache()
     try:
         good = add_rows(bad=0, good=50)
         (bad_1,) = add_rows(bad=1, good=0)
@@ -226,7 +226,7 @@ def test_a_message_refused_after_its_publish_is_found_one_at_a_time(
         assert left.count(BAD) == 1 and len(in_queue) + left.count(GOOD) >= 40
     finally:
         current_app.conf.task_routes = None
-        messages.clear_cache()
+        routing.clear_cache()
 
 
 def test_a_login_refused_is_an_outage(settings: SettingsWrapper) -> None:
