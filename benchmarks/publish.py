@@ -29,8 +29,8 @@ from benchmarks.runner import Runner
 from benchmarks.services import redis_client
 from benchmarks.stats import table, us
 from deferred_signals import registry
-from deferred_signals.codec import Encoder, summary
-from deferred_signals.messages import Message, MessageBuilder
+from deferred_signals.codec import Encoder
+from deferred_signals.messages import Message, MessageBuilder, summary
 from deferred_signals.publisher import publish_message
 from deferred_signals.redispush import RedisPush
 

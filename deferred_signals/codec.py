@@ -298,30 +298,6 @@ def _field_text(field: Any, instance: models.Model, value: Any) -> JSON:
     return {TAG: "field", "v": text}
 
 
-def locate(value: Any, target: object, path: str) -> str | None:
-    """The path from ``value`` to the object ``target`` inside it (for error messages)."""
-    if value is target:
-        return path
-    children: list[tuple[str, Any]] = []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            children += [(f"{path}<key {key!r}>", key), (f"{path}[{key!r}]", item)]
-    elif isinstance(value, (list, tuple)):
-        children = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
-    elif isinstance(value, (set, frozenset)):
-        children = [(f"{path}<item>", item) for item in value]
-    elif isinstance(value, models.Model):
-        children = [
-            (f"{path}.{f.attname}", value.__dict__.get(f.attname))
-            for f in value._meta.concrete_fields
-        ]
-    for child_path, child in children:
-        found = locate(child, target, child_path)
-        if found is not None:
-            return found
-    return None
-
-
 def _stable(items: set[Any] | frozenset[Any]) -> list[Any]:
     try:
         return sorted(items)
@@ -383,32 +359,6 @@ _SIMPLE_ENCODERS: dict[type, tuple[str, Callable[[Any], JSON]]] = {
     uuid.UUID: ("uuid", str),
     bytes: ("bytes", lambda value: base64.b64encode(value).decode("ascii")),
 }
-
-
-def summary(body: dict[str, Any], limit: int = 400) -> str:
-    """A short line for a message: Celery's ``kwargsrepr`` (Flower, worker logs) and our logs.
-
-    It holds no argument values, which may be personal data: an instance shows its model and
-    pk, a model class its label, ``None`` and booleans themselves, anything else its type.
-    """
-    parts = [f"sender={_redacted(body['sender'])}"]
-    parts += [f"{name}={_redacted(value)}" for name, value in body["kwargs"].items()]
-    text = ", ".join(parts)
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
-
-
-def _redacted(data: JSON) -> str:
-    if data is None or type(data) is bool:
-        return repr(data)
-    if type(data) is dict:
-        tag = data.get(TAG)
-        if tag == "model":
-            pk = data["pk"]
-            return f"<{data['m']} pk={pk['v'] if type(pk) is dict else pk}>"
-        if tag == "modelclass":
-            return str(data["v"])
-        return f"<{tag or 'dict'}>"
-    return f"<{type(data).__name__}>"
 
 
 def lookup_class(module_name: str, qualname: str) -> type | None:

@@ -21,10 +21,10 @@ from django.db import transaction
 from kombu.utils import json as kombu_json
 
 from . import outbox, publisher, signals
-from .codec import summary
 from .conf import conf
 from .exceptions import BrokerUnavailable, PublishTimeout
 from .frozen import Frozen, thaw
+from .messages import summary
 from .registry import Handler
 from .tasks import MESSAGE_VERSION, decode_call
 

@@ -35,7 +35,7 @@ from celery.utils.time import maybe_make_aware
 from kombu import Queue
 
 from . import routing
-from .codec import summary
+from .codec import JSON, TAG
 
 
 def _add_seconds(dt: datetime, seconds: float) -> datetime:
@@ -159,7 +159,7 @@ class MessageBuilder:
 
         ``options`` are the handler's publish options (``conf.PUBLISH_OPTIONS``);
         ``body_text``, if known, ``body`` as kombu's JSON encoder writes it; ``kwargsrepr``,
-        if known, ``codec.summary(body)``. Returns ``None``
+        if known, ``summary(body)``. Returns ``None``
         when the call must take the per-call path (``publisher.publish_fallback``).
         """
         if not self.lean:
@@ -244,3 +244,29 @@ class MessageBuilder:
         self.routes[(id(task), items)] = (task, route)
         self.last = (task, options, route)
         return route
+
+
+def summary(body: dict[str, Any], limit: int = 400) -> str:
+    """A short line for a message: Celery's ``kwargsrepr`` (Flower, worker logs) and our logs.
+
+    It holds no argument values, which may be personal data: an instance shows its model and
+    pk, a model class its label, ``None`` and booleans themselves, anything else its type.
+    """
+    parts = [f"sender={_redacted(body['sender'])}"]
+    parts += [f"{name}={_redacted(value)}" for name, value in body["kwargs"].items()]
+    text = ", ".join(parts)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _redacted(data: JSON) -> str:
+    if data is None or type(data) is bool:
+        return repr(data)
+    if type(data) is dict:
+        tag = data.get(TAG)
+        if tag == "model":
+            pk = data["pk"]
+            return f"<{data['m']} pk={pk['v'] if type(pk) is dict else pk}>"
+        if tag == "modelclass":
+            return str(data["v"])
+        return f"<{tag or 'dict'}>"
+    return f"<{type(data).__name__}>"

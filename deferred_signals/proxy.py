@@ -2,12 +2,12 @@
 
 It encodes the call (once per ``send()``, however many deferred handlers receive it), keeps
 the encoding frozen (:mod:`frozen`: compact and shared until the commit) and hands the call
-to :mod:`dispatch`, which attaches it to the transaction of the right database.
+to :mod:`dispatch`, which attaches it to the transaction of the right database. A call
+the worker could not run is refused here, in the request (:mod:`send_errors`).
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import threading
@@ -16,14 +16,13 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import Model
-from django.db.models.query import QuerySet
 from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import Signal
 
-from . import coalesce, dispatch, frozen, readiness, signals
+from . import coalesce, dispatch, frozen, readiness, send_errors, signals
 from .calls import DeferredCall, current_call, running_body
-from .codec import MAX_DEPTH, EncodeError, Encoder, TooDeepError, locate
-from .exceptions import DeferredSignalConfigError, DeferredSignalError
+from .codec import EncodeError, Encoder, TooDeepError
+from .exceptions import DeferredSignalConfigError
 from .frozen import Frozen, freeze, thaw
 from .ids import uuid4
 from .registry import Handler
@@ -81,7 +80,7 @@ def make_proxy(handler: Handler, signal: Signal) -> Callable[..., None]:
         readiness.check()
         names = frozenset(kwargs)
         if names not in accepted:
-            _check_signature(handler, names)
+            send_errors.check_signature(handler, names)
             accepted.add(names)
         options = handler.merged
         if options.conflict is not None:
@@ -204,53 +203,6 @@ def _coalesce_key(index: int, sender: Any, instance: Any) -> coalesce.Key | None
     return (index, sender, instance._meta.label, instance.pk, instance._state.db)
 
 
-def _check_signature(handler: Handler, names: frozenset[str]) -> None:
-    """Refuse in the request a call the worker could only fail with a ``TypeError``.
-
-    The worker calls ``handler(signal=..., sender=..., **kwargs)``, every argument by keyword.
-    """
-    try:
-        parameters = inspect.signature(handler.func).parameters.values()
-    except (TypeError, ValueError):  # no signature to read (some builtins): let it be
-        return
-    sent = names | {"signal", "sender"}
-    missing, positional, accepted = [], [], set()
-    takes_any = False
-    for parameter in parameters:
-        if parameter.kind is parameter.VAR_KEYWORD:
-            takes_any = True
-        elif parameter.kind is parameter.POSITIONAL_ONLY:
-            if parameter.default is parameter.empty:
-                positional.append(parameter.name)
-        elif parameter.kind is not parameter.VAR_POSITIONAL:
-            accepted.add(parameter.name)
-            if parameter.default is parameter.empty and parameter.name not in sent:
-                missing.append(parameter.name)
-    unexpected = [] if takes_any else sorted(sent - accepted)
-    if not (missing or positional or unexpected):
-        return
-    where = f"Deferred handler {handler.name!r}"
-    sends = f"the signal sends {', '.join(sorted(sent))}"
-    problems = [
-        *(
-            f"{where} requires parameter {name!r}, which this signal does not send "
-            f"({sends}). Fix: rename the parameter to one of those, or give it a default."
-            for name in missing
-        ),
-        *(
-            f"{where} takes {name!r} as positional-only, but the worker passes every "
-            "argument by keyword. Fix: remove the '/' from its parameters."
-            for name in positional
-        ),
-        *(
-            f"{where} does not accept the keyword argument {name!r} ({sends}). "
-            "Fix: add **kwargs to its parameters."
-            for name in unexpected
-        ),
-    ]
-    raise DeferredSignalError(" ".join(problems))
-
-
 def _encode(
     handler: Handler,
     serial: int,
@@ -287,57 +239,15 @@ def _encode(
                 freeze({name: encoder.encode(value) for name, value in kwargs.items()}),
             )
         except TooDeepError:
-            raise _too_deep_error(handler, encoder, {"sender": sender, **kwargs}) from None
+            raise send_errors.too_deep_error(
+                handler, encoder, {"sender": sender, **kwargs}
+            ) from None
         except EncodeError as error:
-            raise _encode_error(handler, error, {"sender": sender, **kwargs}) from error.__cause__
+            raise send_errors.encode_error(
+                handler, error, {"sender": sender, **kwargs}
+            ) from error.__cause__
         last.encoded[variant] = encoded
     return encoded
-
-
-def _too_deep_error(
-    handler: Handler, encoder: Encoder, arguments: dict[str, Any]
-) -> DeferredSignalError:
-    # locate() would recurse as deep as the argument: encode each one again to find it.
-    name = "an argument"
-    for key, value in arguments.items():
-        try:
-            encoder.encode(value)
-        except TooDeepError:
-            name = key
-            break
-        except EncodeError:
-            pass
-    return DeferredSignalError(
-        f"Deferred handler {handler.name!r} cannot receive argument {name!r}: it nests "
-        f"deeper than {MAX_DEPTH} levels (the depth a worker accepts, counted in JSON "
-        "containers once encoded). Fix: send a flatter value, or ids to look the data up."
-    )
-
-
-def _encode_error(
-    handler: Handler, error: EncodeError, arguments: dict[str, Any]
-) -> DeferredSignalError:
-    path = next(
-        (found for name, value in arguments.items() if (found := locate(value, error.value, name))),
-        # Not among the arguments: a registered codec's encode() returned it.
-        "an argument (inside a registered codec's output)",
-    )
-    kind = type(error.value)
-    # repr() of a QuerySet would run a query; of anything else, keep it short.
-    if isinstance(error.value, QuerySet):
-        shown = f"a QuerySet of {error.value.model._meta.label}"
-    else:
-        shown = f"{error.value!r:.80}"
-    hint = error.hint or (
-        "send a JSON-friendly value instead (for a model, the instance or its pk), or teach "
-        f"deferred_signals the type: register_codec({kind.__qualname__}, name=..., "
-        "encode=..., decode=...)"
-    )
-    return DeferredSignalError(
-        f"Deferred handler {handler.name!r} cannot receive argument {path!r}: "
-        f"{kind.__module__}.{kind.__qualname__} ({shown}) cannot be sent to a "
-        f"worker. Fix: {hint}."
-    )
 
 
 def _alias(handler: Handler, kwargs: dict[str, Any], call: dispatch.PendingCall) -> str:

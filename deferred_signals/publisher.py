@@ -27,10 +27,9 @@ from kombu import Producer
 
 from . import broker, propagation, sentry, signals
 from .calls import HANDLER_FAILED, committed_at
-from .codec import summary
 from .conf import conf
 from .exceptions import BrokerUnavailable, PublishRefused, PublishTimeout
-from .messages import Message, MessageBuilder
+from .messages import Message, MessageBuilder, summary
 from .redispush import RedisPush, dumps_tree
 
 if TYPE_CHECKING:

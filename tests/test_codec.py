@@ -19,10 +19,11 @@ from django.utils.safestring import mark_safe
 from kombu.utils import json as kombu_json
 
 from deferred_signals import DeferredSignalConfigError, register_codec, unregister_codec
-from deferred_signals.codec import EncodeError, Encoder, custom_codec, locate
+from deferred_signals.codec import EncodeError, Encoder, custom_codec
 from deferred_signals.codec import _field_text as codec_field_text
 from deferred_signals.decoder import Decoder, resolve, snapshot_instance
 from deferred_signals.exceptions import MalformedMessageError
+from deferred_signals.send_errors import locate
 from tests.testapp.handlers import Money, Plain
 from tests.testapp.models import Article, Author, Ticket
 
@@ -371,7 +372,7 @@ def test_any_str_int_or_float_subclass_travels_as_its_plain_value() -> None:
 
 
 def test_summary_is_short_and_holds_no_argument_values() -> None:
-    from deferred_signals.codec import summary
+    from deferred_signals.messages import summary
 
     encoder = Encoder(fresh=True, fields=False)
     article = Article(pk=3, title="secret title")

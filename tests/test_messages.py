@@ -26,8 +26,7 @@ from kombu import Producer
 from kombu.utils import json as kombu_json
 
 from deferred_signals import registry
-from deferred_signals.codec import summary
-from deferred_signals.messages import PROPERTIES_LEFT_OUT, MessageBuilder
+from deferred_signals.messages import PROPERTIES_LEFT_OUT, MessageBuilder, summary
 from deferred_signals.publisher import publish_fallback, publish_message
 from deferred_signals.redispush import RedisPush
 from tests.conftest import current, records, require, wait_for

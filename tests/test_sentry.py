@@ -35,9 +35,8 @@ from sentry_sdk.integrations.celery import CeleryIntegration
 from sentry_sdk.integrations.django import DjangoIntegration
 
 from deferred_signals import outbox, publisher, registry, signals
-from deferred_signals.codec import summary
 from deferred_signals.dispatch import PendingCall
-from deferred_signals.messages import MessageBuilder
+from deferred_signals.messages import MessageBuilder, summary
 from deferred_signals.models import OutboxCall
 from deferred_signals.relay import Relay
 from tests.conftest import current, recording_worker, use_app, wait_for
