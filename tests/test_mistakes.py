@@ -307,6 +307,32 @@ def test_a_method_decorated_in_its_class_body_fails_at_registration() -> None:
         assert CALLS == [{"x": 1}]
 
 
+@pytest.mark.parametrize("make", ["shared_task", "app.task"])
+def test_a_celery_task_as_the_handler_fails_at_registration(make: str) -> None:
+    """The habit of the signal-to-task idiom: ``@receiver(..., defer=True)`` stacked on
+    ``@shared_task``. The handler's own task would take the task's name, which Celery keeps
+    for the first: every call then went to the user's task with our message as its kwargs."""
+    from celery import shared_task
+
+    def on_paid(sender: Any, **kwargs: Any) -> None:
+        pass
+
+    name = f"tests.on_paid_{make}"
+    decorate = shared_task if make == "shared_task" else current_app.task
+    task = decorate(name=name)(on_paid)
+    try:
+        with pytest.raises(DeferredSignalConfigError) as raised:
+            receiver(Signal(), defer=True, name="tests.on_paid_handler")(task)
+    finally:
+        current_app.tasks.pop(name, None)
+    assert str(raised.value) == (
+        "Deferred handler 'tests.on_paid_handler' is a Celery task (@shared_task or @app.task "
+        "under @receiver): defer=True makes a task of the plain function itself. Remove the "
+        "task decorator."
+    )
+    assert registry.get("tests.on_paid_handler") is None
+
+
 @pytest.mark.parametrize("name", ["pre_init", "post_init"])
 def test_instance_creation_signals_cannot_be_deferred(name: str) -> None:
     """Sent for every row loaded, the worker's own fetch included: a call that sends itself
