@@ -176,6 +176,25 @@ def test_a_misnamed_broker_setting_is_named_not_the_import_of_the_app() -> None:
     hint = "Set CELERY_BROKER_URL in your settings (your Celery app 'proj' reads them with"
     assert warning.hint.startswith(hint) and "Import your Celery app" not in warning.hint
     assert f"Fix: {hint}" in str(raised.value)
+    # The name set is the one named: the user sees why it is not read.
+    assert "settings.CELERY_BROKER is not one of its settings" in warning.hint
+
+
+@pytest.mark.parametrize("name", ["CELERY_BROKER_URI", "CELERY_BROKER_HOST_URL"])
+def test_a_misnamed_broker_setting_in_django_settings_is_named(name: str) -> None:
+    """The usual project: config_from_object("django.conf:settings", namespace="CELERY")."""
+    previous = current_app._get_current_object()
+    app = Celery("proj", set_as_current=True)
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    try:
+        with override_settings(
+            DEFERRED_SIGNALS={"EAGER": False}, CELERY_BROKER_URL=None, **{name: "redis://x"}
+        ):
+            (warning,) = [m for m in check_settings() if m.id == "deferred_signals.W003"]
+    finally:
+        previous.set_current()
+    assert f"settings.{name} is not one of its settings" in warning.hint
+    assert "CELERY_TASK_ALWAYS_EAGER" not in warning.hint  # a real setting is not named
 
 
 def test_the_projects_app_is_not_taken_for_celerys_fallback_once_it_is_the_default() -> None:
