@@ -15,7 +15,7 @@ import enum
 import io
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -245,7 +245,7 @@ class Encoder:
                 "save it to storage, e.g. name = default_storage.save(upload.name, upload), "
                 "and send the name (or the instance whose FileField holds it)",
             )
-        raise EncodeError(value)
+        raise EncodeError(value, _container_hint(value))
 
     def _encode_instance(self, instance: models.Model, level: int) -> JSON:
         meta = instance._meta
@@ -279,6 +279,22 @@ class Encoder:
                     fields[field.attname] = _field_text(field, instance, value)
             data["f"] = fields
         return data
+
+
+def _container_hint(value: object) -> str:
+    """The fix for a container the codec does not send: the plain type it knows, rather than
+    a codec for ``OrderedDict`` or one for ``generator``, which no worker can import."""
+    if isinstance(value, Mapping):  # OrderedDict, defaultdict, Counter, UserDict...
+        return "send a plain dict: dict(value) (the subclass does not travel)"
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return "send value._asdict() (a dict), or tuple(value)"
+    for base in (list, tuple, set, frozenset):
+        if isinstance(value, base):
+            return f"send a plain {base.__name__}: {base.__name__}(value)"
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        # Generators, map(), zip(), dict views, range: read in the request or not data.
+        return "send a list of its items: list(value)"
+    return ""
 
 
 def _field_text(field: Any, instance: models.Model, value: Any) -> JSON:

@@ -35,13 +35,42 @@ def unconfigured_app_hint(app: Celery) -> str:
     your_app = f"your Celery app {app.main!r}" if app.main else "your Celery app"  # Celery()
     namespace = getattr(app, "namespace", None)  # config_from_object(..., namespace=)
     if namespace:
+        ignored = "".join(
+            f"; settings.{name} is not one of its settings" for name in _misnamed(app, namespace)
+        )
         return (
             f"Set {namespace}_BROKER_URL in your settings ({your_app} reads them with "
-            f"namespace={namespace!r}), or set EAGER for development."
+            f"namespace={namespace!r}{ignored}), or set EAGER for development."
         )
     return (
         f"Give {your_app} a broker: Celery(..., broker=...), or broker_url in the object it "
         "is configured from; or set EAGER for development."
+    )
+
+
+def _misnamed(app: Celery, namespace: str) -> list[str]:
+    """Broker-like names in the app's configuration source that Celery does not read with
+    ``namespace``: ``CELERY_BROKER`` for ``CELERY_BROKER_URL``. The user set one, and
+    wonders why it is not read. (Celery still reads the unprefixed ``BROKER_URL``.)"""
+    from celery.app.defaults import DEFAULTS
+    from celery.utils.imports import symbol_by_name
+
+    try:
+        source = getattr(app, "_config_source", None)  # what config_from_object was given
+        if isinstance(source, str):
+            source = symbol_by_name(source)
+        names = list(source) if isinstance(source, dict) else dir(source)
+    except Exception:  # a hint, not a reason to fail the check
+        return []
+    known = set(DEFAULTS)  # every setting, lowercase and flattened: "broker_url"
+    prefix = f"{namespace}_"
+    return sorted(
+        name
+        for name in names
+        if isinstance(name, str)
+        and "BROKER" in name
+        and name.startswith(prefix)
+        and name[len(prefix) :].lower() not in known
     )
 
 

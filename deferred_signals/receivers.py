@@ -6,6 +6,8 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar, overload
 
+from celery import Task
+from celery.local import Proxy
 from django.db.models.signals import post_init, pre_init
 from django.dispatch import Signal
 from django.dispatch import receiver as django_receiver
@@ -221,6 +223,12 @@ def _register(
         problems.append(f"{where} has include_raw={include_raw!r}: give True or False.")
     if not callable(func):
         problems.append(f"{where} must be callable, not {type(func).__name__}.")
+    elif issubclass(type(func), (Task, Proxy)):  # the type: a Proxy is not evaluated
+        # Its own task would take the task's name, which Celery keeps for the first one.
+        problems.append(
+            f"{where} is a Celery task (@shared_task or @app.task under @receiver): "
+            "defer=True makes a task of the plain function itself. Remove the task decorator."
+        )
     elif not func_accepts_kwargs(func):
         # Django checks this only with DEBUG; here it would fail later, on the worker.
         problems.append(f"{where} must accept keyword arguments: add **kwargs.")

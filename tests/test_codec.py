@@ -8,6 +8,7 @@ import json
 import subprocess
 import uuid
 import zoneinfo
+from collections import Counter, OrderedDict, defaultdict, namedtuple
 from decimal import Decimal
 from typing import Any
 
@@ -341,6 +342,38 @@ def test_files_are_refused_with_the_storage_fix_not_a_codec(make: Any) -> None:
     with pytest.raises(EncodeError) as info:
         Encoder(fresh=True, fields=False).encode(make())
     assert "default_storage.save(" in info.value.hint and "send the name" in info.value.hint
+
+
+Point = namedtuple("Point", "x y")
+
+
+class Tags(list):  # type: ignore[type-arg]
+    pass
+
+
+@pytest.mark.parametrize(
+    ("value", "fix"),
+    [
+        (OrderedDict(a=1), "dict(value)"),
+        (defaultdict(int, a=1), "dict(value)"),
+        (Counter("ab"), "dict(value)"),
+        (Point(1, 2), "value._asdict()"),
+        (Tags([1]), "list(value)"),
+        ((n for n in [1]), "list(value)"),
+        (map(str, [1]), "list(value)"),
+        ({"a": 1}.keys(), "list(value)"),
+        (range(3), "list(value)"),
+    ],
+    ids=lambda v: type(v).__name__ if not isinstance(v, str) else v,
+)
+def test_containers_the_codec_does_not_send_name_the_plain_one_it_does(
+    value: Any, fix: str
+) -> None:
+    """Not register_codec(generator, ...): no worker could import that name, and a codec for
+    OrderedDict is the long way round to dict(value)."""
+    with pytest.raises(EncodeError) as info:
+        Encoder(fresh=True, fields=False).encode(value)
+    assert fix in info.value.hint
 
 
 def test_subclasses_of_supported_types_travel_as_the_base_type() -> None:

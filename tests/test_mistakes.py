@@ -176,6 +176,25 @@ def test_a_misnamed_broker_setting_is_named_not_the_import_of_the_app() -> None:
     hint = "Set CELERY_BROKER_URL in your settings (your Celery app 'proj' reads them with"
     assert warning.hint.startswith(hint) and "Import your Celery app" not in warning.hint
     assert f"Fix: {hint}" in str(raised.value)
+    # The name set is the one named: the user sees why it is not read.
+    assert "settings.CELERY_BROKER is not one of its settings" in warning.hint
+
+
+@pytest.mark.parametrize("name", ["CELERY_BROKER_URI", "CELERY_BROKER_HOST_URL"])
+def test_a_misnamed_broker_setting_in_django_settings_is_named(name: str) -> None:
+    """The usual project: config_from_object("django.conf:settings", namespace="CELERY")."""
+    previous = current_app._get_current_object()
+    app = Celery("proj", set_as_current=True)
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    try:
+        with override_settings(
+            DEFERRED_SIGNALS={"EAGER": False}, CELERY_BROKER_URL=None, **{name: "redis://x"}
+        ):
+            (warning,) = [m for m in check_settings() if m.id == "deferred_signals.W003"]
+    finally:
+        previous.set_current()
+    assert f"settings.{name} is not one of its settings" in warning.hint
+    assert "CELERY_TASK_ALWAYS_EAGER" not in warning.hint  # a real setting is not named
 
 
 def test_the_projects_app_is_not_taken_for_celerys_fallback_once_it_is_the_default() -> None:
@@ -305,6 +324,32 @@ def test_a_method_decorated_in_its_class_body_fails_at_registration() -> None:
     ):
         signal.send(sender=None, x=1)
         assert CALLS == [{"x": 1}]
+
+
+@pytest.mark.parametrize("make", ["shared_task", "app.task"])
+def test_a_celery_task_as_the_handler_fails_at_registration(make: str) -> None:
+    """The habit of the signal-to-task idiom: ``@receiver(..., defer=True)`` stacked on
+    ``@shared_task``. The handler's own task would take the task's name, which Celery keeps
+    for the first: every call then went to the user's task with our message as its kwargs."""
+    from celery import shared_task
+
+    def on_paid(sender: Any, **kwargs: Any) -> None:
+        pass
+
+    name = f"tests.on_paid_{make}"
+    decorate = shared_task if make == "shared_task" else current_app.task
+    task = decorate(name=name)(on_paid)
+    try:
+        with pytest.raises(DeferredSignalConfigError) as raised:
+            receiver(Signal(), defer=True, name="tests.on_paid_handler")(task)
+    finally:
+        current_app.tasks.pop(name, None)
+    assert str(raised.value) == (
+        "Deferred handler 'tests.on_paid_handler' is a Celery task (@shared_task or @app.task "
+        "under @receiver): defer=True makes a task of the plain function itself. Remove the "
+        "task decorator."
+    )
+    assert registry.get("tests.on_paid_handler") is None
 
 
 @pytest.mark.parametrize("name", ["pre_init", "post_init"])

@@ -869,7 +869,11 @@ def test_prune_deletes_old_processed_ids_and_replayed_letters() -> None:
     replayed, kept = dead_letter("r"), dead_letter("k")
     DeadLetter.objects.filter(pk=replayed.pk).update(replayed_at=old)
     out, _ = command("prune", "--older-than", "7d")
-    assert "pruned 1 processed call id(s) and 1 replayed dead letter(s)" in out
+    # The age as the option takes it, not timedelta's "7 days, 0:00:00".
+    assert "pruned 1 processed call id(s) and 1 replayed dead letter(s) older than 7d\n" in out
+    assert "without a loop for 7d (relays killed or stuck)" in out
+    assert "older than 90m\n" in command("prune", "--older-than", "90m")[0]
+    assert "older than 1.5s\n" in command("prune", "--older-than", "1.5")[0]
     assert list(ProcessedCall.objects.values_list("call_id", flat=True)) == ["new"]
     assert list(DeadLetter.objects.values_list("pk", flat=True)) == [kept.pk]
 

@@ -51,6 +51,17 @@ def duration(text: str) -> datetime.timedelta:
     return datetime.timedelta(seconds=float(match[1]) * UNITS[match[2] or "s"])
 
 
+def shown(age: datetime.timedelta) -> str:
+    """``age`` as :func:`duration` reads it, in its largest whole unit up to days: ``7d``,
+    not ``7 days, 0:00:00`` (nor ``1w`` for the ``7d`` given)."""
+    seconds = age.total_seconds()
+    for unit in "dhm":
+        size = UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:g}s"
+
+
 def duration_option(text: str) -> datetime.timedelta:
     """:func:`duration` for argparse: its message, after the option's name."""
     try:
@@ -413,10 +424,11 @@ class Command(BaseCommand):
         )
         self.stdout.write(
             f"pruned {processed} processed call id(s) and {letters} replayed dead letter(s) "
-            f"older than {options['older_than']}"
+            f"older than {shown(options['older_than'])}"
         )
         self.stdout.write(
-            f"pruned {heartbeats} relay heartbeat(s) without a loop for {options['older_than']} "
+            f"pruned {heartbeats} relay heartbeat(s) without a loop for "
+            f"{shown(options['older_than'])} "
             "(relays killed or stuck)"
         )
         if unreachable:  # for cron: what they hold is not pruned
