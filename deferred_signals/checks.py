@@ -16,15 +16,9 @@ from django.db import DEFAULT_DB_ALIAS, connections, router
 from django.db.models.signals import ModelSignal, pre_save
 
 from . import redelivery, registry
-from .conf import (
-    SETTING,
-    TOP_LEVEL_KEYS,
-    Problem,
-    conf,
-    limits_problem,
-    settings_problems,
-)
+from .conf import conf
 from .readiness import unconfigured_app, unconfigured_app_hint
+from .schema import SETTING, TOP_LEVEL_KEYS, Problem, limits_problem, settings_problems
 
 logger = logging.getLogger("deferred_signals")
 

@@ -15,10 +15,10 @@ from django.dispatch.dispatcher import _make_id  # type: ignore[attr-defined]
 from django.utils.inspect import func_accepts_kwargs
 
 from . import registry
-from .conf import OPTIONS, option_problems
 from .exceptions import DeferredSignalConfigError, DeferredSignalError
 from .proxy import make_proxy
 from .registry import Handler
+from .schema import OPTIONS, option_problems
 from .tasks import create_task
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -31,10 +31,10 @@ from pytest_django.fixtures import Settings as SettingsWrapper
 
 from deferred_signals import publisher, signals
 from deferred_signals.checks import check_outbox_tables
-from deferred_signals.conf import settings_problems
 from deferred_signals.models import DeadLetter, OutboxCall, ProcessedCall, RelayHeartbeat
 from deferred_signals.outbox import body_text
 from deferred_signals.relay import Relay
+from deferred_signals.schema import settings_problems
 from tests.conftest import Queue, at_once, use_app
 from tests.workers import PUBLISH_REDIS_URL, ROOT, make_app
 

@@ -321,7 +321,7 @@ def test_a_dead_letter_the_database_refuses_is_logged(caplog: pytest.LogCaptureF
 
 
 def test_the_settings_check_the_new_options() -> None:
-    from deferred_signals.conf import option_problems, settings_problems
+    from deferred_signals.schema import option_problems, settings_problems
 
     assert [p.id for p in option_problems({"idempotent": "yes"}, "x")] == ["deferred_signals.E005"]
     assert [p.id for p in option_problems({"db_retry_window": -1}, "x")] == [
