@@ -207,9 +207,14 @@ def _register(
         name = None  # reported below; ``where`` needs a str
     if given is None and callable(func):
         if not qualname or "<" in qualname or not hasattr(func, "__module__"):
+            kind = (
+                "a lambda or a function defined inside another"
+                if qualname
+                else "a functools.partial or a callable object has no __qualname__"
+            )
             problems.append(
-                f"{func!r} has no importable name (a lambda or a function defined inside "
-                "another): define it at module level, or pass name='...'."
+                f"{func!r} has no importable name ({kind}): define it at module level, "
+                "or pass name='...'."
             )
         else:
             name = f"{func.__module__}.{qualname}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -186,8 +187,12 @@ def test_lambdas_and_local_functions_need_a_name() -> None:
         pass
 
     for func in (lambda **kw: None, local):
-        with pytest.raises(DeferredSignalConfigError, match="name="):
+        with pytest.raises(DeferredSignalConfigError, match="a lambda or a function defined"):
             connect(Signal(), func, defer=True)
+    # A partial is neither: the message says what it is.
+    bound = functools.partial(module_level_handler)
+    with pytest.raises(DeferredSignalConfigError, match=r"a functools\.partial .*name="):
+        connect(Signal(), bound, defer=True)
     with deferred(Signal(), local, name="tests.local") as handler:
         assert handler.func is local
 
