@@ -266,7 +266,12 @@ class _Progress:
                         _blame(error, call)
                         raise
                 if push is not None:
-                    push.flush(remaining)
+                    try:
+                        push.flush(remaining)
+                    except PublishRefused as refused:
+                        if refused.refused_call is not None:  # a list of another type
+                            setattr(refused, FAILED_CALL, refused.refused_call)
+                        raise
             self.done += len(chunk)
 
     def _send_confirmed(self, producer: Any, publish: _Publish, confirms: broker.Confirms) -> None:
