@@ -229,6 +229,69 @@ def test_a_message_refused_after_its_publish_is_found_one_at_a_time(
         messages.clear_cache()
 
 
+def test_a_relay_round_publishing_one_at_a_time_is_bounded_by_publish_timeout(
+    settings: SettingsWrapper,
+) -> None:
+    """After a refusal that names no call, the relay publishes the rows one at a time. A
+    broker that then stalls (a partition: the proxy holds every byte) must not hold the
+    round, and its rows' locks, past one PUBLISH_TIMEOUT, however much of it went already
+    (here to a slow ``before_task_publish`` receiver): the rows left wait for a later round,
+    none lost, none counted as published."""
+    import time
+
+    from celery import current_app
+    from celery.signals import before_task_publish
+
+    from deferred_signals import messages
+
+    require("rabbitmq")
+    timeout = 1.0
+    suffix = uuid.uuid4().hex[:8]
+    good_queue, missing = f"ds-stall-{suffix}", f"ds-stall-{suffix}-no-such-exchange"
+    with FaultProxy(5672) as proxy:
+        app = make_app("relay-stall", proxy.url_for(BROKERS["rabbitmq"]))
+        with use_app(app, settings, good_queue):
+            settings.DEFERRED_SIGNALS = {
+                **settings.DEFERRED_SIGNALS,
+                "PUBLISH_TIMEOUT": timeout,
+                "PUBLISH_COOLDOWN": 0,
+            }
+            current_app.conf.task_routes = {
+                BAD: {"exchange": missing, "exchange_type": "direct", "routing_key": "x"}
+            }
+            messages.clear_cache()
+            seen: list[str] = []
+
+            def stall(headers: dict[str, Any], **kwargs: Any) -> None:
+                again = headers["id"] in seen  # published one at a time, after the batch
+                seen.append(headers["id"])
+                if again and len(set(seen)) < len(seen) - 1:
+                    proxy.hold()  # the second row sent alone: the broker stops answering
+                elif again:
+                    time.sleep(0.6 * timeout)  # the first: most of the round's time goes
+
+            try:
+                ids = add_rows(bad=1, good=10)
+                before_task_publish.connect(stall, weak=False)
+                try:
+                    started = time.monotonic()
+                    published = Relay(databases=["default"]).run_once()
+                    took = time.monotonic() - started
+                finally:
+                    before_task_publish.disconnect(stall)
+                proxy.forward()
+                print(f"\nrelay round with a stalled broker: {took:.2f} s, {published} published")
+                assert len(set(seen)) < len(seen), "the rows were published one at a time"
+                assert took < timeout + 0.4, "one PUBLISH_TIMEOUT for the round's publishing"
+                left = set(OutboxCall.objects.values_list("id", flat=True))
+                assert len(left) + published == len(ids) and ids[0] in left
+            finally:
+                current_app.conf.task_routes = None
+                messages.clear_cache()
+                with Connection(BROKERS["rabbitmq"]) as connection, contextlib.suppress(Exception):
+                    KombuQueue(good_queue, channel=connection.channel()).delete()
+
+
 def test_a_login_refused_is_an_outage(settings: SettingsWrapper) -> None:
     """403 at login says nothing of one call: it starts the cooldown, as any broker failure."""
     require("rabbitmq")
