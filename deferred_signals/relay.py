@@ -257,7 +257,9 @@ class Relay:
                 outbox.retry_later([row], using, reason)
 
     def heartbeat(self) -> None:
-        """Say a loop completed: in the database (``status``) and the health file, if any."""
+        """Say a loop completed: in the database (``status``), and in the health file, if
+        any, when no database failed (a health file must mean healthy; a round that
+        committed touches it too, through the command's ``on_round``)."""
         from .models import RelayHeartbeat
 
         now = timezone.now()
@@ -270,7 +272,7 @@ class Relay:
                 )
             except Exception:
                 logger.exception("deferred_signals relay: could not record its heartbeat")
-        if self.health_file is not None:
+        if self.health_file is not None and not self.failures:
             self.health_file.touch()
 
     def forget_heartbeat(self) -> None:

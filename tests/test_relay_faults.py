@@ -14,6 +14,7 @@ import datetime
 import logging
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -378,6 +379,36 @@ def test_a_database_failing_in_a_round_leaves_the_others_relayed(
     assert started.run_once() == 1
     assert not started.failures
     assert left in {m["headers"]["id"] for m in redis_queue.messages()}
+
+
+def test_the_health_file_is_not_touched_when_a_database_failed(
+    other_through_proxy: FaultProxy, redis_queue: Queue, quick_rest: None, tmp_path: Path
+) -> None:
+    """A health file means healthy: neither ``relay --once`` nor a loop touches it after its
+    database failed; once the database answers again, the next loop does."""
+    import time
+
+    health = tmp_path / "alive"
+    add_rows("other", bad=0, good=1)
+    other_through_proxy.refuse()
+    with pytest.raises(CommandError, match="database 'other'"):
+        call_command(
+            "deferred_signals", "relay", "--once", "--database", "other",
+            "--health-file", str(health),
+        )  # fmt: skip
+    assert not health.exists(), "relay --once touched the health file of a failed run"
+
+    looping = Relay(databases=["other"], health_file=health)
+    looping.run_once()
+    looping.heartbeat()  # what each loop of ``relay`` does after its rounds
+    assert "other" in looping.failures
+    assert not health.exists(), "a loop whose database failed touched the health file"
+
+    other_through_proxy.forward()
+    time.sleep(0.15)  # the database's rest (quick_rest)
+    assert looping.run_once() == 1
+    looping.heartbeat()
+    assert health.exists()
 
 
 def test_a_read_only_database_is_not_relayed(
