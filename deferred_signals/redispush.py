@@ -13,7 +13,8 @@ the channel's pool that the producer keeps (a channel with ``global_keyprefix`` 
 its own client, which prefixes the keys); priority queues are kombu's lists.
 
 Celery's ``after_task_publish`` fires once a message is queued for its chunk's write, as with
-kombu's own batches: a failed write spills the chunk after the signal.
+kombu's own batches: a failed write spills the chunk after the signal. A receiver that raises
+(Celery logs and swallows it) stops nothing: the write and Redis's answer decide.
 
 Only the common shape is taken: the default (anonymous) exchange, the JSON serializer, no
 compression, no queue with ``x-expires``; anything else is refused (:meth:`RedisPush.add`
