@@ -24,6 +24,7 @@ from kombu.exceptions import ConnectionError as KombuConnectionError
 
 from .conf import conf
 from .exceptions import BrokerUnavailable, PublishRefused, PublishTimeout
+from .redispush import wrong_type
 
 logger = logging.getLogger("deferred_signals")
 
@@ -213,13 +214,14 @@ def is_broker_failure(error: BaseException) -> bool:
 
 def is_refusal(error: BaseException) -> bool:
     """Did the broker answer, refusing one message or its queue (a nack, an AMQP channel
-    error such as 406 PRECONDITION_FAILED), rather than fail as a whole?
+    error such as 406 PRECONDITION_FAILED, Redis's WRONGTYPE for a queue's key), rather than
+    fail as a whole?
 
     The other calls still go through: a refusal starts no cooldown and is blamed on its call
     (the relay counts it against that row, which it dead-letters in the end), so one queue
     the broker refuses cannot hold back every other handler's calls.
     """
-    if isinstance(error, PublishRefused):
+    if isinstance(error, PublishRefused) or wrong_type(error):
         return True
     if (
         not isinstance(error, ChannelError)

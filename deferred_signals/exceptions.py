@@ -47,12 +47,14 @@ class PublishTimeout(DeferredSignalError):
 
 
 class PublishRefused(DeferredSignalError):
-    """The broker answered a publish with a negative acknowledgement (``basic.nack``): it is
-    up, so the refused calls are spilled without a cooldown."""
+    """The broker answered a publish with a refusal (a ``basic.nack``, Redis's ``WRONGTYPE``
+    for a queue's key): it is up, so the refused calls are spilled without a cooldown."""
 
     broker_answering = True
     #: Ids of the calls of the batch after the refused one that the broker took all the same.
     published_after: frozenset[str] = frozenset()
+    #: The id of the first call refused, when the broker's answer says which.
+    refused_call: str | None = None
 
 
 class OutboxWriteError(DeferredSignalError, DatabaseError):

@@ -265,7 +265,12 @@ class _Progress:
                         _blame(error, call)
                         raise
                 if push is not None:
-                    push.flush(remaining)
+                    try:
+                        push.flush(remaining)
+                    except PublishRefused as refused:
+                        if refused.refused_call is not None:  # a list of another type
+                            setattr(refused, FAILED_CALL, refused.refused_call)
+                        raise
             self.done += len(chunk)
 
     def _send_confirmed(self, producer: Any, publish: _Publish, confirms: broker.Confirms) -> None:
@@ -494,16 +499,20 @@ def publish_message(
         # A receiver may change the body, headers and properties: they are encoded as they
         # stand after them.
         message.body_json = message.layout = None
-        before.send(
-            sender=message.task,
-            body=message.body,
-            exchange=message.exchange,
-            routing_key=message.routing_key,
-            declare=message.declare,
-            headers=message.headers,
-            properties=message.properties,
-            # Celery < 5.7 hands receivers the retry_policy argument as given (none here).
-            retry_policy=message.retry_policy if _SIGNALS_GET_MERGED_POLICY else None,
+        _receivers_raised(
+            message,
+            before,
+            before.send(
+                sender=message.task,
+                body=message.body,
+                exchange=message.exchange,
+                routing_key=message.routing_key,
+                declare=message.declare,
+                headers=message.headers,
+                properties=message.properties,
+                # Celery < 5.7 hands receivers the retry_policy argument as given (none here).
+                retry_policy=message.retry_policy if _SIGNALS_GET_MERGED_POLICY else None,
+            ),
         )
     if message.declare:
         channel = producer.channel
@@ -522,23 +531,60 @@ def publish_message(
         producer.publish(message.body, timeout=timeout, confirm_timeout=confirm_timeout, **kwargs)
     after = celery_signals.after_task_publish
     if after.receivers:
-        after.send(
-            sender=message.task,
-            body=message.body,
-            headers=message.headers,
-            exchange=message.exchange,
-            routing_key=message.routing_key,
+        _receivers_raised(
+            message,
+            after,
+            after.send(
+                sender=message.task,
+                body=message.body,
+                headers=message.headers,
+                exchange=message.exchange,
+                routing_key=message.routing_key,
+            ),
         )
-    if celery_signals.task_sent.receivers:  # Celery's deprecated signal, still sent by 5.x
-        celery_signals.task_sent.send(
-            sender=message.task,
-            task_id=message.headers["id"],
-            task=message.task,
-            args=message.body[0],
-            kwargs=message.body[1],
-            eta=message.headers["eta"],
-            taskset=message.headers["group"],
+    sent = celery_signals.task_sent
+    if sent.receivers:  # Celery's deprecated signal, still sent by 5.x
+        _receivers_raised(
+            message,
+            sent,
+            sent.send(
+                sender=message.task,
+                task_id=message.headers["id"],
+                task=message.task,
+                args=message.body[0],
+                kwargs=message.body[1],
+                eta=message.headers["eta"],
+                taskset=message.headers["group"],
+            ),
         )
+
+
+def _receivers_raised(message: Message, signal: Any, responses: Any) -> None:
+    """Log each receiver of ``signal`` that raised while ``message`` was published.
+
+    Celery's ``Signal.send`` catches a receiver's exception and logs it naming the receiver
+    only, and ``apply_async`` publishes all the same: so do we. A receiver's failure changes
+    nothing of what is published (it is no failure to publish: spilled, the call would be
+    published twice), but the log names the handler and the call it happened for.
+    """
+    for receiver, response in responses or ():
+        if isinstance(response, BaseException):
+            logger.warning(
+                "deferred_signals: a %s receiver, %s, raised %r while %s [%s] was published; "
+                "the call is published all the same (as Celery's apply_async does)",
+                getattr(signal, "name", None) or "Celery signal",
+                _name(receiver),
+                response,
+                message.task,
+                message.headers["id"],
+            )
+
+
+def _name(receiver: Any) -> str:
+    qualname = getattr(receiver, "__qualname__", None)
+    if qualname is None:
+        return repr(receiver)
+    return f"{getattr(receiver, '__module__', '?')}.{qualname}"
 
 
 def publish_fallback(

@@ -7,13 +7,14 @@ message. A :class:`RedisPush` builds the very envelope kombu stores (the same ke
 values: base64 body, ``delivery_info``, ``delivery_tag``, priority) and writes a chunk of
 them with one round trip: one ``LPUSH`` per run of consecutive messages to the same list
 (``LPUSH key m1 m2 m3`` leaves them where three ``LPUSH`` commands would, and Redis takes all
-or none of them; several runs go in one ``MULTI``/``EXEC``, taken or refused whole), packed
-here and written on one connection of the channel's pool that the producer keeps (a channel
-with ``global_keyprefix`` goes through its own client, which prefixes the keys); priority
-queues are kombu's lists.
+or none of them; several runs go in one ``MULTI``/``EXEC``, refused whole, but for a run
+whose key holds another type, refused alone), packed here and written on one connection of
+the channel's pool that the producer keeps (a channel with ``global_keyprefix`` goes through
+its own client, which prefixes the keys); priority queues are kombu's lists.
 
 Celery's ``after_task_publish`` fires once a message is queued for its chunk's write, as with
-kombu's own batches: a failed write spills the chunk after the signal.
+kombu's own batches: a failed write spills the chunk after the signal. A receiver that raises
+(Celery logs and swallows it) stops nothing: the write and Redis's answer decide.
 
 Only the common shape is taken: the default (anonymous) exchange, the JSON serializer, no
 compression, no queue with ``x-expires``; anything else is refused (:meth:`RedisPush.add`
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from kombu import serialization as kombu_serialization
 from kombu.utils import json as kombu_json
 
+from .exceptions import PublishRefused
 from .ids import uuid4
 
 _RedisChannel: Any
@@ -141,6 +143,7 @@ class RedisPush:
         "delivery_modes",
         "exchange",
         "exchange_mode",
+        "ids",
         "layouts",
         "pending",
         "producer",
@@ -150,6 +153,8 @@ class RedisPush:
         self.producer = producer
         self.channel = channel
         self.pending: list[tuple[str, str]] = []
+        #: The call id of each message of ``pending``, to say which ones Redis took.
+        self.ids: list[str] = []
         self.delivery_modes: dict[Any, Any] = {}
         #: Envelope templates by route (``Message.layout``) id.
         self.layouts: dict[int, _Template] = {}
@@ -191,7 +196,7 @@ class RedisPush:
             and push.exchange is exchange
             and push.exchange_mode == mode
         ):
-            push.pending = []  # left by a batch that failed before its write
+            push.pending, push.ids = [], []  # left by a batch that failed before its write
             return push
         push = cls(producer, channel)
         push.exchange, push.exchange_mode = exchange, mode
@@ -219,6 +224,7 @@ class RedisPush:
             if made is None:
                 return False
             self.pending.append((made[0], dumps(made[1])))
+            self.ids.append(headers["id"])
             return True
         route = layout[0]
         template = self.layouts.get(id(route))
@@ -250,6 +256,7 @@ class RedisPush:
                 ),
             )
         )
+        self.ids.append(headers["id"])
         return True
 
     def _envelope(self, message: Message, queue: str) -> tuple[str, dict[str, Any]] | None:
@@ -337,8 +344,12 @@ class RedisPush:
         """Write the queued messages in one round trip; raise unless Redis took them all.
 
         ``timeout``: the most any socket operation may take (the time left to publish).
+        A list refused for its key's type (``WRONGTYPE``) raises :class:`PublishRefused`,
+        naming the calls Redis took all the same (``published_after``) and the first
+        refused one (``refused_call``).
         """
         pending, self.pending = self.pending, []
+        ids, self.ids = self.ids, []
         if not pending:
             return
         connection = _connection(self.channel)
@@ -349,34 +360,90 @@ class RedisPush:
         # Redis runs each command of a pipeline on its own: when memory is short it can refuse
         # a long LPUSH (OOM) and take a short one after it, and the caller, which spills a
         # failed chunk whole, would publish that one twice. In MULTI/EXEC, Redis refuses every
-        # command of the chunk if it refuses one (OOM, READONLY, MISCONF, NOAUTH...).
+        # command of the chunk if it refuses one (OOM, READONLY, MISCONF, NOAUTH...); only a
+        # command failing as it runs (WRONGTYPE) leaves the others run: see _refused.
         whole = len(runs) > 1
         if connection is None:  # keys to prefix: the channel's own client does it
             with self.channel.conn_or_acquire() as client, client.pipeline(whole) as pipe:
                 for key, values in runs:
                     pipe.lpush(key, *values)
-                pipe.execute()  # raises the first error reply
+                # An error reply before EXEC raises; one of a command as it ran is returned.
+                replies = pipe.execute(raise_on_error=False)
+            _refused(runs, replies, ids, whole)
             return
         try:
             if whole:
                 connection.send_packed_command([_MULTI, _pack(runs), _EXEC])
-                _read_transaction(connection, len(runs))
+                replies = _read_transaction(connection, len(runs))
             else:
                 connection.send_packed_command([_pack(runs)])
-                connection.read_response()  # an error reply raises (redis.ResponseError)
+                replies = [connection.read_response()]  # an error reply raises
+        except RedisResponseError as error:
+            if whole or not wrong_type(error):
+                connection.disconnect()  # replies may be left unread
+                raise
+            replies = [error]  # the one LPUSH, answered: the connection is in step
         except BaseException:
             # Replies may be left unread: this connection must never serve another batch.
             connection.disconnect()
             raise
+        _refused(runs, replies, ids, whole)
 
 
 _MULTI = b"*1\r\n$5\r\nMULTI\r\n"
 _EXEC = b"*1\r\n$4\r\nEXEC\r\n"
 
 
-def _read_transaction(connection: Any, commands: int) -> None:
-    """Read the replies to ``MULTI``, ``commands`` commands and ``EXEC``; raise the first
-    error reply, having read them all."""
+def wrong_type(error: BaseException) -> bool:
+    """Redis's ``WRONGTYPE``: the key of a queue holds another type (a string, a hash), so
+    Redis refuses that list's commands (``LPUSH``, and ``LLEN`` in kombu's declare) and
+    takes the others: a refusal of that queue's calls, not an outage."""
+    return (
+        RedisResponseError is not None
+        and isinstance(error, RedisResponseError)
+        # redis-py puts "Command # n (...) of pipeline caused error: " before Redis's words
+        and "WRONGTYPE " in str(error)
+    )
+
+
+def _refused(
+    runs: list[tuple[str, list[str]]], replies: list[Any], ids: list[str], whole: bool
+) -> None:
+    """Raise unless each run's reply says Redis took it: a :class:`PublishRefused` naming
+    the calls of the runs it took all the same when one failed as it ran in ``MULTI``/``EXEC``
+    (Redis runs the others whatever it replies: spilled whole, their calls would be published
+    twice), or when the key of the one run holds another type; else Redis's error (``OOM``,
+    ``READONLY``...: an outage).
+    """
+    failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+    if failed is None:
+        return
+    if not isinstance(failed, RedisResponseError) or not (whole or wrong_type(failed)):
+        raise failed
+    taken: list[str] = []
+    refused: list[str] = []
+    keys: set[str] = set()
+    at = 0
+    for (key, values), reply in zip(runs, replies, strict=True):
+        if isinstance(reply, Exception):
+            refused.extend(ids[at : at + len(values)])
+            keys.add(key)
+        else:
+            taken.extend(ids[at : at + len(values)])
+        at += len(values)
+    error = PublishRefused(
+        f"Redis refused {len(refused)} message(s) to {', '.join(sorted(keys))} ({failed}) and took "
+        f"the {len(taken)} other(s) of their transaction"
+    )
+    error.published_after = frozenset(taken)
+    error.refused_call = refused[0] if refused else None
+    raise error from failed
+
+
+def _read_transaction(connection: Any, commands: int) -> list[Any]:
+    """Read the replies to ``MULTI``, ``commands`` commands and ``EXEC``: raise the first
+    error reply before ``EXEC`` (Redis then ran nothing), having read them all; return the
+    replies of the commands, an error reply of one that failed as it ran among them."""
     refused = None
     for _ in range(commands + 1):  # MULTI's OK, then QUEUED or a refusal for each command
         try:
@@ -395,10 +462,9 @@ def _read_transaction(connection: Any, commands: int) -> None:
         # A nil EXEC: Redis aborted the transaction (a WATCHed key changed) and ran none of
         # its commands. Nothing issues WATCH today; taken as success, the calls would be lost.
         raise RedisWatchError("Redis aborted the transaction (EXEC replied nil): nothing ran")
-    # An error at run time (WRONGTYPE: a key that is not a list) stops no other command.
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
+    if len(replies) != commands:
+        raise RedisResponseError(f"EXEC replied {len(replies)} results for {commands} commands")
+    return list(replies)
 
 
 def _runs(pending: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:

@@ -195,10 +195,13 @@ class Relay:
                 calls.append(_call_of(row))
             except RowError as row_error:
                 broken.append((row, row_error))
+        # The round holds its rows' locks: one PUBLISH_TIMEOUT for all of its publishing,
+        # the batch and the one-at-a-time attempts after it; what is left waits a round.
+        deadline = time.monotonic() + conf.publish_timeout
         # Long after the request: the relay's own trace is not the handlers'; a row kept
         # with its request's trace continues that one (propagation, in the publisher).
         with sentry.detached():
-            confirmed, error = publisher.publish(calls)
+            confirmed, error = publisher.publish(calls, deadline)
             done, left = publisher.taken(calls, confirmed, error)
             refused: list[tuple[PendingCall, BaseException]] = []
             if (
@@ -209,7 +212,7 @@ class Relay:
             ):
                 # The broker refused one of the messages without saying which (a channel
                 # closed after a publish): one at a time, each confirmed, to find it.
-                more, refused, error, left = _one_by_one(left)
+                more, refused, error, left = _one_by_one(left, deadline)
                 done += more
         result.published = len(done)
         try:
@@ -254,7 +257,9 @@ class Relay:
                 outbox.retry_later([row], using, reason)
 
     def heartbeat(self) -> None:
-        """Say a loop completed: in the database (``status``) and the health file, if any."""
+        """Say a loop completed: in the database (``status``), and in the health file, if
+        any, when no database failed (a health file must mean healthy; a round that
+        committed touches it too, through the command's ``on_round``)."""
         from .models import RelayHeartbeat
 
         now = timezone.now()
@@ -267,7 +272,7 @@ class Relay:
                 )
             except Exception:
                 logger.exception("deferred_signals relay: could not record its heartbeat")
-        if self.health_file is not None:
+        if self.health_file is not None and not self.failures:
             self.health_file.touch()
 
     def forget_heartbeat(self) -> None:
@@ -370,16 +375,18 @@ def _tables(using: str) -> bool | None:
 
 
 class _TurnOver(PublishTimeout):
-    """One-at-a-time publishing used this round's PUBLISH_TIMEOUT: the rest wait."""
+    """One-at-a-time publishing used what was left of this round's PUBLISH_TIMEOUT: the
+    rest wait."""
 
 
 ONE_BY_ONE_OVER = (
-    "publishing the rows one at a time took PUBLISH_TIMEOUT; the rest wait for the next round"
+    "publishing the rows one at a time used the round's PUBLISH_TIMEOUT; the rest wait for "
+    "the next round"
 )
 
 
 def _one_by_one(
-    calls: list[PendingCall],
+    calls: list[PendingCall], deadline: float
 ) -> tuple[
     list[PendingCall],
     list[tuple[PendingCall, BaseException]],
@@ -387,16 +394,15 @@ def _one_by_one(
     list[PendingCall],
 ]:
     """Publish ``calls`` one at a time, each confirmed before the next, so that a refusal
-    names its call: the ones published, the ones refused, and, if the broker failed, its
-    error and the calls left from there on."""
+    names its call, until ``deadline`` (the round's): the ones published, the ones refused,
+    and, if the broker failed or the time ran out, the error and the calls left from there
+    on."""
     done: list[PendingCall] = []
     refused: list[tuple[PendingCall, BaseException]] = []
-    # The round holds its rows' locks: one PUBLISH_TIMEOUT for all, the rest wait.
-    deadline = time.monotonic() + conf.publish_timeout
     for n, call in enumerate(calls):
-        if n and time.monotonic() > deadline:
+        if time.monotonic() >= deadline:
             return done, refused, _TurnOver(ONE_BY_ONE_OVER, broker_answering=True), calls[n:]
-        confirmed, error = publisher.publish([call])
+        confirmed, error = publisher.publish([call], deadline)
         if confirmed:
             done.append(call)
         elif error is not None and broker.is_refusal(error):

@@ -355,6 +355,73 @@ def test_a_batch_redis_would_take_in_part_is_refused_whole_and_published_once(
     assert seen == Counter(range(21)), "each committed call published exactly once"
 
 
+@pytest.mark.parametrize("prefix", ["", "dsprefix:"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_queue_key_of_another_type_refuses_only_its_own_calls(
+    private_redis: Any, settings: SettingsWrapper, mode: str, prefix: str
+) -> None:
+    """The key of one queue holds a string: its ``LPUSH`` fails as it runs (``WRONGTYPE``),
+    and Redis runs the other ``LPUSH`` commands of the ``MULTI``/``EXEC`` all the same. Those
+    calls are published, not spilled (they would be published twice); only the refused one
+    goes to the outbox, without a cooldown: a commit to a good queue right after publishes
+    at once. The relay keeps the refused row (an attempt of its own) while the key is wrong,
+    and publishes it once after."""
+    server = private_redis()
+    queue, other = (f"ds-replies-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    app = make_app("private-redis", server.url)
+    if prefix:  # kombu's global_keyprefix: written through the channel's client
+        app.conf.broker_transport_options = {"global_keyprefix": prefix}
+
+    def seen() -> Counter[int]:
+        return labels(server.client, prefix + queue) + labels(server.client, prefix + other)
+
+    with use_app(app, settings, queue):
+        settings.DEFERRED_SIGNALS = {
+            **settings.DEFERRED_SIGNALS,
+            "PUBLISH_TIMEOUT": TIMEOUT,
+            "DELIVERY": mode,
+            "HANDLERS": {OTHER: {"queue": other}},
+        }
+        commit("before", 100)  # connected, both queues declared
+        with transaction.atomic():
+            slow_signal.send(sender=None, i=101)
+        server.client.delete(prefix + queue, prefix + other)
+        server.client.set(prefix + other, "not a list")
+
+        with transaction.atomic():  # three runs: queue, other (refused), queue
+            for i in range(3):
+                user_registered.send(sender=None, label="typed", i=i)
+            slow_signal.send(sender=None, i=3)
+            for i in (4, 5):
+                user_registered.send(sender=None, label="typed", i=i)
+        assert labels(server.client, prefix + queue) == Counter([0, 1, 2, 4, 5])
+        assert list(OutboxCall.objects.values_list("handler", flat=True)) == [OTHER]
+        assert not publisher.cooldown.active(), "a refused list is no outage"
+
+        with transaction.atomic():  # one run, to the wrong list alone: refused, no cooldown
+            slow_signal.send(sender=None, i=6)
+        commit("typed", 7)
+        assert labels(server.client, prefix + queue)[7] == 1, "published at once"
+        assert OutboxCall.objects.count() == 2
+
+        assert Relay().run_once() == 0, "the relay counts nothing Redis refused"
+        assert OutboxCall.objects.count() == 2
+        assert set(OutboxCall.objects.values_list("attempts", flat=True)) <= {0, 1}
+        assert sum(OutboxCall.objects.values_list("attempts", flat=True)) >= 1, (
+            "a refusal counts an attempt of its row (a dead letter in the end, not a loop)"
+        )
+        assert labels(server.client, prefix + queue) == Counter([0, 1, 2, 4, 5, 7]), (
+            "nothing published twice meanwhile"
+        )
+
+        server.client.delete(prefix + other)
+        OutboxCall.objects.update(next_attempt_at=timezone.now())  # no backoff to wait
+        relay_until_empty()
+        found = seen()
+    report(f"Redis WRONGTYPE in a batch ({mode}, {prefix=})", 8, found, [0.0])
+    assert found == Counter(range(8)), "each committed call published exactly once"
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", ["one queue", "two queues"])
 def test_writes_paused_hold_a_commit_no_longer_than_publish_timeout_and_double_nothing(

@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 from kombu import Producer
 
+from deferred_signals.exceptions import PublishRefused
 from deferred_signals.messages import Message, MessageBuilder
 from deferred_signals.redispush import RedisPush
 from tests.conftest import current, require
+from tests.test_broker_replies import oom, oom_over, private_redis  # noqa: F401 (a fixture)
 from tests.workers import PUBLISH_REDIS_URL, make_app
 
 URL = PUBLISH_REDIS_URL
@@ -132,40 +134,74 @@ def test_a_key_prefix_is_applied_as_kombu_applies_it(redis_client: Any) -> None:
     assert redis_client.llen(queue) == 0
 
 
-def test_an_error_reply_fails_the_batch_and_the_next_uses_a_new_socket(
-    redis_client: Any,
-) -> None:
+def test_a_list_of_another_type_refuses_only_its_own_messages(redis_client: Any) -> None:
+    """``WRONGTYPE`` fails one ``LPUSH`` as it runs, and Redis runs the others of the
+    ``MULTI``/``EXEC``: the refusal names the calls Redis took (published, not to be spilled)
+    and the first refused one. Alone in its write, the whole run is refused, no outage."""
     app = make_app("push-errors", URL)
     good, wrong = (f"ds-push-{uuid.uuid4().hex[:8]}" for _ in range(2))
     redis_client.cleanup_keys.extend([good, wrong])
     redis_client.set(wrong, "not a list")  # LPUSH to it: WRONGTYPE
+
+    with current(app), app.connection_for_write() as connection:
+        producer = Producer(connection)
+        push = RedisPush.of(producer)
+        assert push is not None
+        sent = [
+            message(app, queue, label)
+            for queue, label in ((good, "before"), (wrong, "refused"), (good, "after"))
+        ]
+        for each in sent:
+            assert push.add(each)
+        with pytest.raises(PublishRefused, match="WRONGTYPE") as refused:
+            push.flush()
+        assert labels(redis_client, good) == ["before", "after"]
+        ids = [each.headers["id"] for each in sent]
+        assert refused.value.published_after == {ids[0], ids[2]}
+        assert refused.value.refused_call == ids[1]
+        # A run of messages to one list is one command: all of them or none.
+        sent = [message(app, wrong, label) for label in ("refused 1", "refused 2")]
+        for each in sent:
+            assert push.add(each)
+        with pytest.raises(PublishRefused, match="WRONGTYPE") as refused:
+            push.flush()
+        assert refused.value.published_after == frozenset()
+        assert refused.value.refused_call == sent[0].headers["id"]
+        used = producer.channel._deferred_signals_connection
+        assert used._sock is not None, "every reply was read: the socket is in step"
+
+        assert push.add(message(app, good, "next"))
+        push.flush()
+    assert labels(redis_client, good) == ["before", "after", "next"]
+
+
+@pytest.mark.parametrize("queues", [1, 2])
+def test_an_error_reply_fails_the_batch_and_the_next_uses_a_new_socket(
+    private_redis: Any,  # noqa: F811 (the fixture imported above)
+    queues: int,
+) -> None:
+    server = private_redis()  # made short of memory: not the shared server
+    app = make_app("push-errors", server.url)
+    targets = [f"ds-push-{uuid.uuid4().hex[:8]}" for _ in range(queues)]
     import redis
 
     with current(app), app.connection_for_write() as connection:
         producer = Producer(connection)
         push = RedisPush.of(producer)
         assert push is not None
-        for queue, label in ((good, "before"), (wrong, "refused"), (good, "after")):
-            assert push.add(message(app, queue, label))
-        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        for queue in targets:
+            assert push.add(message(app, queue, "refused"))
+        oom(server)
+        with pytest.raises(redis.ResponseError, match="maxmemory"):
             push.flush()
-        # Redis ran the commands around the refused one: the caller spills the whole batch
-        # (at least once), it never counts a failed batch as published.
-        assert labels(redis_client, good) == ["before", "after"]
-        # A run of messages to one list is one command: all of them or none.
-        assert push.add(message(app, good, "pushed"))
-        for label in ("refused 1", "refused 2"):
-            assert push.add(message(app, wrong, label))
-        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-            push.flush()
-        assert labels(redis_client, good) == ["before", "after", "pushed"]
+        oom_over(server)
         used = producer.channel._deferred_signals_connection
-        assert used._sock is None, "a socket with unread replies must not be reused"
+        assert used._sock is None, "a socket that failed a batch must not be reused"
 
-        assert push.add(message(app, good, "next"))
+        assert push.add(message(app, targets[0], "next"))
         push.flush()  # on a new socket (redis-py reuses the Connection object)
         assert producer.channel._deferred_signals_connection._sock is not None
-    assert labels(redis_client, good) == ["before", "after", "pushed", "next"]
+    assert labels(server.client, targets[0]) == ["next"]
 
 
 def test_one_connection_serves_every_batch_of_a_producer(redis_client: Any) -> None:

@@ -14,6 +14,7 @@ import datetime
 import logging
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -229,6 +230,69 @@ def test_a_message_refused_after_its_publish_is_found_one_at_a_time(
         routing.clear_cache()
 
 
+def test_a_relay_round_publishing_one_at_a_time_is_bounded_by_publish_timeout(
+    settings: SettingsWrapper,
+) -> None:
+    """After a refusal that names no call, the relay publishes the rows one at a time. A
+    broker that then stalls (a partition: the proxy holds every byte) must not hold the
+    round, and its rows' locks, past one PUBLISH_TIMEOUT, however much of it went already
+    (here to a slow ``before_task_publish`` receiver): the rows left wait for a later round,
+    none lost, none counted as published."""
+    import time
+
+    from celery import current_app
+    from celery.signals import before_task_publish
+
+    from deferred_signals import messages
+
+    require("rabbitmq")
+    timeout = 1.0
+    suffix = uuid.uuid4().hex[:8]
+    good_queue, missing = f"ds-stall-{suffix}", f"ds-stall-{suffix}-no-such-exchange"
+    with FaultProxy(5672) as proxy:
+        app = make_app("relay-stall", proxy.url_for(BROKERS["rabbitmq"]))
+        with use_app(app, settings, good_queue):
+            settings.DEFERRED_SIGNALS = {
+                **settings.DEFERRED_SIGNALS,
+                "PUBLISH_TIMEOUT": timeout,
+                "PUBLISH_COOLDOWN": 0,
+            }
+            current_app.conf.task_routes = {
+                BAD: {"exchange": missing, "exchange_type": "direct", "routing_key": "x"}
+            }
+            messages.clear_cache()
+            seen: list[str] = []
+
+            def stall(headers: dict[str, Any], **kwargs: Any) -> None:
+                again = headers["id"] in seen  # published one at a time, after the batch
+                seen.append(headers["id"])
+                if again and len(set(seen)) < len(seen) - 1:
+                    proxy.hold()  # the second row sent alone: the broker stops answering
+                elif again:
+                    time.sleep(0.6 * timeout)  # the first: most of the round's time goes
+
+            try:
+                ids = add_rows(bad=1, good=10)
+                before_task_publish.connect(stall, weak=False)
+                try:
+                    started = time.monotonic()
+                    published = Relay(databases=["default"]).run_once()
+                    took = time.monotonic() - started
+                finally:
+                    before_task_publish.disconnect(stall)
+                proxy.forward()
+                print(f"\nrelay round with a stalled broker: {took:.2f} s, {published} published")
+                assert len(set(seen)) < len(seen), "the rows were published one at a time"
+                assert took < timeout + 0.4, "one PUBLISH_TIMEOUT for the round's publishing"
+                left = set(OutboxCall.objects.values_list("id", flat=True))
+                assert len(left) + published == len(ids) and ids[0] in left
+            finally:
+                current_app.conf.task_routes = None
+                messages.clear_cache()
+                with Connection(BROKERS["rabbitmq"]) as connection, contextlib.suppress(Exception):
+                    KombuQueue(good_queue, channel=connection.channel()).delete()
+
+
 def test_a_login_refused_is_an_outage(settings: SettingsWrapper) -> None:
     """403 at login says nothing of one call: it starts the cooldown, as any broker failure."""
     require("rabbitmq")
@@ -315,6 +379,36 @@ def test_a_database_failing_in_a_round_leaves_the_others_relayed(
     assert started.run_once() == 1
     assert not started.failures
     assert left in {m["headers"]["id"] for m in redis_queue.messages()}
+
+
+def test_the_health_file_is_not_touched_when_a_database_failed(
+    other_through_proxy: FaultProxy, redis_queue: Queue, quick_rest: None, tmp_path: Path
+) -> None:
+    """A health file means healthy: neither ``relay --once`` nor a loop touches it after its
+    database failed; once the database answers again, the next loop does."""
+    import time
+
+    health = tmp_path / "alive"
+    add_rows("other", bad=0, good=1)
+    other_through_proxy.refuse()
+    with pytest.raises(CommandError, match="database 'other'"):
+        call_command(
+            "deferred_signals", "relay", "--once", "--database", "other",
+            "--health-file", str(health),
+        )  # fmt: skip
+    assert not health.exists(), "relay --once touched the health file of a failed run"
+
+    looping = Relay(databases=["other"], health_file=health)
+    looping.run_once()
+    looping.heartbeat()  # what each loop of ``relay`` does after its rounds
+    assert "other" in looping.failures
+    assert not health.exists(), "a loop whose database failed touched the health file"
+
+    other_through_proxy.forward()
+    time.sleep(0.15)  # the database's rest (quick_rest)
+    assert looping.run_once() == 1
+    looping.heartbeat()
+    assert health.exists()
 
 
 def test_a_read_only_database_is_not_relayed(

@@ -159,7 +159,7 @@ class Command(BaseCommand):
         relay.add_argument(
             "--health-file",
             type=Path,
-            help="Touch this file after each round and loop (liveness probe).",
+            help="Touch this file after each round and loop that did not fail (liveness probe).",
         )
 
         replay = sub.add_parser("replay", help="Publish dead letters again, same call ids.")
@@ -298,7 +298,8 @@ class Command(BaseCommand):
         def on_round(using: str, result: RoundResult) -> None:
             # A loop drains the whole backlog first (minutes, after a long outage): touched
             # only then, the file would look stale to a liveness probe, which would kill the
-            # relay mid-drain and have its round published again.
+            # relay mid-drain and have its round published again. Only a round that
+            # committed gets here: a failed one must not say the relay is healthy.
             if health_file is not None:
                 health_file.touch()
             if report:
@@ -317,11 +318,12 @@ class Command(BaseCommand):
             )
         if options["once"]:
             published = relay.run_once()
+            failed = {**{alias: None for alias in relay.unverified}, **relay.failures}
             # No heartbeat row: it would outlive this process and look like a stuck relay.
-            if relay.health_file is not None:
+            # Nor a touch of the health file after a database failed: it means healthy.
+            if relay.health_file is not None and not failed:
                 relay.health_file.touch()
             self.stdout.write(f"relayed {published} call(s){self._not_due(relay)}")
-            failed = {**{alias: None for alias in relay.unverified}, **relay.failures}
             if failed:
                 # For cron and CI: what is left of a failing database is not relayed.
                 raise CommandError(
