@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +32,8 @@ STUCK = (
     "neither the broker nor the outbox took it (logged as LOST), and un-marking it failed: "
     "it reads as replayed, replay it by its id"
 )
+#: Seconds before each new try of a claim the database refused; None: give up.
+CLAIM_WAITS = (0.05, 0.2, None)
 #: Why a letter is not published: its claim failed (the database refused or did not answer).
 UNCLAIMED = "could not be claimed ({}): not published, still a dead letter"
 
@@ -85,7 +88,7 @@ def replay(
         using = _written_on(letter)
         kept = _keeps(using)
         try:
-            taken = _claim(letter, call, now, kept)
+            taken = _claim_soon(letter, call, now, kept)
         except DatabaseError as error:
             if in_transaction(transaction.get_connection(using)):
                 raise  # the transaction rolls back, claims and all: nothing is published
@@ -146,6 +149,20 @@ def _keeps(using: str) -> bool:
     return router.db_for_write(OutboxCall) == using or not in_transaction(
         transaction.get_connection(using)
     )
+
+
+def _claim_soon(letter: DeadLetter, call: PendingCall, now: datetime.datetime, kept: bool) -> bool:
+    """:func:`_claim`, tried again a little later when the database refused it in
+    autocommit: a claim is a transaction of two writes, which a database that locks whole
+    tables (SQLite) refuses while another replay's is open."""
+    for wait in CLAIM_WAITS:
+        try:
+            return _claim(letter, call, now, kept)
+        except DatabaseError:
+            if wait is None or in_transaction(transaction.get_connection(_written_on(letter))):
+                raise
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _claim(letter: DeadLetter, call: PendingCall, now: datetime.datetime, kept: bool) -> bool:
