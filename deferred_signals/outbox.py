@@ -20,6 +20,7 @@ from django.utils import timezone
 from kombu.utils import json as kombu_json
 
 from . import outbox_buffer, propagation
+from .conf import conf
 
 if TYPE_CHECKING:
     from .dispatch import PendingCall
@@ -50,6 +51,28 @@ def write(call: PendingCall, using: str, anchor: object | None = None) -> None:
         connection, call.id, call.handler.name, body_text(call.body), propagation.capture()
     )
     outbox_buffer.write(connection, using, row, call if anchor is None else anchor)
+
+
+def hold(call: PendingCall, using: str) -> None:
+    """Write ``call``'s row now, in the transaction open on ``using``, for the relay to
+    publish if nobody confirms it within ``OUTBOX_GRACE`` (a replay's claimed letter).
+
+    A row its call id has already (a replay before this one, whose call waits for the
+    relay) stands for the call: publishing it now deletes that row. Raises what the
+    database raised.
+    """
+    from .models import OutboxCall
+
+    now = timezone.now()
+    row = OutboxCall(
+        id=call.id,
+        handler=call.handler.name,
+        body=body_text(call.body),
+        created=now,
+        next_attempt_at=now + datetime.timedelta(seconds=conf.outbox_grace),
+        trace=propagation.capture(),
+    )
+    OutboxCall.objects.using(using).bulk_create([row], ignore_conflicts=True)
 
 
 def rewrite(id: str, body: dict[str, Any], using: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -12,7 +13,7 @@ from django.db import DatabaseError, router, transaction
 from django.utils import timezone
 from kombu.utils import json as kombu_json
 
-from . import registry
+from . import outbox, registry
 from .conf import conf
 from .dispatch import CommitHook, PendingCall, _guarded, flush, in_transaction
 from .tasks import MESSAGE_KEYS
@@ -31,6 +32,8 @@ STUCK = (
     "neither the broker nor the outbox took it (logged as LOST), and un-marking it failed: "
     "it reads as replayed, replay it by its id"
 )
+#: Seconds before each new try of a claim the database refused; None: give up.
+CLAIM_WAITS = (0.05, 0.2, None)
 #: Why a letter is not published: its claim failed (the database refused or did not answer).
 UNCLAIMED = "could not be claimed ({}): not published, still a dead letter"
 
@@ -61,9 +64,13 @@ def replay(
     ``ATOMIC_REQUESTS``) the claims are that transaction's and the calls are published when it
     commits, never if it rolls back, as any deferred call.
 
-    Publishing follows the commit path: what the broker does not confirm goes to the outbox.
-    A letter that neither took is un-marked: it stays a dead letter, reported skipped when
-    published at once, logged when published at a commit.
+    The claim and the call's outbox row commit together (as ``delivery="outbox"``), so a
+    replay killed before the broker confirmed its publish leaves the call to the relay: the
+    letter is marked replayed and its call published, or neither. The row is deleted once
+    the broker confirms the message; what it does not confirm waits there for the relay.
+    Without a row (``EAGER``, or a transaction when the outbox is on another database) a
+    letter whose call neither the broker nor the outbox took is un-marked: it stays a dead
+    letter, reported skipped when published at once, logged when published at a commit.
     """
 
     chosen: list[tuple[DeadLetter, PendingCall]] = []
@@ -79,15 +86,17 @@ def replay(
     claimed: list[tuple[DeadLetter, PendingCall]] = []
     for letter, call in chosen:
         using = _written_on(letter)
+        kept = _keeps(using)
         try:
-            taken = _claim(letter, now)
+            taken = _claim_soon(letter, call, now, kept)
         except DatabaseError as error:
             if in_transaction(transaction.get_connection(using)):
                 raise  # the transaction rolls back, claims and all: nothing is published
-            # Autocommit: the letters claimed so far are marked; they must be published.
+            # Autocommit: this letter's claim rolled back, it stays a dead letter.
             skipped.append(_skip(letter, UNCLAIMED.format(type(error).__name__)))
             continue
         if taken:
+            call.outbox = kept
             claimed.append((letter, call))
         else:
             skipped.append(_skip(letter, TAKEN))
@@ -125,16 +134,59 @@ class ReplayAtCommit(CommitHook):
         return f"<replay of {len(self.claimed)} dead letter(s) at commit>"
 
 
-def _claim(letter: DeadLetter, now: datetime.datetime) -> bool:
-    """Mark ``letter`` replayed if it is still as read: replayed by nobody else since, and
-    not failed again (a worker's new failure rewrites ``last_failed_at``)."""
-    from .models import DeadLetter
+def _keeps(using: str) -> bool:
+    """Whether a claim on ``using`` writes its call's outbox row in the same transaction.
 
-    rows = DeadLetter.objects.using(_written_on(letter))
-    if not rows.filter(
-        pk=letter.pk, last_failed_at=letter.last_failed_at, replayed_at=letter.replayed_at
-    ).update(replayed_at=now):
+    Not with ``EAGER`` (the call runs here), nor inside a transaction of the letters'
+    database when the outbox is on another one: the row would commit before that
+    transaction, and be relayed even if it rolls back. Such a call is published at the
+    commit, and un-marked if neither the broker nor the outbox takes it.
+    """
+    from .models import OutboxCall
+
+    if conf.eager:
         return False
+    return router.db_for_write(OutboxCall) == using or not in_transaction(
+        transaction.get_connection(using)
+    )
+
+
+def _claim_soon(letter: DeadLetter, call: PendingCall, now: datetime.datetime, kept: bool) -> bool:
+    """:func:`_claim`, tried again a little later when the database refused it in
+    autocommit: a claim is a transaction of two writes, which a database that locks whole
+    tables (SQLite) refuses while another replay's is open."""
+    for wait in CLAIM_WAITS:
+        try:
+            return _claim(letter, call, now, kept)
+        except DatabaseError:
+            if wait is None or in_transaction(transaction.get_connection(_written_on(letter))):
+                raise
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _claim(letter: DeadLetter, call: PendingCall, now: datetime.datetime, kept: bool) -> bool:
+    """Mark ``letter`` replayed if it is still as read: replayed by nobody else since, and
+    not failed again (a worker's new failure rewrites ``last_failed_at``).
+
+    With ``kept``, the claim and the call's outbox row commit together: a process killed
+    before its publish is confirmed leaves the call to the relay, never a letter marked
+    replayed that nobody publishes. Raises what the database raised; the claim is then undone.
+    """
+    from .models import DeadLetter, OutboxCall
+
+    using = _written_on(letter)
+    rows = router.db_for_write(OutboxCall) if kept else using
+    # Two databases: the outbox row commits first (the inner block), so a crash between the
+    # two commits can cost a second run of the call, never the call.
+    as_read = DeadLetter.objects.using(using).filter(
+        pk=letter.pk, last_failed_at=letter.last_failed_at, replayed_at=letter.replayed_at
+    )
+    with transaction.atomic(using=using), transaction.atomic(using=rows):
+        if not as_read.update(replayed_at=now):
+            return False
+        if kept:
+            outbox.hold(call, rows)
     letter.replayed_at = now
     return True
 

@@ -38,7 +38,8 @@ Worker side (and inline with ``EAGER``):
   (False when a retry follows, then ``handler_retried`` is sent too).
 - ``handler_retried``: a retry is scheduled; ``attempt`` (the attempt that failed),
   ``exception``, ``countdown`` (seconds), ``database`` (True for a database-outage retry,
-  which does not count against the handler's ``max_retries``).
+  which does not count against the handler's ``max_retries``). Sent alone for an outage met
+  decoding the message (a codec's ``decode()``), before the handler started.
 - ``call_dead_lettered``: the call was kept as a dead letter (failed for good, stopped by its
   hard time limit or lost with its worker child and not redelivered, or a message the worker
   refused); ``exception``, ``attempts``. ``sender`` is ``None`` when the message names no

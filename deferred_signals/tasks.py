@@ -16,7 +16,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from django.db import InterfaceError, OperationalError
 
 from . import deadletters, redelivery, registry, signals
-from .calls import mark_handler_failed
+from .calls import mark_handler_failed, running
 from .conf import WORKER_OPTIONS, conf
 from .exceptions import MalformedMessageError
 from .execution import (
@@ -205,10 +205,19 @@ def run_task(task: DeferredHandlerTask, args: tuple[Any, ...], body: Any) -> Non
         raise Reject(f"malformed message: {error}", requeue=False) from None
     except DATABASE_ERRORS as exc:  # a registered codec's decode() met a database outage
         window = handler.merged.get("db_retry_window")
-        if window:
-            close_connections()
-            retry_after_database_error(task, handler, body, exc, window)  # Retry, or returns
-        if keep(task, handler, body, exc):  # Retry when its dead letter cannot be written
+        try:
+            if window:
+                close_connections()
+                retry_after_database_error(task, handler, body, exc, window)  # or returns
+            kept = keep(task, handler, body, exc)  # Retry when its dead letter cannot be written
+        except Retry as retry:
+            # The handler never started (no handler_started, nor handler_failed), yet the
+            # attempt is spent and Celery retries the call: counted as the outage's retry.
+            attempt = request.retries + 1
+            with running(call_id, handler.name, attempt, body):
+                retried(handler, call_id, attempt, exc, retry, True)
+            raise
+        if kept:
             announce(task, handler, exc)
         mark_handler_failed(exc)
         raise

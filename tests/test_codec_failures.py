@@ -92,3 +92,44 @@ def test_any_other_codec_error_is_a_refused_message_kept_as_a_dead_letter() -> N
     assert result.state == "REJECTED" or result.failed()
     letter = DeadLetter.objects.get(call_id="codec-bug")
     assert "codec 'x:tests.token' could not decode" in letter.message
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_codec_outage_is_told_to_the_metrics_signals_as_the_handlers_own_is() -> None:
+    """A retry for an outage met while decoding is a retry all the same: ``handler_retried``
+    (``database=True``) counts it, as for one met in the handler; the handler never started,
+    so neither ``handler_started`` nor ``handler_failed`` is sent for that attempt."""
+    from deferred_signals import current_call, signals
+
+    events: list[tuple[str, int, bool | None, str | None]] = []
+
+    def on(name: str) -> Any:
+        def receiver(sender: Any, attempt: int, database: bool | None = None, **_: Any) -> None:
+            call = current_call()
+            events.append((name, attempt, database, None if call is None else call.id))
+
+        return receiver
+
+    receivers = {
+        signal: on(name)
+        for name, signal in [
+            ("started", signals.handler_started),
+            ("succeeded", signals.handler_succeeded),
+            ("failed", signals.handler_failed),
+            ("retried", signals.handler_retried),
+        ]
+    }
+    for signal, receiver in receivers.items():
+        signal.connect(receiver)
+    try:
+        FAILURE.extend([OperationalError("the database is down")] * 2)
+        assert run("codec-told").successful()
+    finally:
+        for signal, receiver in receivers.items():
+            signal.disconnect(receiver)
+    assert events == [
+        ("retried", 1, True, "codec-told"),
+        ("retried", 2, True, "codec-told"),
+        ("started", 3, None, "codec-told"),
+        ("succeeded", 3, None, "codec-told"),
+    ]

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -113,3 +116,60 @@ def test_a_letter_a_database_that_answers_refuses_does_not_hold_up_the_others(
     done.join(5)
     assert not done.is_alive()  # not retried: the letters behind it are not held up
     assert "LOST the dead letter of call refused" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+# Python 3.12+ warns of exactly this hazard on every fork of a process with threads.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_process_forked_while_the_writer_holds_its_locks_writes_its_letters(
+    postgres_only: None, main_process: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery's prefork pool forks children from the main process while its writer thread
+    runs (a child lost, --max-tasks-per-child), gunicorn --preload forks too: a child may
+    inherit the writer's locks held and its queue's letters. A real fork at that moment: the
+    child writes its own letter at once, to the real database, and does not hang or take the
+    parent's letters; the parent's writer carries on."""
+    from django.db import connections
+
+    from deferred_signals.models import DeadLetter
+
+    parent, release = os.getpid(), threading.Event()
+    real_write = deadletters.write
+
+    def write(**kw: Any) -> bool:
+        if os.getpid() == parent:
+            release.wait(10)  # the parent's database hangs while the child is forked
+        return real_write(**kw)
+
+    monkeypatch.setattr(deadletters, "write", write)
+    letter_writer.keep(**letter("parent's"))  # the writer takes it, and hangs
+    connections.close_all()  # the child opens its own, as Celery's Django fixup makes it
+    held = threading.Event()
+
+    def hold_everything() -> None:  # the worst moment: every lock of the writer taken
+        with letter_writer._lock, letter_writer._pending.mutex:
+            held.set()
+            release.wait(10)
+
+    threading.Thread(target=hold_everything, daemon=True).start()
+    assert held.wait(5)
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child's coverage is not collected)
+        code = 1
+        try:
+            letter_writer.keep(**letter("child's"))
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while (done := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        pytest.fail("the forked child hung on a lock its parent's writer thread held")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert list(DeadLetter.objects.values_list("call_id", flat=True)) == ["child's"]
+    release.set()
+    letter_writer._pending.join()
+    assert sorted(DeadLetter.objects.values_list("call_id", flat=True)) == ["child's", "parent's"]

@@ -393,6 +393,7 @@ def test_an_outage_past_the_retry_window_makes_dead_letters_to_replay(
 
 UNRECORDED = re.compile(r"Could not record the dead letter of call (\S+)")
 HELD = re.compile(r"\[(\S+)\] failed for good on attempt \d+ \(\S+\), but its dead letter")
+WAIT = re.compile(r"but its dead letter could not be written: retry in ([\d.]+) s")
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
@@ -521,3 +522,37 @@ def test_outage_retries_wait_less_than_redis_takes_to_hand_them_out_again(
             f"{yes(worker.alive())}"
         )
         assert numbers == list(range(5))
+
+
+def test_a_dead_letter_database_that_stays_down_keeps_the_call_retrying_at_a_bounded_pace(
+    settings: SettingsWrapper, tmp_path: Any
+) -> None:
+    """Past db_retry_window, with the dead letters' database down as long as the test runs:
+    the worker never gives the call up (no retry limit, nothing acknowledged without a copy),
+    retries at most every min(60 s, visibility_timeout / 2) however long the outage, logs
+    each retry at ERROR with the call id, and runs the call once the database is back."""
+    label, author = unique(), Author.objects.create(name="outage")
+    env = {"DS_TEST_VISIBILITY_TIMEOUT": "4"}  # the longest wait: 2 s, for the test's sake
+    with proxied_worker("prefork", 1, settings, tmp_path, dead_letters=None, env=env) as (
+        worker,
+        proxy,
+    ):
+        proxy.refuse()
+        user_registered.send(sender=None, instance=author, label=label, i=0)
+        held = wait_for(
+            lambda: (ids := HELD.findall(worker.log())) and len(ids) >= 8 and ids,
+            timeout=90,
+            what="8 retries of a call whose dead letter cannot be written",
+        )
+        proxy.forward()
+        wait_for(lambda: labelled(label), timeout=60, what="the call once the database is back")
+        time.sleep(1)
+        waits = [float(wait) for wait in WAIT.findall(worker.log())]
+        print(
+            f"\n[redis/prefork] dead letters' database down past db_retry_window=1 s: retries "
+            f"for want of the dead letter {len(held)}, longest wait {max(waits):.1f} s, handler "
+            f"runs after the cut {len(labelled(label))}; worker alive: {yes(worker.alive())}"
+        )
+        assert len(set(held)) == 1  # one call, retried again and again, never dropped
+        assert len(waits) == len(held) and max(waits) <= 2.0  # half the visibility_timeout
+        assert len(labelled(label)) == 1 and worker.alive()
