@@ -243,7 +243,7 @@ def test_a_relay_round_publishing_one_at_a_time_is_bounded_by_publish_timeout(
     from celery import current_app
     from celery.signals import before_task_publish
 
-    from deferred_signals import messages
+    from deferred_signals import routing
 
     require("rabbitmq")
     timeout = 1.0
@@ -260,7 +260,7 @@ def test_a_relay_round_publishing_one_at_a_time_is_bounded_by_publish_timeout(
             current_app.conf.task_routes = {
                 BAD: {"exchange": missing, "exchange_type": "direct", "routing_key": "x"}
             }
-            messages.clear_cache()
+            routing.clear_cache()
             seen: list[str] = []
 
             def stall(headers: dict[str, Any], **kwargs: Any) -> None:
@@ -288,7 +288,7 @@ def test_a_relay_round_publishing_one_at_a_time_is_bounded_by_publish_timeout(
                 assert len(left) + published == len(ids) and ids[0] in left
             finally:
                 current_app.conf.task_routes = None
-                messages.clear_cache()
+                routing.clear_cache()
                 with Connection(BROKERS["rabbitmq"]) as connection, contextlib.suppress(Exception):
                     KombuQueue(good_queue, channel=connection.channel()).delete()
 
