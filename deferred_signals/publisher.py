@@ -116,6 +116,12 @@ def publish(
             if not answered and not _short_changed(started, deadline):
                 cooldown.start(error)  # an outage: spill without trying for a while
             break
+    if failure is not None and progress.written:
+        # Written by the push in a chunk kombu's pipeline then failed: published, and not
+        # to be spilled (they would be published twice).
+        with suppress(AttributeError, TypeError):  # an exception that takes no attributes
+            after = progress.written.union(getattr(failure, PUBLISHED_AFTER, ()))
+            setattr(failure, PUBLISHED_AFTER, frozenset(after))
     done, _ = taken(calls, progress.done, failure)
     _confirmed(done, len(done), started)
     return progress.done, failure
@@ -134,8 +140,9 @@ def taken(
 ) -> tuple[list[PendingCall], list[PendingCall]]:
     """What :func:`publish` returned, as the calls the broker took and those it did not: the
     confirmed prefix and, after a refusal, the calls after it that the broker took all the
-    same (those of a batch to other queues than a full one)."""
-    after = error.published_after if isinstance(error, PublishRefused) else None
+    same (those of a batch to other queues than a full one), or that Redis took before the
+    rest of their chunk failed (``published_after``)."""
+    after = getattr(error, PUBLISHED_AFTER, None)
     rest = calls[confirmed:]
     if not after:
         return list(calls[:confirmed]), list(rest)
@@ -227,6 +234,10 @@ class _Progress:
         # of the attempt in hand stands.
         self.returns_seen = 0
         self.positions: dict[str, int] | None = None
+        #: Calls after ``done`` that Redis took: the push wrote them, then kombu's pipeline
+        #: of their chunk failed. Not sent again by a retry; named in the error's
+        #: ``published_after``.
+        self.written: set[str] = set()
 
     def remaining(self, answering: bool = False) -> float:
         remaining = self.deadline - time.monotonic()
@@ -256,21 +267,32 @@ class _Progress:
             remaining = self.remaining(answering=self.done > 0)
             broker.bound_sockets(producer, remaining)
             chunk = self.calls[self.done : self.done + size]
-            # What the push refuses goes through kombu's own batch; the push writes the rest.
-            with producer.batch(max_size=len(chunk)) if len(chunk) > 1 else nullcontext():
-                for call in chunk:
-                    try:
-                        publish(call, remaining)
-                    except Exception as error:
-                        _blame(error, call)
-                        raise
-                if push is not None:
-                    try:
-                        push.flush(remaining)
-                    except PublishRefused as refused:
-                        if refused.refused_call is not None:  # a list of another type
-                            setattr(refused, FAILED_CALL, refused.refused_call)
-                        raise
+            written = self.written
+            pushed: list[str] = []
+            try:
+                # What the push refuses goes through kombu's own batch, written as the
+                # block exits, after the push wrote the rest.
+                with producer.batch(max_size=len(chunk)) if len(chunk) > 1 else nullcontext():
+                    for call in chunk:
+                        if written and call.id in written:
+                            continue  # taken by Redis in an attempt before this one
+                        try:
+                            publish(call, remaining)
+                        except Exception as error:
+                            _blame(error, call)
+                            raise
+                    if push is not None:
+                        ids = list(push.ids)
+                        try:
+                            push.flush(remaining)
+                        except PublishRefused as refused:
+                            if refused.refused_call is not None:  # a list of another type
+                                setattr(refused, FAILED_CALL, refused.refused_call)
+                            raise
+                        pushed = ids
+            except Exception:
+                written.update(pushed)
+                raise
             self.done += len(chunk)
 
     def _send_confirmed(self, producer: Any, publish: _Publish, confirms: broker.Confirms) -> None:
@@ -375,6 +397,10 @@ class _Progress:
                 confirms.on_nack(first + n, multiple=False)
         self.returns_seen = len(confirms.returned)
 
+
+#: The ids of calls after the confirmed prefix that the broker took all the same: a
+#: PublishRefused's field, set on another error too when Redis took part of a chunk.
+PUBLISHED_AFTER = "published_after"
 
 #: Set on an exception raised while one call's message was built or handed to the producer
 #: (not while a batch was written or confirmed): that call's id.

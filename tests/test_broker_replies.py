@@ -422,6 +422,52 @@ def test_a_queue_key_of_another_type_refuses_only_its_own_calls(
     assert found == Counter(range(8)), "each committed call published exactly once"
 
 
+@pytest.mark.parametrize("prefix", ["", "dsprefix:"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_chunk_written_in_part_by_kombu_counts_what_the_push_wrote(
+    private_redis: Any, settings: SettingsWrapper, mode: str, prefix: str
+) -> None:
+    """One chunk, two writers: the calls the push writes (plain JSON) and one it leaves to
+    kombu's pipeline (compressed by a route), whose list holds a string (``WRONGTYPE``).
+    Whichever writes first, what Redis took counts as published and is not in the outbox
+    (it would be published twice); the refused call is kept and relayed once."""
+    server = private_redis()
+    queue, other = (f"ds-replies-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    app = make_app("private-redis", server.url)
+    app.conf.task_routes = {OTHER: {"compression": "zlib"}}  # not a shape the push writes
+    if prefix:
+        app.conf.broker_transport_options = {"global_keyprefix": prefix}
+    with use_app(app, settings, queue):
+        settings.DEFERRED_SIGNALS = {
+            **settings.DEFERRED_SIGNALS,
+            "PUBLISH_TIMEOUT": TIMEOUT,
+            "DELIVERY": mode,
+            "HANDLERS": {OTHER: {"queue": other}},
+        }
+        commit("before", 100)  # connected, both queues declared
+        with transaction.atomic():
+            slow_signal.send(sender=None, i=101)
+        server.client.delete(prefix + queue, prefix + other)
+        server.client.set(prefix + other, "not a list")
+
+        with transaction.atomic():
+            for i in range(3):
+                user_registered.send(sender=None, label="mixed", i=i)
+            slow_signal.send(sender=None, i=3)
+        in_redis = labels(server.client, prefix + queue)
+        kept = list(OutboxCall.objects.values_list("handler", flat=True))
+        assert not publisher.cooldown.active(), "a refused list is no outage"
+        assert in_redis == Counter([0, 1, 2]), "the push's calls are in Redis, once"
+        assert kept == [OTHER], "a call Redis took must not be in the outbox too"
+
+        server.client.delete(prefix + other)
+        OutboxCall.objects.update(next_attempt_at=timezone.now())
+        relay_until_empty()
+        assert labels(server.client, prefix + queue) == Counter([0, 1, 2])
+        assert server.client.llen(prefix + other) == 1
+    assert not OutboxCall.objects.exists()
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", ["one queue", "two queues"])
 def test_writes_paused_hold_a_commit_no_longer_than_publish_timeout_and_double_nothing(
