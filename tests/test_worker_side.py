@@ -391,7 +391,7 @@ def test_a_dead_letter_whose_call_id_or_name_holds_nul_is_kept() -> None:
 
 
 def test_our_retries_wait_at_most_half_of_redis_visibility_timeout() -> None:
-    from deferred_signals.tasks import DB_RETRY_BACKOFF_MAX, longest_wait
+    from deferred_signals.retries import DB_RETRY_BACKOFF_MAX, longest_wait
 
     task = current_app.tasks[DB_FLAKY]
     assert longest_wait(task) == DB_RETRY_BACKOFF_MAX  # the tests' memory:// broker
@@ -406,7 +406,7 @@ def test_our_retries_wait_at_most_half_of_redis_visibility_timeout() -> None:
 
 def test_our_retries_wait_at_most_half_of_redis_visibility_timeout_with_failover_urls() -> None:
     # broker_url may be a list of failover URLs (kombu takes those too): still Redis.
-    from deferred_signals.tasks import longest_wait
+    from deferred_signals.retries import longest_wait
 
     task = current_app.tasks[DB_FLAKY]
     with override_settings(
@@ -450,7 +450,8 @@ def test_a_call_retried_for_want_of_its_dead_letter_retries_past_1024_times(
     # database down for hours took the backoff's 2.0 ** dbr past a float (OverflowError).
     from celery.exceptions import Retry
 
-    from deferred_signals.tasks import DB_RETRY_BACKOFF_MAX, keep
+    from deferred_signals.retries import DB_RETRY_BACKOFF_MAX
+    from deferred_signals.tasks import keep
 
     def down(**_: Any) -> bool:
         raise OperationalError("connection refused")
