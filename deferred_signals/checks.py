@@ -320,7 +320,7 @@ def check_outbox_tables(
     to the database of the transaction. A warning, not an error: ``migrate`` runs database
     checks before it creates the table."""
     from .models import OutboxCall
-    from .relay import has_outbox
+    from .outbox_status import has_outbox
 
     senders = {DEFAULT_DB_ALIAS} | {h.using for h in registry.all_handlers() if h.using}
     table = OutboxCall._meta.db_table

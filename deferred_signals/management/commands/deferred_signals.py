@@ -22,14 +22,8 @@ from django.utils import timezone
 
 from deferred_signals import listing, readiness, registry
 from deferred_signals.exceptions import DeferredSignalConfigError
-from deferred_signals.relay import (
-    Relay,
-    RoundResult,
-    freeze_heap,
-    not_due,
-    outbox_state,
-    pending,
-)
+from deferred_signals.outbox_status import not_due, outbox_state, pending
+from deferred_signals.relay import Relay, RoundResult, freeze_heap
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
