@@ -269,7 +269,9 @@ def flush(calls: list[PendingCall], using: str) -> list[PendingCall]:
 
     Returns the calls lost: neither the broker nor the outbox took them (logged). Never
     raises, but for a handler's own exception with ``EAGER_PROPAGATES``: the data is
-    committed already, so a broker failure must not reach the request.
+    committed already, so a broker failure must not reach the request. A ``BaseException``
+    that is not an ``Exception`` (``KeyboardInterrupt``, ``SystemExit``, gevent's ``Timeout``)
+    goes on up once the calls the broker had not confirmed are spilled.
     """
     if waiting and capture is None:
         calls = _wait_for(calls, using)
@@ -295,7 +297,11 @@ def flush(calls: list[PendingCall], using: str) -> list[PendingCall]:
                 broker_answering=True,
             )
             return lost + _spill(calls, using, ran_out)
-        confirmed, error = publisher.publish(calls, deadline)
+        try:
+            confirmed, error = publisher.publish(calls, deadline)
+        except BaseException as interruption:
+            _interrupted(calls, using, interruption)
+            raise
         done, failed = publisher.taken(calls, confirmed, error)
         published = [call.id for call in done if call.outbox]
         if published:
@@ -313,6 +319,17 @@ def flush(calls: list[PendingCall], using: str) -> list[PendingCall]:
         if not calls:
             return lost
     return lost + _spill(failed, using, error)
+
+
+def _interrupted(calls: list[PendingCall], using: str, interruption: BaseException) -> None:
+    """A ``KeyboardInterrupt``, ``SystemExit`` or gevent ``Timeout`` cut the publish short,
+    after the commit: every call the broker had not confirmed goes to the outbox before it goes
+    on up, or nothing would ever publish them. The broker may hold some of them too (at least
+    once)."""
+    done = publisher.published_before(interruption)
+    outbox.delete([call.id for call in calls[:done] if call.outbox], using)
+    if calls[done:]:
+        _spill(calls[done:], using, interruption)
 
 
 def _spill(calls: list[PendingCall], using: str, error: BaseException | None) -> list[PendingCall]:

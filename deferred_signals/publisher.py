@@ -75,9 +75,11 @@ def publish(
 ) -> tuple[int, BaseException | None]:
     """Publish ``calls`` in order; return how many the broker confirmed, and the error if not all.
 
-    Never raises. The confirmed ones are a prefix of ``calls``, and, after a call the broker
-    refused, those :func:`taken` finds. ``deadline`` (``time.monotonic()``): the
-    caller's, shared by its attempts; by default ``PUBLISH_TIMEOUT`` from now.
+    Never raises an ``Exception``; a ``BaseException`` that is not one goes on up, saying
+    how many calls were confirmed before it (:func:`published_before`). The confirmed ones
+    are a prefix of ``calls``, and, after a call the broker refused, those :func:`taken`
+    finds. ``deadline`` (``time.monotonic()``): the caller's, shared by its attempts; by
+    default ``PUBLISH_TIMEOUT`` from now.
     """
     if always_eager():
         return _apply_eagerly(calls)
@@ -98,7 +100,12 @@ def publish(
             cooldown.clear()
             failure = None
             break
-        except Exception as error:
+        except BaseException as error:
+            if not isinstance(error, Exception):
+                # KeyboardInterrupt, SystemExit, gevent's Timeout: not ours to swallow, but
+                # the caller spills what the broker had not confirmed before it.
+                _note_published(error, progress.done)
+                raise
             failure = error
             if not broker.is_broker_failure(error):
                 # A bug, or kombu internals that changed: the broker is not to blame, so
@@ -119,6 +126,23 @@ def publish(
     done, _ = taken(calls, progress.done, failure)
     _confirmed(done, len(done), started)
     return progress.done, failure
+
+
+#: Set on a ``BaseException`` that is not an ``Exception`` (KeyboardInterrupt, SystemExit,
+#: gevent's Timeout) as it leaves :func:`publish`: how many calls the broker had confirmed.
+PUBLISHED_BEFORE = "deferred_signals_published_before"
+
+
+def _note_published(error: BaseException, done: int) -> None:
+    with suppress(AttributeError, TypeError):  # an exception that takes no attributes
+        setattr(error, PUBLISHED_BEFORE, done)
+
+
+def published_before(error: BaseException) -> int:
+    """How many calls :func:`publish` had confirmed when ``error`` (not an ``Exception``)
+    interrupted it; 0 when it does not say (all of them are then spilled: at least once)."""
+    done = getattr(error, PUBLISHED_BEFORE, 0)
+    return done if isinstance(done, int) else 0
 
 
 def _short_changed(started: float, deadline: float) -> bool:
@@ -170,7 +194,10 @@ def _apply_eagerly(calls: Sequence[PendingCall]) -> tuple[int, BaseException | N
             publish_fallback(
                 None, call.handler.task, call.id, call.body, call.handler.merged.publish
             )
-        except Exception as error:
+        except BaseException as error:
+            if not isinstance(error, Exception):
+                _note_published(error, done)
+                raise
             if getattr(error, HANDLER_FAILED, False):
                 # ``task_eager_propagates``: the handler ran here and failed for good, which
                 # its task logged and kept as a dead letter, as on a worker. Not a failure to
