@@ -20,7 +20,7 @@ from typing import Any
 from django.db import transaction
 from kombu.utils import json as kombu_json
 
-from . import outbox, publisher, signals
+from . import broker, outbox, publisher, signals
 from .calls import HANDLER_FAILED
 from .conf import conf
 from .exceptions import BrokerUnavailable, PublishTimeout
@@ -344,10 +344,26 @@ def _interrupted(calls: list[PendingCall], using: str, interruption: BaseExcepti
         _spill(calls[done:], using, interruption)
 
 
+#: Longest error text quoted on a spilled call's line.
+REASON_LENGTH = 300
+
+
 def _spill(calls: list[PendingCall], using: str, error: BaseException | None) -> list[PendingCall]:
     cooling = isinstance(error, BrokerUnavailable)
-    if not cooling:  # the traceback once per failure, not once per call or per request
-        logger.warning(
+    # A broker down, refusing or too slow is no bug: each call's line says what it answered,
+    # and kombu's traceback (some 20 frames, for each commit that tries it during an outage)
+    # goes to DEBUG. Anything else is a bug to find: its traceback at WARNING. Once per
+    # failure either way, not once per call.
+    expected = isinstance(error, Exception) and broker.is_broker_failure(error)
+    if cooling:
+        reason = "broker cooling down"
+    elif expected:
+        reason = f"{type(error).__name__}: {error}"[:REASON_LENGTH]
+    else:  # the text of a bug's exception may quote the call's arguments
+        reason = type(error).__name__
+    if not cooling:
+        logger.log(
+            logging.DEBUG if expected else logging.WARNING,
             "deferred_signals could not publish %d committed call(s); they go to the outbox "
             "of database %r for the relay",
             len(calls),
@@ -364,7 +380,7 @@ def _spill(calls: list[PendingCall], using: str, error: BaseException | None) ->
             call.handler.name,
             call.id,
             summary(call.body),
-            "broker cooling down" if cooling else type(error).__name__,
+            reason,
         )
         lost = not (call.outbox or spilled)
         signal = signals.call_lost if lost else signals.call_spilled
