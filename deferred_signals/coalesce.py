@@ -105,7 +105,7 @@ class _Transaction:
         member = _Member(call, body, call.id)
         if call.outbox and not conf.eager:
             _write_outbox(member, previous is None, self.using)
-        robust = not conf.eager_propagates
+        robust = dispatch.robust()
         connection.on_commit(member, robust=robust)
         callbacks = connection.run_on_commit
         member.index = len(callbacks) - 1

@@ -20,7 +20,8 @@ from typing import Any
 from django.db import transaction
 from kombu.utils import json as kombu_json
 
-from . import outbox, publisher, signals
+from . import broker, outbox, publisher, signals
+from .calls import HANDLER_FAILED
 from .conf import conf
 from .exceptions import BrokerUnavailable, PublishTimeout
 from .frozen import Frozen, thaw
@@ -134,15 +135,21 @@ class PendingCall(CommitHook):
 
 def _guarded(release: Callable[..., object], *args: Any) -> None:
     """``release(*args)`` in a commit hook: an error is logged, never raised to Django, but
-    with ``EAGER_PROPAGATES`` (tests asked for the handler's exception). Django's robust
-    ``on_commit`` logs ``func.__qualname__``, which an instance lacks, so the request would
-    fail on an AttributeError instead."""
+    a handler's own with ``EAGER_PROPAGATES`` or Celery's ``task_eager_propagates`` (tests
+    asked for it). Django's robust ``on_commit`` logs ``func.__qualname__``, which an instance
+    lacks, so the request would fail on an AttributeError instead."""
     try:
         release(*args)
-    except Exception:
-        if conf.eager_propagates:
+    except Exception as error:
+        if conf.eager_propagates or getattr(error, HANDLER_FAILED, False):
             raise
         logger.exception("deferred_signals: handing committed calls over failed")
+
+
+def robust() -> bool:
+    """Whether the package's commit hooks go in Django's ``on_commit`` as robust: not when a
+    test asked for handlers' exceptions (which Django's robust hooks would log and swallow)."""
+    return not (conf.eager_propagates or publisher.eager_propagates())
 
 
 class Batch:
@@ -193,7 +200,7 @@ def enqueue(call: PendingCall, using: str) -> None:
         outbox.write(call, using)  # raises OutboxWriteError, naming the handler and the fix
     batch = _open_batch(connection) or Batch(using)
     batch.add(call)
-    connection.on_commit(call, robust=not conf.eager_propagates)
+    connection.on_commit(call, robust=robust())
 
 
 def _open_batch(connection: Any) -> Batch | None:
@@ -240,7 +247,7 @@ def _wait_for(calls: list[PendingCall], using: str) -> list[PendingCall]:
         # At the level of that whole transaction (no savepoint id, as coalescing's finisher):
         # both commits happened once it commits, whatever savepoint of it rolls back since.
         connection = transaction.get_connection(alias)
-        connection.run_on_commit.append((set(), _Held(held, using), not conf.eager_propagates))
+        connection.run_on_commit.append((set(), _Held(held, using), robust()))
     return now
 
 
@@ -269,7 +276,9 @@ def flush(calls: list[PendingCall], using: str) -> list[PendingCall]:
 
     Returns the calls lost: neither the broker nor the outbox took them (logged). Never
     raises, but for a handler's own exception with ``EAGER_PROPAGATES``: the data is
-    committed already, so a broker failure must not reach the request.
+    committed already, so a broker failure must not reach the request. A ``BaseException``
+    that is not an ``Exception`` (``KeyboardInterrupt``, ``SystemExit``, gevent's ``Timeout``)
+    goes on up once the calls the broker had not confirmed are spilled.
     """
     if waiting and capture is None:
         calls = _wait_for(calls, using)
@@ -295,12 +304,21 @@ def flush(calls: list[PendingCall], using: str) -> list[PendingCall]:
                 broker_answering=True,
             )
             return lost + _spill(calls, using, ran_out)
-        confirmed, error = publisher.publish(calls, deadline)
+        try:
+            confirmed, error = publisher.publish(calls, deadline)
+        except BaseException as interruption:
+            _interrupted(calls, using, interruption)
+            raise
         done, failed = publisher.taken(calls, confirmed, error)
         published = [call.id for call in done if call.outbox]
         if published:
             outbox.delete(published, using)
         if not failed:
+            if error is not None and getattr(error, HANDLER_FAILED, False):
+                # Celery's task_always_eager with task_eager_propagates: every call ran (the
+                # failing one is a dead letter already, not to be spilled and run again) and
+                # its outbox rows are gone; the test asked for the handler's exception.
+                raise error
             return lost
         # One call refused (its queue, its message) or failing on our side: it and the
         # unconfirmed ones before it go to the outbox, the calls after it go on.
@@ -315,10 +333,37 @@ def flush(calls: list[PendingCall], using: str) -> list[PendingCall]:
     return lost + _spill(failed, using, error)
 
 
+def _interrupted(calls: list[PendingCall], using: str, interruption: BaseException) -> None:
+    """A ``KeyboardInterrupt``, ``SystemExit`` or gevent ``Timeout`` cut the publish short,
+    after the commit: every call the broker had not confirmed goes to the outbox before it goes
+    on up, or nothing would ever publish them. The broker may hold some of them too (at least
+    once)."""
+    done = publisher.published_before(interruption)
+    outbox.delete([call.id for call in calls[:done] if call.outbox], using)
+    if calls[done:]:
+        _spill(calls[done:], using, interruption)
+
+
+#: Longest error text quoted on a spilled call's line.
+REASON_LENGTH = 300
+
+
 def _spill(calls: list[PendingCall], using: str, error: BaseException | None) -> list[PendingCall]:
     cooling = isinstance(error, BrokerUnavailable)
-    if not cooling:  # the traceback once per failure, not once per call or per request
-        logger.warning(
+    # A broker down, refusing or too slow is no bug: each call's line says what it answered,
+    # and kombu's traceback (some 20 frames, for each commit that tries it during an outage)
+    # goes to DEBUG. Anything else is a bug to find: its traceback at WARNING. Once per
+    # failure either way, not once per call.
+    expected = isinstance(error, Exception) and broker.is_broker_failure(error)
+    if cooling:
+        reason = "broker cooling down"
+    elif expected:
+        reason = f"{type(error).__name__}: {error}"[:REASON_LENGTH]
+    else:  # the text of a bug's exception may quote the call's arguments
+        reason = type(error).__name__
+    if not cooling:
+        logger.log(
+            logging.DEBUG if expected else logging.WARNING,
             "deferred_signals could not publish %d committed call(s); they go to the outbox "
             "of database %r for the relay",
             len(calls),
@@ -335,7 +380,7 @@ def _spill(calls: list[PendingCall], using: str, error: BaseException | None) ->
             call.handler.name,
             call.id,
             summary(call.body),
-            "broker cooling down" if cooling else type(error).__name__,
+            reason,
         )
         lost = not (call.outbox or spilled)
         signal = signals.call_lost if lost else signals.call_spilled
@@ -345,15 +390,24 @@ def _spill(calls: list[PendingCall], using: str, error: BaseException | None) ->
 
 
 def run_inline(calls: list[PendingCall]) -> None:
-    """``EAGER``: run each call here, through kombu's JSON encode/decode, as a worker would."""
+    """``EAGER``: run each call here, through kombu's JSON encode/decode, as a worker would.
+
+    With ``EAGER_PROPAGATES`` the first handler's exception is raised once every call has
+    run, as the worker would run them all: a failing handler does not take the calls after
+    it with it."""
+    first: Exception | None = None
     for call in calls:
         try:
             body = kombu_json.loads(kombu_json.dumps(call.body))
             decode_call(call.handler, body).run(call.id)
         except Exception as error:
             if conf.eager_propagates:
-                raise
+                if first is None:
+                    first = error
+                continue
             # The exception's text may quote the call's arguments: the traceback at DEBUG.
             name, kind = call.handler.name, type(error).__name__
             logger.error("Deferred handler %s failed (EAGER) [%s]: %s", name, call.id, kind)
             logger.debug("Deferred handler %s failed (EAGER) [%s]", name, call.id, exc_info=error)
+    if first is not None:
+        raise first

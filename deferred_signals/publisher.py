@@ -75,9 +75,13 @@ def publish(
 ) -> tuple[int, BaseException | None]:
     """Publish ``calls`` in order; return how many the broker confirmed, and the error if not all.
 
-    Never raises. The confirmed ones are a prefix of ``calls``, and, after a call the broker
-    refused, those :func:`taken` finds. ``deadline`` (``time.monotonic()``): the
-    caller's, shared by its attempts; by default ``PUBLISH_TIMEOUT`` from now.
+    Never raises an ``Exception``; a ``BaseException`` that is not one goes on up, saying
+    how many calls were confirmed before it (:func:`published_before`). The confirmed ones
+    are a prefix of ``calls``, and, after a call the broker refused, those :func:`taken`
+    finds. ``deadline`` (``time.monotonic()``): the caller's, shared by its attempts; by
+    default ``PUBLISH_TIMEOUT`` from now. (With Celery's ``task_always_eager`` and
+    ``task_eager_propagates``, all of them may be done and the error the first handler's
+    exception: :func:`_apply_eagerly`.)
     """
     if always_eager():
         return _apply_eagerly(calls)
@@ -98,7 +102,12 @@ def publish(
             cooldown.clear()
             failure = None
             break
-        except Exception as error:
+        except BaseException as error:
+            if not isinstance(error, Exception):
+                # KeyboardInterrupt, SystemExit, gevent's Timeout: not ours to swallow, but
+                # the caller spills what the broker had not confirmed before it.
+                _note_published(error, progress.done)
+                raise
             failure = error
             if not broker.is_broker_failure(error):
                 # A bug, or kombu internals that changed: the broker is not to blame, so
@@ -127,6 +136,23 @@ def publish(
     return progress.done, failure
 
 
+#: Set on a ``BaseException`` that is not an ``Exception`` (KeyboardInterrupt, SystemExit,
+#: gevent's Timeout) as it leaves :func:`publish`: how many calls the broker had confirmed.
+PUBLISHED_BEFORE = "deferred_signals_published_before"
+
+
+def _note_published(error: BaseException, done: int) -> None:
+    with suppress(AttributeError, TypeError):  # an exception that takes no attributes
+        setattr(error, PUBLISHED_BEFORE, done)
+
+
+def published_before(error: BaseException) -> int:
+    """How many calls :func:`publish` had confirmed when ``error`` (not an ``Exception``)
+    interrupted it; 0 when it does not say (all of them are then spilled: at least once)."""
+    done = getattr(error, PUBLISHED_BEFORE, 0)
+    return done if isinstance(done, int) else 0
+
+
 def _short_changed(started: float, deadline: float) -> bool:
     """An attempt that ran out of a budget an earlier attempt of its commit mostly used up
     (after a refusal: the broker answered that one). Silence for less than half of
@@ -151,37 +177,75 @@ def taken(
     ]
 
 
-#: (app, its own change of task_always_eager, conf.generation, task_always_eager): reading
-#: app.conf through Django's settings costs some 30 us, too much for every commit.
-_eager: tuple[Any, Any, int, bool] | None = None
+#: (app, its own changes of task_always_eager and task_eager_propagates, conf.generation,
+#: and the two settings): reading app.conf through Django's settings costs some 30 us, too
+#: much for every commit.
+_eager: tuple[Any, Any, Any, int, bool, bool] | None = None
+
+
+def _eager_settings() -> tuple[Any, ...]:
+    global _eager
+    app = get_current_app()
+    app_conf = app.conf
+    changes = app_conf.changes or {}
+    always, propagates = changes.get("task_always_eager"), changes.get("task_eager_propagates")
+    seen = _eager
+    if (
+        seen is None
+        or seen[0] is not app
+        or seen[1] is not always
+        or seen[2] is not propagates
+        or seen[3] != conf.generation
+    ):
+        seen = _eager = (
+            app,
+            always,
+            propagates,
+            conf.generation,
+            bool(app_conf.task_always_eager),
+            bool(app_conf.task_eager_propagates),
+        )
+    return seen
 
 
 def always_eager() -> bool:
     """Celery's ``task_always_eager`` for the current app (a project's test settings)."""
-    global _eager
-    app = get_current_app()
-    app_conf = app.conf
-    changed = (app_conf.changes or {}).get("task_always_eager")
-    seen = _eager
-    if seen is None or seen[0] is not app or seen[1] is not changed or seen[2] != conf.generation:
-        seen = _eager = (app, changed, conf.generation, bool(app_conf.task_always_eager))
-    return seen[3]
+    return bool(_eager_settings()[4])
+
+
+def eager_propagates() -> bool:
+    """Celery's ``task_always_eager`` with ``task_eager_propagates``: a deferred handler's
+    exception is to reach the code that committed (a test), as a Celery task's does."""
+    seen = _eager_settings()
+    return bool(seen[4] and seen[5])
 
 
 def _apply_eagerly(calls: Sequence[PendingCall]) -> tuple[int, BaseException | None]:
     """``task_always_eager``: ``apply_async`` runs each task here, as Celery does for its own
-    tasks, without a connection to the broker (none may be running where tests run)."""
+    tasks, without a connection to the broker (none may be running where tests run).
+
+    With ``task_eager_propagates``, a handler failing for good raises here: the call ran (a
+    dead letter now, not to be spilled and run again), and so do the calls after it. The first
+    such exception is returned with every call done, for the caller to raise
+    (:data:`~deferred_signals.calls.HANDLER_FAILED` marks it) once it has done its part.
+    """
     started, done, failure = time.monotonic(), 0, None
+    handler_failed: BaseException | None = None
     for call in calls:
         try:
             publish_fallback(
                 None, call.handler.task, call.id, call.body, call.handler.merged.publish
             )
-        except Exception as error:
+        except BaseException as error:
+            if not isinstance(error, Exception):
+                _note_published(error, done)
+                raise
             if getattr(error, HANDLER_FAILED, False):
-                # ``task_eager_propagates``: the handler ran here and failed for good, which
-                # its task logged and kept as a dead letter, as on a worker. Not a failure to
-                # publish: spilled, the call would run again from the outbox.
+                # The handler ran here and failed for good, which its task logged and kept
+                # as a dead letter, as on a worker. Not a failure to publish: spilled, the
+                # call would run again from the outbox.
+                if handler_failed is None:
+                    handler_failed = error
                 done += 1
                 continue
             _blame(error, call)
@@ -189,7 +253,7 @@ def _apply_eagerly(calls: Sequence[PendingCall]) -> tuple[int, BaseException | N
             break
         done += 1
     _confirmed(calls, done, started)
-    return done, failure
+    return done, failure or handler_failed
 
 
 def _confirmed(calls: Sequence[PendingCall], done: int, started: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from pytest_django.fixtures import Settings as SettingsWrapper
 
 import tests.celery_app  # noqa: F401  (the project's Celery app is current, as in a project)
 from deferred_signals import publisher
+from tests.private_redis import PrivateRedis
 from tests.testapp import handlers
 from tests.testapp.models import Record
 from tests.workers import PUBLISH_REDIS_URL, Worker, make_app
@@ -57,6 +59,24 @@ def require(name: str) -> None:
         return
     port, label, how = SERVICES[name]
     missing(f"{label} is not reachable on 127.0.0.1:{port}; start it with: {how}")
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
+    """``private_redis(*arguments)``: a started redis-server of the test's own (arguments
+    for ``redis-server``), stopped after the test (:mod:`tests.private_redis`)."""
+    if shutil.which("redis-server") is None:
+        missing("no redis-server binary here; install it with: apt-get install redis-server")
+    started: list[PrivateRedis] = []
+
+    def start(*arguments: str) -> PrivateRedis:
+        server = PrivateRedis(tmp_path, *arguments)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 def on_postgres() -> bool:

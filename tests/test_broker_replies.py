@@ -25,7 +25,6 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import suppress
-from pathlib import Path
 from queue import Queue
 from typing import Any
 
@@ -39,6 +38,17 @@ from deferred_signals.models import OutboxCall
 from deferred_signals.outbox import body_text
 from deferred_signals.relay import Relay
 from tests.conftest import missing, require, use_app
+from tests.private_redis import (
+    PrivateRedis,
+    misconf,
+    misconf_over,
+    oom,
+    oom_over,
+    read_only,
+    read_only_over,
+    wrong_password,
+    wrong_password_over,
+)
 from tests.testapp.models import Author
 from tests.testapp.signals import slow_signal, user_registered
 from tests.workers import make_app
@@ -48,72 +58,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 TIMEOUT = 2.0  # PUBLISH_TIMEOUT's default
 MODES = ["on_commit", "outbox"]
 OTHER = "tests.testapp.handlers.marker"  # slow_signal's handler, routed to a queue of its own
-
-
-class PrivateRedis:
-    """A ``redis-server`` of one test's own on 127.0.0.1, with no persistence."""
-
-    def __init__(self, directory: Path, *arguments: str) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.log = directory / f"redis-{self.port}.log"
-        command = [
-            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(directory),
-            "--logfile", str(self.log), *arguments,
-        ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        import redis
-
-        self.password = _password(arguments)
-        self.admin(self.password)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.client.ping()
-                break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail(f"redis-server did not start: {self.log.read_text()[-2000:]}")
-                time.sleep(0.02)
-
-    def admin(self, password: str | None) -> None:
-        """The test's own client, logging in with ``password``."""
-        import redis
-
-        self.client = redis.Redis(port=self.port, password=password)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def _password(arguments: tuple[str, ...]) -> str | None:
-    return arguments[arguments.index("--requirepass") + 1] if "--requirepass" in arguments else None
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[Any]:
-    """``private_redis(*arguments)``: a started private redis-server, stopped after the test."""
-    if shutil.which("redis-server") is None:
-        missing("no redis-server binary here; install it with: apt-get install redis-server")
-    started: list[PrivateRedis] = []
-
-    def start(*arguments: str) -> PrivateRedis:
-        server = PrivateRedis(tmp_path, *arguments)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def commit(label: str, i: int, **extra: Any) -> float:
@@ -172,63 +116,6 @@ def report(what: str, committed: int, seen: Counter[Any], durations: list[float]
     )
 
 
-# --- faults: how to make a private Redis refuse writes, and how to make it accept them again
-
-
-def oom(server: PrivateRedis) -> None:
-    """Full, with nothing to evict: every write is refused with OOM."""
-    server.client.config_set("maxmemory-policy", "noeviction")
-    server.client.set("filler", b"x" * 2_000_000)
-    server.client.config_set("maxmemory", 1_000_000)
-
-
-def oom_over(server: PrivateRedis) -> None:
-    server.client.delete("filler")
-    server.client.config_set("maxmemory", 0)
-
-
-def read_only(server: PrivateRedis) -> None:
-    """A replica (of a primary that is not there): every write is refused with READONLY."""
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
-    server.client.replicaof("127.0.0.1", dead)
-
-
-def read_only_over(server: PrivateRedis) -> None:
-    server.client.replicaof("NO", "ONE")
-
-
-def misconf(server: PrivateRedis) -> None:
-    """The last snapshot failed and stop-writes-on-bgsave-error is on: MISCONF."""
-    gone = Path(server.log.parent, f"gone-{server.port}")
-    gone.mkdir()
-    server.client.config_set("save", "3600 1")
-    server.client.config_set("dir", str(gone))
-    gone.rmdir()  # the snapshot cannot create its file
-    server.client.bgsave()
-    deadline = time.monotonic() + 10
-    while server.client.info("persistence")["rdb_last_bgsave_status"] != "err":
-        assert time.monotonic() < deadline, "the failing BGSAVE did not fail"
-        time.sleep(0.02)
-
-
-def misconf_over(server: PrivateRedis) -> None:
-    server.client.config_set("stop-writes-on-bgsave-error", "no")
-
-
-def wrong_password(server: PrivateRedis) -> None:
-    """The password changed and every connection was closed: each new one gets WRONGPASS."""
-    server.client.config_set("requirepass", "changed")
-    server.client.client_kill_filter(_type="normal", skipme=True)
-    server.admin("changed")
-
-
-def wrong_password_over(server: PrivateRedis) -> None:
-    server.client.config_set("requirepass", "secret")
-    server.admin("secret")
-
-
 FAULTS = {
     "OOM": (oom, oom_over, ()),
     "READONLY": (read_only, read_only_over, ()),
@@ -281,7 +168,8 @@ def test_a_write_redis_refuses_is_spilled_and_relayed_once(
         with caplog.at_level(logging.WARNING, logger="deferred_signals"):
             durations += [commit(fault, i) for i in range(20)]
         assert OutboxCall.objects.count() == 20, "every refused call is in the outbox"
-        assert WORDS[fault] in caplog.text and "go to the outbox" in caplog.text
+        fate = "spilled" if mode == "on_commit" else "kept in the outbox"
+        assert WORDS[fault] in caplog.text and f"{fate}: tests.user_event" in caplog.text
 
         publisher.cooldown.clear()
         assert Relay().run_once() == 0, "the relay counts nothing Redis refused"

@@ -19,7 +19,7 @@ from deferred_signals.exceptions import PublishRefused
 from deferred_signals.messages import Message, MessageBuilder
 from deferred_signals.redispush import RedisPush
 from tests.conftest import current, require
-from tests.test_broker_replies import oom, oom_over, private_redis  # noqa: F401 (a fixture)
+from tests.private_redis import oom, oom_over
 from tests.workers import PUBLISH_REDIS_URL, make_app
 
 URL = PUBLISH_REDIS_URL
@@ -177,7 +177,7 @@ def test_a_list_of_another_type_refuses_only_its_own_messages(redis_client: Any)
 
 @pytest.mark.parametrize("queues", [1, 2])
 def test_an_error_reply_fails_the_batch_and_the_next_uses_a_new_socket(
-    private_redis: Any,  # noqa: F811 (the fixture imported above)
+    private_redis: Any,
     queues: int,
 ) -> None:
     server = private_redis()  # made short of memory: not the shared server

@@ -386,6 +386,27 @@ def test_eager_propagates_raises_the_handlers_exception() -> None:
         flaky_signal.send(sender=None, key="boom-autocommit", fail_times=1)
 
 
+def test_eager_propagates_raises_the_first_failure_once_the_whole_batch_ran() -> None:
+    """A failing handler does not take the calls after it with it, as on a worker: they run,
+    and the first exception is raised after them."""
+    from tests.testapp.handlers import FlakyError
+    from tests.testapp.signals import flaky_signal
+
+    eager = {"EAGER": True, "EAGER_PROPAGATES": True}
+    with (
+        override_settings(DEFERRED_SIGNALS=eager),
+        pytest.raises(FlakyError, match="attempt 1 of first"),
+        transaction.atomic(),
+    ):
+        flaky_signal.send(sender=None, key="first", fail_times=1)
+        user_registered.send(sender=None, label="after it")
+        flaky_signal.send(sender=None, key="second", fail_times=1)
+    from tests.testapp.models import Attempt
+
+    assert len(records("user_event")) == 1
+    assert dict(Attempt.objects.values_list("key", "count")) == {"first": 1, "second": 1}
+
+
 def test_an_instance_read_from_another_database_does_not_release_the_call_early() -> None:
     author = Author.objects.using("other").create(name="read from a replica")
     with transaction.atomic():  # the business transaction, on default
