@@ -15,7 +15,7 @@ from kombu.utils import json as kombu_json
 
 from . import outbox, registry
 from .conf import conf
-from .dispatch import CommitHook, PendingCall, _guarded, flush, in_transaction
+from .dispatch import CommitHook, PendingCall, _guarded, flush, in_transaction, robust
 from .tasks import MESSAGE_KEYS
 
 if TYPE_CHECKING:
@@ -106,11 +106,9 @@ def replay(
     # transaction, if any, holds the claims.
     using = _written_on(claimed[0][0])
     if in_transaction(transaction.get_connection(using)):
-        # Not robust with EAGER_PROPAGATES, as a deferred call's own callback: the handler's
-        # exception reaches the test.
-        transaction.on_commit(
-            ReplayAtCommit(claimed, now), using=using, robust=not conf.eager_propagates
-        )
+        # Not robust with EAGER_PROPAGATES (or Celery's eager propagation), as a deferred
+        # call's own callback: the handler's exception reaches the test.
+        transaction.on_commit(ReplayAtCommit(claimed, now), using=using, robust=robust())
         return [letter for letter, _ in claimed], skipped
     lost = _publish(claimed, now)
     skipped += [_skip(letter, LOST if letter.replayed_at is None else STUCK) for letter in lost]

@@ -106,6 +106,29 @@ def test_eager_propagates_a_replay_at_commit_raises_the_handlers_error(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_celery_eager_propagates_a_replay_at_commit_raises_the_handlers_error(
+    settings: SettingsWrapper,
+) -> None:
+    """Celery's ``task_always_eager`` + ``task_eager_propagates`` (a project's test settings):
+    a replay at commit whose handler fails again raises the handler's error into the test, as
+    a deferred call's does, not Django's robust on_commit logging an AttributeError."""
+    from deferred_signals.replay import replay
+    from tests.testapp.handlers import FlakyError
+
+    settings.DEFERRED_SIGNALS = {
+        **settings.DEFERRED_SIGNALS,
+        "HANDLERS": {FLAKY: {"max_retries": 0}},  # fails for good at once
+    }
+    app = make_app("replay-celery-eager", "redis://127.0.0.1:1/0")  # nothing listens
+    with use_app(app, settings, "nowhere"):
+        app.conf.task_always_eager = True
+        app.conf.task_eager_propagates = True
+        flaky_letter("celery-eager-commit")
+        with pytest.raises(FlakyError), transaction.atomic():
+            replay(DeadLetter.objects.all())
+
+
+@pytest.mark.django_db(transaction=True)
 def test_eager_propagates_a_replay_whose_handler_raises_is_not_left_marked(
     settings: SettingsWrapper,
 ) -> None:
