@@ -24,7 +24,7 @@ from kombu.exceptions import ConnectionError as KombuConnectionError
 
 from .conf import conf
 from .exceptions import BrokerUnavailable, PublishRefused, PublishTimeout
-from .redispush import wrong_type
+from .redis_wire import wrong_type
 
 logger = logging.getLogger("deferred_signals")
 

@@ -225,7 +225,7 @@ def test_one_connection_serves_every_batch_of_a_producer(redis_client: Any) -> N
 
 def test_commands_are_packed_as_redis_py_packs_them() -> None:
     redis = pytest.importorskip("redis")
-    from deferred_signals.redispush import _pack, _runs
+    from deferred_signals import redis_wire
 
     pairs = [
         ("queue", "héllo"),
@@ -235,7 +235,7 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
         ("queue", "back"),
         ("queue", "and more"),
     ]
-    runs = _runs(pairs)
+    runs = redis_wire.runs(pairs)
     assert runs == [
         ("queue", ["héllo", "again"]),
         ("queue\x06\x163", ["x" * 7000]),
@@ -243,7 +243,7 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
         ("queue", ["back", "and more"]),
     ]
     expected = redis.Connection().pack_commands([("LPUSH", key, *values) for key, values in runs])
-    assert _pack(runs) == b"".join(expected)
+    assert redis_wire.pack(runs) == b"".join(expected)
 
 
 def test_a_run_of_messages_to_one_list_is_one_command_in_their_order(redis_client: Any) -> None:
@@ -317,7 +317,7 @@ def test_a_json_encoder_of_the_projects_own_goes_through_kombu(
 
 def test_a_pool_of_redis_py_before_5_3_is_asked_with_a_command_name() -> None:
     """redis-py < 5.3 requires ``get_connection(command_name)``; later ones warn when given."""
-    from deferred_signals import redispush
+    from deferred_signals import redis_wire
 
     class OldPool:
         def get_connection(self, command_name: str, *keys: Any, **options: Any) -> Any:
@@ -327,8 +327,8 @@ def test_a_pool_of_redis_py_before_5_3_is_asked_with_a_command_name() -> None:
         def get_connection(self) -> Any:
             return "connection"
 
-    assert redispush._checkout(OldPool()) == ("connection for", "LPUSH")
-    assert redispush._checkout(NewPool()) == "connection"
+    assert redis_wire.checkout(OldPool()) == ("connection for", "LPUSH")
+    assert redis_wire.checkout(NewPool()) == "connection"
 
 
 # --- the envelope template of a route ---------------------------------------------------------
@@ -501,19 +501,19 @@ def test_a_push_is_kept_per_producer_until_its_exchange_changes(redis_client: An
         assert RedisPush.of(producer) is not kept
 
 
-def test_a_kept_connection_is_stale_exactly_when_redis_py_can_read_from_it(
+def test_a_kept_connection_isstale_exactly_when_redis_pycan_read_from_it(
     redis_client: Any,
 ) -> None:
-    """``_stale`` asks with one poll what ``Connection.can_read()`` asks with a recv."""
+    """``stale`` asks with one poll what ``Connection.can_read()`` asks with a recv."""
     import time
 
     import redis
 
-    from deferred_signals.redispush import _can_read, _checkout, _stale
+    from deferred_signals.redis_wire import can_read, checkout, stale
 
     def connected() -> Any:
         # redis-py before 5.3 wants a command name: ask as the push does.
-        connection = _checkout(redis.Redis.from_url(URL).connection_pool)
+        connection = checkout(redis.Redis.from_url(URL).connection_pool)
         connection.connect()
         return connection
 
@@ -525,15 +525,15 @@ def test_a_kept_connection_is_stale_exactly_when_redis_py_can_read_from_it(
         return False
 
     idle = connected()
-    assert _stale(idle) is False
-    assert _can_read(idle) is False
+    assert stale(idle) is False
+    assert can_read(idle) is False
     # A reply nobody read: bytes waiting on the socket.
-    for check in (_stale, _can_read):
+    for check in (stale, can_read):
         unread = connected()
         unread.send_command("PING")
         assert settled(check, unread)
     # The server closed it (a restart, an idle timeout, CLIENT KILL).
-    for check in (_stale, _can_read):
+    for check in (stale, can_read):
         killed = connected()
         killed.send_command("CLIENT", "ID")
         client_id = killed.read_response()
@@ -542,8 +542,8 @@ def test_a_kept_connection_is_stale_exactly_when_redis_py_can_read_from_it(
     # Bytes already in redis-py's own buffer, none on the socket.
     buffered = connected()
     buffered.send_command("PING")
-    assert settled(_can_read, buffered)  # reads the reply into the parser's buffer
-    assert _stale(buffered) is True
+    assert settled(can_read, buffered)  # reads the reply into the parser's buffer
+    assert stale(buffered) is True
     for connection in (idle, unread, killed, buffered):
         connection.disconnect()
 
@@ -582,8 +582,8 @@ def test_a_transaction_redis_aborted_is_not_taken_as_written() -> None:
     require("redis")
     import redis
 
-    from deferred_signals.redispush import _read_transaction
+    from deferred_signals.redis_wire import read_transaction
 
-    _read_transaction(_Replies(b"OK", b"QUEUED", b"QUEUED", [1, 2]), 2)  # written
+    read_transaction(_Replies(b"OK", b"QUEUED", b"QUEUED", [1, 2]), 2)  # written
     with pytest.raises(redis.WatchError, match="nothing ran"):
-        _read_transaction(_Replies(b"OK", b"QUEUED", b"QUEUED", None), 2)
+        read_transaction(_Replies(b"OK", b"QUEUED", b"QUEUED", None), 2)
