@@ -14,6 +14,8 @@ import inspect
 import select
 from typing import Any
 
+from kombu import exceptions as kombu_exceptions
+
 from .exceptions import PublishRefused
 
 RedisConnectionError: Any
@@ -28,14 +30,21 @@ try:  # kombu's Redis transport needs redis-py
 except ImportError:  # pragma: no cover - redis-py is a test and example dependency
     RedisConnectionError = RedisResponseError = RedisTimeoutError = RedisWatchError = None
 
+#: kombu >= 5.7's error for a failed pipeline of its own (Redis's reply is its cause).
+_BatchPublishError: Any = getattr(kombu_exceptions, "BatchPublishError", ())
+
 MULTI = b"*1\r\n$5\r\nMULTI\r\n"
 EXEC = b"*1\r\n$4\r\nEXEC\r\n"
 
 
-def wrong_type(error: BaseException) -> bool:
+def wrong_type(error: BaseException | None) -> bool:
     """Redis's ``WRONGTYPE``: the key of a queue holds another type (a string, a hash), so
     Redis refuses that list's commands (``LPUSH``, and ``LLEN`` in kombu's declare) and
-    takes the others: a refusal of that queue's calls, not an outage."""
+    takes the others: a refusal of that queue's calls, not an outage. Also when kombu's own
+    pipeline met it (the calls the push leaves to kombu): its ``BatchPublishError`` carries
+    Redis's reply as its cause."""
+    if isinstance(error, _BatchPublishError):
+        error = error.__cause__
     return (
         RedisResponseError is not None
         and isinstance(error, RedisResponseError)

@@ -34,6 +34,8 @@ STUCK = (
 )
 #: Seconds before each new try of a claim the database refused; None: give up.
 CLAIM_WAITS = (0.05, 0.2, None)
+#: Letters claimed before their calls are published, at most (the relay's batch).
+CLAIMS_PER_PUBLISH = 500
 #: Why a letter is not published: its claim failed (the database refused or did not answer).
 UNCLAIMED = "could not be claimed ({}): not published, still a dead letter"
 
@@ -68,6 +70,8 @@ def replay(
     replay killed before the broker confirmed its publish leaves the call to the relay: the
     letter is marked replayed and its call published, or neither. The row is deleted once
     the broker confirms the message; what it does not confirm waits there for the relay.
+    Calls are published as letters are claimed, every :data:`CLAIMS_PER_PUBLISH` claims or
+    quarter of ``OUTBOX_GRACE``, before the relay may take their rows.
     Without a row (``EAGER``, or a transaction when the outbox is on another database) a
     letter whose call neither the broker nor the outbox took is un-marked: it stays a dead
     letter, reported skipped when published at once, logged when published at a commit.
@@ -83,7 +87,9 @@ def replay(
     if dry_run:
         return [letter for letter, _ in chosen], skipped
     now = timezone.now()
+    replayed: list[DeadLetter] = []
     claimed: list[tuple[DeadLetter, PendingCall]] = []
+    first_claim = 0.0
     for letter, call in chosen:
         using = _written_on(letter)
         kept = _keeps(using)
@@ -95,13 +101,31 @@ def replay(
             # Autocommit: this letter's claim rolled back, it stays a dead letter.
             skipped.append(_skip(letter, UNCLAIMED.format(type(error).__name__)))
             continue
-        if taken:
-            call.outbox = kept
-            claimed.append((letter, call))
-        else:
+        if not taken:
             skipped.append(_skip(letter, TAKEN))
-    if not claimed:
-        return [], skipped
+            continue
+        call.outbox = kept
+        if not claimed:
+            first_claim = time.monotonic()
+        claimed.append((letter, call))
+        # A claimed call's outbox row is the relay's once OUTBOX_GRACE is over: publish
+        # (and delete) it well before, not after claiming thousands of letters more.
+        if (
+            len(claimed) >= CLAIMS_PER_PUBLISH
+            or time.monotonic() - first_claim >= conf.outbox_grace / 4
+        ):
+            replayed += _release(claimed, now, skipped)
+            claimed = []
+    if claimed:
+        replayed += _release(claimed, now, skipped)
+    return replayed, skipped
+
+
+def _release(
+    claimed: list[tuple[DeadLetter, PendingCall]], now: datetime.datetime, skipped: list[Skipped]
+) -> list[DeadLetter]:
+    """Publish the calls of ``claimed`` now, or at the commit of the transaction holding
+    their claims; return the letters replayed, adding those lost to ``skipped``."""
     # The letters' write database (a router may read them from a replica): its open
     # transaction, if any, holds the claims.
     using = _written_on(claimed[0][0])
@@ -109,10 +133,10 @@ def replay(
         # Not robust with EAGER_PROPAGATES (or Celery's eager propagation), as a deferred
         # call's own callback: the handler's exception reaches the test.
         transaction.on_commit(ReplayAtCommit(claimed, now), using=using, robust=robust())
-        return [letter for letter, _ in claimed], skipped
+        return [letter for letter, _ in claimed]
     lost = _publish(claimed, now)
     skipped += [_skip(letter, LOST if letter.replayed_at is None else STUCK) for letter in lost]
-    return [letter for letter, _ in claimed if letter not in lost], skipped
+    return [letter for letter, _ in claimed if letter not in lost]
 
 
 class ReplayAtCommit(CommitHook):
