@@ -59,6 +59,9 @@ class _Member(dispatch.CommitHook):
     def __call__(self) -> None:
         self.ran = True
 
+    def take(self) -> None:
+        self.ran = True  # in the commit's list: it survived, its finisher (after it) merges it
+
     def __repr__(self) -> str:
         return f"<coalesced call {self.call.handler.name} [{self.call.id}]>"
 
@@ -123,6 +126,12 @@ class _Transaction:
 
     def release(self) -> None:
         """Publish each group whose calls survived, as one call (the latest finisher runs it)."""
+        calls = self.take()
+        if calls:
+            dispatch.flush(calls, self.using)
+
+    def take(self) -> list[dispatch.PendingCall]:
+        """The merged call of each group whose calls survived, taken from the groups."""
         calls = []
         for key, chain in list(self.chains.items()):
             survivor = next((member for member in reversed(chain) if member.ran), None)
@@ -135,8 +144,7 @@ class _Transaction:
             calls.append(merged)
         if not self.chains and _open.get(self.connection) is self:
             del _open[self.connection]
-        if calls:
-            dispatch.flush(calls, self.using)
+        return calls
 
 
 class _Finisher(dispatch.CommitHook):
@@ -148,6 +156,12 @@ class _Finisher(dispatch.CommitHook):
     def __call__(self) -> None:
         if self.transaction.finisher is self:  # earlier finishers stand for it
             dispatch._guarded(self.transaction.release)
+
+    def take(self) -> tuple[list[dispatch.PendingCall], str] | None:
+        if self.transaction.finisher is not self:
+            return None
+        calls = self.transaction.take()
+        return (calls, self.transaction.using) if calls else None
 
     def __repr__(self) -> str:
         return "<deferred_signals coalesced calls>"

@@ -13,6 +13,7 @@ What the broker does not confirm is written to the outbox (spilled) for the rela
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,12 @@ class CommitHook:
     only outside a capture.)"""
 
     __slots__ = ()
+
+    def take(self) -> tuple[list[PendingCall], str] | None:
+        """The calls this hook would hand over at commit, and their database, taken from it
+        (it hands nothing over after): a commit cut short by a ``BaseException`` spills
+        them (:func:`_spill_rest_of_commit`). None: no calls of its own."""
+        return None
 
 
 class PendingCall(CommitHook):
@@ -129,6 +136,13 @@ class PendingCall(CommitHook):
         assert self.batch is not None
         _guarded(self.batch.release, self)
 
+    def take(self) -> tuple[list[PendingCall], str] | None:
+        batch = self.batch
+        if batch is None:
+            return None
+        calls = batch.take(self)
+        return (calls, batch.using) if calls else None
+
     def __repr__(self) -> str:
         return f"<deferred call {self.handler.name} [{self.id}]>"
 
@@ -175,6 +189,13 @@ class Batch:
         self.end = len(self.calls)
 
     def release(self, call: PendingCall) -> None:
+        released = self.take(call)
+        if released:
+            flush(released, self.using)
+
+    def take(self, call: PendingCall) -> list[PendingCall]:
+        """The calls ``call``'s callback hands over: from it to the end of the batch's
+        pending calls; none if an earlier callback of the batch took them already."""
         self.open = False  # later calls start a batch of their own
         calls = self.calls
         # A call does not keep its index (an int object per call): the first callback to
@@ -185,12 +206,12 @@ class Batch:
             try:
                 index = calls.index(call, 0, self.end)
             except ValueError:
-                return  # released already, with an earlier callback of the batch
+                return []  # released already, with an earlier callback of the batch
         released = calls[index : self.end]
         self.end = index
         if index == 0:
             self.calls = []  # everything is out: let the encoded calls go
-        flush(released, self.using)
+        return released
 
 
 def enqueue(call: PendingCall, using: str) -> None:
@@ -260,7 +281,13 @@ class _Held:
         self.calls, self.using = calls, using
 
     def __call__(self) -> None:
-        _guarded(flush, self.calls, self.using)
+        calls, self.calls = self.calls, []
+        if calls:
+            _guarded(flush, calls, self.using)
+
+    def take(self) -> tuple[list[PendingCall], str] | None:
+        calls, self.calls = self.calls, []
+        return (calls, self.using) if calls else None
 
     def __repr__(self) -> str:
         return f"<deferred calls waiting for a second commit: {len(self.calls)}>"
@@ -342,6 +369,49 @@ def _interrupted(calls: list[PendingCall], using: str, interruption: BaseExcepti
     outbox.delete([call.id for call in calls[:done] if call.outbox], using)
     if calls[done:]:
         _spill(calls[done:], using, interruption)
+    try:
+        _spill_rest_of_commit(interruption)
+    except Exception:  # the interruption goes on up all the same
+        logger.exception("deferred_signals: spilling the rest of an interrupted commit failed")
+
+
+def _spill_rest_of_commit(interruption: BaseException) -> None:
+    """Spill the calls of the commit callbacks Django has not run yet, which it drops as
+    ``interruption`` goes on up through it: the commit's other batches (another savepoint
+    context), coalesced calls, calls that waited for this commit on a second database. The
+    user's own callbacks are dropped all the same: nothing can run them."""
+    rest: dict[str, list[PendingCall]] = {}
+    for callbacks in _unrun_commit_callbacks():
+        for _sids, func, _robust in list(callbacks):
+            if isinstance(func, (CommitHook, _Held)) and (taken := func.take()) is not None:
+                calls, using = taken
+                rest.setdefault(using, []).extend(calls)
+    for using, calls in rest.items():
+        if waiting:
+            calls = _wait_for(calls, using)
+        committed_at = time.time()
+        for call in calls:
+            call.stamp(committed_at)
+        if calls:
+            _spill(calls, using, interruption)
+
+
+def _unrun_commit_callbacks() -> list[list[Any]]:
+    """The callbacks not run yet of each commit running on this thread's stack (innermost
+    first): Django's ``run_and_clear_commit_hooks`` pops them from a list of its own, which
+    only its frame holds. None found (another Django): nothing to spill."""
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    code = BaseDatabaseWrapper.run_and_clear_commit_hooks.__code__
+    found = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            callbacks = frame.f_locals.get("current_run_on_commit")
+            if isinstance(callbacks, list):
+                found.append(callbacks)
+        frame = frame.f_back  # type: ignore[assignment]
+    return found
 
 
 #: Longest error text quoted on a spilled call's line.
