@@ -31,7 +31,7 @@ from benchmarks.stats import table, us
 from deferred_signals import registry
 from deferred_signals.codec import Encoder
 from deferred_signals.messages import Message, MessageBuilder, summary
-from deferred_signals.publisher import publish_message
+from deferred_signals.producer import publish_message
 from deferred_signals.redispush import RedisPush
 
 if TYPE_CHECKING:

@@ -6,10 +6,10 @@ mode, and declaring the queue. A :class:`MessageBuilder` resolves all that once 
 handler and its publish options, then builds each message as a copy of a template: the
 same protocol-v2 headers, properties and body ``apply_async`` produces, so any Celery
 worker, Flower and ``celery inspect`` read it (the routes: :mod:`routing`).
-:func:`deferred_signals.publisher.publish_message` hands it to a producer.
+:func:`deferred_signals.producer.publish_message` hands it to a producer.
 
 What the builder cannot resolve once, it refuses (``build`` returns ``None``) and the call
-takes the per-call path, :func:`deferred_signals.publisher.publish_fallback`, which is
+takes the per-call path, :func:`deferred_signals.producer.publish_fallback`, which is
 ``apply_async`` itself:
 
 - ``task_routes`` holding anything but a mapping (a router function or class, or a dotted
@@ -160,7 +160,7 @@ class MessageBuilder:
         ``options`` are the handler's publish options (``conf.PUBLISH_OPTIONS``);
         ``body_text``, if known, ``body`` as kombu's JSON encoder writes it; ``kwargsrepr``,
         if known, ``summary(body)``. Returns ``None``
-        when the call must take the per-call path (``publisher.publish_fallback``).
+        when the call must take the per-call path (``producer.publish_fallback``).
         """
         if not self.lean:
             return None

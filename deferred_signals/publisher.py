@@ -7,6 +7,10 @@ by that timeout, with publisher confirms on AMQP (Redis answers every command, s
 is the confirmation). A message counts as published only once confirmed; the caller spills
 the rest. After a failure the process stops trying for ``PUBLISH_COOLDOWN`` seconds, so an
 outage costs one slow request per process and cooldown, not a timeout on every request.
+
+An attempt's sending is :mod:`sending`'s (a batch over one producer, counted as the broker
+confirms it) and each message's hand-over :mod:`producer`'s; here: the attempts and their
+shared deadline, the cooldown, Celery's eager mode, and what a publish tells its caller.
 """
 
 from __future__ import annotations
@@ -14,40 +18,29 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-import weakref
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext, suppress
-from itertools import islice
+from collections.abc import Sequence
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
-import celery
-from celery import signals as celery_signals
 from celery._state import get_current_app
-from kombu import Producer
 
-from . import broker, propagation, sentry, signals
+from . import broker, signals
 from .calls import HANDLER_FAILED, committed_at
 from .conf import conf
-from .exceptions import BrokerUnavailable, PublishRefused, PublishTimeout
-from .messages import Message, MessageBuilder, summary
-from .redispush import RedisPush, dumps_tree
+from .exceptions import BrokerUnavailable
+from .producer import publish_fallback
+from .sending import FAILED_CALL, PUBLISHED_AFTER, Attempt, blame
 
 if TYPE_CHECKING:
     from .dispatch import PendingCall
 
 logger = logging.getLogger("deferred_signals")
 
-#: Messages pipelined per round trip on transports that batch (Redis): 100 keeps a big
-#: transaction's peak memory low for 10 round trips per 1,000 calls instead of 1.
-BATCH_SIZE = 100
 #: A failure this soon after the attempt started is a stale pooled connection (the broker
 #: restarted, an idle connection was closed): one retry on a fresh connection is cheap.
 STALE_CONNECTION_WINDOW = 0.25
 #: Calls named in a batch's log line; a relay's batch of 500 says "and 490 more".
 LOGGED_CALLS = 10
-#: Write Redis messages with :class:`RedisPush` (False: through ``Producer.publish``, for
-#: the benchmark's side-by-side comparison).
-FAST_REDIS = True
 
 
 class _Cooldown:
@@ -93,7 +86,7 @@ def publish(
     started = time.monotonic()
     if deadline is None:
         deadline = started + conf.publish_timeout
-    progress = _Progress(calls, deadline=deadline)
+    progress = Attempt(calls, deadline=deadline)
     failure: BaseException | None = None
     for attempt in (1, 2):
         try:
@@ -248,7 +241,7 @@ def _apply_eagerly(calls: Sequence[PendingCall]) -> tuple[int, BaseException | N
                     handler_failed = error
                 done += 1
                 continue
-            _blame(error, call)
+            blame(error, call)
             failure = error
             break
         done += 1
@@ -287,196 +280,6 @@ def _confirmed(calls: Sequence[PendingCall], done: int, started: float) -> None:
         )
 
 
-class _Progress:
-    """One publish attempt's calls, and how many of them the broker has confirmed so far."""
-
-    def __init__(self, calls: Sequence[PendingCall], deadline: float) -> None:
-        self.calls = calls
-        self.deadline = deadline
-        self.done = 0
-        # _refuse_returned: how many of Confirms.returned it has seen, and where each call
-        # of the attempt in hand stands.
-        self.returns_seen = 0
-        self.positions: dict[str, int] | None = None
-        #: Calls after ``done`` that Redis took: the push wrote them, then kombu's pipeline
-        #: of their chunk failed. Not sent again by a retry; named in the error's
-        #: ``published_after``.
-        self.written: set[str] = set()
-
-    def remaining(self, answering: bool = False) -> float:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise PublishTimeout(
-                f"PUBLISH_TIMEOUT ({conf.publish_timeout} s) ran out", broker_answering=answering
-            )
-        return remaining
-
-    def send(self, app: Any, producer: Any) -> None:
-        channel = producer.channel
-        publish = _Publish.of(app, producer)
-        if getattr(channel, "confirm_select", None) is not None:
-            self._send_confirmed(producer, publish, broker.Confirms.of(channel))
-            return
-        size = 1
-        if len(self.calls) - self.done > 1:  # a single call is a chunk of one anyway
-            # Redis pipelines a chunk and confirms it with its replies; a transport that
-            # does neither (filesystem, memory) has written each message when publish()
-            # returns.
-            pipelines = bool(getattr(channel, "create_publish_batch", None)) and getattr(
-                channel, "supports_batch_publish", True
-            )
-            size = BATCH_SIZE if pipelines else 1
-        push = publish.push
-        while self.done < len(self.calls):
-            remaining = self.remaining(answering=self.done > 0)
-            broker.bound_sockets(producer, remaining)
-            chunk = self.calls[self.done : self.done + size]
-            written = self.written
-            pushed: list[str] = []
-            try:
-                # What the push refuses goes through kombu's own batch, written as the
-                # block exits, after the push wrote the rest.
-                with producer.batch(max_size=len(chunk)) if len(chunk) > 1 else nullcontext():
-                    for call in chunk:
-                        if written and call.id in written:
-                            continue  # taken by Redis in an attempt before this one
-                        try:
-                            publish(call, remaining)
-                        except Exception as error:
-                            _blame(error, call)
-                            raise
-                    if push is not None:
-                        ids = list(push.ids)
-                        try:
-                            push.flush(remaining)
-                        except PublishRefused as refused:
-                            if refused.refused_call is not None:  # a list of another type
-                                setattr(refused, FAILED_CALL, refused.refused_call)
-                            raise
-                        pushed = ids
-            except Exception:
-                written.update(pushed)
-                raise
-            self.done += len(chunk)
-
-    def _send_confirmed(self, producer: Any, publish: _Publish, confirms: broker.Confirms) -> None:
-        """AMQP: publish everything, then wait for the broker's acks (one wait, not one each)."""
-        first, base = confirms.next_tag, self.done
-        self.returns_seen, self.positions = 0, None
-        try:
-            broker.bound_sockets(producer, self.remaining())
-            for call in self.calls[self.done :]:
-                try:
-                    publish(call, self.remaining())
-                except Exception as error:
-                    _blame(error, call)
-                    raise
-                confirms.next_tag += 1
-            last = confirms.next_tag - 1
-            while True:
-                if confirms.returned:
-                    self._refuse_returned(confirms, base, first)
-                acked = confirms.acked_up_to(last)
-                self.done = base + max(0, acked - first + 1)
-                if acked >= last:
-                    return
-                # Confirms may arrive out of order: after a nack, wait for the tags before it.
-                if confirms.nacked is not None and acked >= confirms.nacked - 1:
-                    call = self.calls[base + confirms.nacked - first]
-                    returned = confirms.returned.get(call.id)
-                    refused = PublishRefused(
-                        f"the broker refused message {confirms.nacked - first + 1} of the batch"
-                        + (f": returned, no queue took it: {returned}" if returned else "")
-                    )
-                    after = confirms.nacked + 1
-                    answered = self._note_acked_after(
-                        refused, producer, confirms, base, first, after, last
-                    )
-                    if answered:
-                        # Else the broker stopped answering: not blamed, the unanswered calls
-                        # are spilled with it, not tried again (a second PUBLISH_TIMEOUT).
-                        _blame(refused, call)
-                    raise refused
-                producer.connection.drain_events(timeout=self.remaining(answering=acked >= first))
-        except Exception as error:
-            # What the broker confirmed before it failed still counts: a channel error comes
-            # after the acks of the messages the channel took before it.
-            if confirms.returned:
-                self._refuse_returned(confirms, base, first)
-            self.done = base + max(0, confirms.acked_up_to(confirms.next_tag - 1) - first + 1)
-            if (
-                broker.is_refusal(error)
-                and not isinstance(error, PublishRefused)
-                and not broker.refuses_operation_in_hand(error)
-            ):
-                # A message refused after its publish (a missing exchange, one too large):
-                # the channel closed without saying which, and the error surfaced at a later
-                # call's publish or at the wait. No call can be blamed.
-                with suppress(AttributeError):
-                    delattr(error, FAILED_CALL)
-            raise
-
-    def _note_acked_after(
-        self,
-        refused: PublishRefused,
-        producer: Any,
-        confirms: broker.Confirms,
-        base: int,
-        first: int,
-        after: int,
-        last: int,
-    ) -> bool:
-        """Set on ``refused`` the ids of the calls of tags ``after`` to ``last`` (those after
-        the refused one) that the broker took (other queues than a full one): they are
-        published, and must not be sent again. Waits for their confirms within
-        PUBLISH_TIMEOUT; one still unanswered then counts as not published (sent again: at
-        least once). Returns whether the broker answered them all."""
-        answered, waiting = True, after
-        try:
-            # From the first tag not answered on: to a deleted queue each message is returned
-            # in a frame of its own, and a scan from ``after`` per frame is quadratic.
-            while (waiting := confirms.unanswered(waiting, last)) <= last:
-                producer.connection.drain_events(timeout=self.remaining(answering=True))
-                if confirms.returned:
-                    self._refuse_returned(confirms, base, first)
-        except Exception as error:
-            if not broker.is_broker_failure(error):
-                raise
-            answered = False
-        refused.published_after = frozenset(
-            self.calls[base + tag - first].id for tag in confirms.acked_between(after, last)
-        )
-        return answered
-
-    def _refuse_returned(self, confirms: broker.Confirms, base: int, first: int) -> None:
-        """A message returned as unroutable is acked next, yet no queue has it: a refusal.
-        (RabbitMQ sends the return before the ack, so this runs before that ack counts.)
-        Each return once, found by id: to a deleted queue, every message of a batch is
-        returned, and a scan of the batch per return is quadratic."""
-        if self.positions is None:
-            self.positions = {call.id: n for n, call in enumerate(self.calls[base:])}
-        for task_id in islice(confirms.returned, self.returns_seen, None):
-            n = self.positions.get(task_id)
-            if n is not None:
-                confirms.on_nack(first + n, multiple=False)
-        self.returns_seen = len(confirms.returned)
-
-
-#: The ids of calls after the confirmed prefix that the broker took all the same: a
-#: PublishRefused's field, set on another error too when Redis took part of a chunk.
-PUBLISHED_AFTER = "published_after"
-
-#: Set on an exception raised while one call's message was built or handed to the producer
-#: (not while a batch was written or confirmed): that call's id.
-FAILED_CALL = "deferred_signals_call_id"
-
-
-def _blame(error: BaseException, call: PendingCall) -> None:
-    # A try/except around each call, not a context manager: free unless it raises.
-    with suppress(AttributeError, TypeError):  # an exception that takes no attributes
-        setattr(error, FAILED_CALL, call.id)
-
-
 def faulty_call(error: BaseException | None) -> str | None:
     """The id of the call whose own message failed, on our side rather than the broker's
     (``publish()``'s error); None for a broker failure or an error no call can be blamed for.
@@ -484,222 +287,6 @@ def faulty_call(error: BaseException | None) -> str | None:
     if error is None or (broker.is_broker_failure(error) and not broker.is_refusal(error)):
         return None
     return getattr(error, FAILED_CALL, None)
-
-
-class _Publish:
-    """Publishes one call: a message built once per handler route, else ``apply_async``."""
-
-    __slots__ = ("app", "builder", "producer", "push", "send", "shared")
-
-    def __init__(self, app: Any, producer: Any) -> None:
-        self.app = app
-        self.producer = producer
-        self.builder = MessageBuilder(app)
-        self._start_batch()
-
-    def _start_batch(self) -> None:
-        """What each batch reads afresh, beyond the builder's configuration."""
-        #: Redis: messages written as kombu would, without its per-message machinery.
-        self.push = RedisPush.of(self.producer) if FAST_REDIS else None
-        self.send = sentry.publishing(publish_message)
-        #: The last signal call's body as text and its kwargsrepr, and what they came from.
-        self.shared: tuple[Any, ...] = ()
-
-    @classmethod
-    def of(cls, app: Any, producer: Any) -> _Publish:
-        """The publisher of a batch on ``producer``: the one of its previous batch, brought
-        up to date as a new one would be (configuration, push, Sentry), or a new one."""
-        publish = getattr(producer, "_deferred_signals_publish", None)
-        if type(publish) is not cls or publish.app is not app or publish.producer is not producer:
-            publish = cls(app, producer)
-            with suppress(AttributeError):  # a producer that takes no attributes: per batch
-                producer._deferred_signals_publish = publish
-            return publish
-        publish.builder.refresh()
-        publish._start_batch()
-        return publish
-
-    def __call__(self, call: PendingCall, remaining: float) -> None:
-        task, options = call.handler.task, call.handler.merged.publish
-        body = call.body  # a pending call builds its body on each read: once
-        text, kwargsrepr = call.text, None
-        if call.stored is None:
-            # The handlers of one signal sent share its frozen arguments, hence one body:
-            # its JSON and its summary are made once for all of them (the ten handlers of a
-            # save), not once per handler.
-            shared = self.shared
-            if (
-                shared
-                and shared[0] is call.kwargs
-                and shared[1] is call.sender
-                and shared[2] == call.signal
-                and shared[3] is call.at
-            ):
-                text, kwargsrepr = shared[4], shared[5]
-            else:
-                kwargsrepr = summary(body)
-                # The text only matters to a Redis push, and only if no before_task_publish
-                # receiver may change the body.
-                if self.push is not None and not celery_signals.before_task_publish.receivers:
-                    text = dumps_tree(body)  # built by thaw(): a tree, no cycle
-                self.shared = (call.kwargs, call.sender, call.signal, call.at, text, kwargsrepr)
-        message = self.builder.build(task, call.id, body, options, text, kwargsrepr)
-        if message is None:
-            with (
-                nullcontext()
-                if call.trace is None
-                else propagation.continued_per_call(call.trace, call.id)
-            ):
-                publish_fallback(self.producer, task, call.id, body, options, timeout=remaining)
-        elif call.trace is None:
-            self.send(self.producer, message, timeout=remaining, push=self.push)
-        else:  # a relayed call kept with its request's trace
-            with propagation.continued(call.trace, message):
-                self.send(self.producer, message, timeout=remaining, push=self.push)
-
-
-# --- one message to a producer ---------------------------------------------------------------
-
-#: Celery 5.7 passes before_task_publish the retry policy merged with its defaults.
-_SIGNALS_GET_MERGED_POLICY = celery.VERSION >= (5, 7)
-
-
-# Channels that have seen each queue declared: a new channel (a reconnection) declares again.
-_declared: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
-
-
-def publish_message(
-    producer: Producer,
-    message: Message,
-    *,
-    timeout: float | None = None,
-    confirm_timeout: float | None = None,
-    push: RedisPush | None = None,
-) -> None:
-    """Publish ``message`` through ``producer`` once, without retrying (``retry=False``).
-
-    Fires ``before_task_publish`` and ``after_task_publish`` as Celery does. Each queue of
-    ``message.declare`` is declared the first time this producer's channel publishes to it.
-    Errors propagate: the caller decides on retries and deadlines. With ``push`` (a Redis
-    channel), the message is queued there when it can be, and written by ``push.flush()``.
-    """
-    before = celery_signals.before_task_publish
-    # Celery's Signal.send returns at once without receivers: not even the call then.
-    if before.receivers:
-        # A receiver may change the body, headers and properties: they are encoded as they
-        # stand after them.
-        message.body_json = message.layout = None
-        _receivers_raised(
-            message,
-            before,
-            before.send(
-                sender=message.task,
-                body=message.body,
-                exchange=message.exchange,
-                routing_key=message.routing_key,
-                declare=message.declare,
-                headers=message.headers,
-                properties=message.properties,
-                # Celery < 5.7 hands receivers the retry_policy argument as given (none here).
-                retry_policy=message.retry_policy if _SIGNALS_GET_MERGED_POLICY else None,
-            ),
-        )
-    if message.declare:
-        channel = producer.channel
-        declared = _declared.get(channel)
-        if declared is None:
-            declared = _declared[channel] = set()
-        for entity in message.declare:
-            ident = hash(entity)
-            if ident not in declared:
-                producer.maybe_declare(entity, retry=False)
-                declared.add(ident)
-    if push is None or not push.add(message):
-        kwargs = message.publish_kwargs()
-        kwargs["declare"] = None
-        kwargs["mandatory"] = True  # AMQP: returned if no queue takes it (see Confirms)
-        producer.publish(message.body, timeout=timeout, confirm_timeout=confirm_timeout, **kwargs)
-    after = celery_signals.after_task_publish
-    if after.receivers:
-        _receivers_raised(
-            message,
-            after,
-            after.send(
-                sender=message.task,
-                body=message.body,
-                headers=message.headers,
-                exchange=message.exchange,
-                routing_key=message.routing_key,
-            ),
-        )
-    sent = celery_signals.task_sent
-    if sent.receivers:  # Celery's deprecated signal, still sent by 5.x
-        _receivers_raised(
-            message,
-            sent,
-            sent.send(
-                sender=message.task,
-                task_id=message.headers["id"],
-                task=message.task,
-                args=message.body[0],
-                kwargs=message.body[1],
-                eta=message.headers["eta"],
-                taskset=message.headers["group"],
-            ),
-        )
-
-
-def _receivers_raised(message: Message, signal: Any, responses: Any) -> None:
-    """Log each receiver of ``signal`` that raised while ``message`` was published.
-
-    Celery's ``Signal.send`` catches a receiver's exception and logs it naming the receiver
-    only, and ``apply_async`` publishes all the same: so do we. A receiver's failure changes
-    nothing of what is published (it is no failure to publish: spilled, the call would be
-    published twice), but the log names the handler and the call it happened for.
-    """
-    for receiver, response in responses or ():
-        if isinstance(response, BaseException):
-            logger.warning(
-                "deferred_signals: a %s receiver, %s, raised %r while %s [%s] was published; "
-                "the call is published all the same (as Celery's apply_async does)",
-                getattr(signal, "name", None) or "Celery signal",
-                _name(receiver),
-                response,
-                message.task,
-                message.headers["id"],
-            )
-
-
-def _name(receiver: Any) -> str:
-    qualname = getattr(receiver, "__qualname__", None)
-    if qualname is None:
-        return repr(receiver)
-    return f"{getattr(receiver, '__module__', '?')}.{qualname}"
-
-
-def publish_fallback(
-    producer: Producer | None,
-    task: Any,
-    call_id: str,
-    body: dict[str, Any],
-    options: Mapping[str, Any],
-    *,
-    timeout: float | None = None,
-    confirm_timeout: float | None = None,
-) -> None:
-    """The per-call path: ``Task.apply_async`` itself, once, without Celery's retry policy."""
-    task.apply_async(
-        kwargs=body,
-        task_id=call_id,
-        producer=producer,
-        # Celery would saferepr() the whole tagged body: a short summary reads better too.
-        argsrepr="()",
-        kwargsrepr=summary(body),
-        retry=False,
-        timeout=timeout,
-        confirm_timeout=confirm_timeout,
-        **{**options, "mandatory": True},  # AMQP: returned if no queue takes it
-    )
 
 
 # --- connections of our own ----------------------------------------------------------------

@@ -10,7 +10,7 @@ in the same place, from the SDK's public API. The worker side is sentry-sdk's ow
 
 Nothing here imports sentry-sdk: a process that never imported it, or whose client has no
 ``CeleryIntegration`` (not initialised, or ``propagate_traces=False``), publishes through
-:func:`~deferred_signals.publisher.publish_message` itself, checked once per batch.
+:func:`~deferred_signals.producer.publish_message` itself, checked once per batch.
 
 The relay publishes calls long after, and far from, the requests that made them: it
 publishes :func:`detached`, without headers of its own process's trace (which would make

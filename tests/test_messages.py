@@ -27,7 +27,7 @@ from kombu.utils import json as kombu_json
 
 from deferred_signals import registry
 from deferred_signals.messages import PROPERTIES_LEFT_OUT, MessageBuilder, summary
-from deferred_signals.publisher import publish_fallback, publish_message
+from deferred_signals.producer import publish_fallback, publish_message
 from deferred_signals.redispush import RedisPush
 from tests.conftest import current, records, require, wait_for
 from tests.workers import PUBLISH_REDIS_URL, Worker, make_app
@@ -494,23 +494,23 @@ def test_a_builder_kept_for_another_batch_reads_what_a_new_one_would(
 
 
 def test_a_producer_keeps_its_publisher_brought_up_to_date(broker: Broker) -> None:
-    from deferred_signals.publisher import _Publish
+    from deferred_signals.sending import Sender
 
     app = broker.app
     with app.connection_for_write() as connection:
         producer = Producer(connection, auto_declare=False)
-        publish = _Publish.of(app, producer)
+        publish = Sender.of(app, producer)
         assert publish.push is not None
         publish.shared = ("the last call's", "body")
         assert publish.builder.build(task(), "a", body("x"), {"queue": broker.queue()})
         assert publish.builder.last is not None
         app.conf.task_always_eager = True
-        again = _Publish.of(app, producer)
+        again = Sender.of(app, producer)
         assert again is publish
         assert again.shared == () and again.builder.last is None and not again.builder.lean
-        assert _Publish.of(app, Producer(connection, auto_declare=False)) is not publish
+        assert Sender.of(app, Producer(connection, auto_declare=False)) is not publish
         other = make_app(f"messages-other-{uuid.uuid4().hex[:6]}", URL)
         try:
-            assert _Publish.of(other, producer) is not publish
+            assert Sender.of(other, producer) is not publish
         finally:
             other.close()

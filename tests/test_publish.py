@@ -20,7 +20,7 @@ from kombu.exceptions import ChannelError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from deferred_signals import broker, publisher
+from deferred_signals import broker, publisher, sending
 from deferred_signals.exceptions import PublishTimeout
 from deferred_signals.models import OutboxCall
 from tests.conftest import Queue, use_app
@@ -378,7 +378,7 @@ def test_a_refusal_that_used_up_publish_timeout_leaves_no_second_attempt(
         deadlines.append(deadline)
         time.sleep(0.06)  # the broker's answer came at the end of PUBLISH_TIMEOUT
         error = PublishRefused("the broker refused message 1 of the batch")
-        setattr(error, publisher.FAILED_CALL, calls[0].id)
+        setattr(error, sending.FAILED_CALL, calls[0].id)
         return 0, error
 
     monkeypatch.setattr(publisher, "publish", refused_late)

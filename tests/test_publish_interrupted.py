@@ -24,7 +24,7 @@ from celery.signals import before_task_publish
 from django.db import transaction
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from deferred_signals import publisher, signals
+from deferred_signals import sending, signals
 from deferred_signals.models import OutboxCall
 from tests.conftest import Queue, require, use_app
 from tests.private_redis import PrivateRedis
@@ -97,7 +97,7 @@ def test_an_interrupted_publish_on_redis_leaves_every_unconfirmed_call_in_the_ou
 ) -> None:
     """Two chunks of two go out and are confirmed; the fifth message's receiver raises."""
     delivery(settings, mode)
-    monkeypatch.setattr(publisher, "BATCH_SIZE", 2)
+    monkeypatch.setattr(sending, "BATCH_SIZE", 2)
     receiver = interrupt_at(5, error())
     before_task_publish.connect(receiver, weak=False)
     try:

@@ -384,7 +384,7 @@ def test_a_template_writes_the_very_text_the_envelope_encodes_to(
 def test_a_before_task_publish_receiver_changes_a_templated_message(redis_client: Any) -> None:
     from celery.signals import before_task_publish
 
-    from deferred_signals.publisher import publish_message
+    from deferred_signals.producer import publish_message
 
     app = make_app("push-template-receiver", URL)
     queue = new_queue(redis_client)
@@ -418,7 +418,7 @@ def test_sentry_headers_reach_a_templated_message(redis_client: Any) -> None:
     from sentry_sdk.integrations.celery import CeleryIntegration
 
     from deferred_signals import sentry
-    from deferred_signals.publisher import publish_message
+    from deferred_signals.producer import publish_message
     from tests.sentry_capture import MemoryTransport, initialised
 
     app = make_app("push-template-sentry", URL)

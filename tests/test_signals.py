@@ -361,14 +361,14 @@ def test_a_failing_call_spilled_receiver_neither_fails_the_commit_nor_loses_call
 def test_a_failing_receiver_after_a_blamed_call_loses_none_of_the_calls_after_it(
     memory_broker: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from deferred_signals import publisher
+    from deferred_signals import publisher, sending
 
     published: list[str] = []
 
     def publish(calls: Any, deadline: Any = None) -> tuple[int, BaseException | None]:
         if not published:  # the first call's message fails on our side
             error = ValueError("building this call's message failed")
-            setattr(error, publisher.FAILED_CALL, calls[0].id)
+            setattr(error, sending.FAILED_CALL, calls[0].id)
             published.append("")
             return 0, error
         published.extend(call.id for call in calls)
