@@ -25,6 +25,7 @@ an index, coalescing's and the outbox buffer's indices, all stay right.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import weakref
@@ -50,10 +51,9 @@ class Guard:
         self._ds_func = func
         self._ds_robust = robust
         for name in ("__module__", "__name__", "__qualname__", "__doc__"):
-            try:
+            # One the callback lacks, the guard lacks: Django < 6.1 fails naming either.
+            with contextlib.suppress(AttributeError):
                 setattr(self, name, getattr(func, name))
-            except AttributeError:  # as the callback: Django < 6.1 fails on it as on it
-                pass
         self.__wrapped__ = func
 
     def __call__(self) -> None:
@@ -87,7 +87,7 @@ class Guardian:
     """Registered ahead of a transaction's hooks of ours: guards, at commit, the callbacks of
     others registered after it that stand before a hook of ours."""
 
-    __slots__ = ("foreign", "index", "__weakref__")
+    __slots__ = ("foreign", "index")
 
     def __init__(self, index: int) -> None:
         #: Where it was registered; it can only move toward the front since.
@@ -116,15 +116,15 @@ def ensure(connection: Any) -> None:
     """A hook of ours joins the transaction open on ``connection`` next: a guardian must
     stand ahead of it. Called once per batch (and per coalesced call), before the call's
     outbox row is written (the outbox buffer counts the callbacks registered before it)."""
+    blocks = connection.atomic_blocks
+    if not blocks or getattr(blocks[0], "_from_testcase", False):
+        return  # a TestCase's transaction: it never commits
     callbacks = connection.run_on_commit
     guardian = _guardians.get(connection)
     if guardian is not None and _pending(callbacks, guardian):
         if not _ours(callbacks[-1][1]):
             guardian.foreign = True
         return
-    blocks = connection.atomic_blocks
-    if not blocks or getattr(blocks[0], "_from_testcase", False):
-        return  # a TestCase's transaction: it never commits
     for index, (sids, func, robust) in enumerate(callbacks):
         if not _ours(func):
             callbacks[index] = (sids, Guard(func, robust), robust)

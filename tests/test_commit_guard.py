@@ -139,13 +139,12 @@ def test_your_robust_callback_fails_under_its_own_name_and_the_commit_goes_on(
     def flaky_callback() -> None:
         raise RuntimeError("logged")
 
-    with caplog.at_level(logging.ERROR, logger="django.db.backends.base"):
+    with caplog.at_level(logging.ERROR, logger="django.db.backends.base"), transaction.atomic():
+        user_registered.send(sender=None, i=0)
+        transaction.on_commit(flaky_callback, robust=True)
+        transaction.on_commit(lambda: ran.append("next"))
         with transaction.atomic():
-            user_registered.send(sender=None, i=0)
-            transaction.on_commit(flaky_callback, robust=True)
-            transaction.on_commit(lambda: ran.append("next"))
-            with transaction.atomic():
-                user_registered.send(sender=None, i=1)
+            user_registered.send(sender=None, i=1)
     assert ran == ["next"]
     assert published(redis_queue) == call_ids and len(call_ids) == 2
     logged = [record.getMessage() for record in caplog.records]
@@ -213,11 +212,10 @@ def test_a_testcase_capture_sees_what_it_saw(django_capture_on_commit_callbacks:
         pass
 
     transaction.on_commit(yours)
-    with django_capture_on_commit_callbacks() as callbacks:
-        with transaction.atomic():
-            transaction.on_commit(yours)
-            user_registered.send(sender=None, i=0)
-            user_registered.send(sender=None, i=1)
+    with django_capture_on_commit_callbacks() as callbacks, transaction.atomic():
+        transaction.on_commit(yours)
+        user_registered.send(sender=None, i=0)
+        user_registered.send(sender=None, i=1)
     assert callbacks[0] is yours
     assert [type(callback).__name__ for callback in callbacks[1:]] == ["PendingCall"] * 2
     connection = transaction.get_connection()
