@@ -135,15 +135,22 @@ def ensure(connection: Any) -> None:
 def _pending(callbacks: list[Any], guardian: Guardian) -> bool:
     """Is ``guardian`` among ``callbacks`` (else another transaction's, or rolled back)?"""
     start = min(guardian.index, len(callbacks) - 1)
-    return any(callbacks[index][1] is guardian for index in range(start, -1, -1))
+    if start >= 0 and callbacks[start][1] is guardian:
+        return True  # where it was registered: no savepoint rolled back before it
+    return any(callbacks[index][1] is guardian for index in range(start - 1, -1, -1))
 
 
 def _ours(func: Any) -> bool:
-    return isinstance(func, (dispatch.CommitHook, dispatch._Held, Guardian, Guard))
+    return isinstance(func, _OURS)
 
 
 def _hooks(func: Any) -> bool:
-    return isinstance(func, (dispatch.CommitHook, dispatch._Held))
+    return isinstance(func, _HOOKS)
+
+
+#: The package's commit hooks (which hand calls over), and all of its commit callbacks.
+_HOOKS = (dispatch.CommitHook, dispatch._Held)
+_OURS = (*_HOOKS, Guardian, Guard)
 
 
 def _commit_callbacks(frame: FrameType) -> list[Any] | None:

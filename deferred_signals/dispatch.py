@@ -21,7 +21,7 @@ from typing import Any
 from django.db import transaction
 from kombu.utils import json as kombu_json
 
-from . import commit_guard, outbox, publisher, spill
+from . import outbox, publisher, spill
 from .calls import HANDLER_FAILED
 from .conf import conf
 from .exceptions import PublishTimeout
@@ -220,6 +220,8 @@ def enqueue(call: PendingCall, using: str) -> None:
     if batch is None:
         batch = Batch(using)
         if connection.in_atomic_block:
+            from . import commit_guard  # which knows this module's hooks
+
             commit_guard.ensure(connection)  # before the outbox row: it counts callbacks
     if call.outbox and not conf.eager:
         outbox.write(call, using)  # raises OutboxWriteError, naming the handler and the fix
@@ -271,6 +273,8 @@ def _wait_for(calls: list[PendingCall], using: str) -> list[PendingCall]:
         # At the level of that whole transaction (no savepoint id, as coalescing's finisher):
         # both commits happened once it commits, whatever savepoint of it rolls back since.
         connection = transaction.get_connection(alias)
+        from . import commit_guard
+
         commit_guard.ensure(connection)
         connection.run_on_commit.append((set(), _Held(held, using), robust()))
     return now
