@@ -27,7 +27,7 @@ from typing import Any
 
 from django.db import DatabaseError, transaction
 
-from . import dispatch, outbox, outbox_buffer
+from . import commit_guard, dispatch, outbox, outbox_buffer
 from .codec import TAG
 from .conf import conf
 from .exceptions import OutboxWriteError
@@ -89,6 +89,7 @@ class _Transaction:
         self, call: dispatch.PendingCall, key: Key, announce: Callable[[], None] | None = None
     ) -> None:
         connection = self.connection
+        commit_guard.ensure(connection)  # before the outbox row: it counts callbacks
         chain = self.chains.get(key)
         if chain is None:
             chain = self.chains[key] = []

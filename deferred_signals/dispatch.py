@@ -216,9 +216,15 @@ class Batch:
 def enqueue(call: PendingCall, using: str) -> None:
     """Send ``call`` when the transaction open on ``using`` commits (at once outside one)."""
     connection = transaction.get_connection(using)
+    batch = _open_batch(connection)
+    if batch is None:
+        batch = Batch(using)
+        if connection.in_atomic_block:
+            from . import commit_guard  # which knows this module's hooks
+
+            commit_guard.ensure(connection)  # before the outbox row: it counts callbacks
     if call.outbox and not conf.eager:
         outbox.write(call, using)  # raises OutboxWriteError, naming the handler and the fix
-    batch = _open_batch(connection) or Batch(using)
     batch.add(call)
     connection.on_commit(call, robust=robust())
 
@@ -267,6 +273,9 @@ def _wait_for(calls: list[PendingCall], using: str) -> list[PendingCall]:
         # At the level of that whole transaction (no savepoint id, as coalescing's finisher):
         # both commits happened once it commits, whatever savepoint of it rolls back since.
         connection = transaction.get_connection(alias)
+        from . import commit_guard
+
+        commit_guard.ensure(connection)
         connection.run_on_commit.append((set(), _Held(held, using), robust()))
     return now
 

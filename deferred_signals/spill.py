@@ -43,15 +43,28 @@ def spill_rest_of_commit(interruption: BaseException) -> None:
     ``interruption`` goes on up through it: the commit's other batches (another savepoint
     context), coalesced calls, calls that waited for this commit on a second database. The
     user's own callbacks are dropped all the same: nothing can run them."""
+    spill_taken(take_rest(unrun_commit_callbacks()), interruption)
+
+
+def take_rest(commits: list[list[Any]]) -> dict[str, list[PendingCall]]:
+    """The calls of the package's hooks among the callbacks of ``commits``, per database, in
+    order, taken from the hooks (they hand nothing over after)."""
     from . import dispatch  # which holds the commit hooks, and calls this
 
     rest: dict[str, list[PendingCall]] = {}
-    for callbacks in unrun_commit_callbacks():
+    for callbacks in commits:
         for _sids, func, _robust in list(callbacks):
             hook = isinstance(func, (dispatch.CommitHook, dispatch._Held))
             if hook and (taken := func.take()) is not None:
                 calls, using = taken
                 rest.setdefault(using, []).extend(calls)
+    return rest
+
+
+def spill_taken(rest: dict[str, list[PendingCall]], interruption: BaseException) -> None:
+    """Spill calls taken from their hooks (:func:`take_rest`), committed now."""
+    from . import dispatch
+
     for using, calls in rest.items():
         if dispatch.waiting:
             calls = dispatch._wait_for(calls, using)
