@@ -153,7 +153,11 @@ def _pending(callbacks: list[Any], guardian: Guardian) -> bool:
     start = min(guardian.index, len(callbacks) - 1)
     if start >= 0 and callbacks[start][1] is guardian:
         return True  # where it was registered: no savepoint rolled back before it
-    return any(callbacks[index][1] is guardian for index in range(start - 1, -1, -1))
+    for index in range(start - 1, -1, -1):
+        if callbacks[index][1] is guardian:
+            guardian.index = index  # moved forward by a savepoint rollback: look there next
+            return True
+    return False
 
 
 def _ours(func: Any) -> bool:
