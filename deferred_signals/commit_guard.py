@@ -76,6 +76,22 @@ class Guard:
             return True
         return _NAME_REQUIRED and not hasattr(self, "__qualname__")
 
+    def __getattr__(self, name: str) -> Any:
+        # A test reads your callback off the list: a partial's ``func``, a method's ``__self__``.
+        if name.startswith("_ds_"):
+            raise AttributeError(name)
+        return getattr(self._ds_func, name)
+
+    def __eq__(self, other: object) -> bool:
+        # ``func in run_on_commit`` (register once), ``captured == [obj.method]``: a bound
+        # method is a new object on each read, so it is compared, never identical.
+        if isinstance(other, Guard):
+            other = other._ds_func
+        return bool(self._ds_func == other)
+
+    def __hash__(self) -> int:
+        return hash(self._ds_func)
+
     def __str__(self) -> str:  # Django >= 6.1 logs a callable without __qualname__ so
         return str(self._ds_func)
 
@@ -137,7 +153,11 @@ def _pending(callbacks: list[Any], guardian: Guardian) -> bool:
     start = min(guardian.index, len(callbacks) - 1)
     if start >= 0 and callbacks[start][1] is guardian:
         return True  # where it was registered: no savepoint rolled back before it
-    return any(callbacks[index][1] is guardian for index in range(start - 1, -1, -1))
+    for index in range(start - 1, -1, -1):
+        if callbacks[index][1] is guardian:
+            guardian.index = index  # moved forward by a savepoint rollback: look there next
+            return True
+    return False
 
 
 def _ours(func: Any) -> bool:

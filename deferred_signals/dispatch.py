@@ -47,7 +47,7 @@ class CommitHook:
     def take(self) -> tuple[list[PendingCall], str] | None:
         """The calls this hook would hand over at commit, and their database, taken from it
         (it hands nothing over after): a commit cut short by a ``BaseException`` spills
-        them (:func:`_spill_rest_of_commit`). None: no calls of its own."""
+        them (:func:`~deferred_signals.spill.spill_rest_of_commit`). None: no calls of its own."""
         return None
 
 

@@ -231,3 +231,43 @@ def test_the_deferred_fixture_captures_calls_your_failing_callback_would_drop(
         user_registered.send(sender=None, i=0)
         user_registered.send(sender=None, i=1)
     assert [call.id for call in deferred.calls] == call_ids and len(call_ids) == 2
+
+
+class Notifier:
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def notify(self) -> None:
+        self.sent += 1
+
+
+def on_commit_once(func: Any) -> None:
+    """A common idiom: register a callback once per transaction, however often it is asked."""
+    if func not in [entry[1] for entry in transaction.get_connection().run_on_commit]:
+        transaction.on_commit(func)
+
+
+def test_your_callback_wrapped_still_compares_and_reads_as_itself(
+    redis_queue: Queue, call_ids: list[str]
+) -> None:
+    """Your callbacks registered before the first deferred call are wrapped: they still
+    compare equal to what you registered (a bound method is a new object on each read) and
+    read as it (a partial's ``func``, a method's ``__self__``), so a register-once idiom runs
+    your callback once, not twice."""
+    notifier = Notifier()
+
+    def target(n: int) -> None:
+        pass
+
+    callback = functools.partial(target, 1)
+    with transaction.atomic():
+        on_commit_once(notifier.notify)
+        transaction.on_commit(callback)
+        user_registered.send(sender=None, i=0)
+        on_commit_once(notifier.notify)
+        entries = [entry[1] for entry in transaction.get_connection().run_on_commit]
+        assert entries[0] == notifier.notify and entries[0].__self__ is notifier
+        assert entries[1] == callback and entries[1].func is target
+        assert entries[1].args == (1,)
+    assert notifier.sent == 1, "registered once, run once"
+    assert published(redis_queue) == call_ids and len(call_ids) == 1
