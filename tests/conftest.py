@@ -22,7 +22,7 @@ from django.conf import settings
 from pytest_django.fixtures import Settings as SettingsWrapper
 
 import tests.celery_app  # noqa: F401  (the project's Celery app is current, as in a project)
-from deferred_signals import publisher
+from deferred_signals import publisher, signals
 from tests.private_redis import PrivateRedis
 from tests.testapp import handlers
 from tests.testapp.models import Record
@@ -133,6 +133,24 @@ def _fresh_publisher() -> Iterator[None]:
     publisher.reset()
     yield
     publisher.reset()
+
+
+class Interrupted(BaseException):
+    """What gevent's ``Timeout`` is: a ``BaseException``, so that ``except Exception`` lets
+    it through."""
+
+
+@pytest.fixture
+def call_ids() -> Iterator[list[str]]:
+    """The id of each deferred call, in send order, as the package's own signal tells it."""
+    seen: list[str] = []
+
+    def deferred(sender: Any, handler: str, call_id: str, **kwargs: Any) -> None:
+        seen.append(call_id)
+
+    signals.call_deferred.connect(deferred, weak=False)
+    yield seen
+    signals.call_deferred.disconnect(deferred)
 
 
 def records(handler: str | None = None) -> list[Record]:

@@ -13,36 +13,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import django
 import pytest
 from django.db import transaction
 
-from deferred_signals import signals
 from deferred_signals.models import OutboxCall
-from tests.conftest import Queue
+from tests.conftest import Interrupted, Queue
 from tests.testapp.models import Author
 from tests.testapp.signals import row_touched, user_registered
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
-
-
-class Interrupted(BaseException):
-    """As gevent's ``Timeout``: not an ``Exception``."""
-
-
-@pytest.fixture
-def call_ids() -> Iterator[list[str]]:
-    seen: list[str] = []
-
-    def deferred(sender: Any, handler: str, call_id: str, **kwargs: Any) -> None:
-        seen.append(call_id)
-
-    signals.call_deferred.connect(deferred, weak=False)
-    yield seen
-    signals.call_deferred.disconnect(deferred)
 
 
 def outbox_ids(using: str = "default") -> set[str]:

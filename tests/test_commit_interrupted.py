@@ -16,29 +16,12 @@ import pytest
 from celery.signals import before_task_publish
 from django.db import transaction
 
-from deferred_signals import signals
 from deferred_signals.models import OutboxCall
-from tests.conftest import Queue
+from tests.conftest import Interrupted, Queue
 from tests.testapp.models import Author
 from tests.testapp.signals import row_touched, user_registered
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
-
-
-class Interrupted(BaseException):
-    """As gevent's ``Timeout``: not an ``Exception``."""
-
-
-@pytest.fixture
-def call_ids() -> Iterator[list[str]]:
-    seen: list[str] = []
-
-    def deferred(sender: Any, handler: str, call_id: str, **kwargs: Any) -> None:
-        seen.append(call_id)
-
-    signals.call_deferred.connect(deferred, weak=False)
-    yield seen
-    signals.call_deferred.disconnect(deferred)
 
 
 @pytest.fixture

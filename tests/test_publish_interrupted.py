@@ -24,9 +24,9 @@ from celery.signals import before_task_publish
 from django.db import transaction
 from pytest_django.fixtures import Settings as SettingsWrapper
 
-from deferred_signals import sending, signals
+from deferred_signals import sending
 from deferred_signals.models import OutboxCall
-from tests.conftest import Queue, require, use_app
+from tests.conftest import Interrupted, Queue, require, use_app
 from tests.private_redis import PrivateRedis
 from tests.testapp.models import Author
 from tests.testapp.signals import user_registered
@@ -35,24 +35,6 @@ from tests.workers import BROKERS, make_app
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CALLS = 5
-
-
-class Interrupted(BaseException):
-    """What gevent's ``Timeout`` is: a ``BaseException``, so that ``except Exception`` lets
-    it through."""
-
-
-@pytest.fixture
-def call_ids() -> Iterator[list[str]]:
-    """The id of each deferred call, in send order, as our own signal tells it."""
-    seen: list[str] = []
-
-    def deferred(sender: Any, handler: str, call_id: str, **kwargs: Any) -> None:
-        seen.append(call_id)
-
-    signals.call_deferred.connect(deferred, weak=False)
-    yield seen
-    signals.call_deferred.disconnect(deferred)
 
 
 def delivery(settings: SettingsWrapper, mode: str) -> None:
