@@ -6,21 +6,22 @@ raise what it does not catch (any exception from a callback registered without
 gevent ``Timeout`` from any) stops it: the callbacks after it are dropped, the package's
 with them, and their calls, committed, would be neither published nor spilled.
 
-So a transaction's first hook of ours is preceded by a :class:`Guardian`, registered for the
-whole transaction (no savepoint id: only the transaction's rollback drops it). Callbacks of
-others registered before it are wrapped in place, then, in a :class:`Guard`; those registered
-after it, at commit: it runs before them, and wraps in Django's list each one that stands
-before a hook of ours. A guard whose callback raises what stops the loop hands the calls of
-our hooks still in that list over first (published, else spilled; spilled at once for a
-``BaseException``, which cuts the process short), then lets the exception go on, the same
-object. Django's semantics are otherwise untouched: a robust callback's exception is logged
-by Django (under the callback's name) and the loop goes on; the callbacks after one that
-stops it are dropped.
+So before a hook of ours joins a transaction's callbacks, each callback of others
+registered since our previous hook (every one, for the first) is wrapped in place in a
+:class:`Guard` (:func:`ensure`): every callback that stands before a hook of ours is guarded,
+and nothing is added to the list. A guard whose callback raises what stops the loop hands
+the calls of our hooks still in that list over first (published, else spilled; spilled at
+once for a ``BaseException``, which cuts the process short), then lets the exception go on,
+the same object. Django's semantics are otherwise untouched: a robust callback's exception
+is logged by Django (under the callback's name) and the loop goes on; the callbacks after
+one that stops it are dropped. A guard compares equal to its callback and reads its
+attributes through; only ``is`` tells them apart.
 
-Nothing is registered in a ``TestCase``, whose transaction never commits: test captures
+Nothing is wrapped in a ``TestCase``, whose transaction never commits: test captures
 (Django's ``captureOnCommitCallbacks``, :mod:`~deferred_signals.testing`) see what they saw.
-Entries are only ever replaced in place or appended, never inserted: a capture counting from
-an index, coalescing's and the outbox buffer's indices, all stay right.
+Entries are only ever replaced in place, never inserted nor added: a capture counting from
+an index, or counting its callbacks, coalescing's and the outbox buffer's indices, all stay
+right.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import weakref
 from types import FrameType
 from typing import Any
 
@@ -99,65 +99,22 @@ class Guard:
         return f"<deferred_signals guard of {self._ds_func!r}>"
 
 
-class Guardian:
-    """Registered ahead of a transaction's hooks of ours: guards, at commit, the callbacks of
-    others registered after it that stand before a hook of ours."""
-
-    __slots__ = ("foreign", "index")
-
-    def __init__(self, index: int) -> None:
-        #: Where it was registered; it can only move toward the front since.
-        self.index = index
-        #: A callback of others was registered after it, before a hook of ours.
-        self.foreign = False
-
-    def __call__(self) -> None:
-        if not self.foreign:
-            return
-        try:
-            callbacks = _commit_callbacks(sys._getframe(1))
-            if callbacks is not None:  # else a test's capture runs it: no commit to guard
-                _guard(callbacks)
-        except Exception:  # never raises: robust, and Django < 6.1 cannot name it
-            logger.exception("deferred_signals: guarding a commit's callbacks failed")
-
-    def __repr__(self) -> str:
-        return "<deferred_signals commit guardian>"
-
-
-_guardians: weakref.WeakKeyDictionary[Any, Guardian] = weakref.WeakKeyDictionary()
-
-
 def ensure(connection: Any) -> None:
-    """A hook of ours joins the transaction open on ``connection`` next: a guardian must
-    stand ahead of it. Called once per batch (and per coalesced call), before the call's
-    outbox row is written (the outbox buffer counts the callbacks registered before it)."""
+    """A hook of ours joins the transaction open on ``connection`` next: wrap, in place, the
+    callbacks of others registered since our last hook (all of them, for the first), which
+    stand before it. Called once per batch (and per coalesced call, and for calls that
+    waited for a second database), before the call's outbox row is written (the outbox
+    buffer counts the callbacks registered before it). Looks back only as far as the last
+    callback of ours: nothing at all when ours is the last one, as it is within a batch."""
     blocks = connection.atomic_blocks
     if not blocks or getattr(blocks[0], "_from_testcase", False):
         return  # a TestCase's transaction: it never commits
     callbacks = connection.run_on_commit
-    guardian = _guardians.get(connection)
-    if guardian is not None and _pending(callbacks, guardian):
-        if not _ours(callbacks[-1][1]):
-            guardian.foreign = True
-        return
-    for index, (sids, func, robust) in enumerate(callbacks):
-        if not _ours(func):
-            callbacks[index] = (sids, Guard(func, robust), robust)
-    guardian = _guardians[connection] = Guardian(len(callbacks))
-    callbacks.append((set(), guardian, True))
-
-
-def _pending(callbacks: list[Any], guardian: Guardian) -> bool:
-    """Is ``guardian`` among ``callbacks`` (else another transaction's, or rolled back)?"""
-    start = min(guardian.index, len(callbacks) - 1)
-    if start >= 0 and callbacks[start][1] is guardian:
-        return True  # where it was registered: no savepoint rolled back before it
-    for index in range(start - 1, -1, -1):
-        if callbacks[index][1] is guardian:
-            guardian.index = index  # moved forward by a savepoint rollback: look there next
-            return True
-    return False
+    for index in range(len(callbacks) - 1, -1, -1):
+        sids, func, robust = callbacks[index]
+        if _ours(func):
+            return  # a hook of ours, or a callback wrapped already: the rest was seen
+        callbacks[index] = (sids, Guard(func, robust), robust)
 
 
 def _ours(func: Any) -> bool:
@@ -170,7 +127,7 @@ def _hooks(func: Any) -> bool:
 
 #: The package's commit hooks (which hand calls over), and all of its commit callbacks.
 _HOOKS = (dispatch.CommitHook, dispatch._Held)
-_OURS = (*_HOOKS, Guardian, Guard)
+_OURS = (*_HOOKS, Guard)
 
 
 def _commit_callbacks(frame: FrameType) -> list[Any] | None:
@@ -182,15 +139,6 @@ def _commit_callbacks(frame: FrameType) -> list[Any] | None:
         return None
     callbacks = frame.f_locals.get("current_run_on_commit")
     return callbacks if isinstance(callbacks, list) else None
-
-
-def _guard(callbacks: list[Any]) -> None:
-    """Wrap the callbacks of others that stand before the last hook of ours."""
-    last = next((i for i in range(len(callbacks) - 1, -1, -1) if _hooks(callbacks[i][1])), 0)
-    for index in range(last):
-        sids, func, robust = callbacks[index]
-        if not _ours(func):
-            callbacks[index] = (sids, Guard(func, robust), robust)
 
 
 def _hand_over(frame: FrameType, error: BaseException) -> None:
