@@ -174,13 +174,15 @@ class Batch:
     Django's own callbacks do. ``end``: calls from there on are already released.
     """
 
-    __slots__ = ("calls", "end", "open", "using")
+    __slots__ = ("calls", "end", "open", "robust", "using")
 
     def __init__(self, using: str) -> None:
         self.calls: list[PendingCall] = []
         self.end = 0
         self.open = True
         self.using = using
+        #: Whether its callbacks go in as robust (:func:`robust`): read once per batch.
+        self.robust = robust()
 
     def add(self, call: PendingCall) -> None:
         call.batch = self
@@ -226,7 +228,7 @@ def enqueue(call: PendingCall, using: str) -> None:
     if call.outbox and not conf.eager:
         outbox.write(call, using)  # raises OutboxWriteError, naming the handler and the fix
     batch.add(call)
-    connection.on_commit(call, robust=robust())
+    connection.on_commit(call, robust=batch.robust)
 
 
 def _open_batch(connection: Any) -> Batch | None:
